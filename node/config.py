@@ -1,0 +1,196 @@
+"""Node configuration: one frozen dataclass, layered file < environment < command-line flags.
+
+The file is TOML (`<data dir>/config.toml`, written commented by `intellect-node init`); every field can
+be overridden by `INTELLECT_NODE_<FIELD>` in the environment, and an environment variable with that
+prefix that names no field is an error rather than a silent typo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+ENV_PREFIX = "INTELLECT_NODE_"
+CONFIG_FILE_NAME = "config.toml"
+IDENTITY_FILE_NAME = "identity.key"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names the field."""
+
+
+def default_data_dir() -> Path:
+    """The per-user data directory by platform convention (XDG on Linux, ~/Library on macOS)."""
+    return Path(platformdirs.user_data_dir("intellect-node", appauthor=False))
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything a node needs to start. Each field is documented where it is declared."""
+
+    #: Where the identity, config, checkpoints and shards live.
+    data_dir: Path = field(default_factory=default_data_dir)
+    #: Multiaddrs of DHT entry nodes (`/ip4/…/tcp/…/p2p/12D3KooW…`).
+    bootstrap: tuple[str, ...] = ()
+    #: Multiaddrs the p2p daemon listens on.
+    listen: tuple[str, ...] = ("/ip4/0.0.0.0/tcp/0",)
+    #: Multiaddrs announced to others instead of the listen ones (a NAT's public address).
+    announce: tuple[str, ...] = ()
+    #: Join the DHT as a client only: reachable peers do not store records on us (behind NAT).
+    client_mode: bool = False
+    #: Accept relayed connections (libp2p circuit relay v2).
+    use_relay: bool = True
+    #: Look for relays automatically when we are not publicly reachable.
+    use_auto_relay: bool = False
+    #: Run to join; empty means the best run this node can verify and is admitted to.
+    run: str = ""
+    #: Training device: auto (CUDA when present), cpu or cuda.
+    device: str = "auto"
+    #: Port of the local control API on 127.0.0.1 (0 picks a free port and writes it to the data dir).
+    http_port: int = 0
+    #: Gossip listen port on 127.0.0.1/0.0.0.0 (0 picks a free one).
+    gossip_port: int = 0
+    #: Log format: "text" (rich on a terminal) or "json" (one object per line).
+    log_format: str = "text"
+    #: Log level name.
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device: must be auto, cpu or cuda, got {self.device!r}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format: must be text or json, got {self.log_format!r}")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"log_level: must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+        for name in ("http_port", "gossip_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"{name}: must be a port number 0..65535, got {port}")
+
+    @property
+    def identity_path(self) -> Path:
+        return self.data_dir / IDENTITY_FILE_NAME
+
+    @property
+    def config_path(self) -> Path:
+        return self.data_dir / CONFIG_FILE_NAME
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """Turn a file or environment value into the field's type, or raise ConfigError naming it."""
+    kind = _FIELDS[name].type
+    try:
+        if kind == "Path":
+            return Path(value).expanduser()
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                return value.lower() in ("1", "true", "yes", "on")
+            raise ValueError("expected a boolean")
+        if kind == "int":
+            if isinstance(value, bool):
+                raise ValueError("expected an integer")
+            return int(value)
+        if kind == "tuple[str, ...]":
+            if isinstance(value, str):
+                return tuple(v for v in (p.strip() for p in value.replace(",", " ").split()) if v)
+            if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+                return tuple(value)
+            raise ValueError("expected a list of strings")
+        if not isinstance(value, str):
+            raise ValueError("expected a string")
+        return value
+    except ValueError as e:
+        raise ConfigError(f"{name} (from {source}): {e}: {value!r}") from None
+
+
+def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        name = key[len(ENV_PREFIX) :].lower()
+        if name not in _FIELDS:
+            known = ", ".join(ENV_PREFIX + n.upper() for n in _FIELDS)
+            raise ConfigError(f"unknown environment variable {key}; known: {known}")
+        out[name] = _coerce(name, value, f"environment {key}")
+    return out
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    out: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name not in _FIELDS:
+            raise ConfigError(f"{path}: unknown key {name!r}")
+        out[name] = _coerce(name, value, str(path))
+    return out
+
+
+def load_config(
+    data_dir: Path | None = None,
+    flags: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> NodeConfig:
+    """Build the config: defaults < `config.toml` < `INTELLECT_NODE_*` < flags (None flags are unset)."""
+    env = _from_env(os.environ if environ is None else environ)
+    flag_values = {k: v for k, v in (flags or {}).items() if v is not None and v != ()}
+    for name in flag_values:
+        if name not in _FIELDS:
+            raise ConfigError(f"unknown option {name!r}")
+    if data_dir is None:
+        data_dir = env.get("data_dir") or default_data_dir()
+    data_dir = Path(data_dir).expanduser()
+    values: dict[str, Any] = {"data_dir": data_dir}
+    values.update(_from_file(data_dir / CONFIG_FILE_NAME))
+    values.update(env)
+    values.update({k: _coerce(k, v, "command line") for k, v in flag_values.items()})
+    values["data_dir"] = data_dir
+    return NodeConfig(**values)
+
+
+DEFAULT_CONFIG_TEXT = """\
+# intellect-node configuration. Every key can be overridden by INTELLECT_NODE_<KEY> in the
+# environment (e.g. INTELLECT_NODE_BOOTSTRAP), and command-line flags override both.
+
+# DHT entry nodes, full multiaddrs ending in /p2p/<peer id>.
+bootstrap = []
+
+# Where the p2p daemon listens. Behind NAT, forward a fixed port and set `announce` to the public
+# address, or set client_mode = true and use_auto_relay = true (see docs/user-guide.md).
+listen = ["/ip4/0.0.0.0/tcp/0"]
+announce = []
+client_mode = false
+use_relay = true
+use_auto_relay = false
+
+# Run to join ("" = the best run this node can verify and is admitted to).
+run = ""
+
+# Training device: "auto", "cpu" or "cuda".
+device = "auto"
+
+# Local control API on 127.0.0.1 (0 = any free port, written to <data dir>/http.port).
+http_port = 0
+gossip_port = 0
+
+# "text" or "json" log lines; level DEBUG, INFO, WARNING or ERROR.
+log_format = "text"
+log_level = "INFO"
+"""
