@@ -1,0 +1,419 @@
+"""The node's DHT: hivemind's go-libp2p daemon (`P2P`) and Kademlia node (`DHTNode`) in the caller's loop.
+
+`DhtService` composes hivemind's asyncio-level parts instead of its process wrapper (`hivemind.DHT`), so
+the DHT lives in the daemon's own event loop (DESIGN §3): one p2pd child process started with our node key
+file, so the DHT peer ID *is* the node's peer ID, and one `DHTNode` on top of it that validates every
+record it stores or reads with `IntellectRecordValidator` (signed manifests and membership records, see
+`intellect.protocol.records`). `.p2p` and `.node` are exposed for the averager and state sync.
+
+Record layout (key → subkey → value; hivemind hashes the key to a DHTID, msgpack-wraps subkey and value):
+
+    intellect/runs                      run_id (hex)  → SignedManifest (researcher-signed manifest bytes)
+    intellect/run/<run_id>/members      peer id       → SignedMembership (node-signed, expiring)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from hivemind.dht.node import DHTNode
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import CompositeValidator, DHTRecord, RecordValidatorBase
+from hivemind.p2p import P2P
+from intellect.crypto.identity import Identity
+from intellect.node.config import NodeConfig
+from intellect.protocol import records
+from intellect.protocol.errors import ProtocolError
+from intellect.protocol.manifest import SignedManifest
+
+logger = logging.getLogger(__name__)
+
+#: Upper bound on how long a shutdown may take before we kill the p2p daemon outright.
+SHUTDOWN_TIMEOUT_S = 10.0
+
+
+class DhtError(RuntimeError):
+    """The DHT could not start (daemon failure, bootstrap unreachable, identity mismatch)."""
+
+
+def _key_id(key: str) -> bytes:
+    """The DHTID bytes hivemind derives from a textual key: what a validator sees as `record.key`."""
+    return DHTID.generate(source=key).to_bytes()
+
+
+RUNS_KEY_ID = _key_id(records.RUNS_KEY)
+
+
+def members_key_id(run_id: str) -> bytes:
+    return _key_id(records.members_key(run_id))
+
+
+@dataclass
+class ValidatorStats:
+    """Counters of what the validator accepted and rejected (per record kind), for logs and metrics."""
+
+    accepted: dict[str, int] = field(default_factory=dict)
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    def count(self, kind: str, ok: bool) -> None:
+        table = self.accepted if ok else self.rejected
+        table[kind] = table.get(kind, 0) + 1
+
+
+class IntellectRecordValidator(RecordValidatorBase):
+    """Rejects unsigned, tampered, wrongly keyed and expired intellect records on every honest node.
+
+    hivemind calls `validate` when a peer asks us to store a record and on every record a peer returns
+    to our lookups, so a forged record is refused at both ends. A record is *ours* when its key is
+    `intellect/runs` or the member key of a run we know (every run whose manifest we validated or asked
+    about), or when its value decodes as one of our signed records; ours must then verify completely.
+    Records under other keys (the averager's matchmaking keys, say) are left to other validators.
+    """
+
+    def __init__(self, now: Any = time.time) -> None:
+        self._now = now
+        self._member_keys: dict[bytes, str] = {}
+        self.stats = ValidatorStats()
+
+    def watch_run(self, run_id: str) -> None:
+        """Protect the member key of `run_id`: unsigned or foreign values under it are rejected."""
+        self._member_keys.setdefault(members_key_id(run_id), run_id)
+
+    def validate(self, record: DHTRecord) -> bool:
+        kind, ok = self._check(record)
+        if kind:
+            self.stats.count(kind, ok)
+            if not ok:
+                logger.debug("rejected %s record under key %s", kind, record.key.hex()[:16])
+        return ok
+
+    def _check(self, record: DHTRecord) -> tuple[str, bool]:
+        is_runs = record.key == RUNS_KEY_ID
+        watched_run = self._member_keys.get(record.key)
+        try:
+            value = records.unwrap_dht_bytes(record.value)
+        except ProtocolError:
+            value = None
+        if value is None:
+            if is_runs:
+                return "manifest", False
+            if watched_run is not None:
+                return "membership", False
+            return "", True
+        kind = records.sniff(value)
+        if kind == "manifest" or (is_runs and kind is None):
+            if not is_runs:
+                return "manifest", False  # our manifest under someone else's key: a misfiled copy
+            return "manifest", self._check_manifest(record, value)
+        if kind == "membership" or (watched_run is not None and kind is None):
+            return "membership", self._check_membership(record, value)
+        if is_runs or watched_run is not None:
+            return "membership" if watched_run else "manifest", False
+        return "", True
+
+    def _check_manifest(self, record: DHTRecord, value: bytes) -> bool:
+        try:
+            subkey = records.unwrap_dht_str(record.subkey)
+            signed = SignedManifest.from_bytes(value)
+        except (ProtocolError, ValueError) as e:
+            logger.debug("manifest record does not decode: %s", e)
+            return False
+        if subkey != signed.run_id or not signed.verify():
+            return False
+        now = self._now()
+        if record.expiration_time > now + records.MAX_MANIFEST_TTL_S + records.CLOCK_SKEW_S:
+            return False
+        self.watch_run(signed.run_id)
+        return True
+
+    def _check_membership(self, record: DHTRecord, value: bytes) -> bool:
+        try:
+            subkey = records.unwrap_dht_str(record.subkey)
+            rec = records.open_membership(value, now=self._now())
+        except (ProtocolError, ValueError) as e:
+            logger.debug("membership record rejected: %s", e)
+            return False
+        if subkey != rec.peer_id or record.key != members_key_id(rec.run_id):
+            return False
+        # The DHT expiry must be the signed one, so nobody can keep a record alive past its signer's will.
+        return abs(record.expiration_time - rec.expires_at) < 1e-3
+
+    @property
+    def priority(self) -> int:
+        # Runs before any validator that would deserialize values (hivemind's schema validators use 0).
+        return 20
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return isinstance(other, IntellectRecordValidator)
+
+
+def _daemon_alive(p2p: P2P) -> bool:
+    child = getattr(p2p, "_child", None)
+    return child is not None and child.returncode is None
+
+
+class DhtService:
+    """One node's DHT membership: start with `async with DhtService(config) as dht:` or `await run()`.
+
+    `identity` is the node's `Identity`, or the path of its key file (default: `config.identity_path`);
+    the p2p daemon reads the same file, so `peer_id` equals `Identity.peer_id` (checked at start).
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        identity: Identity | Path | None = None,
+        *,
+        wait_timeout: float = 3.0,
+        bootstrap_timeout: float | None = None,
+        extra_validators: Sequence[RecordValidatorBase] = (),
+        startup_timeout: float = 30.0,
+    ) -> None:
+        self.config = config
+        self._identity_arg = identity
+        self._wait_timeout = wait_timeout
+        self._bootstrap_timeout = bootstrap_timeout
+        self._startup_timeout = startup_timeout
+        self.validator = IntellectRecordValidator()
+        self._composite = CompositeValidator([self.validator, *extra_validators])
+        self.ready = asyncio.Event()
+        self.identity: Identity | None = None
+        self._p2p: P2P | None = None
+        self._node: DHTNode | None = None
+        self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
+        self.visible_maddrs: list[str] = []
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    @property
+    def p2p(self) -> P2P:
+        if self._p2p is None:
+            raise DhtError("DhtService is not started")
+        return self._p2p
+
+    @property
+    def node(self) -> DHTNode:
+        if self._node is None:
+            raise DhtError("DhtService is not started")
+        return self._node
+
+    @property
+    def peer_id(self) -> str:
+        if self.identity is None:
+            raise DhtError("DhtService is not started")
+        return self.identity.peer_id
+
+    def _identity_file(self) -> tuple[Identity, Path]:
+        arg = self._identity_arg
+        if isinstance(arg, Identity):
+            # p2pd wants a file: write the key into a private temporary directory (mode 0600).
+            self._tmpdir = tempfile.TemporaryDirectory(prefix="intellect-dht-")
+            path = Path(self._tmpdir.name) / "identity.key"
+            arg.save(path)
+            return arg, path
+        path = Path(arg) if arg is not None else self.config.identity_path
+        return Identity.load(path), path
+
+    async def start(self) -> None:
+        """Start p2pd with our key, join the DHT through `config.bootstrap`, learn our visible addresses."""
+        identity, key_path = self._identity_file()
+        self.identity = identity
+        cfg = self.config
+        bootstrap = list(cfg.bootstrap) or None
+        t0 = time.monotonic()
+        try:
+            self._p2p = await P2P.create(
+                initial_peers=bootstrap,
+                host_maddrs=list(cfg.listen),
+                announce_maddrs=list(cfg.announce) or None,
+                identity_path=str(key_path),
+                use_relay=cfg.use_relay,
+                use_auto_relay=cfg.use_auto_relay,
+                dht_mode="client" if cfg.client_mode else "server",
+                # hivemind's "is this identity already online" probe parses only RSA key files (it
+                # raises on our Ed25519 key), so it is off; two nodes sharing a key is an operator error.
+                check_if_identity_free=False,
+                startup_timeout=self._startup_timeout,
+            )
+        except Exception as e:  # hivemind raises P2PDaemonError, AssertionError, ValueError…
+            self._cleanup_tmp()
+            raise DhtError(f"p2p daemon failed to start: {e}") from e
+        try:
+            got = self._p2p.peer_id.to_base58()
+            if got != identity.peer_id:
+                raise DhtError(f"p2p daemon reports peer ID {got}, our key file says {identity.peer_id}")
+            self._node = await DHTNode.create(
+                p2p=self._p2p,
+                initial_peers=bootstrap,
+                client_mode=cfg.client_mode,
+                record_validator=self._composite,
+                wait_timeout=self._wait_timeout,
+                bootstrap_timeout=self._bootstrap_timeout,
+            )
+            self.visible_maddrs = [str(m) for m in await self._p2p.get_visible_maddrs(latest=True)]
+        except BaseException as e:
+            await self._shutdown_p2p()
+            self._cleanup_tmp()
+            if isinstance(e, DhtError | asyncio.CancelledError | KeyboardInterrupt):
+                raise
+            raise DhtError(f"DHT failed to start: {e}") from e
+        logger.info(
+            "DHT up in %.1fs as %s (%s mode), listening on %s",
+            time.monotonic() - t0,
+            identity.peer_id,
+            "client" if cfg.client_mode else "server",
+            " ".join(self.visible_maddrs),
+        )
+        self.ready.set()
+
+    async def stop(self) -> None:
+        """Leave the DHT and stop the p2p daemon; waits for the daemon to exit (kills it after a timeout)."""
+        self.ready.clear()
+        node, self._node = self._node, None
+        if node is not None:
+            try:
+                await asyncio.wait_for(node.shutdown(), SHUTDOWN_TIMEOUT_S)
+            except TimeoutError:
+                logger.warning("DHT node did not shut down in %.0fs", SHUTDOWN_TIMEOUT_S)
+        await self._shutdown_p2p()
+        self._cleanup_tmp()
+
+    async def _shutdown_p2p(self) -> None:
+        p2p, self._p2p = self._p2p, None
+        if p2p is None:
+            return
+        try:
+            await asyncio.wait_for(p2p.shutdown(), SHUTDOWN_TIMEOUT_S)
+        except TimeoutError:
+            logger.warning("p2p daemon ignored SIGTERM for %.0fs; killing it", SHUTDOWN_TIMEOUT_S)
+        if _daemon_alive(p2p):
+            # hivemind keeps the child handle private; there is no public way to force-kill it.
+            child = p2p._child
+            with contextlib.suppress(ProcessLookupError):
+                child.kill()
+            await child.wait()
+
+    def _cleanup_tmp(self) -> None:
+        if self._tmpdir is not None:
+            self._tmpdir.cleanup()
+            self._tmpdir = None
+
+    async def __aenter__(self) -> DhtService:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    async def run(self) -> None:
+        """Service form: start, set `ready`, serve until cancelled, then stop."""
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.stop()
+
+    @property
+    def daemon_pid(self) -> int | None:
+        """PID of our p2pd child (tests check it is gone after stop)."""
+        child = getattr(self._p2p, "_child", None) if self._p2p is not None else None
+        return child.pid if child is not None else None
+
+    # ---- runs ------------------------------------------------------------------------------------
+
+    async def publish_manifest(
+        self, signed: SignedManifest, ttl: float = records.DEFAULT_MANIFEST_TTL_S
+    ) -> bool:
+        """Store a researcher-signed manifest under `intellect/runs` / run_id; True if any replica took it."""
+        if not signed.verify():
+            raise ValueError("refusing to publish a manifest whose signature does not verify")
+        ttl = min(ttl, records.MAX_MANIFEST_TTL_S)
+        self.validator.watch_run(signed.run_id)
+        return bool(
+            await self.node.store(
+                records.RUNS_KEY, signed.to_bytes(), time.time() + ttl, subkey=signed.run_id
+            )
+        )
+
+    async def get_manifests(self, latest: bool = True) -> tuple[list[SignedManifest], int]:
+        """All verifiable runs in the DHT and the number of entries that failed verification here."""
+        found = await self.node.get(records.RUNS_KEY, latest=latest)
+        out: list[SignedManifest] = []
+        invalid = 0
+        if found is None or not isinstance(found.value, dict):
+            return out, invalid
+        for subkey, item in found.value.items():
+            try:
+                signed = SignedManifest.from_bytes(records.as_bytes(item.value))
+            except (ProtocolError, ValueError) as e:
+                logger.info("ignoring an undecodable run record %r: %s", subkey, e)
+                invalid += 1
+                continue
+            if subkey != signed.run_id or not signed.verify():
+                logger.info("ignoring run record %r: run_id or signature does not verify", subkey)
+                invalid += 1
+                continue
+            self.validator.watch_run(signed.run_id)
+            out.append(signed)
+        out.sort(key=lambda s: s.manifest.name)
+        return out, invalid
+
+    async def get_manifest(self, run_id: str, latest: bool = True) -> SignedManifest | None:
+        runs, _ = await self.get_manifests(latest=latest)
+        return next((r for r in runs if r.run_id == run_id), None)
+
+    # ---- membership ------------------------------------------------------------------------------
+
+    async def store_membership(self, signed_record: bytes) -> bool:
+        """Store our signed membership record (from `records.seal_membership`) until its signed expiry."""
+        rec = records.open_membership(signed_record)
+        self.validator.watch_run(rec.run_id)
+        return bool(
+            await self.node.store(
+                records.members_key(rec.run_id), signed_record, rec.expires_at, subkey=rec.peer_id
+            )
+        )
+
+    async def get_members(self, run_id: str, latest: bool = True) -> list[records.MembershipRecord]:
+        """Live, verified members of a run (expired and unverifiable entries dropped and logged)."""
+        self.validator.watch_run(run_id)
+        found = await self.node.get(records.members_key(run_id), latest=latest)
+        if found is None or not isinstance(found.value, dict):
+            return []
+        now = time.time()
+        out: list[records.MembershipRecord] = []
+        for subkey, item in found.value.items():
+            try:
+                rec = records.open_membership(records.as_bytes(item.value), now=now)
+            except (ProtocolError, ValueError) as e:
+                logger.info("ignoring membership entry %r of run %s: %s", subkey, run_id[:12], e)
+                continue
+            if rec.peer_id != subkey or rec.run_id != run_id:
+                logger.info("ignoring membership entry %r: keyed under the wrong peer or run", subkey)
+                continue
+            out.append(rec)
+        out.sort(key=lambda r: r.peer_id)
+        return out
+
+
+def process_alive(pid: int) -> bool:
+    """True while a process with this PID exists and is not a zombie (used by tests and the CLI)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+    except PermissionError:
+        return os.path.exists(f"/proc/{pid}")
