@@ -99,30 +99,46 @@ def unpackb_limited(data: bytes, max_size: int = DEFAULT_MAX_SIZE) -> Any:
     return obj
 
 
+def _check_scalar(item: Any) -> None:
+    kind = type(item)
+    if kind is float:
+        if not math.isfinite(item):
+            raise MalformedMessage("non-finite float")
+    elif not (item is None or kind is bool or kind is int or kind is str or kind is bytes):
+        # e.g. msgpack.Timestamp: ext types are refused while parsing, this is belt and braces.
+        raise MalformedMessage(f"value of type {kind.__name__} is not allowed")
+
+
 def _check_plain(obj: Any) -> None:
-    """Walk decoded data iteratively: depth bounded, str map keys only, finite floats, no ext objects."""
+    """Walk decoded data iteratively: depth bounded, str map keys only, finite floats, no ext objects.
+
+    Only containers are pushed on the walk's stack, so checking adds little to what msgpack allocated.
+    """
     stack: list[tuple[Any, int]] = [(obj, 1)]
     while stack:
         item, depth = stack.pop()
         kind = type(item)
         if kind is list:
-            if depth > MAX_DEPTH:
-                raise MalformedMessage(f"nesting deeper than {MAX_DEPTH}")
-            stack.extend((x, depth + 1) for x in item)
+            values = item
         elif kind is dict:
-            if depth > MAX_DEPTH:
-                raise MalformedMessage(f"nesting deeper than {MAX_DEPTH}")
-            for key, value in item.items():
+            for key in item:
                 if type(key) is not str:
                     raise MalformedMessage(f"map key of type {type(key).__name__}; only str keys allowed")
-                stack.append((value, depth + 1))
-        elif kind is float:
-            if not math.isfinite(item):
-                raise MalformedMessage("non-finite float")
-        elif item is None or kind in (bool, int, str, bytes):
+            values = item.values()
+        else:
+            _check_scalar(item)
             continue
-        else:  # e.g. msgpack.Timestamp; ext types are refused before this, this is belt and braces
-            raise MalformedMessage(f"value of type {kind.__name__} is not allowed")
+        if depth > MAX_DEPTH:
+            raise MalformedMessage(f"nesting deeper than {MAX_DEPTH}")
+        for value in values:
+            vkind = type(value)
+            if vkind is list or vkind is dict:
+                if value:  # an empty container needs no check: do not spend a stack entry on it
+                    stack.append((value, depth + 1))
+                elif depth + 1 > MAX_DEPTH:
+                    raise MalformedMessage(f"nesting deeper than {MAX_DEPTH}")
+            else:
+                _check_scalar(value)
 
 
 def _canonical(obj: Any, depth: int) -> Any:
@@ -394,7 +410,7 @@ def message(
     """
 
     def wrap(cls: type[T]) -> type[T]:
-        (registry or REGISTRY).register(cls, type_id, version, max_size)
+        (REGISTRY if registry is None else registry).register(cls, type_id, version, max_size)
         return cls
 
     return wrap
@@ -402,7 +418,7 @@ def message(
 
 def registered_messages(registry: MessageRegistry | None = None) -> list[MessageSpec]:
     """Every registered message spec, by type id."""
-    return list(registry or REGISTRY)
+    return list(REGISTRY if registry is None else registry)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -415,7 +431,7 @@ def encode(msg: Any, registry: MessageRegistry | None = None) -> bytes:
     Raises TypeError/ValueError when a field does not match its annotation, and MessageTooLarge when the
     result exceeds the type's `max_size`.
     """
-    spec = (registry or REGISTRY).spec_for(msg)
+    spec = (REGISTRY if registry is None else registry).spec_for(msg)
     fields = spec._fields.dump(msg, spec.cls.__name__)
     data: bytes = msgpack.packb(
         [spec.type_id, spec.version, fields], use_bin_type=True, use_single_float=False, datetime=False
@@ -448,7 +464,7 @@ def decode(data: bytes, expected: type[T] | None = None, registry: MessageRegist
     With `expected`, the input is bounded by that type's `max_size` before parsing and any other type is
     an UnexpectedMessageType; without it, by the largest registered `max_size`, then by the decoded type's.
     """
-    reg = registry or REGISTRY
+    reg = REGISTRY if registry is None else registry
     if expected is not None:
         exp_spec = reg.spec_for(expected)
         if len(data) > exp_spec.max_size:

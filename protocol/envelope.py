@@ -275,7 +275,7 @@ class EnvelopeVerifier:
         self.admitted = admitted
         self.guard = guard if guard is not None else ReplayGuard()
         self._max_size = max_size
-        self._registry = registry or codec.REGISTRY
+        self._registry = codec.REGISTRY if registry is None else registry
         self.rejections: collections.Counter[RejectReason] = collections.Counter()
         self.accepted = 0
 
