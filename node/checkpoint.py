@@ -1,0 +1,215 @@
+"""Atomic, hashed, rotating checkpoints of a node's state (safetensors + a JSON sidecar, never pickle).
+
+A checkpoint of round r is two files in the store's directory:
+
+* ``ckpt-<r:08d>.safetensors``: exactly `statehash.serialize_state(tensors)`, so the file's bytes are the
+  bytes a peer serves during state sync and its Merkle root is the gossiped state hash;
+* ``ckpt-<r:08d>.json``: the sidecar, written *after* the tensors file, holding the file's sha256 and
+  size, the state hash and the caller's metadata (round, data cursor, run id, ...). A checkpoint without a
+  sidecar is incomplete and ignored.
+
+Each file is written to a hidden temp file in the same directory, flushed and fsynced, renamed into place,
+and the directory is fsynced, so a crash leaves either the old or the new file, never a torn one.
+`load_latest` checks size and sha256 before handing tensors out; a corrupt or truncated checkpoint is
+logged with the reason and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from intellect.node.statehash import ChunkHasher, deserialize_state, iter_serialized, merkle_root
+
+log = logging.getLogger(__name__)
+
+_NAME = re.compile(r"^ckpt-(\d{8})\.json$")
+_FORMAT = 1
+_TMP_PREFIX = ".tmp-ckpt-"
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be written (disk full, permissions) or its metadata is unusable."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A verified checkpoint: where it is, its tensors, the caller's metadata and the state hash."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    round: int
+    state_hash: str
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointStore:
+    """The last `keep` checkpoints in `directory`; `save` is atomic, `load_latest` verifies."""
+
+    def __init__(self, directory: str | os.PathLike[str], keep: int = 3) -> None:
+        if keep < 1:
+            raise ValueError("keep must be at least 1")
+        self.directory = Path(directory)
+        self.keep = keep
+
+    def _paths(self, round_: int) -> tuple[Path, Path]:
+        stem = f"ckpt-{round_:08d}"
+        return self.directory / f"{stem}.safetensors", self.directory / f"{stem}.json"
+
+    def rounds(self) -> list[int]:
+        """Rounds that have a sidecar (complete checkpoints, not yet verified), oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = []
+        for entry in self.directory.iterdir():
+            m = _NAME.match(entry.name)
+            if m:
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def _write_atomic(self, final: Path, pieces: Iterable[bytes], hasher: ChunkHasher | None = None) -> str:
+        """Write pieces to a temp file, fsync, rename onto `final`; return the file's sha256 hex."""
+        tmp = self.directory / f"{_TMP_PREFIX}{final.name}.{os.getpid()}"
+        digest = hashlib.sha256()
+        try:
+            with open(tmp, "wb") as f:
+                for piece in pieces:
+                    f.write(piece)
+                    digest.update(piece)
+                    if hasher is not None:
+                        hasher.update(piece)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            # Whatever went wrong (disk full, a crash simulated in tests, cancellation), the temp file must
+            # not linger; the previous checkpoint was never touched.
+            tmp.unlink(missing_ok=True)
+            raise
+        return digest.hexdigest()
+
+    def save(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> Path:
+        """Write a checkpoint for ``meta["round"]`` atomically, prune old ones; return the tensors file path.
+
+        ``meta`` must be JSON-serialisable and hold an int ``round``. Raises `CheckpointError` when the disk
+        is full or the write fails otherwise; the previous checkpoints are left intact.
+        """
+        round_ = meta.get("round")
+        if not isinstance(round_, int) or isinstance(round_, bool) or round_ < 0:
+            raise CheckpointError(f"checkpoint meta needs a non-negative int 'round', got {round_!r}")
+        try:
+            meta_json = json.loads(json.dumps(dict(meta)))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint meta is not JSON-serialisable: {e}") from e
+        data_path, side_path = self._paths(round_)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_temps()
+            # Re-saving a round: drop its sidecar first, so a failure below leaves that round incomplete
+            # (ignored) rather than a new tensors file described by the old sidecar.
+            side_path.unlink(missing_ok=True)
+            hasher = ChunkHasher()
+            file_sha = self._write_atomic(data_path, iter_serialized(tensors), hasher)
+            sidecar = {
+                "format": _FORMAT,
+                "file": data_path.name,
+                "size": hasher.total,
+                "sha256": file_sha,
+                "state_hash": merkle_root(hasher.finish()).hex(),
+                "meta": meta_json,
+            }
+            body = json.dumps(sidecar, sort_keys=True, indent=1).encode()
+            self._write_atomic(side_path, [body])
+            _fsync_dir(self.directory)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise CheckpointError(f"no space left on device writing checkpoint {data_path}") from e
+            raise CheckpointError(f"cannot write checkpoint {data_path}: {e}") from e
+        log.info("checkpoint round %d saved to %s (%d bytes)", round_, data_path, sidecar["size"])
+        self._prune()
+        return data_path
+
+    def _remove_stale_temps(self) -> None:
+        """Temp files left by a crashed save (one node per data directory, so none is in use)."""
+        for entry in self.directory.glob(f"{_TMP_PREFIX}*"):
+            log.info("removing leftover temp file %s", entry)
+            entry.unlink(missing_ok=True)
+
+    def _prune(self) -> None:
+        rounds = self.rounds()
+        for old in rounds[: max(0, len(rounds) - self.keep)]:
+            data_path, side_path = self._paths(old)
+            # Sidecar first: a half-pruned checkpoint then looks incomplete rather than corrupt.
+            side_path.unlink(missing_ok=True)
+            data_path.unlink(missing_ok=True)
+            log.debug("pruned checkpoint round %d", old)
+        # Tensor files whose sidecar never landed (a crash between the two renames).
+        kept = set(self.rounds())
+        for entry in self.directory.glob("ckpt-*.safetensors"):
+            m = re.match(r"^ckpt-(\d{8})\.safetensors$", entry.name)
+            if m and int(m.group(1)) not in kept:
+                log.info("removing incomplete checkpoint %s", entry)
+                entry.unlink(missing_ok=True)
+
+    def load(self, round_: int) -> Checkpoint:
+        """Load and verify one checkpoint; raises `CheckpointError` saying what is wrong."""
+        data_path, side_path = self._paths(round_)
+        try:
+            sidecar = json.loads(side_path.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"unreadable sidecar {side_path.name}: {e}") from e
+        if not isinstance(sidecar, dict) or sidecar.get("format") != _FORMAT:
+            raise CheckpointError(f"sidecar {side_path.name} has an unknown format")
+        meta = sidecar.get("meta")
+        if not isinstance(meta, dict) or meta.get("round") != round_:
+            raise CheckpointError(f"sidecar {side_path.name} does not describe round {round_}")
+        try:
+            blob = data_path.read_bytes()
+        except OSError as e:
+            raise CheckpointError(f"unreadable checkpoint {data_path.name}: {e}") from e
+        if len(blob) != sidecar.get("size"):
+            raise CheckpointError(
+                f"{data_path.name} is {len(blob)} bytes, expected {sidecar.get('size')} (truncated?)"
+            )
+        if hashlib.sha256(blob).hexdigest() != sidecar.get("sha256"):
+            raise CheckpointError(f"{data_path.name} fails its sha256 check (corrupted)")
+        try:
+            tensors = deserialize_state(blob)
+        except Exception as e:  # safetensors raises its own SafetensorError, not exported as a stable type
+            raise CheckpointError(f"{data_path.name} is not valid safetensors: {e}") from e
+        return Checkpoint(
+            path=data_path,
+            tensors=tensors,
+            meta=meta,
+            round=round_,
+            state_hash=str(sidecar.get("state_hash")),
+        )
+
+    def load_latest(self) -> Checkpoint | None:
+        """The newest checkpoint that verifies, or None; each bad one is logged with why and skipped."""
+        for round_ in reversed(self.rounds()):
+            try:
+                ckpt = self.load(round_)
+            except CheckpointError as e:
+                log.warning("skipping checkpoint of round %d: %s", round_, e)
+                continue
+            log.info("loaded checkpoint of round %d from %s", round_, ckpt.path)
+            return ckpt
+        return None

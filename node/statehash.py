@@ -1,0 +1,170 @@
+"""Deterministic serialisation and Merkle hashing of a model state (global weights + outer optimizer state).
+
+The state hash is what peers gossip ("I am at round r with state H") and what a newcomer checks after a
+chunked download, so two peers holding bit-identical tensors must compute the same hash whatever their
+library versions are. We therefore write the safetensors layout ourselves instead of calling
+`safetensors.torch.save`, whose tensor order and header layout are an implementation detail of the
+installed version (0.8 orders by dtype alignment, then name): the bytes produced here are
+
+    u64 little-endian header length N | N bytes of JSON header, padded with spaces to a multiple of 8 |
+    tensor data, tensors in sorted-name order, each C-contiguous little-endian
+
+with the JSON header written with sorted keys and no whitespace. Any safetensors reader opens the result.
+
+Hashing: the blob is cut into fixed-size chunks (1 MiB by default) hashed with sha256; the chunk hashes are
+the leaves of a binary Merkle tree built RFC 6962 style: a leaf node is ``sha256(0x00 || chunk_hash)`` and
+an interior node ``sha256(0x01 || left || right)`` (distinct prefixes, so an interior node can never pass
+for a leaf). **Odd-leaf rule:** when a level has an odd number of nodes, the last one is promoted unchanged
+to the next level (it is *not* paired with a copy of itself, which would let two different leaf lists
+share a root, as in Bitcoin's CVE-2012-2459). The root of zero chunks is ``sha256(b"")``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+
+#: Default chunk size for hashing and chunked state transfer.
+CHUNK_SIZE = 1 << 20
+
+_LEAF_PREFIX = b"\x00"
+_NODE_PREFIX = b"\x01"
+
+#: torch dtype -> safetensors dtype name (only dtypes a model state can hold).
+_DTYPE_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    """Raw little-endian bytes of a tensor in C order (a view as uint8 handles bf16, which numpy lacks)."""
+    t = t.detach().to("cpu").contiguous()
+    if t.numel() == 0:
+        return b""
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def iter_serialized(tensors: Mapping[str, torch.Tensor]) -> Iterator[bytes]:
+    """Yield the deterministic safetensors bytes of ``tensors`` piece by piece (header, then each tensor).
+
+    Streaming lets a checkpoint be written and hashed without holding a second copy of the state.
+    """
+    names = sorted(tensors)
+    header: dict[str, object] = {}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names must be str, got {type(name).__name__}")
+        if t.dtype not in _DTYPE_NAMES:
+            raise TypeError(f"tensor {name!r} has unsupported dtype {t.dtype}")
+        size = t.numel() * t.element_size()
+        header[name] = {
+            "dtype": _DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    yield struct.pack("<Q", len(raw)) + raw
+    for name in names:
+        data = _tensor_bytes(tensors[name])
+        if data:
+            yield data
+
+
+def serialize_state(tensors: Mapping[str, torch.Tensor]) -> bytes:
+    """Deterministic safetensors bytes of ``tensors`` (same tensors -> same bytes, any key order)."""
+    return b"".join(iter_serialized(tensors))
+
+
+def chunk_hashes(blob: bytes | memoryview, chunk_size: int = CHUNK_SIZE) -> list[bytes]:
+    """sha256 digest of each ``chunk_size`` slice of ``blob`` (the last one may be shorter)."""
+    if chunk_size <= 0:
+        raise ValueError("chunk_size must be positive")
+    view = memoryview(blob)
+    return [hashlib.sha256(view[i : i + chunk_size]).digest() for i in range(0, len(view), chunk_size)]
+
+
+class ChunkHasher:
+    """Incremental `chunk_hashes`: feed bytes in arbitrary pieces, get the same list of chunk digests."""
+
+    def __init__(self, chunk_size: int = CHUNK_SIZE) -> None:
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        self.chunk_size = chunk_size
+        self.hashes: list[bytes] = []
+        self.total = 0
+        self._current = hashlib.sha256()
+        self._filled = 0
+
+    def update(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        self.total += len(view)
+        while len(view):
+            take = min(self.chunk_size - self._filled, len(view))
+            self._current.update(view[:take])
+            self._filled += take
+            view = view[take:]
+            if self._filled == self.chunk_size:
+                self.hashes.append(self._current.digest())
+                self._current = hashlib.sha256()
+                self._filled = 0
+
+    def finish(self) -> list[bytes]:
+        """The chunk digests, including a final partial chunk; the hasher must not be fed afterwards."""
+        if self._filled:
+            self.hashes.append(self._current.digest())
+            self._current = hashlib.sha256()
+            self._filled = 0
+        return self.hashes
+
+
+def merkle_root(hashes: Sequence[bytes]) -> bytes:
+    """Merkle root of chunk digests (RFC 6962 prefixes; an odd last node is promoted unchanged)."""
+    if not hashes:
+        return hashlib.sha256(b"").digest()
+    level = [hashlib.sha256(_LEAF_PREFIX + h).digest() for h in hashes]
+    while len(level) > 1:
+        nxt = [
+            hashlib.sha256(_NODE_PREFIX + level[i] + level[i + 1]).digest()
+            for i in range(0, len(level) - 1, 2)
+        ]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]
+
+
+def state_hash(tensors: Mapping[str, torch.Tensor], chunk_size: int = CHUNK_SIZE) -> str:
+    """Hex Merkle root over the 1 MiB chunks of `serialize_state(tensors)`."""
+    hasher = ChunkHasher(chunk_size)
+    for piece in iter_serialized(tensors):
+        hasher.update(piece)
+    return merkle_root(hasher.finish()).hex()
+
+
+def blob_state_hash(blob: bytes | memoryview, chunk_size: int = CHUNK_SIZE) -> str:
+    """Hex Merkle root of an already serialised state (what a downloader checks after reassembly)."""
+    return merkle_root(chunk_hashes(blob, chunk_size)).hex()
+
+
+def deserialize_state(blob: bytes) -> dict[str, torch.Tensor]:
+    """Tensors from safetensors bytes (safetensors' parser: no pickle, bounds-checked header)."""
+    from safetensors.torch import load
+
+    return dict(load(bytes(blob)))

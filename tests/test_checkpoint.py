@@ -1,0 +1,174 @@
+"""Checkpoint store: atomic save, rotation, hash verification, fallback on corruption, disk-full errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from intellect.node.checkpoint import CheckpointError, CheckpointStore
+from intellect.node.statehash import state_hash
+
+
+def _state(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(64, 32, generator=g), "b": torch.randn(32, generator=g).to(torch.bfloat16)}
+
+
+def _meta(round_: int) -> dict[str, object]:
+    return {"round": round_, "cursor": [round_, 17], "run_id": "ab" * 32}
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _visible(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def test_save_load_and_keep_last(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, keep=3)
+    assert store.load_latest() is None
+    for r in range(1, 6):
+        path = store.save(_state(r), _meta(r))
+        assert path.name == f"ckpt-{r:08d}.safetensors"
+    assert store.rounds() == [3, 4, 5]
+    assert _visible(tmp_path) == [f"ckpt-{r:08d}.{ext}" for r in (3, 4, 5) for ext in ("json", "safetensors")]
+    ckpt = store.load_latest()
+    assert ckpt is not None
+    assert ckpt.round == 5 and ckpt.meta == _meta(5)
+    assert _equal(ckpt.tensors, _state(5))
+    assert ckpt.state_hash == state_hash(_state(5))
+    side = json.loads((tmp_path / "ckpt-00000005.json").read_text())
+    assert side["size"] == (tmp_path / "ckpt-00000005.safetensors").stat().st_size
+
+
+def test_flipped_byte_is_detected_and_previous_used(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(_state(1), _meta(1))
+    path = store.save(_state(2), _meta(2))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="intellect.node.checkpoint"):
+        ckpt = store.load_latest()
+    assert ckpt is not None and ckpt.round == 1 and _equal(ckpt.tensors, _state(1))
+    assert "sha256" in caplog.text and "round 2" in caplog.text
+
+
+def test_truncated_file_is_detected(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(_state(1), _meta(1))
+    path = store.save(_state(2), _meta(2))
+    os.truncate(path, path.stat().st_size - 100)
+    with caplog.at_level(logging.WARNING, logger="intellect.node.checkpoint"):
+        ckpt = store.load_latest()
+    assert ckpt is not None and ckpt.round == 1
+    assert "truncated" in caplog.text
+    with pytest.raises(CheckpointError, match="truncated"):
+        store.load(2)
+
+
+def test_corrupt_sidecar_is_skipped(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(_state(1), _meta(1))
+    store.save(_state(2), _meta(2))
+    (tmp_path / "ckpt-00000002.json").write_text("{not json")
+    ckpt = store.load_latest()
+    assert ckpt is not None and ckpt.round == 1
+
+
+def test_all_corrupt_returns_none(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    path = store.save(_state(1), _meta(1))
+    path.write_bytes(b"")
+    assert store.load_latest() is None
+
+
+def test_crash_between_write_and_rename_leaves_previous(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(_state(1), _meta(1))
+    before = _visible(tmp_path)
+
+    def crash(src: object, dst: object) -> None:
+        raise KeyboardInterrupt("simulated crash before rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.save(_state(2), _meta(2))
+    monkeypatch.undo()
+    assert _visible(tmp_path) == before  # no temp junk, no half-written round 2
+    ckpt = store.load_latest()
+    assert ckpt is not None and ckpt.round == 1 and _equal(ckpt.tensors, _state(1))
+
+
+def test_crash_between_tensors_and_sidecar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(_state(1), _meta(1))
+    real_replace = os.replace
+    calls = []
+
+    def replace_once(src: str, dst: str) -> None:
+        calls.append(dst)
+        if len(calls) == 2:  # the tensors file landed; the sidecar rename "crashes"
+            raise KeyboardInterrupt("simulated crash")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_once)
+    with pytest.raises(KeyboardInterrupt):
+        store.save(_state(2), _meta(2))
+    monkeypatch.undo()
+    ckpt = store.load_latest()
+    assert ckpt is not None and ckpt.round == 1
+    # The next save cleans up the orphaned tensors file.
+    store.save(_state(3), _meta(3))
+    assert _visible(tmp_path) == [f"ckpt-{r:08d}.{ext}" for r in (1, 3) for ext in ("json", "safetensors")]
+
+
+def test_disk_full_raises_checkpoint_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(_state(1), _meta(1))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    class FullFile:
+        def __init__(self, f: object) -> None:
+            self._f = f
+
+        def __enter__(self) -> FullFile:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self._f.close()  # type: ignore[attr-defined]
+
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_open = open
+
+    def full_open(path: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+        f = real_open(path, mode, *args, **kwargs)  # type: ignore[call-overload]
+        return FullFile(f) if "w" in mode else f
+
+    monkeypatch.setattr("builtins.open", full_open)
+    with pytest.raises(CheckpointError, match="no space left"):
+        store.save(_state(2), _meta(2))
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    ckpt = store.load_latest()
+    assert ckpt is not None and ckpt.round == 1
+
+
+def test_bad_meta_is_refused(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path)
+    with pytest.raises(CheckpointError, match="round"):
+        store.save(_state(1), {"cursor": 3})
+    with pytest.raises(CheckpointError, match="JSON"):
+        store.save(_state(1), {"round": 1, "x": object()})
+    assert not any(tmp_path.iterdir())
