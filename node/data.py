@@ -1,0 +1,415 @@
+"""Training data: the built-in corpus, pre-tokenized shards, shard assignment and a resumable stream.
+
+- A *shard* is a flat array of token ids (uint16 when the vocabulary fits, else uint32), named by a URI
+  and pinned by the sha256 of its little-endian bytes and its token count (`ShardInfo`, listed in the
+  manifest). Files written by `prepare_shards` are raw arrays opened with `numpy.memmap`; the built-in
+  corpus is cut into virtual shards `builtin://corpus/<k>` plus a held-out split `builtin://heldout` that
+  no peer trains on.
+- `assign_shards` is a pure function of (run, round, live peers): rendezvous (highest-random-weight)
+  hashing with sha256, so every shard has exactly one owner and a membership change moves only the shards
+  of the peer that left (or ~1/(N+1) of them to the peer that joined).
+- `TokenStream` cuts the assigned shards into windows of `seq_len + 1` tokens and visits them in a
+  seeded permutation per epoch; its cursor (epoch, position) is the whole state, so a restart resumes at
+  exactly the same sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from intellect.node.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+BUILTIN_SCHEME = "builtin://"
+#: Number of virtual training shards the built-in corpus is cut into.
+BUILTIN_NUM_SHARDS = 16
+#: Fraction of the built-in corpus (its tail) held out for evaluation.
+BUILTIN_HELDOUT_FRACTION = 0.05
+_CORPUS_FILE = "pydoc_topics.jsonl"
+_ASSIGN_DOMAIN = b"intellect-node/v1/shard-assignment"
+
+
+class DataError(ValueError):
+    """A shard is missing, has the wrong hash or size, or a stream cannot be built or restored."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard as the manifest lists it."""
+
+    #: `builtin://corpus/<k>`, `builtin://heldout`, a path (relative to the shard index) or `file://…`.
+    uri: str
+    #: sha256 (hex) of the shard's token array as little-endian bytes.
+    sha256: str
+    #: Number of tokens.
+    tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"uri": self.uri, "sha256": self.sha256, "tokens": self.tokens}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ShardInfo:
+        return cls(uri=str(d["uri"]), sha256=str(d["sha256"]), tokens=int(d["tokens"]))
+
+
+def token_dtype(vocab_size: int) -> np.dtype[Any]:
+    """uint16 when every id fits (byte tokenizer, Llama-2's 32K), uint32 otherwise (Llama-3's 128K)."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def tokens_sha256(tokens: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(tokens).tobytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The built-in corpus
+
+
+def builtin_corpus_texts() -> list[str]:
+    """The documents of the shipped corpus (see `node/corpus/README`), in file order."""
+    raw = resources.files("intellect.node").joinpath("corpus", _CORPUS_FILE).read_text(encoding="utf-8")
+    return [json.loads(line)["text"] for line in raw.splitlines() if line.strip()]
+
+
+def encode_documents(tokenizer: Tokenizer, texts: Iterable[str]) -> np.ndarray:
+    """Concatenate the documents' tokens, each followed by EOS (when the tokenizer has one)."""
+    dtype = token_dtype(tokenizer.vocab_size)
+    parts: list[np.ndarray] = []
+    texts = list(texts)
+    eos = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    for ids in tokenizer.encode_batch(texts):
+        parts.append(np.asarray(ids + eos, dtype=dtype))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+#: Built-in corpus tokens per tokenizer hash (a few hundred KB each; tokenizing costs ~0.1 s).
+_BUILTIN_CACHE: dict[str, np.ndarray] = {}
+
+
+def builtin_corpus_tokens(tokenizer: Tokenizer) -> np.ndarray:
+    """All tokens of the built-in corpus (read-only array; cached per tokenizer hash)."""
+    arr = _BUILTIN_CACHE.get(tokenizer.sha256)
+    if arr is None:
+        arr = encode_documents(tokenizer, builtin_corpus_texts())
+        arr.setflags(write=False)
+        _BUILTIN_CACHE[tokenizer.sha256] = arr
+    return arr
+
+
+def _builtin_split(tokens: np.ndarray, num_shards: int) -> tuple[list[np.ndarray], np.ndarray]:
+    n_train = int(len(tokens) * (1 - BUILTIN_HELDOUT_FRACTION))
+    bounds = np.linspace(0, n_train, num_shards + 1).astype(np.int64)
+    shards = [tokens[bounds[k] : bounds[k + 1]] for k in range(num_shards)]
+    return shards, tokens[n_train:]
+
+
+def builtin_shards(tokenizer: Tokenizer, num_shards: int = BUILTIN_NUM_SHARDS) -> list[ShardInfo]:
+    """The built-in training split as `num_shards` virtual shards `builtin://corpus/<k>`."""
+    shards, _ = _builtin_split(builtin_corpus_tokens(tokenizer), num_shards)
+    return [ShardInfo(f"{BUILTIN_SCHEME}corpus/{k}", tokens_sha256(s), len(s)) for k, s in enumerate(shards)]
+
+
+def builtin_heldout(tokenizer: Tokenizer) -> ShardInfo:
+    """The held-out tail of the built-in corpus (`builtin://heldout`), never assigned for training."""
+    _, held = _builtin_split(builtin_corpus_tokens(tokenizer), BUILTIN_NUM_SHARDS)
+    return ShardInfo(f"{BUILTIN_SCHEME}heldout", tokens_sha256(held), len(held))
+
+
+class ShardResolver:
+    """Opens shards by URI and verifies their token count and sha256 before anything trains on them."""
+
+    def __init__(
+        self, tokenizer: Tokenizer, base_dir: Path | None = None, num_builtin_shards: int = BUILTIN_NUM_SHARDS
+    ):
+        self.tokenizer = tokenizer
+        self.base_dir = base_dir
+        self.num_builtin_shards = num_builtin_shards
+        self._verified: dict[ShardInfo, np.ndarray] = {}
+
+    def _open(self, info: ShardInfo) -> np.ndarray:
+        dtype = token_dtype(self.tokenizer.vocab_size)
+        if info.uri.startswith(BUILTIN_SCHEME):
+            shards, held = _builtin_split(builtin_corpus_tokens(self.tokenizer), self.num_builtin_shards)
+            rest = info.uri[len(BUILTIN_SCHEME) :]
+            if rest == "heldout":
+                return held
+            if rest.startswith("corpus/") and rest[7:].isdigit() and int(rest[7:]) < len(shards):
+                return shards[int(rest[7:])]
+            raise DataError(f"{info.uri}: no such built-in shard")
+        path = Path(info.uri[len("file://") :]) if info.uri.startswith("file://") else Path(info.uri)
+        if not path.is_absolute() and self.base_dir is not None:
+            path = self.base_dir / path
+        if not path.is_file():
+            raise DataError(f"{info.uri}: shard file {path} not found")
+        size = path.stat().st_size
+        if size != info.tokens * dtype.itemsize:
+            raise DataError(
+                f"{info.uri}: file has {size} bytes, expected {info.tokens} tokens of {dtype.itemsize} bytes"
+            )
+        if size == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r")
+
+    def load(self, info: ShardInfo) -> np.ndarray:
+        """The shard's tokens (memory-mapped for files); raises DataError on a wrong size or hash."""
+        if info in self._verified:
+            return self._verified[info]
+        arr = self._open(info)
+        if len(arr) != info.tokens:
+            raise DataError(f"{info.uri}: has {len(arr)} tokens, manifest says {info.tokens}")
+        actual = tokens_sha256(arr)
+        if actual != info.sha256:
+            raise DataError(f"{info.uri}: sha256 mismatch: manifest {info.sha256}, data {actual}")
+        self._verified[info] = arr
+        return arr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Assignment
+
+
+def _hrw_score(run_id: str, round_: int, peer: str, shard: ShardInfo) -> bytes:
+    h = hashlib.sha256(_ASSIGN_DOMAIN)
+    for part in (run_id, str(round_), peer, shard.uri, shard.sha256):
+        h.update(b"\x00")
+        h.update(part.encode("utf-8"))
+    return h.digest()
+
+
+def assign_shards(
+    run_id: str, round: int, peers: Sequence[str], shards: Sequence[ShardInfo]
+) -> dict[str, list[ShardInfo]]:
+    """Rendezvous hashing: each shard goes to the peer with the highest sha256(run, round, peer, shard).
+
+    Pure and order-independent (peers are de-duplicated; every peer gets a key, possibly an empty list,
+    and each list keeps the input order of shards). Including the round rotates data between peers
+    from round to round; within a round, removing a peer moves only its own shards.
+    """
+    unique = sorted(set(peers))
+    out: dict[str, list[ShardInfo]] = {p: [] for p in unique}
+    if not unique:
+        return out
+    for shard in shards:
+        owner = max(unique, key=lambda p: (_hrw_score(run_id, round, p, shard), p))
+        out[owner].append(shard)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Streams
+
+
+class TokenStream:
+    """Endless batches [batch, seq_len + 1] (int64) from windows of the given shards, exactly resumable.
+
+    Window k of a shard covers tokens [k·seq_len, k·seq_len + seq_len + 1): consecutive windows share one
+    token, so every token is a target once per epoch. Each epoch visits all windows in the permutation
+    drawn from PCG64([seed, epoch]); the cursor is (epoch, position in that permutation).
+    """
+
+    def __init__(self, shards: Sequence[np.ndarray], batch: int, seq_len: int, seed: int = 0) -> None:
+        if batch <= 0 or seq_len <= 0:
+            raise DataError(f"batch and seq_len must be positive, got {batch}, {seq_len}")
+        self.shards = list(shards)
+        self.batch = batch
+        self.seq_len = seq_len
+        self.seed = seed
+        counts = np.array([max(0, (len(s) - 1) // seq_len) for s in self.shards], dtype=np.int64)
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self.num_windows = int(self._starts[-1])
+        if self.num_windows == 0:
+            raise DataError(f"no window of {seq_len + 1} tokens in {len(self.shards)} shard(s)")
+        self._epoch = 0
+        self._position = 0
+        self._order: np.ndarray | None = None
+
+    @classmethod
+    def from_infos(
+        cls, resolver: ShardResolver, infos: Sequence[ShardInfo], batch: int, seq_len: int, seed: int = 0
+    ) -> TokenStream:
+        """Open (and verify) the shards, then stream them."""
+        return cls([resolver.load(i) for i in infos], batch, seq_len, seed)
+
+    def _perm(self) -> np.ndarray:
+        if self._order is None:
+            rng = np.random.Generator(np.random.PCG64([self.seed, self._epoch]))
+            self._order = rng.permutation(self.num_windows)
+        return self._order
+
+    def _window(self, index: int) -> np.ndarray:
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        start = (index - int(self._starts[shard])) * self.seq_len
+        return np.asarray(self.shards[shard][start : start + self.seq_len + 1], dtype=np.int64)
+
+    def next_batch(self) -> torch.Tensor:
+        rows = []
+        for _ in range(self.batch):
+            rows.append(self._window(int(self._perm()[self._position])))
+            self._position += 1
+            if self._position == self.num_windows:
+                self._epoch += 1
+                self._position = 0
+                self._order = None
+        return torch.from_numpy(np.stack(rows))
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return self.next_batch()
+
+    @property
+    def cursor(self) -> tuple[int, int]:
+        """(epoch, position): the next window to read."""
+        return (self._epoch, self._position)
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "epoch": self._epoch,
+            "position": self._position,
+            "seed": self.seed,
+            "num_windows": self.num_windows,
+            "seq_len": self.seq_len,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a cursor; refuses one taken over different shards, seed or sequence length."""
+        for key in ("seed", "num_windows", "seq_len"):
+            if int(state[key]) != getattr(self, key):
+                raise DataError(f"stream state: {key} is {state[key]}, this stream has {getattr(self, key)}")
+        position = int(state["position"])
+        if not 0 <= position < self.num_windows:
+            raise DataError(f"stream state: position {position} out of range")
+        self._epoch = int(state["epoch"])
+        self._position = position
+        self._order = None
+
+
+def heldout_batches(
+    tokens: np.ndarray, batch: int, seq_len: int, max_batches: int | None = None
+) -> list[torch.Tensor]:
+    """Sequential, non-shuffled evaluation batches [batch, seq_len + 1] from a held-out token array."""
+    n_windows = max(0, (len(tokens) - 1) // seq_len)
+    rows = [
+        np.asarray(tokens[k * seq_len : k * seq_len + seq_len + 1], dtype=np.int64) for k in range(n_windows)
+    ]
+    out = [torch.from_numpy(np.stack(rows[i : i + batch])) for i in range(0, len(rows) - batch + 1, batch)]
+    return out if max_batches is None else out[:max_batches]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preparing shards from text or JSONL
+
+
+def iter_documents(path: Path) -> Iterator[str]:
+    """A `.jsonl` file yields each line's `text`; any other file is one UTF-8 text document."""
+    if path.suffix.lower() in (".jsonl", ".ndjson"):
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{path}:{lineno}: not JSON: {e}") from None
+                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                    raise DataError(f"{path}:{lineno}: expected an object with a string 'text' field")
+                yield obj["text"]
+    else:
+        try:
+            yield path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not UTF-8 text: {e}") from None
+
+
+def prepare_shards(
+    inputs: Sequence[Path],
+    out_dir: Path,
+    tokenizer: Tokenizer,
+    shard_tokens: int = 1 << 24,
+    docs_per_batch: int = 256,
+) -> list[ShardInfo]:
+    """Tokenize the inputs into `shard-NNNNN.bin` files of `shard_tokens` tokens (the last may be shorter).
+
+    Documents are joined with EOS and may straddle shards. Writes `index.json` (tokenizer name and hash,
+    dtype, shards) next to them and returns the shards with URIs relative to `out_dir`.
+    """
+    if shard_tokens <= 1:
+        raise DataError(f"shard_tokens must be > 1, got {shard_tokens}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    infos: list[ShardInfo] = []
+    pending: list[np.ndarray] = []
+    pending_len = 0
+
+    def flush(arr: np.ndarray) -> None:
+        name = f"shard-{len(infos):05d}.bin"
+        tmp = out_dir / (name + ".tmp")
+        with tmp.open("wb") as f:
+            f.write(np.ascontiguousarray(arr, dtype=dtype).tobytes())
+        tmp.replace(out_dir / name)
+        infos.append(ShardInfo(name, tokens_sha256(arr.astype(dtype)), len(arr)))
+
+    def docs() -> Iterator[list[str]]:
+        batch: list[str] = []
+        for path in inputs:
+            for doc in iter_documents(Path(path)):
+                batch.append(doc)
+                if len(batch) >= docs_per_batch:
+                    yield batch
+                    batch = []
+        if batch:
+            yield batch
+
+    for batch in docs():
+        pending.append(encode_documents(tokenizer, batch))
+        pending_len += len(pending[-1])
+        if pending_len >= shard_tokens:
+            buf = np.concatenate(pending)
+            while len(buf) >= shard_tokens:
+                flush(buf[:shard_tokens])
+                buf = buf[shard_tokens:]
+            pending, pending_len = [buf], len(buf)
+    if pending_len:
+        flush(np.concatenate(pending))
+    index = {
+        "tokenizer": {"name": tokenizer.name, "sha256": tokenizer.sha256, "vocab_size": tokenizer.vocab_size},
+        "dtype": dtype.str,
+        "shards": [i.to_dict() for i in infos],
+    }
+    (out_dir / "index.json").write_text(json.dumps(index, indent=2) + "\n")
+    log.info("prepared %d shards, %d tokens in %s", len(infos), sum(i.tokens for i in infos), out_dir)
+    return infos
+
+
+def load_index(out_dir: Path) -> list[ShardInfo]:
+    """The shards listed in `<out_dir>/index.json`."""
+    try:
+        data = json.loads((out_dir / "index.json").read_text())
+        return [ShardInfo.from_dict(d) for d in data["shards"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{out_dir}/index.json: {e}") from None
+
+
+def shards_toml(infos: Sequence[ShardInfo]) -> str:
+    """Manifest-ready TOML (`[[data.shards]]` tables)."""
+    lines = []
+    for i in infos:
+        lines += [
+            "[[data.shards]]",
+            f"uri = {json.dumps(i.uri)}",
+            f'sha256 = "{i.sha256}"',
+            f"tokens = {i.tokens}",
+            "",
+        ]
+    return "\n".join(lines)
