@@ -1,0 +1,164 @@
+"""CLI commands of the daemon: `start` (run a node), `status` (ask a running node), `swarm` (local demo).
+
+Heavy imports (torch, hivemind) happen inside the commands, so `intellect-node --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from intellect.node.cli import config_from_cli, data_dir_option
+
+
+def register(group: click.Group) -> None:
+    """Add `start`, `status` and `swarm` to the `intellect-node` group."""
+    group.add_command(start)
+    group.add_command(status)
+    group.add_command(swarm)
+
+
+@click.command()
+@click.option("--bootstrap", multiple=True, help="DHT entry multiaddr (…/p2p/12D3KooW…); repeatable.")
+@click.option("--run", "run_id", default=None, help="Run to join (default: the best run we are admitted to).")
+@data_dir_option
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Training device.")
+@click.option(
+    "--listen", multiple=True, help="p2p listen multiaddr; repeatable (default /ip4/0.0.0.0/tcp/0)."
+)
+@click.option("--announce", multiple=True, help="Public multiaddr to announce (port-forwarded NAT).")
+@click.option("--client-mode/--no-client-mode", default=None, help="DHT client mode (behind NAT).")
+@click.option("--http-port", type=int, default=None, help="Control API port on 127.0.0.1 (0: any).")
+@click.option("--max-rounds", type=click.IntRange(min=1), default=None, help="Exit 0 after this many rounds.")
+@click.option("--min-peers", type=click.IntRange(min=1), default=1, help="Wait for this many members first.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None, help="Log line format.")
+@click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR.")
+def start(
+    bootstrap: tuple[str, ...],
+    run_id: str | None,
+    data_dir: Path | None,
+    device: str | None,
+    listen: tuple[str, ...],
+    announce: tuple[str, ...],
+    client_mode: bool | None,
+    http_port: int | None,
+    max_rounds: int | None,
+    min_peers: int,
+    log_format: str | None,
+    log_level: str | None,
+) -> None:
+    """Run a node: join the DHT, pick and verify a run, sync, then train and average round after round.
+
+    SIGINT/SIGTERM stop it cleanly (leaving notice, checkpoint, p2p daemon stopped); a second one exits
+    at once. Watch it with `intellect-node status` or http://127.0.0.1:<port>/ (port in <data dir>/http.port).
+    """
+    from intellect.node.daemon import DaemonOptions, run_daemon
+    from intellect.node.logs import setup_logging
+
+    config = config_from_cli(
+        data_dir,
+        bootstrap=bootstrap,
+        run=run_id,
+        device=device,
+        listen=listen,
+        announce=announce,
+        client_mode=client_mode,
+        http_port=http_port,
+        log_format=log_format,
+        log_level=log_level,
+    )
+    setup_logging(config.log_format, config.log_level)
+    options = DaemonOptions(max_rounds=max_rounds, min_peers=min_peers)
+    sys.exit(run_daemon(config, options))
+
+
+def _fmt_status(s: dict[str, Any]) -> str:
+    ar = s.get("last_allreduce", {})
+    sync = s.get("last_sync", {})
+    loss = s.get("loss")
+    lines = [
+        f"peer        {s.get('peer_id')}",
+        f"run         {s.get('run_name')} {s.get('run_id')}",
+        f"phase       {s.get('phase')}",
+        f"round       {s.get('round')}   (ok {s.get('rounds_ok')}, failed {s.get('rounds_failed')})",
+        f"loss        {'-' if loss is None else f'{loss:.4f}'}",
+        f"tokens      {s.get('tokens')}   ({s.get('tokens_per_s', 0):.0f} tok/s)",
+        f"peers       {s.get('peers')}",
+        f"state hash  {s.get('state_hash')}",
+        f"all-reduce  round {ar.get('round')}: {'ok' if ar.get('ok') else 'failed'}"
+        f" in {ar.get('seconds', 0):.2f} s" + (f" ({ar.get('reason')})" if ar.get("reason") else ""),
+        f"last sync   round {sync.get('round')} from {sync.get('source') or '-'}",
+        f"bytes       sent {s.get('bytes_sent')}  received {s.get('bytes_received')}",
+        f"rejected    {json.dumps(s.get('rejected', {}))}",
+        f"loop lag    {s.get('loop_lag_s', 0):.3f} s (max {s.get('max_loop_lag_s', 0):.3f} s)",
+    ]
+    return "\n".join(lines)
+
+
+@click.command()
+@data_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
+def status(data_dir: Path | None, as_json: bool) -> None:
+    """Show what the local daemon using this data directory is doing."""
+    from intellect.node.status import fetch_status
+
+    config = config_from_cli(data_dir)
+    try:
+        s = fetch_status(config.data_dir)
+    except FileNotFoundError:
+        raise click.ClickException(f"no daemon is running with data directory {config.data_dir}") from None
+    except OSError as e:
+        raise click.ClickException(f"the daemon's control API did not answer: {e}") from None
+    click.echo(json.dumps(s, indent=2) if as_json else _fmt_status(s))
+
+
+@click.command()
+@click.option("--peers", type=click.IntRange(min=1, max=16), default=3, help="Number of daemons.")
+@click.option("--rounds", type=click.IntRange(min=1), default=5, help="Rounds every peer must finish.")
+@click.option("--summary-json", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option(
+    "--manifest",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Run manifest (default: examples/tiny-run.toml).",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Keep data dirs and logs here (default: a temporary directory, removed afterwards).",
+)
+@click.option("--timeout", "timeout_s", type=float, default=900.0, help="Give up after this many seconds.")
+def swarm(
+    peers: int,
+    rounds: int,
+    summary_json: Path | None,
+    manifest: Path | None,
+    workdir: Path | None,
+    timeout_s: float,
+) -> None:
+    """Start a bootstrap node, seed the tiny run and train it with N local daemons for R rounds.
+
+    Exits 0 only if every peer finished every round with identical global-state hashes.
+    """
+    from intellect.node.logs import setup_logging
+    from intellect.node.swarm import run_swarm
+
+    setup_logging("text", "INFO")
+    t0 = time.monotonic()
+    code, summary = asyncio.run(run_swarm(peers, rounds, summary_json, workdir, manifest, timeout_s))
+    losses = []
+    for entry in summary["rounds"]:
+        vals = [p["loss"] for p in entry["peers"].values() if p.get("loss") is not None]
+        if vals:
+            losses.append(f"r{entry['round']}={sum(vals) / len(vals):.3f}")
+    click.echo(
+        f"run {summary['run_id']}: {'OK' if code == 0 else 'FAILED'} in {time.monotonic() - t0:.0f} s; "
+        f"mean loss {' '.join(losses)}"
+    )
+    sys.exit(code)

@@ -1,0 +1,973 @@
+"""The node daemon: one root service that owns every task, and the run service's DiLoCo round loop.
+
+Service tree (STYLE 2–3; each child has `run()` and a `ready` event, all under one TaskGroup):
+
+    NodeDaemon.run()
+      ├─ LoopLagCanary           event-loop lag, exported in status/metrics
+      ├─ StatusServer            127.0.0.1 control API (/status, /metrics, /)
+      ├─ _report_loop            terminal panel or structured progress lines
+      └─ _body                   DhtService ─> pick + verify the run ─> GossipService ─> RunService.run()
+
+Signals are handled once, in `run_daemon`: the first SIGINT/SIGTERM asks the daemon to stop (the body is
+cancelled and unwinds in order: leaving notice, checkpoint flush, gossip, DHT, p2p daemon); a watchdog
+thread bounds that unwinding; a second signal kills our child processes by PID and exits at once.
+
+A round (RunService._round), with r = completed rounds + 1:
+
+    train H inner steps (worker thread) ─> Δ = θ − θ_local ─> all-reduce Δ weighted by tokens (deadline)
+      ─> ok:     outer step, round = r, checkpoint, announce (gossip progress + state, DHT membership)
+      ─> failed: keep θ untouched, reset the local copy, log and expose it; catch up next round
+
+Rounds need no coordinator: the round number is the global state's step count, which every member of the
+run announces; a peer that sees others ahead (newcomer, laggard, failed average) waits for the next fresh
+announcement, syncs that state from peers (verified by hash) and joins the round after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from intellect.crypto.identity import Identity
+from intellect.node.config import NodeConfig
+from intellect.node.logs import LoopLagCanary
+from intellect.node.status import HTTP_PORT_FILE, AllReduceOutcome, NodeStatus, StatusServer, SyncOutcome
+
+if TYPE_CHECKING:
+    from intellect.node.data import TokenStream
+    from intellect.node.dht import DhtService
+    from intellect.node.gossip import GossipService
+    from intellect.protocol.manifest import Manifest, SignedManifest
+
+logger = logging.getLogger("intellect.node.daemon")
+
+#: How long an orderly shutdown may take before the watchdog kills our children and exits (< 30 s).
+SHUTDOWN_TIMEOUT_S = 20.0
+#: Exit codes: 0 clean (signal or max rounds), 1 error, 130 second signal.
+EXIT_OK, EXIT_ERROR, EXIT_FORCED = 0, 1, 130
+#: One JSON line per completed round, read by `intellect-node swarm` for its summary.
+ROUNDS_LOG = "rounds.jsonl"
+PID_FILE = "daemon.pid"
+
+
+@dataclass(frozen=True)
+class DaemonOptions:
+    """Per-invocation options of `intellect-node start` that are not node configuration."""
+
+    #: Stop cleanly (exit 0) after this many completed rounds; None runs until a signal.
+    max_rounds: int | None = None
+    #: Before the first round, wait (bounded) until this many members (us included) are visible.
+    min_peers: int = 1
+    #: Longest wait for `min_peers` before training anyway.
+    min_peers_timeout_s: float = 60.0
+    #: Show a rich live panel (None: when stdout is a terminal and logs are text).
+    live_panel: bool | None = None
+    #: Seconds between progress log lines when there is no live panel.
+    report_interval_s: float = 10.0
+
+
+class _ChildRegistry:
+    """Where to find the PIDs of the child processes we started (p2pd, gossip child; a child may be
+    restarted, so we keep getters rather than PIDs) for the last-resort kill."""
+
+    def __init__(self) -> None:
+        self._getters: list[Callable[[], int | None]] = []
+        self._lock = threading.Lock()
+
+    def add(self, getter: Callable[[], int | None]) -> None:
+        with self._lock:
+            self._getters.append(getter)
+
+    def pids(self) -> list[int]:
+        with self._lock:
+            getters = list(self._getters)
+        out = []
+        for get in getters:
+            with contextlib.suppress(Exception):  # a getter on a half-torn-down service may raise anything
+                pid = get()
+                if pid:
+                    out.append(pid)
+        return out
+
+    def kill_all(self) -> None:
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+class StopRequested(Exception):
+    """Raised inside the tree when the daemon stops on purpose (max rounds reached)."""
+
+
+class NodeDaemon:
+    """The root service. `await run()` returns an exit code; `request_stop()` starts an orderly shutdown."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        options: DaemonOptions | None = None,
+        body: Callable[[NodeDaemon], Coroutine[Any, Any, None]] | None = None,
+    ) -> None:
+        self.config = config
+        self.options = options or DaemonOptions()
+        self.status = NodeStatus()
+        self.canary = LoopLagCanary()
+        self.http = StatusServer(self.status, config.http_port, config.data_dir / HTTP_PORT_FILE)
+        self.children = _ChildRegistry()
+        self.ready = asyncio.Event()
+        self._stop = asyncio.Event()
+        # The body is injectable so the service tree and shutdown can be tested without a run.
+        self._body_fn = body or _run_body
+
+    def request_stop(self) -> None:
+        """Ask for an orderly shutdown (idempotent; safe from a signal handler on the loop)."""
+        if not self._stop.is_set():
+            self.status.phase = "stopping"
+            self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def run(self) -> int:
+        """Run the tree until the body finishes, fails, or a stop is requested; return the exit code."""
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        pid_file = self.config.data_dir / PID_FILE
+        pid_file.write_text(f"{os.getpid()}\n")
+        code = EXIT_OK
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self.canary.run(), name="canary")
+                tg.create_task(self.http.run(), name="http")
+                await self.http.ready.wait()
+                tg.create_task(self._lag_into_status(), name="lag")
+                tg.create_task(self._report_loop(), name="report")
+                body = tg.create_task(self._body_fn(self), name="body")
+                stop = tg.create_task(self._stop.wait(), name="stop-wait")
+                self.ready.set()
+                await asyncio.wait({body, stop}, return_when=asyncio.FIRST_COMPLETED)
+                # Ordered unwinding: the body first (it owns run, gossip, DHT, in that order), then the
+                # leaf services. Cancelling the body runs its `finally`/`async with` exits in order.
+                if not body.done():
+                    body.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await body
+                elif body.exception() is None:
+                    logger.info("run finished; stopping")
+                raise StopRequested
+        except* StopRequested:
+            pass
+        except* Exception as eg:
+            for exc in eg.exceptions:
+                logger.error("daemon failed: %s", exc, exc_info=exc)
+            code = EXIT_ERROR
+        finally:
+            self.status.phase = "stopped"
+            with contextlib.suppress(FileNotFoundError):
+                pid_file.unlink()
+        return code
+
+    async def _lag_into_status(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            self.status.loop_lag_s = self.canary.lag_s
+            self.status.max_loop_lag_s = self.canary.max_lag_s
+
+    async def _report_loop(self) -> None:
+        """Live panel on a terminal; elsewhere one structured progress line per interval."""
+        live = self.options.live_panel
+        if live is None:
+            live = sys.stdout.isatty() and self.config.log_format == "text"
+        if live:
+            await _live_panel(self.status)
+            return
+        while True:
+            await asyncio.sleep(self.options.report_interval_s)
+            s = self.status
+            logger.info(
+                "progress: phase=%s round=%d loss=%s tokens=%d tok/s=%.0f peers=%d hash=%s",
+                s.phase,
+                s.round,
+                "-" if s.loss is None else f"{s.loss:.4f}",
+                s.tokens,
+                s.tokens_per_s,
+                s.peers,
+                s.state_hash[:12],
+                extra={
+                    "event": "progress",
+                    "phase": s.phase,
+                    "round": s.round,
+                    "loss": s.loss,
+                    "tokens": s.tokens,
+                    "tokens_per_s": s.tokens_per_s,
+                    "peers": s.peers,
+                    "state_hash": s.state_hash,
+                },
+            )
+
+
+async def _live_panel(status: NodeStatus) -> None:
+    from rich.live import Live
+    from rich.table import Table
+
+    def render() -> Table:
+        t = Table(title=f"intellect-node {status.peer_id[:16]}…", show_header=False)
+        ar = status.last_allreduce
+        rows = [
+            ("run", f"{status.run_name} {status.run_id[:12]}"),
+            ("phase", status.phase),
+            ("round", str(status.round)),
+            ("loss", "-" if status.loss is None else f"{status.loss:.4f}"),
+            ("tokens/s", f"{status.tokens_per_s:.0f}"),
+            ("peers", str(status.peers)),
+            (
+                "last all-reduce",
+                f"{'ok' if ar.ok else 'failed'} {ar.seconds:.2f}s {ar.reason}" if ar.at else "-",
+            ),
+            ("last sync", f"round {status.last_sync.round} from {status.last_sync.source}"),
+            ("state hash", status.state_hash[:16]),
+        ]
+        for k, v in rows:
+            t.add_row(k, v)
+        return t
+
+    with Live(render(), refresh_per_second=2, transient=False) as live:
+        while True:
+            await asyncio.sleep(0.5)
+            live.update(render())
+
+
+# ------------------------------------------------------------------------------------------------------
+# The body: DHT, run selection, gossip, round loop.
+
+#: How long `start --run RUN_ID` keeps looking for the run's manifest in the DHT before giving up.
+RUN_LOOKUP_TIMEOUT_S = 60.0
+#: Membership record lifetime and refresh period (refresh at a third of the TTL survives lost refreshes).
+MEMBER_TTL_S = 60.0
+MEMBER_REFRESH_S = 20.0
+#: Seconds a training chunk should last: the trainer is stopped between chunks, which bounds how long a
+#: shutdown waits for the worker thread (torch cannot be interrupted inside a step).
+TRAIN_CHUNK_S = 1.0
+
+
+def load_run_manifest(path: Path | None = None) -> Manifest:
+    """The tiny demo run: `path`, or `examples/tiny-run.toml` of this checkout when it exists."""
+    from intellect.protocol.manifest import load_manifest_toml
+
+    if path is None:
+        path = Path(__file__).resolve().parent.parent / "examples" / "tiny-run.toml"
+    return load_manifest_toml(path)
+
+
+def is_admitted(manifest: Manifest, researcher: str, peer_id: str, ticket: bytes = b"") -> bool:
+    """The manifest's admission policy: open, allowlist (the researcher is always in), or tickets."""
+    from intellect.protocol.records import ticket_valid
+
+    policy = manifest.admission.policy
+    if policy == "open" or peer_id == researcher:
+        return True
+    if policy == "allowlist":
+        return peer_id in manifest.admission.peers
+    return bool(ticket) and ticket_valid(ticket, researcher, manifest.run_id, peer_id)
+
+
+async def pick_run(
+    dht: DhtService,
+    wanted: str,
+    peer_id: str,
+    ticket_for: Callable[[str], bytes],
+    timeout_s: float = RUN_LOOKUP_TIMEOUT_S,
+) -> SignedManifest:
+    """The run to join: `wanted` when given (waiting for it to appear), else the verifiable run we are
+    admitted to that has the most live members (ties: name). Unverifiable manifests are never returned."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.5
+    while True:
+        runs, invalid = await dht.get_manifests()
+        if invalid:
+            logger.warning("ignored %d run records that failed verification", invalid)
+        candidates = [
+            r
+            for r in runs
+            if (not wanted or r.run_id == wanted)
+            and is_admitted(r.manifest, r.researcher, peer_id, ticket_for(r.run_id))
+        ]
+        if candidates:
+            if len(candidates) == 1:
+                return candidates[0]
+            sizes = {r.run_id: len(await dht.get_members(r.run_id)) for r in candidates}
+            return max(candidates, key=lambda r: (sizes[r.run_id], r.manifest.name))
+        if time.monotonic() > deadline:
+            what = f"run {wanted}" if wanted else "any run this node is admitted to"
+            raise RuntimeError(f"found no verifiable manifest for {what} in the DHT within {timeout_s:.0f} s")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
+def _ticket_loader(config: NodeConfig) -> Callable[[str], bytes]:
+    """Admission tickets a researcher gave this node live in `<data dir>/tickets/<run_id>`."""
+
+    def load(run_id: str) -> bytes:
+        path = config.data_dir / "tickets" / run_id
+        return path.read_bytes() if path.is_file() else b""
+
+    return load
+
+
+async def _run_body(daemon: NodeDaemon) -> None:
+    from intellect.node.dht import DhtService
+    from intellect.node.gossip import GossipConfig, GossipService
+
+    config = daemon.config
+    status = daemon.status
+    identity = load_identity(config)
+    status.peer_id = identity.peer_id
+    status.phase = "joining"
+    tickets = _ticket_loader(config)
+    async with DhtService(config, config.identity_path) as dht:
+        daemon.children.add(lambda: dht.daemon_pid)
+        signed = await pick_run(dht, config.run, identity.peer_id, tickets)
+        if not signed.verify():  # pick_run only returns verified ones; checked again before training
+            raise RuntimeError(f"manifest of run {signed.run_id} does not verify")
+        manifest = signed.manifest
+        status.run_id, status.run_name = signed.run_id, manifest.name
+        logger.info("joining run %s (%s) of researcher %s", manifest.name, signed.run_id, signed.researcher)
+        # Any node training a run keeps its self-authenticating manifest alive in the DHT.
+        await dht.publish_manifest(signed)
+        members_tickets: dict[str, bytes] = {}
+
+        def admitted(peer: str) -> bool:
+            return is_admitted(manifest, signed.researcher, peer, members_tickets.get(peer, b""))
+
+        public = any(m.startswith(("/ip4/0.0.0.0", "/ip6/::/")) for m in config.listen)
+        gossip_cfg = GossipConfig(
+            listen_host="0.0.0.0" if public else "127.0.0.1", listen_port=config.gossip_port
+        )
+        async with GossipService(config.identity_path, signed.run_id, admitted, config=gossip_cfg) as gossip:
+            daemon.children.add(lambda: gossip.child_pid)
+            run = RunService(daemon, identity, dht, gossip, signed, members_tickets, tickets(signed.run_id))
+            await run.run()
+
+
+@dataclass
+class _Announced:
+    """The latest state a peer announced (gossip CHECKPOINT), with when we heard it."""
+
+    round: int
+    state_hash: str
+    num_bytes: int
+    chunk_size: int
+    received_at: float
+
+
+class RunService:
+    """One run's DiLoCo round loop on this node (see the module docstring for a round's steps)."""
+
+    def __init__(
+        self,
+        daemon: NodeDaemon,
+        identity: Identity,
+        dht: DhtService,
+        gossip: GossipService,
+        signed: SignedManifest,
+        members_tickets: dict[str, bytes],
+        ticket: bytes,
+    ) -> None:
+        self.daemon = daemon
+        self.status = daemon.status
+        self.config = daemon.config
+        self.identity = identity
+        self.dht = dht
+        self.gossip = gossip
+        self.signed = signed
+        self.manifest = signed.manifest
+        self.run_id = signed.run_id
+        self.ticket = ticket
+        self.members_tickets = members_tickets
+        #: Completed outer steps of the global state we hold.
+        self.round = 0
+        self.state_hash = ""
+        self.announced: dict[str, _Announced] = {}
+        self.members: list[str] = []
+        self._new_announcement = asyncio.Event()
+        self._chunk_steps = 1
+        self._pending_commit: asyncio.Future[Any] | None = None
+        self._last_stats: Any = None
+
+    # ---- setup ---------------------------------------------------------------------------------------
+
+    def _build(self) -> None:
+        """Tokenizer, data, model (from the manifest's seed), outer optimizer, trainer, checkpoint stores."""
+        import torch
+        from intellect.node.checkpoint import CheckpointStore
+        from intellect.node.data import ShardInfo, ShardResolver
+        from intellect.node.model import Llama, ModelConfig
+        from intellect.node.outer import OuterOptimizer
+        from intellect.node.tokenizer import load_tokenizer
+        from intellect.node.trainer import InnerTrainer, TrainerConfig
+
+        m = self.manifest
+        d = m.diloco
+        spec = "byte" if m.tokenizer.kind == "byte" else m.tokenizer.uri
+        tok = load_tokenizer(spec, m.tokenizer.sha256 or None)
+        self.resolver = ShardResolver(tok, base_dir=self.config.data_dir / "shards")
+        self.shards = [ShardInfo(s.uri, s.sha256, s.tokens) for s in m.shards]
+        cfg = ModelConfig.from_dict(m.model.to_dict())
+        self.model = Llama(cfg, seed=m.init.seed)
+        self.outer = OuterOptimizer.from_model(
+            self.model, lr=d.outer_lr, momentum=d.outer_momentum, nesterov=d.nesterov
+        )
+        rounds_total = max(1, m.token_budget // max(1, m.max_tokens_per_round()))
+        tcfg = TrainerConfig(
+            lr=d.inner_lr,
+            warmup_steps=d.warmup_steps,
+            total_steps=max(d.warmup_steps + 1, rounds_total * d.inner_steps),
+            min_lr=d.inner_lr * 0.1 if d.schedule != "constant" else d.inner_lr,
+            weight_decay=d.weight_decay,
+            batch=d.batch_size,
+            seq_len=d.seq_len,
+            device=self.config.device,
+        )
+        self.trainer = InnerTrainer(self.model, tcfg, self._stream_for(1), device=self.config.device)
+        root = self.config.data_dir / "runs" / self.run_id[:16]
+        self.global_store = CheckpointStore(root / "global", keep=3)
+        self.trainer_store = CheckpointStore(root / "trainer", keep=3)
+        self.rounds_log = self.config.data_dir / ROUNDS_LOG
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()))
+
+    def _stream_for(self, round_: int) -> TokenStream:
+        """This round's data: our shards by rendezvous over (run, round, live members), seeded by round."""
+        from intellect.node.data import TokenStream, assign_shards
+
+        peers = sorted({*self.members, self.identity.peer_id})
+        mine = assign_shards(self.run_id, round_, peers, self.shards).get(self.identity.peer_id) or []
+        if not mine:
+            # More peers than shards: train on everything rather than idle (duplicates are harmless).
+            mine = list(self.shards)
+        d = self.manifest.diloco
+        seed = int.from_bytes(self.identity.peer_id.encode()[-4:], "big") ^ round_
+        return TokenStream.from_infos(self.resolver, mine, d.batch_size, d.seq_len, seed=seed)
+
+    def _resume(self) -> bool:
+        """Restore the last verified checkpoint of this run from our data dir; True if one was used."""
+        ckpt = self.global_store.load_latest()
+        if ckpt is None or ckpt.meta.get("run_id") != self.run_id:
+            return False
+        self.outer.load_state_dict(ckpt.tensors)
+        self.outer.copy_to(self.model)
+        self.round = int(ckpt.meta["round"])
+        self.state_hash = ckpt.state_hash
+        with contextlib.suppress(FileNotFoundError):
+            tr = self.trainer_store.load_latest()
+            if tr is not None and tr.meta.get("round") == self.round:
+                self.trainer.import_state(tr.tensors, tr.meta["trainer"])
+        logger.info("resumed from our checkpoint of round %d (%s)", self.round, self.state_hash[:12])
+        self.status.last_sync = SyncOutcome(self.round, "own checkpoint", self.state_hash, 0.0, time.time())
+        return True
+
+    # ---- the service ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        from intellect.node.averaging import Averager
+        from intellect.node.statesync import StateServer
+
+        self.status.phase = "loading"
+        await asyncio.to_thread(self._build)
+        resumed = await asyncio.to_thread(self._resume)
+        if not resumed:
+            self.state_hash = await asyncio.to_thread(self._hash_now)
+        self._publish_status_state()
+        async with StateServer(self.dht.p2p, self.identity, self.run_id, admitted=self._admitted) as server:
+            self.server = server
+            self.averager = Averager(self.dht, self.identity, self.signed, admitted=self._admitted)
+            async with self.averager:
+                await self._announce_state()
+                async with asyncio.TaskGroup() as tg:
+                    tasks = [
+                        tg.create_task(self._listen_checkpoints(), name="listen-checkpoint"),
+                        tg.create_task(self._listen_progress(), name="listen-progress"),
+                        tg.create_task(self._listen_leaving(), name="listen-leaving"),
+                        tg.create_task(self._membership_loop(), name="membership"),
+                    ]
+                    try:
+                        await self._rounds()
+                    finally:
+                        await self._leave()
+                        for t in tasks:
+                            t.cancel()
+
+    def _admitted(self, peer: str) -> bool:
+        return is_admitted(self.manifest, self.signed.researcher, peer, self.members_tickets.get(peer, b""))
+
+    def _hash_now(self) -> str:
+        from intellect.node.statehash import state_hash
+
+        return state_hash(self.outer.state_dict())
+
+    def _publish_status_state(self) -> None:
+        self.status.round = self.round
+        self.status.state_hash = self.state_hash
+
+    # ---- the loop ------------------------------------------------------------------------------------
+
+    async def _rounds(self) -> None:
+        opts = self.daemon.options
+        if self.round == 0 and opts.min_peers > 1:
+            await self._wait_for_peers(opts.min_peers, opts.min_peers_timeout_s)
+        while opts.max_rounds is None or self.round < opts.max_rounds:
+            await self._catch_up()
+            if opts.max_rounds is not None and self.round >= opts.max_rounds:
+                break
+            await self._round()
+        logger.info("reached round %d: done", self.round)
+
+    async def _wait_for_peers(self, n: int, timeout_s: float) -> None:
+        self.status.phase = "waiting-for-peers"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            await self._refresh_members()
+            if len(self.members) >= n:
+                logger.info("%d members present; starting", len(self.members))
+                return
+            await asyncio.sleep(0.5)
+        logger.warning("only %d of %d peers after %.0f s; starting anyway", len(self.members), n, timeout_s)
+
+    def _target(self) -> _Announced | None:
+        """The state most distinct peers announced (ties: higher round), like statesync.pick_target."""
+        votes: dict[tuple[int, str, int, int], list[_Announced]] = {}
+        for a in self.announced.values():
+            votes.setdefault((a.round, a.state_hash, a.num_bytes, a.chunk_size), []).append(a)
+        if not votes:
+            return None
+        key = max(votes, key=lambda k: (len(votes[k]), k[0], k[1]))
+        return max(votes[key], key=lambda a: a.received_at)
+
+    async def _catch_up(self) -> None:
+        """Sync from peers when they announced a later round than ours (newcomer, laggard, failed round).
+
+        Others start their next round right after announcing; to join it in step we sync an announcement
+        that is fresh (heard within half the matchmaking window), else wait (bounded) for the next one.
+        """
+        target = self._target()
+        if target is None or target.round <= self.round:
+            return
+        fresh_s = max(1.0, self.manifest.averaging.matchmaking_s / 2)
+        if time.time() - target.received_at > fresh_s:
+            self.status.phase = "waiting-for-round"
+            self._new_announcement.clear()
+            wait_s = self.manifest.averaging.round_deadline_s + 30.0
+            logger.info(
+                "peers are at round %d, we are at %d: waiting for their next round", target.round, self.round
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    while True:
+                        await self._new_announcement.wait()
+                        self._new_announcement.clear()
+                        newer = self._target()
+                        if newer is not None and newer.round > target.round:
+                            break
+            target = self._target() or target
+        await self._sync(target)
+
+    async def _sync(self, target: _Announced) -> None:
+        from intellect.node.statesync import StateSyncError, SyncReport, SyncTarget, fetch_state
+
+        self.status.phase = "syncing"
+        peers = tuple(
+            sorted(
+                p
+                for p, a in self.announced.items()
+                if (a.round, a.state_hash) == (target.round, target.state_hash)
+            )
+        )
+        st = SyncTarget(target.round, target.state_hash, target.chunk_size, target.num_bytes, peers)
+        report = SyncReport()
+        t0 = time.monotonic()
+        try:
+            snap = await fetch_state(
+                self.dht.p2p,
+                (),
+                self.run_id,
+                target=st,
+                exclude=(self.identity.peer_id,),
+                report=report,
+                timeout=self.manifest.averaging.round_deadline_s + 60,
+            )
+        except StateSyncError as e:
+            logger.warning("state sync of round %d failed: %s", target.round, e)
+            await asyncio.sleep(1.0)
+            return
+        finally:
+            self.status.bytes_received += sum(report.bytes_from.values())
+            for bad in report.bad_peers:
+                self.status.rejected["bad_state_chunk"] += 1
+                self.announced.pop(bad, None)
+        await asyncio.to_thread(self._load_synced, snap.tensors)
+        self.round, self.state_hash = snap.round, snap.state_hash
+        self._publish_status_state()
+        seconds = time.monotonic() - t0
+        self.status.last_sync = SyncOutcome(
+            self.round, f"{len(peers)} peers", self.state_hash, seconds, time.time()
+        )
+        logger.info("synced state of round %d (%s) in %.2f s", self.round, self.state_hash[:12], seconds)
+        await asyncio.to_thread(self._checkpoint)
+        append_round_log(
+            self.config.data_dir,
+            {
+                "round": self.round,
+                "state_hash": self.state_hash,
+                "loss": None,
+                "synced": True,
+                "bytes_sent": self.status.bytes_sent,
+                "bytes_received": self.status.bytes_received,
+                "ts": time.time(),
+            },
+        )
+        await self._announce_state()
+
+    def _load_synced(self, tensors: Any) -> None:
+        self.outer.load_state_dict(tensors)
+        self.outer.copy_to(self.model)
+
+    async def _train(self, steps: int) -> Any:
+        """Run `steps` inner steps in chunks of about TRAIN_CHUNK_S (a stop never waits for a whole round)."""
+        from intellect.node.trainer import InnerStats
+
+        done, tokens, loss_sum, seconds, last = 0, 0, 0.0, 0.0, None
+        while done < steps:
+            n = min(self._chunk_steps, steps - done)
+            t0 = time.monotonic()
+            stats = await self.trainer.run_inner(n)
+            dt = time.monotonic() - t0
+            self._chunk_steps = max(1, int(TRAIN_CHUNK_S * n / max(dt, 1e-6)))
+            done += n
+            tokens += stats.tokens
+            loss_sum += stats.mean_loss * n
+            seconds += dt
+            last = stats
+            self.status.tokens_per_s = tokens / seconds if seconds > 0 else 0.0
+        assert last is not None
+        return InnerStats(
+            steps=done,
+            tokens=tokens,
+            mean_loss=loss_sum / max(1, done),
+            last_loss=last.last_loss,
+            tokens_per_s=tokens / seconds if seconds > 0 else 0.0,
+            lr=last.lr,
+        )
+
+    async def _round(self) -> None:
+        r = self.round + 1
+        m = self.manifest
+        self.trainer.stream = self._stream_for(r)
+        self.status.phase = "training"
+        stats = await self._train(m.diloco.inner_steps)
+        self.status.tokens += stats.tokens
+        self.status.loss = stats.mean_loss
+        self._last_stats = stats
+        delta = await asyncio.to_thread(self.outer.pseudo_gradient, self.model)
+        self.status.phase = "averaging"
+        t0 = time.monotonic()
+        result = await self.averager.average(
+            r, delta, weight=float(stats.tokens), deadline=time.time() + m.averaging.round_deadline_s
+        )
+        seconds = time.monotonic() - t0
+        self.status.bytes_sent += int(getattr(result, "bytes_sent", 0))
+        self.status.bytes_received += int(getattr(result, "bytes_received", 0))
+        self.status.last_allreduce = AllReduceOutcome(
+            r, result.ok, seconds, len(result.group), result.reason or "", time.time()
+        )
+        if not result.ok or result.tensors is None:
+            # STYLE 11: never step on a failed average. Keep θ, reset the local copy, catch up next round.
+            self.status.rounds_failed += 1
+            logger.warning("round %d: average failed (%s); keeping the global weights", r, result.reason)
+            await asyncio.to_thread(self.outer.copy_to, self.model)
+            return
+        self.status.phase = "checkpointing"
+        # The commit (outer step, hash, checkpoint) runs to completion even if we are stopped meanwhile:
+        # a half-applied step must never be announced or checkpointed under the wrong round.
+        self._pending_commit = asyncio.ensure_future(
+            asyncio.to_thread(self._commit, r, result.tensors, stats)
+        )
+        await asyncio.shield(self._pending_commit)
+        self._pending_commit = None
+        self.round = r
+        self._publish_status_state()
+        self.status.rounds_ok += 1
+        self.status.loss_history.append((r, stats.mean_loss))
+        logger.info(
+            "round %d done: loss %.4f, %d tokens, %.0f tok/s, group %d, all-reduce %.2f s, state %s",
+            r,
+            stats.mean_loss,
+            stats.tokens,
+            stats.tokens_per_s,
+            len(result.group),
+            seconds,
+            self.state_hash[:12],
+            extra={"event": "round", "round": r, "loss": stats.mean_loss, "state_hash": self.state_hash},
+        )
+        append_round_log(
+            self.config.data_dir,
+            {
+                "round": r,
+                "loss": stats.mean_loss,
+                "state_hash": self.state_hash,
+                "tokens": stats.tokens,
+                "group_size": len(result.group),
+                "allreduce_s": round(seconds, 3),
+                "synced": False,
+                "bytes_sent": self.status.bytes_sent,
+                "bytes_received": self.status.bytes_received,
+                "ts": time.time(),
+            },
+        )
+        await self._announce_state()
+        await self._publish_progress()
+
+    def _commit(self, r: int, avg: Any, stats: Any) -> None:
+        self.outer.step(avg)
+        self.outer.copy_to(self.model)
+        self.state_hash = self._hash_now()
+        self._checkpoint(r)
+
+    def _checkpoint(self, r: int | None = None) -> None:
+        r = self.round if r is None else r
+        meta = {"round": r, "run_id": self.run_id, "state_hash": self.state_hash}
+        self.global_store.save(self.outer.state_dict(), meta)
+        tensors, tmeta = self.trainer.export_state()
+        self.trainer_store.save(tensors, {"round": r, "trainer": tmeta})
+
+    # ---- announcements -------------------------------------------------------------------------------
+
+    async def _announce_state(self) -> None:
+        """Make the current state servable and tell others: gossip CHECKPOINT, then DHT membership."""
+        from intellect.node.statesync import StateSnapshot
+        from intellect.protocol.gossip_messages import CheckpointAnnounce, TopicKind
+
+        ann = await self.server.publish(StateSnapshot(self.round, self.state_hash, self.outer.state_dict()))
+        msg = CheckpointAnnounce(self.round, self.state_hash, ann.total_bytes, ann.chunk_size)
+        await self._gossip(TopicKind.CHECKPOINT, msg)
+        await self._store_membership()
+
+    async def _publish_progress(self) -> None:
+        from intellect.protocol.gossip_messages import Progress, TopicKind
+
+        s = self._last_stats
+        await self._gossip(
+            TopicKind.PROGRESS,
+            Progress(
+                self.round,
+                self.trainer.step,
+                self.status.tokens,
+                float(s.mean_loss),
+                float(s.tokens_per_s),
+                self.state_hash,
+            ),
+        )
+
+    async def _gossip(self, kind: Any, msg: Any) -> None:
+        from intellect.node.gossip import GossipError
+
+        try:
+            await self.gossip.publish(kind, msg)
+        except GossipError as e:
+            # Gossip is the fast path; the DHT record carries the same facts, so a lost message is repaired.
+            logger.warning("could not gossip %s: %s", type(msg).__name__, e)
+
+    async def _store_membership(self) -> None:
+        from intellect.protocol.records import MembershipRecord, seal_membership
+
+        now_ = time.time()
+        maddrs = tuple(
+            m if "/p2p/" in m else f"{m}/p2p/{self.identity.peer_id}" for m in self.dht.visible_maddrs
+        )[:16]
+        gossip_addr = next(iter(self.gossip.listen_maddrs), "")
+        rec = MembershipRecord(
+            self.run_id,
+            self.identity.peer_id,
+            maddrs,
+            gossip_addr,
+            self.round,
+            float(self.status.tokens_per_s),
+            "trainer",
+            self.state_hash,
+            now_,
+            now_ + MEMBER_TTL_S,
+            self.ticket,
+        )
+        try:
+            ok = await self.dht.store_membership(seal_membership(self.identity, rec))
+        except (TimeoutError, OSError) as e:
+            logger.warning("could not store our membership record: %s", e)
+            return
+        if not ok:
+            logger.debug("no DHT replica accepted our membership record (alone?)")
+
+    async def _refresh_members(self) -> None:
+        records = await self.dht.get_members(self.run_id)
+        members = []
+        addrs = []
+        for rec in records:
+            if not is_admitted(self.manifest, self.signed.researcher, rec.peer_id, rec.ticket):
+                continue
+            members.append(rec.peer_id)
+            if rec.ticket:
+                self.members_tickets[rec.peer_id] = rec.ticket
+            if rec.gossip_addr and rec.peer_id != self.identity.peer_id:
+                addrs.append(rec.gossip_addr)
+        if self.identity.peer_id not in members:
+            members.append(self.identity.peer_id)
+        self.members = sorted(members)
+        self.status.peers = len(self.members)
+        self.status.peer_ids = self.members
+        self.gossip.add_peers(addrs)
+
+    async def _membership_loop(self) -> None:
+        while True:
+            await self._store_membership()
+            await self._refresh_members()
+            self.status.rejected.clear()
+            self.status.rejected.update(self.gossip.rejections)
+            self.status.bytes_sent = max(self.status.bytes_sent, self.server.stats.bytes_sent)
+            await asyncio.sleep(MEMBER_REFRESH_S if self.members[1:] else 2.0)
+
+    async def _listen_checkpoints(self) -> None:
+        from intellect.protocol.gossip_messages import TopicKind
+
+        with self.gossip.subscribe(TopicKind.CHECKPOINT) as sub:
+            async for sender, msg in sub:
+                if sender == self.identity.peer_id:
+                    continue
+                self.announced[sender] = _Announced(
+                    msg.round, msg.state_hash, msg.num_bytes, msg.chunk_size, time.time()
+                )
+                self._new_announcement.set()
+
+    async def _listen_progress(self) -> None:
+        from intellect.protocol.gossip_messages import TopicKind
+
+        with self.gossip.subscribe(TopicKind.PROGRESS) as sub:
+            async for sender, msg in sub:
+                logger.debug("progress of %s: round %d loss %.4f", sender, msg.round, msg.loss)
+
+    async def _listen_leaving(self) -> None:
+        from intellect.protocol.gossip_messages import TopicKind
+
+        with self.gossip.subscribe(TopicKind.LEAVING) as sub:
+            async for sender, _msg in sub:
+                logger.info("peer %s is leaving", sender)
+                self.announced.pop(sender, None)
+                self.members = [p for p in self.members if p != sender]
+                self.status.peers = len(self.members)
+
+    async def _leave(self) -> None:
+        """Shutdown path: finish a commit in flight, flush the checkpoint, gossip a leaving notice."""
+        from intellect.protocol.gossip_messages import Leaving, TopicKind
+
+        self.status.phase = "stopping"
+        pending = self._pending_commit
+        if pending is not None and not pending.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(pending), 10.0)
+            if pending.done() and pending.exception() is None:
+                self.round += 1  # the commit finished after we were told to stop: it is the new state
+                self._publish_status_state()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(3.0):
+                await self._gossip(TopicKind.LEAVING, Leaving(self.round, "shutdown"))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Entry point with signal handling (the only place that touches signals).
+
+
+def run_daemon(config: NodeConfig, options: DaemonOptions | None = None) -> int:
+    """Run a daemon in a fresh event loop until it finishes or is signalled; return the exit code."""
+    # Import the heavy stacks (torch, hivemind) before the loop starts: importing them takes seconds and
+    # would otherwise stall the running loop (and trip the lag canary) on first use.
+    import intellect.node.dht
+    import intellect.node.gossip
+    import intellect.node.statesync
+    import intellect.node.trainer  # noqa: F401
+
+    code = asyncio.run(_main(config, options or DaemonOptions()))
+    logger.info("daemon exited with code %d", code)
+    return code
+
+
+async def _main(config: NodeConfig, options: DaemonOptions) -> int:
+    loop = asyncio.get_running_loop()
+    daemon = NodeDaemon(config, options)
+    signals_seen = 0
+
+    def force_exit(why: str) -> None:
+        # Last resort: no orderly path left. Kill what we started by PID so nothing outlives us.
+        logger.error("%s: killing child processes and exiting now", why)
+        daemon.children.kill_all()
+        logging.shutdown()
+        os._exit(EXIT_FORCED)
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals_seen
+        signals_seen += 1
+        name = signal.Signals(signum).name
+        if signals_seen == 1:
+            logger.info("%s received: shutting down (send it again to exit at once)", name)
+            daemon.request_stop()
+            watchdog = threading.Timer(SHUTDOWN_TIMEOUT_S, force_exit, args=("shutdown took too long",))
+            watchdog.daemon = True
+            watchdog.start()
+        else:
+            force_exit(f"second {name}")
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        return await daemon.run()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def append_round_log(data_dir: Path, entry: dict[str, Any]) -> None:
+    """Append one completed round to `<data dir>/rounds.jsonl` (flushed, so a reader sees whole lines)."""
+    with open(Path(data_dir) / ROUNDS_LOG, "a") as f:
+        f.write(json.dumps(entry, separators=(",", ":")) + "\n")
+        f.flush()
+
+
+def load_identity(config: NodeConfig) -> Identity:
+    """The node's identity, created on first start (as `intellect-node init` would)."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    return Identity.load_or_create(config.identity_path)
+
+
+def now() -> float:
+    return time.time()
+
+
+__all__ = [
+    "EXIT_ERROR",
+    "EXIT_FORCED",
+    "EXIT_OK",
+    "ROUNDS_LOG",
+    "AllReduceOutcome",
+    "DaemonOptions",
+    "NodeDaemon",
+    "SyncOutcome",
+    "append_round_log",
+    "load_identity",
+    "run_daemon",
+]

@@ -1,0 +1,242 @@
+"""The node's local control API: JSON status, Prometheus metrics and a tiny dashboard, on 127.0.0.1 only.
+
+`NodeStatus` is the one mutable record of what the daemon is doing; the round loop writes it, and the HTTP
+handlers and the terminal panel only read it. Metrics are produced from the same record at scrape time by a
+custom collector in a per-node `CollectorRegistry` (never prometheus_client's global one, so two nodes in
+one test process do not collide and no metric is double-counted).
+
+`StatusServer` is a service (`run()`, `ready`): it binds 127.0.0.1 (port 0 picks a free one), writes the
+port to `<data dir>/http.port` so `intellect-node status` can find it, and removes that file on exit.
+`fetch_status` is the client side used by the CLI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+import time
+import urllib.request
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+logger = logging.getLogger("intellect.node.status")
+
+HTTP_PORT_FILE = "http.port"
+
+
+@dataclass
+class AllReduceOutcome:
+    """The last averaging attempt: whether it completed, how long it took, with whom, and why not."""
+
+    round: int = 0
+    ok: bool = False
+    seconds: float = 0.0
+    group_size: int = 0
+    reason: str = ""
+    at: float = 0.0
+
+
+@dataclass
+class SyncOutcome:
+    """The last state sync from peers (or resume from our own checkpoint)."""
+
+    round: int = 0
+    source: str = ""
+    state_hash: str = ""
+    seconds: float = 0.0
+    at: float = 0.0
+
+
+@dataclass
+class NodeStatus:
+    """What the daemon is doing now. Written only by the daemon's own tasks, read by the API and panel."""
+
+    peer_id: str = ""
+    run_id: str = ""
+    run_name: str = ""
+    #: starting, joining, syncing, waiting-for-peers, training, averaging, checkpointing, stopping, stopped
+    phase: str = "starting"
+    #: Number of completed outer steps (the global state's round).
+    round: int = 0
+    loss: float | None = None
+    tokens: int = 0
+    tokens_per_s: float = 0.0
+    peers: int = 0
+    peer_ids: list[str] = field(default_factory=list)
+    state_hash: str = ""
+    rounds_ok: int = 0
+    rounds_failed: int = 0
+    last_allreduce: AllReduceOutcome = field(default_factory=AllReduceOutcome)
+    last_sync: SyncOutcome = field(default_factory=SyncOutcome)
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    loop_lag_s: float = 0.0
+    max_loop_lag_s: float = 0.0
+    started_at: float = field(default_factory=time.time)
+    #: (round, loss) of recent rounds, for the dashboard's loss curve.
+    loss_history: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=500))
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["rejected"] = dict(self.rejected)
+        out["loss_history"] = [list(p) for p in self.loss_history]
+        out["uptime_s"] = round(time.time() - self.started_at, 3)
+        return out
+
+
+class _StatusCollector(Collector):
+    """Turns a NodeStatus into Prometheus metric families at each scrape."""
+
+    def __init__(self, status: NodeStatus) -> None:
+        self._s = status
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._s
+        labels = ["run"]
+        run = [s.run_id[:16]]
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            g = GaugeMetricFamily(f"intellect_{name}", doc, labels=labels)
+            g.add_metric(run, value)
+            return g
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            c = CounterMetricFamily(f"intellect_{name}", doc, labels=labels)
+            c.add_metric(run, value)
+            return c
+
+        yield gauge("round", "Completed outer steps (the global state's round).", s.round)
+        yield counter("rounds_ok", "Rounds whose all-reduce completed.", s.rounds_ok)
+        yield counter("rounds_failed", "Rounds whose all-reduce did not complete.", s.rounds_failed)
+        yield counter("tokens", "Tokens trained on by this node.", s.tokens)
+        yield gauge("tokens_per_second", "Inner-loop throughput of the last round.", s.tokens_per_s)
+        if s.loss is not None:
+            yield gauge("loss", "Mean inner-loop loss of the last round.", s.loss)
+        yield gauge("peers", "Live members of the run seen by this node.", s.peers)
+        yield counter("bytes_sent", "Bytes this node sent for averaging and state sync.", s.bytes_sent)
+        yield counter(
+            "bytes_received", "Bytes this node received for averaging and state sync.", s.bytes_received
+        )
+        yield gauge("allreduce_seconds", "Duration of the last all-reduce attempt.", s.last_allreduce.seconds)
+        yield gauge("allreduce_ok", "1 if the last all-reduce completed, else 0.", float(s.last_allreduce.ok))
+        yield gauge("loop_lag_seconds", "Last measured event-loop lag.", s.loop_lag_s)
+        rej = CounterMetricFamily(
+            "intellect_rejected_messages", "Peer messages dropped, by reason.", labels=["run", "reason"]
+        )
+        for reason, count in sorted(s.rejected.items()):
+            rej.add_metric([*run, reason], count)
+        yield rej
+
+
+def make_registry(status: NodeStatus) -> CollectorRegistry:
+    """A fresh registry holding only this node's metrics."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_StatusCollector(status))
+    return registry
+
+
+_DASHBOARD = """<!doctype html>
+<html><head><meta charset="utf-8"><title>intellect-node</title>
+<style>body{font-family:sans-serif;margin:2em;max-width:60em}td{padding:.2em 1em}
+svg{border:1px solid #ccc}</style></head>
+<body><h1>intellect-node</h1><table id="t"></table>
+<h2>loss per round</h2><svg id="c" width="600" height="200"></svg>
+<script>
+async function tick(){
+  const s = await (await fetch('/status')).json();
+  const rows = [['peer', s.peer_id], ['run', s.run_name + ' ' + s.run_id.slice(0,16)], ['phase', s.phase],
+    ['round', s.round], ['loss', s.loss], ['tokens', s.tokens], ['tokens/s', s.tokens_per_s.toFixed(0)],
+    ['peers', s.peers], ['state hash', s.state_hash.slice(0,16)],
+    ['last all-reduce', (s.last_allreduce.ok ? 'ok ' : 'FAILED ') + s.last_allreduce.seconds.toFixed(2)
+      + ' s ' + s.last_allreduce.reason],
+    ['last sync', 'round ' + s.last_sync.round + ' from ' + s.last_sync.source],
+    ['bytes sent / received', s.bytes_sent + ' / ' + s.bytes_received],
+    ['rejected', JSON.stringify(s.rejected)], ['loop lag', s.loop_lag_s.toFixed(3) + ' s']];
+  document.getElementById('t').innerHTML = rows.map(r => '<tr><td>' + r[0] + '</td><td>' +
+    String(r[1]).replace(/</g, '&lt;') + '</td></tr>').join('');
+  const h = s.loss_history; if (h.length > 1) {
+    const ls = h.map(p => p[1]), lo = Math.min(...ls), hi = Math.max(...ls) + 1e-9;
+    const pts = h.map((p, i) => (i * 600 / (h.length - 1)) + ',' + (190 - 180 * (p[1] - lo) / (hi - lo)));
+    document.getElementById('c').innerHTML = '<polyline fill="none" stroke="blue" points="' +
+      pts.join(' ') + '"/>';
+  }
+}
+tick(); setInterval(tick, 2000);
+</script></body></html>
+"""
+
+
+class StatusServer:
+    """aiohttp server on 127.0.0.1 serving `/status`, `/metrics` and `/`; a service with `run()`/`ready`."""
+
+    def __init__(self, status: NodeStatus, port: int = 0, port_file: Path | None = None) -> None:
+        self.status = status
+        self.registry = make_registry(status)
+        self.requested_port = port
+        self.port_file = port_file
+        self.port = 0
+        self.ready = asyncio.Event()
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.status.to_json())
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+    async def _index(self, request: web.Request) -> web.Response:
+        return web.Response(text=_DASHBOARD, content_type="text/html")
+
+    async def run(self) -> None:
+        app = web.Application()
+        app.router.add_get("/status", self._status)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/", self._index)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            # Loopback only: the control API has no authentication, so it must never face the network.
+            # We bind the socket ourselves so that port 0 yields the real port without private attributes.
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("127.0.0.1", self.requested_port))
+            self.port = sock.getsockname()[1]
+            site = web.SockSite(runner, sock)
+            await site.start()
+            if self.port_file is not None:
+                tmp = self.port_file.with_name(self.port_file.name + ".tmp")
+                tmp.write_text(f"{self.port}\n")
+                tmp.replace(self.port_file)
+            logger.info("control API on http://127.0.0.1:%s/", self.port)
+            self.ready.set()
+            await asyncio.Event().wait()  # serve until cancelled
+        finally:
+            if self.port_file is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.port_file.unlink()
+            await runner.cleanup()
+
+
+def read_port(data_dir: Path) -> int:
+    """The control API port a daemon using `data_dir` wrote, or raise FileNotFoundError."""
+    return int((Path(data_dir) / HTTP_PORT_FILE).read_text().strip())
+
+
+def fetch_status(data_dir: Path, timeout_s: float = 5.0) -> dict[str, Any]:
+    """GET /status from the daemon that owns `data_dir` (blocking; for the CLI and the swarm driver)."""
+    port = read_port(data_dir)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=timeout_s) as resp:
+        data: dict[str, Any] = json.loads(resp.read())
+    return data
