@@ -1,0 +1,170 @@
+"""Membership in a run: keep our signed, expiring record (and the run's manifest) alive in the DHT.
+
+The DHT is the source of truth for who is in a run (DESIGN §7): every node training a run stores a
+`MembershipRecord` signed with its own key under `intellect/run/<run_id>/members` / <peer id>, with a short
+TTL, and re-signs and re-stores it every `period` seconds with its latest round, throughput and state hash.
+A node that stops simply stops refreshing, and its record expires: hivemind's DHT cannot delete, and the
+validator refuses any record whose DHT expiry differs from the signed one, so nobody else can keep a dead
+node listed. Each refresh also re-stores the run's researcher-signed manifest (it is self-authenticating),
+so a run stays discoverable after its researcher goes offline.
+
+Admission (`admits`) follows the manifest: open, an allowlist of peer IDs, or researcher tickets carried in
+membership records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import replace
+
+from intellect.crypto.identity import Identity
+from intellect.node.dht import DhtService
+from intellect.protocol import records
+from intellect.protocol.manifest import SignedManifest
+
+logger = logging.getLogger(__name__)
+
+
+def is_admitted(signed: SignedManifest, rec: records.MembershipRecord, now: float | None = None) -> bool:
+    """Whether the run's admission policy lets the member of `rec` train (the researcher always may)."""
+    policy = signed.manifest.admission
+    if rec.peer_id == signed.researcher or policy.policy == "open":
+        return True
+    if policy.policy == "allowlist":
+        return rec.peer_id in policy.peers
+    return records.ticket_valid(rec.ticket, signed.researcher, signed.run_id, rec.peer_id, now=now)
+
+
+class MembershipService:
+    """Refreshes this node's membership record every `period` seconds; `ready` is set after the first store.
+
+    Call `update(...)` whenever the round, throughput or state hash changes; the next refresh carries it
+    (or `await refresh()` to publish at once, e.g. right after an outer step).
+    """
+
+    def __init__(
+        self,
+        dht: DhtService,
+        identity: Identity,
+        signed_manifest: SignedManifest,
+        *,
+        role: str = "trainer",
+        gossip_addr: str = "",
+        ticket: bytes = b"",
+        ttl: float = records.DEFAULT_MEMBER_TTL_S,
+        period: float | None = None,
+        manifest_ttl: float = records.DEFAULT_MANIFEST_TTL_S,
+    ) -> None:
+        if not 0 < ttl <= records.MAX_MEMBER_TTL_S:
+            raise ValueError(f"ttl must be in (0, {records.MAX_MEMBER_TTL_S}]")
+        if not signed_manifest.verify():
+            raise ValueError("refusing to join a run whose manifest signature does not verify")
+        self.dht = dht
+        self.identity = identity
+        self.signed_manifest = signed_manifest
+        self.run_id = signed_manifest.run_id
+        self.ttl = ttl
+        #: A third of the TTL: two refreshes may be lost before the record expires.
+        self.period = period if period is not None else ttl / 3
+        self.manifest_ttl = manifest_ttl
+        self.ready = asyncio.Event()
+        self._record = records.MembershipRecord(
+            run_id=self.run_id,
+            peer_id=identity.peer_id,
+            maddrs=(),
+            gossip_addr=gossip_addr,
+            round=0,
+            throughput=0.0,
+            role=role,
+            state_hash="",
+            issued_at=0.0,
+            expires_at=1.0,
+            ticket=ticket,
+        )
+        self._members: dict[str, records.MembershipRecord] = {}
+        self.refreshes = 0
+        self.failed_refreshes = 0
+
+    def update(
+        self,
+        *,
+        round: int | None = None,
+        throughput: float | None = None,
+        state_hash: str | None = None,
+        role: str | None = None,
+        gossip_addr: str | None = None,
+    ) -> None:
+        """Change what the next refresh publishes (fields left None keep their value)."""
+        changes: dict[str, object] = {}
+        for name, value in (
+            ("round", round),
+            ("throughput", throughput),
+            ("state_hash", state_hash),
+            ("role", role),
+            ("gossip_addr", gossip_addr),
+        ):
+            if value is not None:
+                changes[name] = value
+        self._record = replace(self._record, **changes)  # type: ignore[arg-type]
+
+    def current_record(self, now: float | None = None) -> records.MembershipRecord:
+        now = time.time() if now is None else now
+        return replace(
+            self._record,
+            maddrs=tuple(self.dht.visible_maddrs[:16]),
+            issued_at=now,
+            expires_at=now + self.ttl,
+        )
+
+    async def refresh(self) -> bool:
+        """Sign and store our record now, and re-store the manifest; True when the DHT accepted the record."""
+        signed = records.seal_membership(self.identity, self.current_record())
+        ok = await self.dht.store_membership(signed)
+        try:
+            await self.dht.publish_manifest(self.signed_manifest, ttl=self.manifest_ttl)
+        except (TimeoutError, OSError) as e:
+            logger.warning("re-storing the manifest of run %s failed: %s", self.run_id[:12], e)
+        if ok:
+            self.refreshes += 1
+        else:
+            self.failed_refreshes += 1
+            logger.warning("membership refresh for run %s was not accepted by any DHT node", self.run_id[:12])
+        return ok
+
+    async def run(self) -> None:
+        """Refresh every `period` seconds until cancelled; `ready` is set after the first accepted store."""
+        while True:
+            started = time.monotonic()
+            try:
+                ok = await asyncio.wait_for(self.refresh(), timeout=max(self.period, 5.0))
+            except TimeoutError:
+                ok = False
+                self.failed_refreshes += 1
+                logger.warning("membership refresh for run %s timed out", self.run_id[:12])
+            if ok:
+                self.ready.set()
+            await asyncio.sleep(max(0.0, self.period - (time.monotonic() - started)))
+
+    async def members(self, latest: bool = True) -> list[records.MembershipRecord]:
+        """Live members of the run that its admission policy admits (also cached for `admits`)."""
+        now = time.time()
+        found = await self.dht.get_members(self.run_id, latest=latest)
+        admitted = [r for r in found if is_admitted(self.signed_manifest, r, now)]
+        if len(admitted) != len(found):
+            logger.info(
+                "ignored %d members not admitted to run %s", len(found) - len(admitted), self.run_id[:12]
+            )
+        self._members = {r.peer_id: r for r in admitted}
+        return admitted
+
+    def admits(self, peer_id: str) -> bool:
+        """Admission check for the envelope verifier: policy first, then tickets seen in member records."""
+        policy = self.signed_manifest.manifest.admission
+        if peer_id == self.signed_manifest.researcher or policy.policy == "open":
+            return True
+        if policy.policy == "allowlist":
+            return peer_id in policy.peers
+        rec = self._members.get(peer_id)
+        return rec is not None and is_admitted(self.signed_manifest, rec)
