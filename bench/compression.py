@@ -1,0 +1,117 @@
+"""Benchmark pseudo-gradient compressors on the same Gaussian tensor: ours against hivemind's.
+
+Measures, per method, quantise + dequantise throughput in GB/s of fp32 input and the relative L2 error
+||x - x̂|| / ||x||. Timing is the best of `--repeat` runs (the machine may be shared; the minimum is the
+least disturbed run). hivemind's quantizers are called the way its all-reduce calls them: on parts of
+`--part` values (hivemind's default part size is 512 KiB = 128K fp32 values) through `compress`/`extract`,
+which includes its protobuf serialisation, as ours includes building the `CompressedTensor`.
+
+    python bench/compression.py --json [--numel N] [--threads T] [--repeat R]
+
+The last line printed is one JSON object ``{NAME: {"gbps": float, "rel_l2": float}, ...}``; ours is under
+"ours_int8" (eager, error feedback on as the node runs it) and "ours_int8_compiled" when torch.compile
+works here. hivemind is imported only inside this script (the node's core never imports it for this).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+
+import torch
+from intellect.node.compression import Fp16, Int8Blockwise, _compiled_kernel, decompress
+
+log = logging.getLogger("bench.compression")
+
+
+def _time(fn: Callable[[], torch.Tensor], repeat: int) -> tuple[float, torch.Tensor]:
+    # The warm-up call (allocator, lazy init) is also the one whose error is reported: with error feedback
+    # later calls quantise x plus the previous residual, so only the first shows the one-round error.
+    first = fn()
+    best = math.inf
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best, first
+
+
+def _ours(compressor: Int8Blockwise | Fp16, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        return decompress(compressor.compress("delta", x))
+
+    return run
+
+
+def _hivemind(kind: str, x: torch.Tensor, part: int) -> Callable[[], torch.Tensor]:
+    from hivemind.compression import (
+        CompressionInfo,
+        Float16Compression,
+        Quantile8BitQuantization,
+        Uniform8BitQuantization,
+    )
+
+    comp = {
+        "uniform8": Uniform8BitQuantization,
+        "quantile8": Quantile8BitQuantization,
+        "fp16": Float16Compression,
+    }[kind]()
+    info = CompressionInfo.from_tensor(x)
+    parts = list(x.split(part))
+
+    def run() -> torch.Tensor:
+        return torch.cat([comp.extract(comp.compress(p, info)) for p in parts])
+
+    return run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--numel", type=int, default=10_500_000, help="values in the test tensor")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per method (best is reported)")
+    parser.add_argument("--part", type=int, default=128 * 1024, help="hivemind part size in values")
+    parser.add_argument("--block", type=int, default=256, help="our int8 block size")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
+    parser.add_argument("--no-quantile", action="store_true", help="skip hivemind Quantile8Bit (slow)")
+    parser.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.threads)
+    x = torch.randn(args.numel, generator=torch.Generator().manual_seed(0))
+    gb = x.numel() * 4 / 1e9
+
+    methods: dict[str, tuple[Callable[[], torch.Tensor], int]] = {
+        "ours_int8": (_ours(Int8Blockwise(block=args.block, error_feedback=True), x), args.repeat),
+        "ours_int8_no_ef": (_ours(Int8Blockwise(block=args.block, error_feedback=False), x), args.repeat),
+    }
+    if not args.no_compile:
+        start = time.perf_counter()
+        compiled = _compiled_kernel()
+        if compiled is not None:
+            print(f"torch.compile of the int8 kernel took {time.perf_counter() - start:.1f} s")
+            comp = Int8Blockwise(block=args.block, error_feedback=True, compile=True)
+            methods["ours_int8_compiled"] = (_ours(comp, x), args.repeat)
+    methods["ours_fp16"] = (_ours(Fp16(), x), args.repeat)
+    methods["hivemind_uniform8bit"] = (_hivemind("uniform8", x, args.part), args.repeat)
+    if not args.no_quantile:
+        methods["hivemind_quantile8bit"] = (_hivemind("quantile8", x, args.part), max(1, args.repeat // 3))
+    methods["hivemind_fp16"] = (_hivemind("fp16", x, args.part), args.repeat)
+
+    results: dict[str, dict[str, float]] = {}
+    print(f"{x.numel()} Gaussian fp32 values ({gb * 1e3:.0f} MB), {args.threads} threads, best of runs")
+    for name, (fn, repeat) in methods.items():
+        seconds, out = _time(fn, repeat)
+        rel = float((out.view(-1) - x).norm() / x.norm())
+        results[name] = {"gbps": round(gb / seconds, 4), "rel_l2": round(rel, 6)}
+        print(f"  {name:24s} {gb / seconds:7.3f} GB/s   rel L2 {rel:.4%}")
+    if args.json:
+        print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
