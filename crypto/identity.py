@@ -26,6 +26,8 @@ from intellect.crypto.errors import IdentityError, InvalidPeerId
 _KEYTYPE_ED25519 = 1
 _PROTO_PREFIX_PUB = bytes([0x08, _KEYTYPE_ED25519, 0x12, 32])
 _PROTO_PREFIX_PRIV = bytes([0x08, _KEYTYPE_ED25519, 0x12, 64])
+# Older go-libp2p wrote seed || public || public (96 bytes); go-libp2p still reads it, so do we.
+_PROTO_PREFIX_PRIV_LEGACY = bytes([0x08, _KEYTYPE_ED25519, 0x12, 96])
 _MULTIHASH_IDENTITY = 0x00
 _PEER_ID_BYTES = 2 + len(_PROTO_PREFIX_PUB) + 32  # multihash code + length + PublicKey protobuf
 #: Longest textual peer ID we ever parse (an Ed25519 one is 52 characters).
@@ -59,11 +61,21 @@ def public_key_from_peer_id(peer_id: str) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(raw[6:])
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False, repr=False)
 class Identity:
     """A node's private key. Create with `generate()` or `load(path)`; the peer ID is derived."""
 
     private_key: Ed25519PrivateKey
+
+    def __eq__(self, other: object) -> bool:
+        # cryptography's key objects compare by identity; two loads of one key file are one identity.
+        return isinstance(other, Identity) and other.public_key_raw == self.public_key_raw
+
+    def __hash__(self) -> int:
+        return hash(self.public_key_raw)
+
+    def __repr__(self) -> str:
+        return f"Identity({self.peer_id})"  # never the key material
 
     @classmethod
     def generate(cls) -> Identity:
@@ -89,6 +101,12 @@ class Identity:
 
     @classmethod
     def from_protobuf(cls, data: bytes) -> Identity:
+        """Parse libp2p's PrivateKey protobuf (Ed25519 only; also the legacy 96-byte key data)."""
+        data = bytes(data)
+        if len(data) == 4 + 96 and data[:4] == _PROTO_PREFIX_PRIV_LEGACY:
+            if data[36:68] != data[68:100]:
+                raise IdentityError("legacy key file is inconsistent: its two public keys differ")
+            data = _PROTO_PREFIX_PRIV + data[4:68]
         if len(data) != len(_PROTO_PREFIX_PRIV) + 64 or data[:4] != _PROTO_PREFIX_PRIV:
             raise IdentityError("not a libp2p Ed25519 private key (protobuf PrivateKey, type Ed25519)")
         seed, public = data[4:36], data[36:68]
@@ -98,20 +116,35 @@ class Identity:
         return ident
 
     def save(self, path: Path) -> None:
-        """Write the key with mode 0600, atomically (temp file, fsync, rename); never overwrite."""
+        """Write the key with mode 0600, atomically and durably; never overwrite an existing file.
+
+        The key goes to a private temp file (fsynced) that is then hard-linked to `path`: unlike a rename,
+        a link fails if `path` appeared meanwhile, so two concurrent `init`s cannot replace each other's key.
+        """
         path = Path(path)
         if path.exists():
             raise IdentityError(f"{path} already exists; refusing to overwrite an identity")
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, self.to_protobuf())
-            os.fsync(fd)
+            try:
+                os.fchmod(fd, 0o600)
+                os.write(fd, self.to_protobuf())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise IdentityError(f"{path} already exists; refusing to overwrite an identity") from None
         finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            tmp.unlink(missing_ok=True)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the new directory entry durable too
+        finally:
+            os.close(dir_fd)
 
     @classmethod
     def load(cls, path: Path) -> Identity:
@@ -126,6 +159,8 @@ class Identity:
                 f"{path} is accessible by other users (mode {stat.S_IMODE(st.st_mode):04o}); "
                 f"a private key must be 0600: run `chmod 600 {path}`"
             )
+        if not stat.S_ISREG(st.st_mode):
+            raise IdentityError(f"{path} is not a regular file")
         if st.st_size > 1024:
             raise IdentityError(f"{path} is too large to be a key file ({st.st_size} bytes)")
         return cls.from_protobuf(path.read_bytes())
@@ -155,7 +190,7 @@ def verify(peer_id: str, domain: bytes, message: bytes, signature: bytes) -> boo
 
     Never raises on bad input from the network: a malformed peer ID or signature is simply False.
     """
-    if not isinstance(signature, bytes) or len(signature) != 64:
+    if not isinstance(signature, bytes) or len(signature) != 64 or not isinstance(message, bytes):
         return False
     try:
         public = public_key_from_peer_id(peer_id)
