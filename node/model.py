@@ -244,7 +244,10 @@ class LlamaBody(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # An explicit (uninitialised) weight skips nn.Embedding's own normal_ init: `Llama.init_weights`
+        # overwrites it anyway, and on the meta device that init costs ~10 s of lazy prims imports.
+        empty = torch.empty(cfg.vocab_size, cfg.dim)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=empty)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
