@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import click
-
 from intellect.node import __version__
 from intellect.node.config import DEFAULT_CONFIG_TEXT, ConfigError, NodeConfig, load_config
 
 #: Modules of `intellect.node` that add subcommands (each has `register(group: click.Group)`).
-_COMMAND_MODULES: tuple[str, ...] = ("cli_daemon", "cli_data")
+_COMMAND_MODULES: tuple[str, ...] = ("cli_daemon", "cli_data", "cli_dht")
 
 data_dir_option = click.option(
     "--data-dir",
