@@ -84,6 +84,8 @@ class NodeConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 def _coerce(name: str, value: Any, source: str) -> Any:
@@ -95,11 +97,12 @@ def _coerce(name: str, value: Any, source: str) -> Any:
         if kind == "bool":
             if isinstance(value, bool):
                 return value
-            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                return value.lower() in ("1", "true", "yes", "on")
+            if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+                return value.lower() in _TRUE
             raise ValueError("expected a boolean")
         if kind == "int":
-            if isinstance(value, bool):
+            # int(1.5) would silently truncate a TOML float; int("1.5") and int(True) are errors too.
+            if isinstance(value, bool | float):
                 raise ValueError("expected an integer")
             return int(value)
         if kind == "tuple[str, ...]":
@@ -139,6 +142,11 @@ def _from_file(path: Path) -> dict[str, Any]:
     for name, value in raw.items():
         if name not in _FIELDS:
             raise ConfigError(f"{path}: unknown key {name!r}")
+        if name == "data_dir":
+            # The file lives in the data directory, so it cannot also choose it: use the flag or env.
+            raise ConfigError(
+                f"{path}: data_dir cannot be set in the config file; use --data-dir or {ENV_PREFIX}DATA_DIR"
+            )
         out[name] = _coerce(name, value, str(path))
     return out
 
