@@ -673,7 +673,11 @@ async def butterfly_allreduce(
             return await recv_part(m, incoming[m.peer_id], am.PartKind.SCATTER, my_index)
 
         results = await _all([scatter_to(m) for m in others] + [gather_from(m) for m in others])
-        contributions: list[tuple[torch.Tensor, float]] = [(part(my_index), weight)]
+        own = part(my_index)
+        if not validate_local and not bool(torch.isfinite(own).all()):
+            # Only reachable with fault injection: we are the peer that sent non-finite values.
+            raise AllReduceError("non-finite-part", culprit=me, detail="our own partition is not finite")
+        contributions: list[tuple[torch.Tensor, float]] = [(own, weight)]
         contributions[len(contributions) :] = results[len(others) :]
         timings["scatter"] = time.perf_counter() - t0
 

@@ -1,0 +1,419 @@
+"""Averaging rounds: form a group through the DHT, all-reduce, retry without failed members, or give up.
+
+`Averager.average(round, tensors, weight, deadline)` is what the round loop calls once per round:
+
+1. **Matchmaking.** The peer stores a signed `GroupRecord` (its data-plane address) in the DHT under
+   `intellect/<run>/avg/<round>/<attempt>/<schema hash>`, subkey = its peer ID, then polls that key until
+   it sees `target_group_size` peers or `matchmaking_time` has passed. The group is the sorted set of valid
+   records seen (signature, key fields and expiry checked; excluded peers dropped). Peers with different
+   tensors (names, shapes, dtypes) use different keys and never meet. Two peers that saw different sets
+   have different group ids; the data-plane hello refuses the mismatch and that attempt fails for both.
+2. **All-reduce** (`intellect.node.allreduce.butterfly_allreduce`): weighted by tokens processed, capped at
+   `max_weight` (the manifest's H × batch × sequence length); non-finite contributions are refused and
+   their sender is excluded from the retry; int8 blockwise payloads by default.
+3. **Retry or give up.** A failed attempt (dead, stalled, misbehaving or mismatched member) is retried as
+   attempt + 1 with a fresh key, so only peers still alive meet again, as long as the round's deadline
+   leaves time for it. Stall timeouts derive from the measured throughput of earlier rounds and the size of
+   the tensors, never from a fixed constant. The result is `ok=False` with the reason when the deadline
+   passes: the caller must then keep its global weights untouched (outer step only on a completed average).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from intellect.crypto.identity import Identity
+from intellect.node.allreduce import (
+    AllReduceError,
+    DataPlane,
+    GroupMember,
+    GroupSpec,
+    PayloadCodec,
+    butterfly_allreduce,
+    flatten,
+    get_payload_codec,
+    schema_hash,
+    unflatten,
+)
+from intellect.protocol import averaging_messages as am
+from intellect.protocol.codec import decode, encode
+from intellect.protocol.errors import ProtocolError
+
+logger = logging.getLogger(__name__)
+
+#: Assumed bytes per value on the wire for each compression (int8 carries one fp32 scale per 256 values).
+_BYTES_PER_VALUE = {"none": 4.0, "fp16": 2.0, "int8": 1.0 + 4.0 / 256, "int8_blockwise": 1.0 + 4.0 / 256}
+
+
+@dataclass(frozen=True)
+class AveragerConfig:
+    """How a node averages; the run manifest's averaging section maps onto these fields."""
+
+    #: Fewest peers (ourselves included) that make a group worth averaging in.
+    min_group_size: int = 2
+    #: Stop matchmaking as soon as this many peers are seen (0: wait the whole matchmaking time).
+    target_group_size: int = 0
+    #: Longest wait for peers per attempt, in seconds.
+    matchmaking_time: float = 5.0
+    #: Payload compression: "int8" (blockwise, default), "fp16" or "none".
+    compression: str = "int8"
+    #: Largest weight (tokens) a peer may claim: H × batch × sequence length of the manifest.
+    max_weight: float = math.inf
+    #: Throughput assumed before the first measured round, in bytes per second (deliberately low).
+    initial_bandwidth: float = 10e6
+    #: Stall timeout = slack × (expected transfer time at measured throughput) + `min_stall_timeout`.
+    stall_slack: float = 4.0
+    #: Floor of the stall timeout in seconds (connection setup, scheduling jitter).
+    min_stall_timeout: float = 2.0
+    #: Most all-reduce attempts per round (each with a fresh group); the deadline usually ends it first.
+    max_attempts: int = 8
+    #: Seconds between DHT reads while matchmaking.
+    poll_interval: float = 0.25
+    #: Lifetime of a group record in the DHT, in seconds.
+    record_ttl: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.min_group_size < 1:
+            raise ValueError("min_group_size: must be at least 1")
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts: must be at least 1")
+        if self.target_group_size < 0:
+            raise ValueError("target_group_size: must be 0 (none) or positive")
+        if self.matchmaking_time <= 0 or self.poll_interval <= 0 or self.record_ttl <= 0:
+            raise ValueError("matchmaking_time, poll_interval and record_ttl must be positive")
+        if self.compression not in _BYTES_PER_VALUE:
+            raise ValueError(f"compression: one of {sorted(_BYTES_PER_VALUE)}, got {self.compression!r}")
+        if not self.max_weight > 0:
+            raise ValueError("max_weight: must be positive")
+        if self.initial_bandwidth <= 0 or self.stall_slack < 1 or self.min_stall_timeout <= 0:
+            raise ValueError("initial_bandwidth, stall_slack (>= 1) and min_stall_timeout must be positive")
+
+
+@dataclass(frozen=True)
+class AverageResult:
+    """What one round of averaging gave. Apply the outer step only when `ok`."""
+
+    ok: bool
+    #: The averaged tensors (same names, shapes, dtypes as the input), identical on every member; or None.
+    tensors: dict[str, torch.Tensor] | None
+    #: Peer IDs of the group that averaged (sorted), or of the last group tried.
+    group: list[str]
+    #: Empty on success; otherwise why not (the last attempt's failure, or "deadline").
+    reason: str = ""
+    #: Sum of the members' (capped) weights.
+    total_weight: float = 0.0
+    attempts: int = 0
+    seconds: float = 0.0
+    #: Peers dropped this round for misbehaviour (non-finite or malformed parts).
+    excluded: tuple[str, ...] = ()
+
+
+class GroupBoard(Protocol):
+    """Where group records meet: the DHT (`HivemindBoard`) in production."""
+
+    async def publish(self, key: str, subkey: str, value: bytes, expires: float) -> bool: ...
+
+    async def read(self, key: str) -> dict[str, bytes]: ...
+
+
+class HivemindBoard:
+    """Group records on a hivemind `DHTNode` (dictionary value: subkey = peer ID)."""
+
+    def __init__(self, node: Any) -> None:
+        self.node = node
+
+    async def publish(self, key: str, subkey: str, value: bytes, expires: float) -> bool:
+        return bool(await self.node.store(key, value, expiration_time=expires, subkey=subkey))
+
+    async def read(self, key: str) -> dict[str, bytes]:
+        found = await self.node.get(key, latest=True)
+        if found is None or not isinstance(found.value, dict):
+            return {}
+        out: dict[str, bytes] = {}
+        for subkey, item in found.value.items():
+            value = getattr(item, "value", None)
+            if isinstance(subkey, str) and isinstance(value, bytes):
+                out[subkey] = value
+        return out
+
+
+def group_key(run_id: str, round: int, attempt: int, schema: str) -> str:
+    """The DHT key where peers of one (run, round, attempt, tensor schema) meet."""
+    return f"intellect/{run_id}/avg/{round}/{attempt}/{schema}"
+
+
+class Averager:
+    """One node's averaging service. Use as an async context manager (it owns the data-plane listener).
+
+    `dht` is a hivemind `DHTNode`, anything with a `.node` attribute holding one (the node's
+    `DhtService`), or a `GroupBoard`. `announce_host` is the address other members connect to.
+    """
+
+    def __init__(
+        self,
+        dht: Any,
+        identity: Identity,
+        run_id: str,
+        config: AveragerConfig | None = None,
+        *,
+        listen_host: str = "127.0.0.1",
+        listen_port: int = 0,
+        announce_host: str | None = None,
+    ) -> None:
+        if hasattr(dht, "publish") and hasattr(dht, "read"):
+            self.board: GroupBoard = dht
+        else:
+            self.board = HivemindBoard(getattr(dht, "node", dht))
+        self.identity = identity
+        self.run_id = run_id
+        self.config = config or AveragerConfig()
+        self.codec: PayloadCodec = get_payload_codec(self.config.compression)
+        self.announce_host = announce_host or listen_host
+        self.plane = DataPlane(identity, listen_host, listen_port)
+        #: Measured all-reduce throughput (bytes per second per peer, both directions averaged): an EWMA.
+        self.bandwidth = self.config.initial_bandwidth
+        self.rounds_ok = 0
+        self.rounds_failed = 0
+        self.last_result: AverageResult | None = None
+        #: Fault injection for tests only: skip our own finiteness check so a NaN reaches the wire.
+        self._validate_local = True
+        #: Fault injection for tests only: awaited before each partition send (see `butterfly_allreduce`).
+        self._fault: Callable[[str], Awaitable[None]] | None = None
+
+    async def __aenter__(self) -> Averager:
+        await self.plane.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.plane.close()
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    # -- matchmaking -------------------------------------------------------------------------------------
+
+    async def _form_group(
+        self, round: int, attempt: int, schema: str, deadline: float, excluded: set[str]
+    ) -> GroupSpec | None:
+        key = group_key(self.run_id, round, attempt, schema)
+        now = time.time()
+        expires = min(now + self.config.record_ttl, max(deadline, now + 1.0))
+        record = am.GroupRecord(
+            self.run_id, round, attempt, schema, self.peer_id, self.announce_host, self.plane.port, expires
+        ).signed(self.identity)
+        if not await self.board.publish(key, self.peer_id, encode(record), expires):
+            logger.warning("could not store our group record for round %s attempt %s", round, attempt)
+        stop = min(now + self.config.matchmaking_time, deadline)
+        members: dict[str, GroupMember] = {}
+        while True:
+            members = await self._read_members(key, round, attempt, schema, excluded)
+            members[self.peer_id] = GroupMember(self.peer_id, self.announce_host, self.plane.port)
+            target = self.config.target_group_size
+            now = time.time()
+            if (target and len(members) >= target) or now >= deadline:
+                break
+            if now >= stop and len(members) >= self.config.min_group_size:
+                break
+            # Too few peers so far: keep waiting on this same key (peers that come late still find us).
+            limit = stop if now < stop else deadline
+            await asyncio.sleep(min(self.config.poll_interval, max(0.0, limit - now)))
+        if len(members) < self.config.min_group_size:
+            logger.info(
+                "round %s attempt %s: %d peer(s) found, need %d",
+                round,
+                attempt,
+                len(members),
+                self.config.min_group_size,
+            )
+            return None
+        ordered = tuple(members[pid] for pid in sorted(members))
+        return GroupSpec(self.run_id, round, attempt, schema, ordered)
+
+    async def _read_members(
+        self, key: str, round: int, attempt: int, schema: str, excluded: set[str]
+    ) -> dict[str, GroupMember]:
+        raw = await self.board.read(key)
+        now = time.time()
+        out: dict[str, GroupMember] = {}
+        for subkey, value in raw.items():
+            try:
+                rec = decode(value, expected=am.GroupRecord)
+            except ProtocolError as e:
+                logger.debug("undecodable group record from %s: %s", subkey, e)
+                continue
+            if (
+                rec.peer_id != subkey
+                or (rec.run_id, rec.round, rec.attempt, rec.schema_hash)
+                != (self.run_id, round, attempt, schema)
+                or rec.expires < now
+                or not rec.verify()
+            ):
+                logger.debug("invalid group record under subkey %s", subkey)
+                continue
+            if rec.peer_id in excluded:
+                continue
+            out[rec.peer_id] = GroupMember(rec.peer_id, rec.host, rec.port)
+        return out
+
+    # -- timeouts from measured throughput ------------------------------------------------------------------
+
+    def stall_timeout(self, numel: int, group_size: int) -> float:
+        """Seconds any single wait may take: slack × the expected transfer time of one phase + a floor."""
+        bytes_per_value = _BYTES_PER_VALUE[self.config.compression]
+        per_peer = 2 * (group_size - 1) / max(group_size, 1) * numel * bytes_per_value
+        return self.config.min_stall_timeout + self.config.stall_slack * per_peer / self.bandwidth
+
+    def _record_throughput(self, bytes_moved: float, seconds: float) -> None:
+        if seconds <= 0 or bytes_moved <= 0:
+            return
+        measured = bytes_moved / seconds
+        # EWMA: one slow round (a busy CPU) should not halve the next stall timeout's budget at once.
+        self.bandwidth = measured if self.rounds_ok == 0 else 0.5 * self.bandwidth + 0.5 * measured
+
+    # -- the round -------------------------------------------------------------------------------------------
+
+    async def average(
+        self, round: int, tensors: Mapping[str, torch.Tensor], weight: float, deadline: float
+    ) -> AverageResult:
+        """Average `tensors` with peers of this run and round, weighted by `weight` (tokens processed).
+
+        `deadline` is a Unix time (`time.time()`); the call returns by then. On `ok=False` the caller
+        keeps its global weights untouched.
+        """
+        start = time.time()
+        me = self.peer_id
+        if not tensors:
+            return self._finish(AverageResult(False, None, [me], "no tensors"), start)
+        schema = schema_hash(tensors)
+        flat = await asyncio.to_thread(flatten, tensors)
+        if self._validate_local and not bool(torch.isfinite(flat).all()):
+            logger.warning("round %s: our own tensors are not finite; not averaging", round)
+            return self._finish(AverageResult(False, None, [me], "non-finite-local"), start)
+        if not math.isfinite(weight) or weight < 0:
+            return self._finish(AverageResult(False, None, [me], f"invalid weight {weight}"), start)
+        weight = min(weight, self.config.max_weight)
+        excluded: set[str] = set()
+        attempt = 0
+        group: list[str] = [me]
+        reason = "deadline"
+        while time.time() < deadline and attempt < self.config.max_attempts:
+            spec = await self._form_group(round, attempt, schema, deadline, excluded)
+            if spec is None:
+                reason = "too few peers"
+                break
+            group = list(spec.peer_ids)
+            stall = self.stall_timeout(flat.numel(), len(group))
+            remaining = deadline - time.time()
+            if remaining <= 0:
+                break
+            try:
+                async with asyncio.timeout(remaining):
+                    outcome = await butterfly_allreduce(
+                        self.plane,
+                        spec,
+                        flat,
+                        weight,
+                        self.codec,
+                        max_weight=self.config.max_weight,
+                        stall_timeout=stall,
+                        validate_local=self._validate_local,
+                        fault=self._fault,
+                    )
+            except AllReduceError as e:
+                reason = e.reason
+                logger.warning(
+                    "round %s attempt %s with %d peers failed: %s (culprit %s)",
+                    round,
+                    attempt,
+                    len(group),
+                    e,
+                    e.culprit or "-",
+                )
+                if e.culprit == me:
+                    return self._finish(
+                        AverageResult(
+                            False, None, group, f"we were excluded: {e.reason}", attempts=attempt + 1
+                        ),
+                        start,
+                    )
+                if e.culprit and e.culprit in group:
+                    excluded.add(e.culprit)
+                attempt += 1
+                continue
+            except TimeoutError:
+                reason = "deadline"
+                break
+            moved = (outcome.bytes_sent + outcome.bytes_received) / 2
+            self._record_throughput(
+                moved, outcome.timings.get("scatter", 0.0) + outcome.timings.get("gather", 0.0)
+            )
+            averaged = await asyncio.to_thread(unflatten, outcome.flat, tensors)
+            logger.info(
+                "round %s averaged with %d peers (attempt %d) in %.2fs, total weight %.0f",
+                round,
+                len(group),
+                attempt,
+                outcome.seconds,
+                outcome.total_weight,
+            )
+            return self._finish(
+                AverageResult(
+                    True,
+                    averaged,
+                    group,
+                    "",
+                    outcome.total_weight,
+                    attempt + 1,
+                    excluded=tuple(sorted(excluded)),
+                ),
+                start,
+            )
+        logger.warning(
+            "round %s: no completed average (last failure: %s); keeping global weights untouched",
+            round,
+            reason,
+        )
+        return self._finish(
+            AverageResult(False, None, group, reason, attempts=attempt, excluded=tuple(sorted(excluded))),
+            start,
+        )
+
+    def _finish(self, result: AverageResult, start: float) -> AverageResult:
+        result = AverageResult(**{**result.__dict__, "seconds": time.time() - start})
+        if result.ok:
+            self.rounds_ok += 1
+        else:
+            self.rounds_failed += 1
+        self.last_result = result
+        return result
+
+    def status(self) -> dict[str, Any]:
+        """Plain data for the node's status API."""
+        last = self.last_result
+        return {
+            "rounds_ok": self.rounds_ok,
+            "rounds_failed": self.rounds_failed,
+            "bandwidth_bytes_per_s": self.bandwidth,
+            "data_plane_port": self.plane.port,
+            "rejected_connections": dict(self.plane.rejected),
+            "last": None
+            if last is None
+            else {
+                "ok": last.ok,
+                "reason": last.reason,
+                "group_size": len(last.group),
+                "attempts": last.attempts,
+                "seconds": last.seconds,
+            },
+        }
+
+
+__all__ = ["AverageResult", "Averager", "AveragerConfig", "GroupBoard", "HivemindBoard", "group_key"]

@@ -1,0 +1,197 @@
+"""Averaging rounds through a real hivemind DHT (one DHTNode + p2p daemon per peer, in process, loopback).
+
+Named peers alice, bob and carol form groups through the DHT, average, retry without a misbehaving peer,
+and refuse to meet peers whose tensors differ. Every result is checked against the exact weighted mean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+import torch
+from hivemind.dht.node import DHTNode
+from intellect.crypto import domains
+from intellect.crypto.identity import Identity
+from intellect.node.averaging import Averager, AveragerConfig, group_key
+from intellect.protocol import averaging_messages as am
+from intellect.protocol.codec import encode
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+async def dht() -> AsyncIterator[Callable[[int], Awaitable[list[DHTNode]]]]:
+    """Factory: `await dht(n)` gives n connected DHT nodes (real p2p daemons), shut down after the test."""
+    nodes: list[DHTNode] = []
+
+    async def make(n: int) -> list[DHTNode]:
+        first = await DHTNode.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        nodes.append(first)
+        maddrs = await first.protocol.p2p.get_visible_maddrs()
+        for _ in range(n - 1):
+            nodes.append(await DHTNode.create(initial_peers=maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
+        return list(nodes)
+
+    try:
+        yield make
+    finally:
+        for node in nodes:
+            await node.shutdown()
+
+
+def _tensors(scale: float) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(int(scale * 1000))
+    return {
+        "layers.0.w": torch.randn(64, 48, generator=gen) * scale,
+        "layers.0.b": torch.randn(48, generator=gen) * scale,
+        "emb": torch.randn(100, 16, generator=gen) * scale,
+    }
+
+
+def _weighted_mean(inputs: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    total = sum(weights)
+    return {
+        k: sum((x[k].double() * (w / total) for x, w in zip(inputs, weights, strict=True))) for k in inputs[0]
+    }
+
+
+async def _averagers(nodes: list[DHTNode], config: AveragerConfig) -> list[Averager]:
+    ids = [Identity.from_seed(bytes([40 + i]) * 32) for i in range(len(nodes))]
+    avs = [Averager(node, ident, "run-test", config) for node, ident in zip(nodes, ids, strict=True)]
+    for av in avs:
+        await av.__aenter__()
+    return avs
+
+
+async def _close(avs: list[Averager]) -> None:
+    for av in avs:
+        await av.__aexit__(None, None, None)
+
+
+async def test_three_peers_average_through_the_dht(dht: Callable[[int], Awaitable[list[DHTNode]]]) -> None:
+    dht_nodes = await dht(3)
+    config = AveragerConfig(target_group_size=3, matchmaking_time=10, compression="int8", max_weight=1000)
+    avs = await _averagers(dht_nodes, config)
+    try:
+        inputs = [_tensors(1.0), _tensors(2.0), _tensors(3.0)]
+        weights = [100.0, 300.0, 5000.0]  # the last one claims more than the cap of 1000
+        deadline = time.time() + 30
+        results = await asyncio.gather(
+            *(av.average(1, x, w, deadline) for av, x, w in zip(avs, inputs, weights, strict=True))
+        )
+    finally:
+        await _close(avs)
+    assert all(r.ok for r in results), [r.reason for r in results]
+    assert results[0].group == sorted(av.peer_id for av in avs)
+    assert all(r.total_weight == 1400.0 for r in results)
+    exact = _weighted_mean(inputs, [100.0, 300.0, 1000.0])
+    for name, t in exact.items():
+        got = results[0].tensors[name]  # type: ignore[index]
+        assert got.shape == inputs[0][name].shape and got.dtype == torch.float32
+        bound = 3.0 * float(max(x[name].abs().max() for x in inputs)) / 127.0
+        assert float((got.double() - t).abs().max()) <= bound
+        for r in results[1:]:
+            assert torch.equal(r.tensors[name], got)  # type: ignore[index]
+    assert avs[0].rounds_ok == 1 and avs[0].status()["last"]["ok"]
+
+
+async def test_nan_peer_is_excluded_and_the_others_still_average(
+    dht: Callable[[int], Awaitable[list[DHTNode]]],
+) -> None:
+    dht_nodes = await dht(3)
+    config = AveragerConfig(target_group_size=3, matchmaking_time=2, compression="none", min_stall_timeout=5)
+    avs = await _averagers(dht_nodes, config)
+    try:
+        inputs = [_tensors(1.0), _tensors(2.0), _tensors(3.0)]
+        inputs[2]["emb"][5, 5] = float("nan")
+        avs[2]._validate_local = False  # fault injection: carol sends her NaN instead of refusing
+        deadline = time.time() + 40
+        results = await asyncio.gather(
+            *(av.average(1, x, 1.0, deadline) for av, x in zip(avs, inputs, strict=True))
+        )
+    finally:
+        await _close(avs)
+    honest, nan_peer = results[:2], results[2]
+    assert not nan_peer.ok and nan_peer.tensors is None
+    assert all(r.ok for r in honest), [r.reason for r in honest]
+    assert all(r.excluded == (avs[2].peer_id,) for r in honest)
+    assert all(r.group == sorted([avs[0].peer_id, avs[1].peer_id]) for r in honest)
+    exact = _weighted_mean(inputs[:2], [1.0, 1.0])
+    for name, t in exact.items():
+        assert torch.allclose(honest[0].tensors[name].double(), t, atol=1e-6)  # type: ignore[index]
+        assert torch.equal(honest[0].tensors[name], honest[1].tensors[name])  # type: ignore[index]
+
+
+async def test_local_nan_is_refused_without_network(dht: Callable[[int], Awaitable[list[DHTNode]]]) -> None:
+    dht_nodes = await dht(1)
+    avs = await _averagers(dht_nodes, AveragerConfig())
+    try:
+        x = _tensors(1.0)
+        x["emb"][0, 0] = float("inf")
+        result = await avs[0].average(1, x, 1.0, time.time() + 5)
+    finally:
+        await _close(avs)
+    assert not result.ok and result.reason == "non-finite-local" and result.tensors is None
+
+
+async def test_peers_with_different_tensors_never_meet(
+    dht: Callable[[int], Awaitable[list[DHTNode]]],
+) -> None:
+    dht_nodes = await dht(2)
+    config = AveragerConfig(min_group_size=2, matchmaking_time=1.5, compression="none")
+    avs = await _averagers(dht_nodes, config)
+    try:
+        other = _tensors(2.0)
+        other["emb"] = torch.zeros(100, 17)  # one shape differs: a different schema hash, a different key
+        deadline = time.time() + 3
+        results = await asyncio.gather(
+            avs[0].average(1, _tensors(1.0), 1.0, deadline), avs[1].average(1, other, 1.0, deadline)
+        )
+    finally:
+        await _close(avs)
+    assert all(not r.ok and r.reason == "too few peers" for r in results)
+    assert all(r.group == [av.peer_id] for r, av in zip(results, avs, strict=True))
+
+
+async def test_forged_group_record_is_ignored(dht: Callable[[int], Awaitable[list[DHTNode]]]) -> None:
+    dht_nodes = await dht(1)
+    config = AveragerConfig(min_group_size=2, matchmaking_time=1.5, compression="none")
+    avs = await _averagers(dht_nodes, config)
+    try:
+        from intellect.node.allreduce import schema_hash
+
+        tensors = _tensors(1.0)
+        key = group_key("run-test", 1, 0, schema_hash(tensors))
+        victim, mallory = Identity.generate(), Identity.generate()
+        # A record naming `victim` but signed by mallory, stored under the victim's subkey.
+        rec = am.GroupRecord(
+            "run-test", 1, 0, schema_hash(tensors), victim.peer_id, "127.0.0.1", 9, time.time() + 60
+        )
+        forged = am.GroupRecord(
+            **{**rec.__dict__, "sig": mallory.sign(domains.ALLREDUCE, rec.signing_bytes())}
+        )
+        await dht_nodes[0].store(key, encode(forged), time.time() + 60, subkey=victim.peer_id)
+        assert victim.peer_id in await avs[0].board.read(key)  # the forgery is there to be read...
+        result = await avs[0].average(1, tensors, 1.0, time.time() + 3)
+    finally:
+        await _close(avs)
+    assert not result.ok and result.group == [avs[0].peer_id]  # ...and was not taken for a member
+
+
+async def test_stall_timeout_follows_measured_bandwidth(
+    dht: Callable[[int], Awaitable[list[DHTNode]]],
+) -> None:
+    dht_nodes = await dht(1)
+    avs = await _averagers(dht_nodes, AveragerConfig(compression="none", initial_bandwidth=1e6))
+    try:
+        av = avs[0]
+        slow = av.stall_timeout(10_000_000, 4)
+        av._record_throughput(1e9, 1.0)
+        fast = av.stall_timeout(10_000_000, 4)
+    finally:
+        await _close(avs)
+    # 60 MB per peer at 1 MB/s is a minute-scale budget; at 1 GB/s it shrinks to near the floor.
+    assert slow > 200 and fast < 3
