@@ -17,6 +17,8 @@ from intellect.node.dht import DhtService, process_alive
 from intellect.protocol import records
 from intellect.protocol.manifest import SignedManifest, load_manifest_toml
 
+pytestmark = pytest.mark.swarm
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-run.toml"
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
 

@@ -23,6 +23,8 @@ from intellect.protocol import records
 from intellect.protocol.codec import decode, encode
 from intellect.protocol.manifest import SignedManifest, SignedManifestMsg, load_manifest_toml, parse_manifest
 
+pytestmark = pytest.mark.swarm
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-run.toml"
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
 

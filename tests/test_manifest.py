@@ -125,7 +125,7 @@ def test_canonical_bytes_are_deterministic_and_roundtrip() -> None:
     m = load_manifest_toml(EXAMPLE)
     # Integers written where floats are expected give the same canonical form as the float spelling.
     raw = with_change("diloco.outer_lr", 0.7)
-    raw["model"]["rope_theta"] = 10000
+    raw["model"]["rope_theta"] = int(m.model.rope_theta)
     assert parse_manifest(raw).canonical_bytes() == m.canonical_bytes()
     again = Manifest.from_canonical_bytes(m.canonical_bytes())
     assert again == m and again.run_id == m.run_id
@@ -176,3 +176,19 @@ def test_model_dims_feed_the_model_config() -> None:
         "rope_theta",
         "norm_eps",
     }
+
+
+def test_example_matches_the_builtin_corpus_and_tiny_model() -> None:
+    # The example must train as-is: its shard hashes and token counts are the built-in corpus's, and its
+    # dims are the engine's "tiny" config, which builds from the manifest's dict.
+    from intellect.node.data import builtin_shards
+    from intellect.node.model import CONFIGS, ModelConfig
+    from intellect.node.tokenizer import ByteTokenizer
+
+    m = load_manifest_toml(EXAMPLE)
+    tokenizer = ByteTokenizer()
+    assert m.tokenizer.sha256 == tokenizer.sha256
+    expected = [(s.uri, s.sha256, s.tokens) for s in builtin_shards(tokenizer)]
+    assert [(s.uri, s.sha256, s.tokens) for s in m.shards] == expected
+    assert ModelConfig.from_dict(m.model.to_dict()) == CONFIGS["tiny"]
+    assert m.model.vocab_size == tokenizer.vocab_size
