@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -265,3 +266,37 @@ def test_seal_refuses_bad_seq() -> None:
     for bad in (-1, 2**64, 1.0):
         with pytest.raises(ValueError):
             seal(ALICE, RUN, Ping(1, 1.0), seq=bad, ts=NOW)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------------
+# docs/protocol.md test vectors
+
+
+def _doc_block(doc: str, title: str) -> str:
+    start = doc.index(title) + len(title)
+    end = min(i for i in (doc.find("\n\n", start), doc.find("```", start)) if i > 0)
+    return "".join(doc[start:end].split())
+
+
+def test_protocol_doc_vectors() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    ident = Identity.from_seed(bytes(range(32)))
+    assert ident.peer_id in doc and ident.to_protobuf().hex()[:72] in doc
+    ping = Ping(nonce=42, sent_at=1700000000.5)
+    assert codec.encode(ping).hex() in doc
+    data = seal(ident, "ab" * 32, ping, seq=1_700_000_000_000_000, ts=1700000000.25)
+    env = msgpack.unpackb(data, raw=False)
+    assert _doc_block(doc, "envelope (257 bytes):") == data.hex() and len(data) == 257
+    assert _doc_block(doc, "sig:") == env["sig"].hex()
+    signing_title = (
+        "signing input (after the 27-byte prefix 696e74656c6c6563742d6e6f64652f76312f656e76656c6f706500):"
+    )
+    assert _doc_block(doc, signing_title) == signing_bytes(env).hex()
+    assert (domains.ENVELOPE + b"\x00").hex() in signing_title
+    # And a peer following the document verifies it.
+    v = EnvelopeVerifier("ab" * 32)
+    assert v.open(data, now=1700000000.25).message == ping
+    vector = "83 a161 96 c40101 ff cb3ff8000000000000 a2c3a9 c0 c3 a162 01 a163 cd012c"
+    assert vector in doc
+    canonical = packb_canonical({"b": 1, "a": [b"\x01", -1, 1.5, "é", None, True], "c": 300})
+    assert canonical.hex() == vector.replace(" ", "")
