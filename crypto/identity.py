@@ -12,6 +12,7 @@ Wire formats (libp2p spec `peer-ids/peer-ids.md`):
 
 from __future__ import annotations
 
+import functools
 import os
 import stat
 from dataclasses import dataclass
@@ -50,6 +51,14 @@ def public_key_from_peer_id(peer_id: str) -> Ed25519PublicKey:
     """Recover the Ed25519 public key embedded in an identity-multihash peer ID, or raise InvalidPeerId."""
     if not isinstance(peer_id, str) or not 0 < len(peer_id) <= MAX_PEER_ID_CHARS:
         raise InvalidPeerId("peer ID must be a non-empty string of at most 64 characters")
+    return _public_key_cached(peer_id)
+
+
+# Every envelope needs its sender's key (twice: sender check, then signature). Base58 decoding and key
+# parsing measured 44 us per call vs 0.1 us cached, next to ~470 us for the Ed25519 verify itself (all on
+# this 2-core machine under load 17). A run has a bounded set of senders; invalid IDs raise, uncached.
+@functools.lru_cache(maxsize=4096)
+def _public_key_cached(peer_id: str) -> Ed25519PublicKey:
     try:
         raw = base58.b58decode(peer_id)
     except ValueError:
@@ -58,7 +67,10 @@ def public_key_from_peer_id(peer_id: str) -> Ed25519PublicKey:
         raise InvalidPeerId(f"not an Ed25519 identity-multihash peer ID: {peer_id!r}")
     if raw[2:6] != _PROTO_PREFIX_PUB:
         raise InvalidPeerId(f"peer ID does not carry an Ed25519 public key: {peer_id!r}")
-    return Ed25519PublicKey.from_public_bytes(raw[6:])
+    try:
+        return Ed25519PublicKey.from_public_bytes(raw[6:])
+    except ValueError:
+        raise InvalidPeerId(f"peer ID carries an invalid Ed25519 key: {peer_id!r}") from None
 
 
 @dataclass(frozen=True, eq=False, repr=False)
