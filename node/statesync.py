@@ -42,9 +42,12 @@ from intellect.crypto.identity import Identity, verify
 from intellect.node import statehash
 from intellect.protocol.codec import decode, encode
 from intellect.protocol.errors import ProtocolError
+from intellect.protocol.gossip_messages import CheckpointAnnounce
+from intellect.protocol.records import MembershipRecord
 from intellect.protocol.sync_messages import (
     CHUNK_DOMAIN,
     MAX_CHUNK_SIZE,
+    MAX_TOTAL_BYTES,
     BadChunkEvidence,
     ChunkList,
     ChunkListRequest,
@@ -84,8 +87,61 @@ class StateSnapshot:
 
 
 @dataclass(frozen=True)
+class Vouch:
+    """One authenticated claim "`peer_id` holds state `state_hash` after `round`", whatever its source.
+
+    Sources authenticate differently: a `StateAnnounce` carries its own signature; a gossip
+    `CheckpointAnnounce` was authenticated by its envelope; a DHT `MembershipRecord` by its record signature.
+    `chunk_size`/`total_bytes` are hints (0 when the source does not say: membership records don't); the
+    state hash alone commits to the content and the chunking, and the chunk list is checked against it.
+    """
+
+    peer_id: str
+    round: int
+    state_hash: str
+    chunk_size: int = 0
+    total_bytes: int = 0
+
+    @classmethod
+    def from_announce(cls, ann: StateAnnounce, run_id: str) -> Vouch | None:
+        """The vouch of a self-signed announcement; None if it is for another run or does not verify."""
+        if ann.run_id != run_id or not ann.verify():
+            return None
+        return cls(ann.peer_id, ann.round, ann.state_hash, ann.chunk_size, ann.total_bytes)
+
+    @classmethod
+    def from_checkpoint(cls, sender: str, msg: CheckpointAnnounce) -> Vouch | None:
+        """The vouch of a gossip `CheckpointAnnounce` whose envelope verified as coming from `sender`."""
+        if not _valid_hash(msg.state_hash) or msg.round < 0:
+            return None
+        size_ok = 0 < msg.chunk_size <= MAX_CHUNK_SIZE and 0 < msg.num_bytes <= MAX_TOTAL_BYTES
+        if not size_ok:
+            return cls(sender, msg.round, msg.state_hash)
+        return cls(sender, msg.round, msg.state_hash, msg.chunk_size, msg.num_bytes)
+
+    @classmethod
+    def from_membership(cls, rec: MembershipRecord) -> Vouch | None:
+        """The vouch of a verified DHT membership record; None when it names no state hash."""
+        if not _valid_hash(rec.state_hash):
+            return None
+        return cls(rec.peer_id, rec.round, rec.state_hash)
+
+
+def _valid_hash(h: str) -> bool:
+    return len(h) == 64 and all(c in "0123456789abcdef" for c in h)
+
+
+def checkpoint_announce(ann: StateAnnounce) -> CheckpointAnnounce:
+    """The gossip payload (topic `checkpoint`) that tells the same thing as `ann`."""
+    return CheckpointAnnounce(ann.round, ann.state_hash, ann.total_bytes, ann.chunk_size)
+
+
+@dataclass(frozen=True)
 class SyncTarget:
-    """The state a downloader goes for, and the distinct peers that announced it."""
+    """The state a downloader goes for, and the distinct peers that vouched for it.
+
+    `chunk_size`/`total_bytes` are what most of those peers claimed (0 when none said).
+    """
 
     round: int
     state_hash: str
@@ -94,27 +150,31 @@ class SyncTarget:
     peers: tuple[str, ...]
 
 
-def pick_target(announcements: Iterable[StateAnnounce], run_id: str) -> SyncTarget | None:
-    """The (round, hash) announced by the most distinct peers of `run_id`; ties go to the higher round.
+def pick_target(vouches: Iterable[Vouch | StateAnnounce], run_id: str) -> SyncTarget | None:
+    """The (round, hash) vouched for by the most distinct peers; ties go to the higher round.
 
-    Only announcements with a valid signature count, and each peer counts once, for its highest round
-    (a peer that announced twice has moved on). Further ties break on the hash, so every node picks the
-    same target from the same announcements. None when there is nothing valid to pick.
+    `StateAnnounce`s count only with a valid signature for `run_id`; `Vouch`es are taken as authenticated
+    by their source. Each peer counts once, for its highest round (a peer that announced twice has moved
+    on). Further ties break on the hash, so every node picks the same target from the same input. None when
+    there is nothing valid to pick.
     """
-    latest: dict[str, StateAnnounce] = {}
-    for ann in announcements:
-        if ann.run_id != run_id or not ann.verify():
+    latest: dict[str, Vouch] = {}
+    for item in vouches:
+        vouch = Vouch.from_announce(item, run_id) if isinstance(item, StateAnnounce) else item
+        if vouch is None or not _valid_hash(vouch.state_hash):
             continue
-        prev = latest.get(ann.peer_id)
-        if prev is None or ann.round > prev.round:
-            latest[ann.peer_id] = ann
-    votes: dict[tuple[int, str, int, int], list[str]] = collections.defaultdict(list)
-    for ann in latest.values():
-        votes[(ann.round, ann.state_hash, ann.chunk_size, ann.total_bytes)].append(ann.peer_id)
+        prev = latest.get(vouch.peer_id)
+        if prev is None or vouch.round > prev.round:
+            latest[vouch.peer_id] = vouch
+    votes: dict[tuple[int, str], list[Vouch]] = collections.defaultdict(list)
+    for vouch in latest.values():
+        votes[(vouch.round, vouch.state_hash)].append(vouch)
     if not votes:
         return None
     key = max(votes, key=lambda k: (len(votes[k]), k[0], k[1]))
-    return SyncTarget(key[0], key[1], key[2], key[3], tuple(sorted(votes[key])))
+    sizes = collections.Counter((v.chunk_size, v.total_bytes) for v in votes[key] if v.chunk_size)
+    chunk_size, total = max(sizes, key=lambda k: (sizes[k], k)) if sizes else (0, 0)
+    return SyncTarget(key[0], key[1], chunk_size, total, tuple(sorted(v.peer_id for v in votes[key])))
 
 
 @dataclass
@@ -335,11 +395,22 @@ class StateServer:
 class _PeerFailed(Exception):
     """A request to one peer failed; `bad` when the peer misbehaved rather than being unavailable."""
 
-    def __init__(self, reason: str, bad: bool = False, evidence: BadChunkEvidence | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        bad: bool = False,
+        evidence: BadChunkEvidence | None = None,
+        fatal: bool = False,
+        busy: bool = False,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.bad = bad
         self.evidence = evidence
+        #: Asking this peer again is pointless (it no longer holds the state, or refuses us).
+        self.fatal = fatal or bad
+        #: The peer is at its concurrency limit: back off and retry.
+        self.busy = busy
 
 
 async def _request(p2p: P2P, peer: str, request: ChunkListRequest | ChunkRequest, timeout: float) -> object:
@@ -367,15 +438,16 @@ async def _request(p2p: P2P, peer: str, request: ChunkListRequest | ChunkRequest
 def _refusal(reply: object) -> _PeerFailed | None:
     if isinstance(reply, SyncError):
         try:
-            code = SyncErrorCode(reply.code).name
+            code = SyncErrorCode(reply.code)
         except ValueError:
-            code = str(reply.code)
-        return _PeerFailed(f"refused: {code} {reply.detail[:80]}")
+            return _PeerFailed(f"refused with unknown code {reply.code}", fatal=True)
+        busy = code is SyncErrorCode.BUSY
+        return _PeerFailed(f"refused: {code.name} {reply.detail[:80]!r}", fatal=not busy, busy=busy)
     return None
 
 
 async def _fetch_chunk_list(
-    p2p: P2P, target: SyncTarget, run_id: str, peer: str, timeout: float
+    p2p: P2P, target: SyncTarget, run_id: str, peer: str, timeout: float, max_bytes: int
 ) -> ChunkList:
     reply = await _request(p2p, peer, ChunkListRequest(run_id, target.state_hash), timeout)
     refusal = _refusal(reply)
@@ -383,15 +455,16 @@ async def _fetch_chunk_list(
         raise refusal
     if not isinstance(reply, ChunkList):
         raise _PeerFailed(f"answered a chunk-list request with {type(reply).__name__}", bad=True)
-    n = expected_chunks(target.total_bytes, target.chunk_size)
+    hinted = target.chunk_size > 0
     if (
         reply.state_hash != target.state_hash
-        or reply.chunk_size != target.chunk_size
-        or reply.total_bytes != target.total_bytes
-        or len(reply.hashes) != n
+        or not 0 < reply.chunk_size <= MAX_CHUNK_SIZE
+        or not 0 < reply.total_bytes <= max_bytes
+        or (hinted and (reply.chunk_size, reply.total_bytes) != (target.chunk_size, target.total_bytes))
+        or len(reply.hashes) != expected_chunks(reply.total_bytes, reply.chunk_size)
         or statehash.merkle_root(reply.hashes).hex() != target.state_hash
     ):
-        raise _PeerFailed("chunk list does not hash to the announced state", bad=True)
+        raise _PeerFailed("chunk list does not hash to the announced state (or exceeds its limits)", bad=True)
     return reply
 
 
@@ -425,11 +498,12 @@ async def _fetch_chunk(
 
 async def fetch_state(
     p2p: P2P,
-    announcements: Iterable[StateAnnounce],
+    vouches: Iterable[Vouch | StateAnnounce],
     run_id: str,
     *,
     target: SyncTarget | None = None,
     exclude: Iterable[str] = (),
+    max_bytes: int = MAX_TOTAL_BYTES,
     streams_per_peer: int = 2,
     request_timeout: float = 30.0,
     timeout: float = 600.0,
@@ -438,13 +512,15 @@ async def fetch_state(
 ) -> StateSnapshot:
     """Download and verify the state most peers vouch for (or `target`); raise `StateSyncError` if impossible.
 
-    `exclude` lists peers not to ask (ourselves, peers already known to be bad). `report`, when given, is
-    filled with per-peer bytes, dropped peers and evidence, also when the sync fails.
+    `vouches` are authenticated claims (`Vouch.from_*`) or self-signed `StateAnnounce`s. `exclude` lists
+    peers not to ask (ourselves, peers already known to be bad); `max_bytes` bounds the state we agree to
+    hold in memory. `report`, when given, is filled with per-peer bytes, dropped peers and evidence, also
+    when the sync fails. Nothing unverified is ever returned.
     """
     report = report if report is not None else SyncReport()
     started = time.monotonic()
     if target is None:
-        target = pick_target(announcements, run_id)
+        target = pick_target(vouches, run_id)
     if target is None:
         raise StateSyncError("no valid state announcement to sync from")
     report.target = target
@@ -452,8 +528,7 @@ async def fetch_state(
     peers = [p for p in target.peers if p not in excluded]
     random.shuffle(peers)  # spread the chunk-list load; the result is verified either way
     log.info(
-        "syncing state of round %d (%s…, %d bytes) from %d peers",
-        target.round, target.state_hash[:12], target.total_bytes, len(peers),
+        "syncing state of round %d (%s…) from %d peers", target.round, target.state_hash[:12], len(peers)
     )
 
     def drop(peer: str, failure: _PeerFailed) -> None:
@@ -467,29 +542,42 @@ async def fetch_state(
             log.info("state server %s unavailable: %s", peer, failure.reason)
             report.unavailable.setdefault(peer, failure.reason)
 
+    blob: bytes | None = None
+    chunk_list: ChunkList | None = None
     try:
         async with asyncio.timeout(timeout):
-            chunk_list: ChunkList | None = None
-            for peer in peers:
+            for list_peer in peers:
+                if list_peer in report.bad_peers or list_peer in report.unavailable:
+                    continue
                 try:
-                    chunk_list = await _fetch_chunk_list(p2p, target, run_id, peer, request_timeout)
-                    break
+                    chunk_list = await _fetch_chunk_list(
+                        p2p, target, run_id, list_peer, request_timeout, max_bytes
+                    )
                 except _PeerFailed as failure:
-                    drop(peer, failure)
-            if chunk_list is None:
-                raise StateSyncError("no peer supplied a chunk list matching the announced state")
-            blob = await _download(p2p, target, run_id, chunk_list.hashes, peers, report, drop,
-                                   streams_per_peer, request_timeout, max_transient_failures)
+                    if failure.fatal:
+                        drop(list_peer, failure)
+                    continue
+                blob = await _download(
+                    p2p, target, run_id, chunk_list.hashes, peers, report, drop,
+                    streams_per_peer, request_timeout, max_transient_failures,
+                )
+                # Every chunk matched its digest, so the digests (under the announced root) are right;
+                # only the list's claimed chunking can still be wrong. Checking the whole catches it (and
+                # any assembly bug): then the list's provider lied, not the chunk servers.
+                whole = await asyncio.to_thread(statehash.blob_state_hash, blob, chunk_list.chunk_size)
+                if len(blob) == chunk_list.total_bytes and whole == target.state_hash:
+                    break
+                drop(list_peer, _PeerFailed("chunk list misstates the chunk size or length", bad=True))
+                blob = None
     except TimeoutError:
         raise StateSyncError(f"state sync did not finish within {timeout:.0f}s") from None
     finally:
         report.seconds = time.monotonic() - started
-
-    # Each chunk was checked already; the whole is checked again so that a bug in assembly can never
-    # hand out unverified bytes.
-    whole = await asyncio.to_thread(statehash.blob_state_hash, blob, target.chunk_size)
-    if whole != target.state_hash:
-        raise StateSyncError(f"assembled state hashes to {whole}, expected {target.state_hash}")
+    if blob is None:
+        raise StateSyncError(
+            "no peer supplied a chunk list matching the announced state "
+            f"(bad: {sorted(report.bad_peers)}, unavailable: {sorted(report.unavailable)})"
+        )
     try:
         tensors = await asyncio.to_thread(statehash.deserialize_state, blob)
     except Exception as e:  # safetensors raises its own error types on a malformed header
@@ -541,8 +629,11 @@ async def _download(
             except _PeerFailed as failure:
                 queue.put_nowait(index)
                 report.refetched += 1
+                if failure.busy:
+                    await asyncio.sleep(random.uniform(0.05, 0.25))
+                    continue
                 failures[peer] += 1
-                if failure.bad or failures[peer] >= max_transient_failures:
+                if failure.fatal or failures[peer] >= max_transient_failures:
                     dead.add(peer)
                     drop(peer, failure)
                 continue

@@ -222,3 +222,32 @@ async def test_malformed_requests_dropped_and_server_keeps_serving(tmp_path: Pat
         assert server.stats.malformed == 3
         got = await fetch_state(dave, anns, RUN, timeout=60)
         assert got.state_hash == snap.state_hash
+
+
+async def test_sync_from_unhinted_vouches_and_a_server_that_moved_on(tmp_path: Path) -> None:
+    from intellect.node.statesync import Vouch
+
+    snap = _state(8)
+    async with swarm(tmp_path, [StateServer] * 2, [snap] * 2) as (dave, servers, anns):
+        # Server 0 publishes two newer rounds; with keep=2 it no longer holds `snap`.
+        for r in (4, 5):
+            await servers[0].publish(_state(100 + r, round_=r))
+        # DHT-style vouches: no chunk size or length hints; the chunk list supplies them, checked.
+        vouches = [Vouch(a.peer_id, a.round, a.state_hash) for a in anns]
+        report = SyncReport()
+        got = await fetch_state(dave, vouches, RUN, report=report, timeout=60)
+        assert statehash.state_hash(got.tensors, CHUNK) == snap.state_hash
+        moved_on = servers[0].identity.peer_id
+        assert moved_on not in report.bad_peers  # not misbehaviour, just no longer available
+        assert moved_on not in report.bytes_from
+        assert servers[0].stats.unknown_state >= 1
+
+
+async def test_busy_server_is_retried_not_dropped(tmp_path: Path) -> None:
+    snap = _state(9)
+    async with swarm(tmp_path, [StateServer], [snap]) as (dave, servers, anns):
+        servers[0]._slots = 1  # one request at a time; four parallel streams will hit BUSY
+        report = SyncReport()
+        got = await fetch_state(dave, anns, RUN, report=report, streams_per_peer=4, timeout=60)
+        assert got.state_hash == snap.state_hash
+        assert not report.bad_peers and not report.unavailable

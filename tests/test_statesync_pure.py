@@ -130,3 +130,26 @@ def test_evidence_checks_only_a_signed_wrong_digest() -> None:
     honest = dataclasses.replace(evidence, digest=hashes[2], sig=good.sig)
     assert not check_evidence(honest, hashes, root)
     assert not check_evidence(evidence, hashes[:-1], statehash.merkle_root(hashes[:-1]))
+
+
+def test_vouches_from_gossip_and_membership_count_with_announcements() -> None:
+    import time
+
+    from intellect.node.statesync import Vouch, checkpoint_announce
+    from intellect.protocol.records import MembershipRecord
+
+    signed = ann(0, 7, H1, chunk=4096, total=9000)
+    gossip = Vouch.from_checkpoint(IDS[1].peer_id, checkpoint_announce(signed))
+    now = time.time()
+    rec = MembershipRecord(RUN, IDS[2].peer_id, (), "", 7, 1.0, "trainer", H1, now, now + 60)
+    member = Vouch.from_membership(rec)
+    assert gossip is not None and member is not None
+    assert (member.chunk_size, member.total_bytes) == (0, 0)  # the DHT record gives no sizes
+    target = pick_target([signed, gossip, member, ann(3, 8, H2), ann(4, 8, H2)], RUN)
+    assert target is not None
+    assert (target.round, target.state_hash, target.chunk_size, target.total_bytes) == (7, H1, 4096, 9000)
+    assert len(target.peers) == 3
+    # A record without a state hash, or a gossip payload with a malformed one, vouches for nothing.
+    assert Vouch.from_membership(dataclasses.replace(rec, state_hash="")) is None
+    bad = dataclasses.replace(checkpoint_announce(signed), state_hash="zz")
+    assert Vouch.from_checkpoint(IDS[1].peer_id, bad) is None
