@@ -192,6 +192,10 @@ class DhtService:
         self._node: DHTNode | None = None
         self._tmpdir: tempfile.TemporaryDirectory[str] | None = None
         self.visible_maddrs: list[str] = []
+        #: Manifests this node published: run_id -> (signed manifest, ttl, time of last store). Storing a
+        #: membership record for such a run re-publishes its manifest once a third of the TTL has passed,
+        #: so a run stays listed as long as anyone trains on it, even after its researcher went offline.
+        self._published: dict[str, tuple[SignedManifest, float, float]] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -224,6 +228,22 @@ class DhtService:
         path = Path(arg) if arg is not None else self.config.identity_path
         return Identity.load(path), path
 
+    async def _create_p2p(self, bootstrap: list[str] | None, key_path: Path) -> P2P:
+        cfg = self.config
+        return await P2P.create(
+            initial_peers=bootstrap,
+            host_maddrs=list(cfg.listen),
+            announce_maddrs=list(cfg.announce) or None,
+            identity_path=str(key_path),
+            use_relay=cfg.use_relay,
+            use_auto_relay=cfg.use_auto_relay,
+            dht_mode="client" if cfg.client_mode else "server",
+            # hivemind's "is this identity already online" probe parses only RSA key files (it raises on
+            # our Ed25519 key), so it is off; two nodes sharing a key is an operator error.
+            check_if_identity_free=False,
+            startup_timeout=self._startup_timeout,
+        )
+
     async def start(self) -> None:
         """Start p2pd with our key, join the DHT through `config.bootstrap`, learn our visible addresses."""
         identity, key_path = self._identity_file()
@@ -231,25 +251,24 @@ class DhtService:
         cfg = self.config
         bootstrap = list(cfg.bootstrap) or None
         t0 = time.monotonic()
+        # P2P.create spawns p2pd and then waits for it; cancelled in between (Ctrl-C while starting), it
+        # would leave p2pd running with nobody holding its handle. So it runs shielded: a cancellation
+        # waits (bounded by the startup timeout) for the daemon to be up, shuts it down, then propagates.
+        creating = asyncio.ensure_future(self._create_p2p(bootstrap, key_path))
         try:
-            self._p2p = await P2P.create(
-                initial_peers=bootstrap,
-                host_maddrs=list(cfg.listen),
-                announce_maddrs=list(cfg.announce) or None,
-                identity_path=str(key_path),
-                use_relay=cfg.use_relay,
-                use_auto_relay=cfg.use_auto_relay,
-                dht_mode="client" if cfg.client_mode else "server",
-                # hivemind's "is this identity already online" probe parses only RSA key files (it
-                # raises on our Ed25519 key), so it is off; two nodes sharing a key is an operator error.
-                check_if_identity_free=False,
-                startup_timeout=self._startup_timeout,
-            )
+            p2p = await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                late = await asyncio.wait_for(creating, self._startup_timeout + 5.0)
+                await asyncio.wait_for(late.shutdown(), SHUTDOWN_TIMEOUT_S)
+            self._cleanup_tmp()
+            raise
         except Exception as e:  # hivemind raises P2PDaemonError, AssertionError, ValueError…
             self._cleanup_tmp()
             raise DhtError(f"p2p daemon failed to start: {e}") from e
+        self._p2p = p2p
         try:
-            got = self._p2p.peer_id.to_base58()
+            got = p2p.peer_id.to_base58()
             if got != identity.peer_id:
                 raise DhtError(f"p2p daemon reports peer ID {got}, our key file says {identity.peer_id}")
             self._node = await DHTNode.create(
@@ -260,7 +279,7 @@ class DhtService:
                 wait_timeout=self._wait_timeout,
                 bootstrap_timeout=self._bootstrap_timeout,
             )
-            self.visible_maddrs = [str(m) for m in await self._p2p.get_visible_maddrs(latest=True)]
+            self.visible_maddrs = [str(m) for m in await p2p.get_visible_maddrs(latest=True)]
         except BaseException as e:
             await self._shutdown_p2p()
             self._cleanup_tmp()
@@ -341,6 +360,7 @@ class DhtService:
             raise ValueError("refusing to publish a manifest whose signature does not verify")
         ttl = min(ttl, records.MAX_MANIFEST_TTL_S)
         self.validator.watch_run(signed.run_id)
+        self._published[signed.run_id] = (signed, ttl, time.monotonic())
         return bool(
             await self.node.store(
                 records.RUNS_KEY, signed.to_bytes(), time.time() + ttl, subkey=signed.run_id
@@ -380,11 +400,16 @@ class DhtService:
         """Store our signed membership record (from `records.seal_membership`) until its signed expiry."""
         rec = records.open_membership(signed_record)
         self.validator.watch_run(rec.run_id)
-        return bool(
+        ok = bool(
             await self.node.store(
                 records.members_key(rec.run_id), signed_record, rec.expires_at, subkey=rec.peer_id
             )
         )
+        published = self._published.get(rec.run_id)
+        stale = published is not None and time.monotonic() - published[2] > published[1] / 3
+        if published is not None and stale and not await self.publish_manifest(published[0], published[1]):
+            logger.warning("re-publishing the manifest of run %s was not accepted", rec.run_id[:12])
+        return ok
 
     async def get_members(self, run_id: str, latest: bool = True) -> list[records.MembershipRecord]:
         """Live, verified members of a run (expired and unverifiable entries dropped and logged)."""

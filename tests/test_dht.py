@@ -105,3 +105,17 @@ async def test_membership_found_through_bootstrap_only(trio: tuple[DhtService, .
         assert all(m.round == 3 and m.maddrs for m in members)
     finally:
         await dave.stop()
+
+
+async def test_members_keep_a_published_manifest_alive(trio: tuple[DhtService, ...]) -> None:
+    alice, bob, carol = trio
+    assert bob.identity is not None
+    signed = SignedManifest.sign(load_manifest_toml(EXAMPLE), Identity.generate())
+    assert await bob.publish_manifest(signed, ttl=3.0)
+    await asyncio.sleep(1.2)  # past a third of the manifest's TTL
+    now = time.time()
+    rec = records.MembershipRecord(signed.run_id, bob.peer_id, (), "", 0, 0.0, "trainer", "", now, now + 60)
+    assert await bob.store_membership(records.seal_membership(bob.identity, rec))
+    await asyncio.sleep(2.5)  # the first publication has expired by now
+    runs, _ = await carol.get_manifests()
+    assert [r.run_id for r in runs] == [signed.run_id]
