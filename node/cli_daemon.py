@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -74,7 +76,15 @@ def start(
     )
     setup_logging(config.log_format, config.log_level)
     options = DaemonOptions(max_rounds=max_rounds, min_peers=min_peers)
-    sys.exit(run_daemon(config, options))
+    code = run_daemon(config, options)
+    # The daemon has already stopped and reaped everything it started. Leave now rather than through the
+    # interpreter's finalization: that resets signal handlers to their defaults first, so a second Ctrl-C
+    # arriving during it (torch's and hivemind's teardown take a while) would kill us with -SIGINT instead
+    # of the documented exit code.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 def _fmt_status(s: dict[str, Any]) -> str:

@@ -45,6 +45,7 @@ from intellect.node.logs import LoopLagCanary
 from intellect.node.status import HTTP_PORT_FILE, AllReduceOutcome, NodeStatus, StatusServer, SyncOutcome
 
 if TYPE_CHECKING:
+    from intellect.node.averaging import AveragerConfig
     from intellect.node.data import TokenStream
     from intellect.node.dht import DhtService
     from intellect.node.gossip import GossipService
@@ -78,11 +79,14 @@ class DaemonOptions:
 
 
 class _ChildRegistry:
-    """Where to find the PIDs of the child processes we started (p2pd, gossip child; a child may be
-    restarted, so we keep getters rather than PIDs) for the last-resort kill."""
+    """Where to find the PIDs of the child processes we started (p2pd, gossip child) for the last-resort
+    kill. A child may be restarted, so we keep getters rather than PIDs, and remember the last PID each
+    getter gave: a service that is shutting down forgets its child's handle before the child has exited,
+    which is exactly when a second Ctrl-C arrives."""
 
     def __init__(self) -> None:
         self._getters: list[Callable[[], int | None]] = []
+        self._last: dict[int, int] = {}
         self._lock = threading.Lock()
 
     def add(self, getter: Callable[[], int | None]) -> None:
@@ -91,19 +95,45 @@ class _ChildRegistry:
 
     def pids(self) -> list[int]:
         with self._lock:
-            getters = list(self._getters)
+            getters = list(enumerate(self._getters))
         out = []
-        for get in getters:
+        for i, get in getters:
+            pid = None
             with contextlib.suppress(Exception):  # a getter on a half-torn-down service may raise anything
                 pid = get()
-                if pid:
-                    out.append(pid)
+            if pid:
+                self._last[i] = pid
+            pid = pid or self._last.get(i)
+            if pid:
+                out.append(pid)
         return out
 
     def kill_all(self) -> None:
-        for pid in self.pids():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        """SIGKILL every registered child, and every other direct child of ours (a p2p daemon that was
+        still starting when we were told to die has no registered handle yet). A remembered PID is killed
+        only while it is still our child, so a recycled PID is never hit."""
+        me = os.getpid()
+        for pid in {*self.pids(), *_direct_children(me)}:
+            if _parent_of(pid) == me:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(") ", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _direct_children(pid: int) -> list[int]:
+    """Our live children, from /proc (Linux; elsewhere only the registered PIDs are killed)."""
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    return [int(e) for e in entries if _parent_of(int(e)) == pid]
 
 
 class StopRequested(Exception):
@@ -400,7 +430,12 @@ class RunService:
         self.state_hash = ""
         self.announced: dict[str, _Announced] = {}
         self.members: list[str] = []
+        #: Last completed round of each member, from its DHT membership record.
+        self.member_rounds: dict[str, int] = {}
         self._new_announcement = asyncio.Event()
+        #: Seconds between one peer's announcements of consecutive rounds (a moving average), i.e. how
+        #: long a round of the others takes; bounds how long a laggard waits for their next one.
+        self._round_period: float | None = None
         self._chunk_steps = 1
         self._pending_commit: asyncio.Future[Any] | None = None
         self._last_stats: Any = None
@@ -490,7 +525,14 @@ class RunService:
         self._publish_status_state()
         async with StateServer(self.dht.p2p, self.identity, self.run_id, admitted=self._admitted) as server:
             self.server = server
-            self.averager = Averager(self.dht, self.identity, self.signed, admitted=self._admitted)
+            self.averager = Averager(
+                self.dht,
+                self.identity,
+                self.run_id,
+                self._averager_config(),
+                listen_host=self._listen_host(),
+                announce_host=self._public_host(),
+            )
             async with self.averager:
                 await self._announce_state()
                 async with asyncio.TaskGroup() as tg:
@@ -506,6 +548,31 @@ class RunService:
                         await self._leave()
                         for t in tasks:
                             t.cancel()
+
+    def _averager_config(self) -> AveragerConfig:
+        from intellect.node.averaging import AveragerConfig
+
+        a = self.manifest.averaging
+        return AveragerConfig(
+            min_group_size=a.min_group,
+            target_group_size=a.group_size,
+            matchmaking_time=a.matchmaking_s,
+            compression=a.compression,
+            max_weight=float(self.manifest.max_tokens_per_round()),
+        )
+
+    def _listen_host(self) -> str:
+        """Where our all-reduce data plane listens: everywhere when the p2p daemon does, else loopback."""
+        return "0.0.0.0" if any(m.startswith("/ip4/0.0.0.0/") for m in self.config.listen) else "127.0.0.1"
+
+    def _public_host(self) -> str:
+        """The IPv4 address others reach our data plane at: an announced one, else a visible non-loopback
+        one, else loopback (a local swarm)."""
+        for maddr in (*self.config.announce, *self.dht.visible_maddrs):
+            parts = maddr.split("/")
+            if len(parts) > 2 and parts[1] == "ip4" and parts[2] not in ("0.0.0.0", "127.0.0.1"):
+                return parts[2]
+        return "127.0.0.1"
 
     def _admitted(self, peer: str) -> bool:
         return is_admitted(self.manifest, self.signed.researcher, peer, self.members_tickets.get(peer, b""))
@@ -554,32 +621,49 @@ class RunService:
         return max(votes[key], key=lambda a: a.received_at)
 
     async def _catch_up(self) -> None:
-        """Sync from peers when they announced a later round than ours (newcomer, laggard, failed round).
+        """Sync from peers when they are at a later round than ours (newcomer, laggard, failed round).
 
-        Others start their next round right after announcing; to join it in step we sync an announcement
-        that is fresh (heard within half the matchmaking window), else wait (bounded) for the next one.
+        How far the run is comes from the DHT membership records (the source of truth) and gossip; what to
+        download comes from gossip checkpoint announcements. Others start their next round right after
+        announcing, so to join that round in step we sync an announcement that is fresh (heard within half
+        the matchmaking window), else wait (bounded) for the next one.
         """
+        await self._refresh_members()
         target = self._target()
-        if target is None or target.round <= self.round:
+        ahead = max([r for p, r in self.member_rounds.items() if p != self.identity.peer_id], default=0)
+        if target is not None:
+            ahead = max(ahead, target.round)
+        if ahead <= self.round:
             return
         fresh_s = max(1.0, self.manifest.averaging.matchmaking_s / 2)
-        if time.time() - target.received_at > fresh_s:
+        if target is None or target.round < ahead or time.time() - target.received_at > fresh_s:
             self.status.phase = "waiting-for-round"
-            self._new_announcement.clear()
-            wait_s = self.manifest.averaging.round_deadline_s + 30.0
             logger.info(
-                "peers are at round %d, we are at %d: waiting for their next round", target.round, self.round
+                "peers are at round %d, we are at %d: waiting for their next announcement", ahead, self.round
             )
+            self._new_announcement.clear()
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait_s):
+                async with asyncio.timeout(self._catch_up_wait_s()):
                     while True:
                         await self._new_announcement.wait()
                         self._new_announcement.clear()
                         newer = self._target()
-                        if newer is not None and newer.round > target.round:
+                        if newer is not None and newer.round >= ahead and time.time() - newer.received_at < 1:
                             break
-            target = self._target() or target
+            target = self._target()
+            if target is None or target.round <= self.round:
+                logger.warning("no usable state announcement from peers ahead of us; training on")
+                return
         await self._sync(target)
+
+    def _catch_up_wait_s(self) -> float:
+        """How long to wait for a fresh announcement before syncing a stale one: about two of the others'
+        rounds when we have seen how long theirs take (if none comes by then they have probably stopped,
+        and a stale state is still better than ours), else the round deadline."""
+        bound = self.manifest.averaging.round_deadline_s + 30.0
+        if self._round_period is None:
+            return bound
+        return min(bound, 2.0 * self._round_period + self.manifest.averaging.matchmaking_s)
 
     async def _sync(self, target: _Announced) -> None:
         from intellect.node.statesync import StateSyncError, SyncReport, SyncTarget, fetch_state
@@ -684,8 +768,8 @@ class RunService:
             r, delta, weight=float(stats.tokens), deadline=time.time() + m.averaging.round_deadline_s
         )
         seconds = time.monotonic() - t0
-        self.status.bytes_sent += int(getattr(result, "bytes_sent", 0))
-        self.status.bytes_received += int(getattr(result, "bytes_received", 0))
+        self.status.bytes_sent += self._allreduce_bytes(result, "bytes_sent", delta)
+        self.status.bytes_received += self._allreduce_bytes(result, "bytes_received", delta)
         self.status.last_allreduce = AllReduceOutcome(
             r, result.ok, seconds, len(result.group), result.reason or "", time.time()
         )
@@ -735,6 +819,19 @@ class RunService:
         )
         await self._announce_state()
         await self._publish_progress()
+
+    def _allreduce_bytes(self, result: Any, field: str, delta: dict[str, Any]) -> int:
+        """Bytes one all-reduce moved: the averager's own count when it reports one, else the butterfly's
+        volume (2·(N−1)/N of the compressed payload each way), which is what the data plane sends."""
+        counted = getattr(result, field, None)
+        if counted is not None:
+            return int(counted)
+        if not result.ok:
+            return 0
+        n = len(result.group)
+        numel = sum(int(t.numel()) for t in delta.values())
+        per_value = {"none": 4.0, "fp16": 2.0}.get(self.manifest.averaging.compression, 1.0 + 4.0 / 256)
+        return int(2 * (n - 1) / n * numel * per_value)
 
     def _commit(self, r: int, avg: Any, stats: Any) -> None:
         self.outer.step(avg)
@@ -823,6 +920,7 @@ class RunService:
             if not is_admitted(self.manifest, self.signed.researcher, rec.peer_id, rec.ticket):
                 continue
             members.append(rec.peer_id)
+            self.member_rounds[rec.peer_id] = rec.round
             if rec.ticket:
                 self.members_tickets[rec.peer_id] = rec.ticket
             if rec.gossip_addr and rec.peer_id != self.identity.peer_id:
@@ -850,8 +948,14 @@ class RunService:
             async for sender, msg in sub:
                 if sender == self.identity.peer_id:
                     continue
+                now_ = time.time()
+                prev = self.announced.get(sender)
+                if prev is not None and msg.round == prev.round + 1:
+                    gap = now_ - prev.received_at
+                    p = self._round_period
+                    self._round_period = gap if p is None else 0.7 * p + 0.3 * gap
                 self.announced[sender] = _Announced(
-                    msg.round, msg.state_hash, msg.num_bytes, msg.chunk_size, time.time()
+                    msg.round, msg.state_hash, msg.num_bytes, msg.chunk_size, now_
                 )
                 self._new_announcement.set()
 
@@ -939,6 +1043,15 @@ async def _main(config: NodeConfig, options: DaemonOptions) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+            # The loop is closing but the process is not gone yet: a signal now (the "second Ctrl-C" of
+            # someone whose first one just finished the shutdown) must still exit at once and quietly,
+            # not raise KeyboardInterrupt in the interpreter's teardown (exit status -2).
+            signal.signal(sig, _late_signal)
+
+
+def _late_signal(signum: int, frame: object) -> None:
+    logging.shutdown()
+    os._exit(EXIT_FORCED)
 
 
 def append_round_log(data_dir: Path, entry: dict[str, Any]) -> None:

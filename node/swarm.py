@@ -173,7 +173,12 @@ class Swarm:
         if max_rounds is not None:
             args += ["--max-rounds", str(max_rounds)]
         args += list(extra_args)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("INTELLECT_NODE_")}
+        # A stray INTELLECT_NODE_* of the caller must not reach the peers (only the log level may).
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("INTELLECT_NODE_") or k == "INTELLECT_NODE_LOG_LEVEL"
+        }
         env.update(_PEER_ENV)
         log_path = self.workdir / f"{name}.log"
         with open(log_path, "ab") as log:
