@@ -113,6 +113,9 @@ class AverageResult:
     seconds: float = 0.0
     #: Peers dropped this round for misbehaviour (non-finite or malformed parts).
     excluded: tuple[str, ...] = ()
+    #: Data-plane payload bytes this node sent and received in the attempt that completed (0 otherwise).
+    bytes_sent: int = 0
+    bytes_received: int = 0
 
 
 class GroupBoard(Protocol):
@@ -373,6 +376,8 @@ class Averager:
                     outcome.total_weight,
                     attempt + 1,
                     excluded=tuple(sorted(excluded)),
+                    bytes_sent=outcome.bytes_sent,
+                    bytes_received=outcome.bytes_received,
                 ),
                 start,
             )

@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from intellect.node.data import TokenStream
     from intellect.node.dht import DhtService
     from intellect.node.gossip import GossipService
+    from intellect.node.statesync import SyncTarget
     from intellect.protocol.manifest import Manifest, SignedManifest
 
 logger = logging.getLogger("intellect.node.daemon")
@@ -292,11 +293,12 @@ TRAIN_CHUNK_S = 1.0
 
 
 def load_run_manifest(path: Path | None = None) -> Manifest:
-    """The tiny demo run: `path`, or `examples/tiny-run.toml` of this checkout when it exists."""
+    """The run manifest at `path`, or the built-in tiny demo run (`examples/tiny-run.toml`, shipped inside
+    the package so that the demo works from a plain, non-editable install too)."""
     from intellect.protocol.manifest import load_manifest_toml
 
     if path is None:
-        path = Path(__file__).resolve().parent.parent / "examples" / "tiny-run.toml"
+        path = Path(__file__).resolve().parent / "runs" / "tiny-run.toml"
     return load_manifest_toml(path)
 
 
@@ -430,8 +432,10 @@ class RunService:
         self.state_hash = ""
         self.announced: dict[str, _Announced] = {}
         self.members: list[str] = []
-        #: Last completed round of each member, from its DHT membership record.
-        self.member_rounds: dict[str, int] = {}
+        #: Last completed round and state hash of each member, from its DHT membership record.
+        self.member_states: dict[str, tuple[int, str]] = {}
+        #: Peers caught serving state that does not match its hash: their vouches no longer count.
+        self.distrusted: set[str] = set()
         self._new_announcement = asyncio.Event()
         #: Seconds between one peer's announcements of consecutive rounds (a moving average), i.e. how
         #: long a round of the others takes; bounds how long a laggard waits for their next one.
@@ -610,33 +614,51 @@ class RunService:
             await asyncio.sleep(0.5)
         logger.warning("only %d of %d peers after %.0f s; starting anyway", len(self.members), n, timeout_s)
 
-    def _target(self) -> _Announced | None:
-        """The state most distinct peers announced (ties: higher round), like statesync.pick_target."""
-        votes: dict[tuple[int, str, int, int], list[_Announced]] = {}
-        for a in self.announced.values():
-            votes.setdefault((a.round, a.state_hash, a.num_bytes, a.chunk_size), []).append(a)
-        if not votes:
+    def _target(self) -> tuple[SyncTarget, float] | None:
+        """The state most distinct peers vouch for (ties: higher round), as `statesync.pick_target` picks
+        it from gossip announcements and DHT membership records together, and when we last heard a gossip
+        announcement of it (0.0 when only the DHT vouches: the DHT repairs lost gossip)."""
+        from intellect.node.statesync import Vouch, pick_target
+
+        me = self.identity.peer_id
+        vouches = [
+            Vouch(p, a.round, a.state_hash, a.chunk_size, a.num_bytes)
+            for p, a in self.announced.items()
+            if p not in self.distrusted
+        ]
+        vouches += [
+            Vouch(p, r, h)
+            for p, (r, h) in self.member_states.items()
+            if p != me and h and p not in self.distrusted
+        ]
+        target = pick_target(vouches, self.run_id)
+        if target is None:
             return None
-        key = max(votes, key=lambda k: (len(votes[k]), k[0], k[1]))
-        return max(votes[key], key=lambda a: a.received_at)
+        heard = [
+            a.received_at
+            for a in self.announced.values()
+            if (a.round, a.state_hash) == (target.round, target.state_hash)
+        ]
+        return target, max(heard, default=0.0)
 
     async def _catch_up(self) -> None:
         """Sync from peers when they are at a later round than ours (newcomer, laggard, failed round).
 
-        How far the run is comes from the DHT membership records (the source of truth) and gossip; what to
-        download comes from gossip checkpoint announcements. Others start their next round right after
-        announcing, so to join that round in step we sync an announcement that is fresh (heard within half
-        the matchmaking window), else wait (bounded) for the next one.
+        How far the run is and which state to fetch come from gossip checkpoint announcements and the DHT
+        membership records (the source of truth) together. Others start their next round right after
+        announcing, so to join that round in step we sync a state announced just now (within half the
+        matchmaking window), else wait (bounded) for their next announcement.
         """
         await self._refresh_members()
-        target = self._target()
-        ahead = max([r for p, r in self.member_rounds.items() if p != self.identity.peer_id], default=0)
-        if target is not None:
-            ahead = max(ahead, target.round)
+        me = self.identity.peer_id
+        ahead = max([r for p, (r, _) in self.member_states.items() if p != me], default=0)
+        found = self._target()
+        if found is not None:
+            ahead = max(ahead, found[0].round)
         if ahead <= self.round:
             return
         fresh_s = max(1.0, self.manifest.averaging.matchmaking_s / 2)
-        if target is None or target.round < ahead or time.time() - target.received_at > fresh_s:
+        if found is None or found[0].round < ahead or time.time() - found[1] > fresh_s:
             self.status.phase = "waiting-for-round"
             logger.info(
                 "peers are at round %d, we are at %d: waiting for their next announcement", ahead, self.round
@@ -648,13 +670,14 @@ class RunService:
                         await self._new_announcement.wait()
                         self._new_announcement.clear()
                         newer = self._target()
-                        if newer is not None and newer.round >= ahead and time.time() - newer.received_at < 1:
+                        if newer is not None and newer[0].round >= ahead and time.time() - newer[1] < 1:
                             break
-            target = self._target()
-            if target is None or target.round <= self.round:
+            await self._refresh_members()
+            found = self._target()
+            if found is None or found[0].round <= self.round:
                 logger.warning("no usable state announcement from peers ahead of us; training on")
                 return
-        await self._sync(target)
+        await self._sync(found[0])
 
     def _catch_up_wait_s(self) -> float:
         """How long to wait for a fresh announcement before syncing a stale one: about two of the others'
@@ -665,18 +688,12 @@ class RunService:
             return bound
         return min(bound, 2.0 * self._round_period + self.manifest.averaging.matchmaking_s)
 
-    async def _sync(self, target: _Announced) -> None:
-        from intellect.node.statesync import StateSyncError, SyncReport, SyncTarget, fetch_state
+    async def _sync(self, st: SyncTarget) -> None:
+        from intellect.node.statesync import StateSyncError, SyncReport, fetch_state
 
         self.status.phase = "syncing"
-        peers = tuple(
-            sorted(
-                p
-                for p, a in self.announced.items()
-                if (a.round, a.state_hash) == (target.round, target.state_hash)
-            )
-        )
-        st = SyncTarget(target.round, target.state_hash, target.chunk_size, target.num_bytes, peers)
+        peers = st.peers
+        target = st
         report = SyncReport()
         t0 = time.monotonic()
         try:
@@ -685,7 +702,7 @@ class RunService:
                 (),
                 self.run_id,
                 target=st,
-                exclude=(self.identity.peer_id,),
+                exclude=(self.identity.peer_id, *sorted(self.distrusted)),
                 report=report,
                 timeout=self.manifest.averaging.round_deadline_s + 60,
             )
@@ -696,8 +713,9 @@ class RunService:
         finally:
             self.status.bytes_received += sum(report.bytes_from.values())
             for bad in report.bad_peers:
+                logger.warning("peer %s served state that does not match its hash; no longer trusted", bad)
                 self.status.rejected["bad_state_chunk"] += 1
-                self.announced.pop(bad, None)
+                self.distrusted.add(bad)
         await asyncio.to_thread(self._load_synced, snap.tensors)
         self.round, self.state_hash = snap.round, snap.state_hash
         self._publish_status_state()
@@ -768,8 +786,8 @@ class RunService:
             r, delta, weight=float(stats.tokens), deadline=time.time() + m.averaging.round_deadline_s
         )
         seconds = time.monotonic() - t0
-        self.status.bytes_sent += self._allreduce_bytes(result, "bytes_sent", delta)
-        self.status.bytes_received += self._allreduce_bytes(result, "bytes_received", delta)
+        self.status.bytes_sent += result.bytes_sent
+        self.status.bytes_received += result.bytes_received
         self.status.last_allreduce = AllReduceOutcome(
             r, result.ok, seconds, len(result.group), result.reason or "", time.time()
         )
@@ -819,19 +837,6 @@ class RunService:
         )
         await self._announce_state()
         await self._publish_progress()
-
-    def _allreduce_bytes(self, result: Any, field: str, delta: dict[str, Any]) -> int:
-        """Bytes one all-reduce moved: the averager's own count when it reports one, else the butterfly's
-        volume (2·(N−1)/N of the compressed payload each way), which is what the data plane sends."""
-        counted = getattr(result, field, None)
-        if counted is not None:
-            return int(counted)
-        if not result.ok:
-            return 0
-        n = len(result.group)
-        numel = sum(int(t.numel()) for t in delta.values())
-        per_value = {"none": 4.0, "fp16": 2.0}.get(self.manifest.averaging.compression, 1.0 + 4.0 / 256)
-        return int(2 * (n - 1) / n * numel * per_value)
 
     def _commit(self, r: int, avg: Any, stats: Any) -> None:
         self.outer.step(avg)
@@ -920,7 +925,7 @@ class RunService:
             if not is_admitted(self.manifest, self.signed.researcher, rec.peer_id, rec.ticket):
                 continue
             members.append(rec.peer_id)
-            self.member_rounds[rec.peer_id] = rec.round
+            self.member_states[rec.peer_id] = (rec.round, rec.state_hash)
             if rec.ticket:
                 self.members_tickets[rec.peer_id] = rec.ticket
             if rec.gossip_addr and rec.peer_id != self.identity.peer_id:
