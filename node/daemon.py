@@ -724,7 +724,7 @@ class RunService:
             self.round, f"{len(peers)} peers", self.state_hash, seconds, time.time()
         )
         logger.info("synced state of round %d (%s) in %.2f s", self.round, self.state_hash[:12], seconds)
-        await asyncio.to_thread(self._checkpoint)
+        await asyncio.to_thread(self._checkpoint_or_log)
         append_round_log(
             self.config.data_dir,
             {
@@ -842,7 +842,26 @@ class RunService:
         self.outer.step(avg)
         self.outer.copy_to(self.model)
         self.state_hash = self._hash_now()
-        self._checkpoint(r)
+        self._checkpoint_or_log(r)
+
+    def _checkpoint_or_log(self, r: int | None = None) -> bool:
+        """Write the checkpoint; on a full or failing disk log it, count it and train on. The state is
+        still in memory (and served to peers), the previous checkpoint on disk is intact (writes are atomic),
+        and the next round's checkpoint tries again; crashing here would lose the round for nothing."""
+        from intellect.node.checkpoint import CheckpointError
+
+        try:
+            self._checkpoint(r)
+            return True
+        except (OSError, CheckpointError) as e:
+            self.status.checkpoint_errors += 1
+            logger.error(
+                "could not write the checkpoint of round %d (%s); training on with the state in memory, "
+                "the next round retries",
+                self.round if r is None else r,
+                e,
+            )
+            return False
 
     def _checkpoint(self, r: int | None = None) -> None:
         r = self.round if r is None else r
@@ -1060,10 +1079,16 @@ def _late_signal(signum: int, frame: object) -> None:
 
 
 def append_round_log(data_dir: Path, entry: dict[str, Any]) -> None:
-    """Append one completed round to `<data dir>/rounds.jsonl` (flushed, so a reader sees whole lines)."""
-    with open(Path(data_dir) / ROUNDS_LOG, "a") as f:
-        f.write(json.dumps(entry, separators=(",", ":")) + "\n")
-        f.flush()
+    """Append one completed round to `<data dir>/rounds.jsonl` (flushed, so a reader sees whole lines).
+
+    The log is for people and the swarm's summary, not state: on a full disk the line is dropped (logged),
+    training goes on."""
+    try:
+        with open(Path(data_dir) / ROUNDS_LOG, "a") as f:
+            f.write(json.dumps(entry, separators=(",", ":")) + "\n")
+            f.flush()
+    except OSError as e:
+        logger.error("could not append round %s to %s: %s", entry.get("round"), ROUNDS_LOG, e)
 
 
 def load_identity(config: NodeConfig) -> Identity:

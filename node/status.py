@@ -82,6 +82,8 @@ class NodeStatus:
     bytes_sent: int = 0
     bytes_received: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
+    #: Checkpoints that could not be written (full or failing disk); training went on.
+    checkpoint_errors: int = 0
     loop_lag_s: float = 0.0
     max_loop_lag_s: float = 0.0
     started_at: float = field(default_factory=time.time)
@@ -132,6 +134,10 @@ class _StatusCollector(Collector):
         yield gauge("allreduce_seconds", "Duration of the last all-reduce attempt.", s.last_allreduce.seconds)
         yield gauge("allreduce_ok", "1 if the last all-reduce completed, else 0.", float(s.last_allreduce.ok))
         yield gauge("loop_lag_seconds", "Last measured event-loop lag.", s.loop_lag_s)
+        yield counter(
+            "checkpoint_errors", "Checkpoints that could not be written (disk full or failing).",
+            s.checkpoint_errors,
+        )
         rej = CounterMetricFamily(
             "intellect_rejected_messages", "Peer messages dropped, by reason.", labels=["run", "reason"]
         )
