@@ -204,7 +204,13 @@ class Averager:
     # -- matchmaking -------------------------------------------------------------------------------------
 
     async def _form_group(
-        self, round: int, attempt: int, schema: str, deadline: float, excluded: set[str]
+        self,
+        round: int,
+        attempt: int,
+        schema: str,
+        deadline: float,
+        excluded: set[str],
+        overtaken: Callable[[], bool] | None = None,
     ) -> GroupSpec | None:
         key = group_key(self.run_id, round, attempt, schema)
         now = time.time()
@@ -224,6 +230,8 @@ class Averager:
             if (target and len(members) >= target) or now >= deadline:
                 break
             if now >= stop and len(members) >= self.config.min_group_size:
+                break
+            if now >= stop and overtaken is not None and overtaken():
                 break
             # Too few peers so far: keep waiting on this same key (peers that come late still find us).
             limit = stop if now < stop else deadline
@@ -284,12 +292,19 @@ class Averager:
     # -- the round -------------------------------------------------------------------------------------------
 
     async def average(
-        self, round: int, tensors: Mapping[str, torch.Tensor], weight: float, deadline: float
+        self,
+        round: int,
+        tensors: Mapping[str, torch.Tensor],
+        weight: float,
+        deadline: float,
+        overtaken: Callable[[], bool] | None = None,
     ) -> AverageResult:
         """Average `tensors` with peers of this run and round, weighted by `weight` (tokens processed).
 
         `deadline` is a Unix time (`time.time()`); the call returns by then. On `ok=False` the caller
-        keeps its global weights untouched.
+        keeps its global weights untouched. `overtaken()` says that peers have already finished this round
+        without us (they announced a later state): a lone peer then stops waiting for a group at once,
+        instead of at the deadline, and the caller can catch up.
         """
         start = time.time()
         me = self.peer_id
@@ -308,9 +323,9 @@ class Averager:
         group: list[str] = [me]
         reason = "deadline"
         while time.time() < deadline and attempt < self.config.max_attempts:
-            spec = await self._form_group(round, attempt, schema, deadline, excluded)
+            spec = await self._form_group(round, attempt, schema, deadline, excluded, overtaken)
             if spec is None:
-                reason = "too few peers"
+                reason = "overtaken" if overtaken is not None and overtaken() else "too few peers"
                 break
             group = list(spec.peer_ids)
             stall = self.stall_timeout(flat.numel(), len(group))

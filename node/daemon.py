@@ -434,8 +434,13 @@ class RunService:
         self.members: list[str] = []
         #: Last completed round and state hash of each member, from its DHT membership record.
         self.member_states: dict[str, tuple[int, str]] = {}
+        #: Training throughput (tokens/s) each member put in its DHT record.
+        self.member_throughput: dict[str, float] = {}
         #: Peers caught serving state that does not match its hash: their vouches no longer count.
         self.distrusted: set[str] = set()
+        #: Peers that said they are leaving (gossip LEAVING), until they announce a state again: their DHT
+        #: records outlive them by up to the record TTL, and must not count as holders of a state.
+        self.departed: set[str] = set()
         self._new_announcement = asyncio.Event()
         #: Seconds between one peer's announcements of consecutive rounds (a moving average), i.e. how
         #: long a round of the others takes; bounds how long a laggard waits for their next one.
@@ -507,10 +512,14 @@ class RunService:
         self.outer.copy_to(self.model)
         self.round = int(ckpt.meta["round"])
         self.state_hash = ckpt.state_hash
-        with contextlib.suppress(FileNotFoundError):
-            tr = self.trainer_store.load_latest()
-            if tr is not None and tr.meta.get("round") == self.round:
-                self.trainer.import_state(tr.tensors, tr.meta["trainer"])
+        tr = self.trainer_store.load_latest()
+        if tr is not None and tr.meta.get("round") == self.round:
+            # Each round builds a fresh data stream (its shards follow the live membership), so the saved
+            # cursor belongs to a round that is over: restore the optimizer and step, not the stream.
+            try:
+                self.trainer.import_state(tr.tensors, tr.meta["trainer"], stream=False)
+            except (ValueError, KeyError) as e:
+                logger.warning("our trainer checkpoint does not fit (%s); inner optimizer starts afresh", e)
         logger.info("resumed from our checkpoint of round %d (%s)", self.round, self.state_hash[:12])
         self.status.last_sync = SyncOutcome(self.round, "own checkpoint", self.state_hash, 0.0, time.time())
         return True
@@ -624,12 +633,10 @@ class RunService:
         vouches = [
             Vouch(p, a.round, a.state_hash, a.chunk_size, a.num_bytes)
             for p, a in self.announced.items()
-            if p not in self.distrusted
+            if self._counts(p)
         ]
         vouches += [
-            Vouch(p, r, h)
-            for p, (r, h) in self.member_states.items()
-            if p != me and h and p not in self.distrusted
+            Vouch(p, r, h) for p, (r, h) in self.member_states.items() if p != me and h and self._counts(p)
         ]
         target = pick_target(vouches, self.run_id)
         if target is None:
@@ -650,8 +657,7 @@ class RunService:
         matchmaking window), else wait (bounded) for their next announcement.
         """
         await self._refresh_members()
-        me = self.identity.peer_id
-        ahead = max([r for p, (r, _) in self.member_states.items() if p != me], default=0)
+        ahead = max(self._peer_rounds().values(), default=0)
         found = self._target()
         if found is not None:
             ahead = max(ahead, found[0].round)
@@ -679,14 +685,33 @@ class RunService:
                 return
         await self._sync(found[0])
 
+    def _counts(self, peer: str) -> bool:
+        """Whether `peer`'s claims about the state it holds count (not us, not distrusted, not gone)."""
+        return peer != self.identity.peer_id and peer not in self.distrusted and peer not in self.departed
+
+    def _peer_rounds(self) -> dict[str, int]:
+        """The latest round each other live peer claims to hold, from gossip and the DHT together."""
+        out = {p: r for p, (r, _) in self.member_states.items() if self._counts(p)}
+        for p, a in self.announced.items():
+            if self._counts(p):
+                out[p] = max(out.get(p, 0), a.round)
+        return out
+
     def _catch_up_wait_s(self) -> float:
         """How long to wait for a fresh announcement before syncing a stale one: about two of the others'
         rounds when we have seen how long theirs take (if none comes by then they have probably stopped,
         and a stale state is still better than ours), else the round deadline."""
-        bound = self.manifest.averaging.round_deadline_s + 30.0
-        if self._round_period is None:
-            return bound
-        return min(bound, 2.0 * self._round_period + self.manifest.averaging.matchmaking_s)
+        a = self.manifest.averaging
+        bound = a.round_deadline_s + 30.0
+        period = self._round_period
+        if period is None:
+            # Not seen yet (we just started): estimate a round from the throughput peers put in their
+            # signed membership records: H × batch × sequence tokens, plus matchmaking.
+            rates = sorted(t for p, t in self.member_throughput.items() if t > 0 and self._counts(p))
+            if not rates:
+                return bound
+            period = self.manifest.max_tokens_per_round() / rates[len(rates) // 2] + a.matchmaking_s
+        return min(bound, 2.0 * period + a.matchmaking_s)
 
     async def _sync(self, st: SyncTarget) -> None:
         from intellect.node.statesync import StateSyncError, SyncReport, fetch_state
@@ -712,6 +737,8 @@ class RunService:
             return
         finally:
             self.status.bytes_received += sum(report.bytes_from.values())
+            # Unreachable holders count as gone until they announce again (their DHT records linger).
+            self.departed.update(p for p in report.unavailable if p in st.peers)
             for bad in report.bad_peers:
                 logger.warning("peer %s served state that does not match its hash; no longer trusted", bad)
                 self.status.rejected["bad_state_chunk"] += 1
@@ -782,8 +809,17 @@ class RunService:
         delta = await asyncio.to_thread(self.outer.pseudo_gradient, self.model)
         self.status.phase = "averaging"
         t0 = time.monotonic()
+
+        def overtaken() -> bool:
+            # Someone still here holds a state past round r - 1: round r was averaged without us.
+            return any(rr >= r for rr in self._peer_rounds().values())
+
         result = await self.averager.average(
-            r, delta, weight=float(stats.tokens), deadline=time.time() + m.averaging.round_deadline_s
+            r,
+            delta,
+            weight=float(stats.tokens),
+            deadline=time.time() + m.averaging.round_deadline_s,
+            overtaken=overtaken,
         )
         seconds = time.monotonic() - t0
         self.status.bytes_sent += result.bytes_sent
@@ -945,6 +981,7 @@ class RunService:
                 continue
             members.append(rec.peer_id)
             self.member_states[rec.peer_id] = (rec.round, rec.state_hash)
+            self.member_throughput[rec.peer_id] = rec.throughput
             if rec.ticket:
                 self.members_tickets[rec.peer_id] = rec.ticket
             if rec.gossip_addr and rec.peer_id != self.identity.peer_id:
@@ -973,6 +1010,7 @@ class RunService:
                 if sender == self.identity.peer_id:
                     continue
                 now_ = time.time()
+                self.departed.discard(sender)
                 prev = self.announced.get(sender)
                 if prev is not None and msg.round == prev.round + 1:
                     gap = now_ - prev.received_at
@@ -997,6 +1035,7 @@ class RunService:
             async for sender, _msg in sub:
                 logger.info("peer %s is leaving", sender)
                 self.announced.pop(sender, None)
+                self.departed.add(sender)
                 self.members = [p for p in self.members if p != sender]
                 self.status.peers = len(self.members)
 

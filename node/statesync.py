@@ -556,6 +556,8 @@ async def fetch_state(
                 except _PeerFailed as failure:
                     if failure.fatal:
                         drop(list_peer, failure)
+                    elif not failure.busy:  # gone or not answering: say so, the caller stops counting on it
+                        report.unavailable.setdefault(list_peer, failure.reason)
                     continue
                 blob = await _download(
                     p2p, target, run_id, chunk_list.hashes, peers, report, drop,

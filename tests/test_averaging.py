@@ -195,3 +195,29 @@ async def test_stall_timeout_follows_measured_bandwidth(
         await _close(avs)
     # 60 MB per peer at 1 MB/s is a minute-scale budget; at 1 GB/s it shrinks to near the floor.
     assert slow > 200 and fast < 3
+
+
+async def test_lone_laggard_stops_waiting_once_overtaken(
+    dht: Callable[[int], Awaitable[list[DHTNode]]],
+) -> None:
+    """Alone in round 5's matchmaking: it waits for company until peers say they are past round 5, then
+    gives up at once (reason "overtaken") instead of holding out to the deadline."""
+    (node,) = await dht(1)
+    config = AveragerConfig(min_group_size=2, matchmaking_time=0.5, compression="none")
+    (av,) = await _averagers([node], config)
+    try:
+        t0 = time.time()
+        passed = asyncio.Event()
+        asyncio.get_running_loop().call_later(1.5, passed.set)
+        result = await asyncio.wait_for(
+            av.average(5, _tensors(1.0), 10.0, deadline=t0 + 30, overtaken=passed.is_set), 20
+        )
+        took = time.time() - t0
+        assert not result.ok and result.tensors is None
+        assert result.reason == "overtaken"
+        assert 1.4 < took < 15, took  # it waited for company first, then stopped well before the deadline
+        # Without the hint, the same lone peer reports "too few peers" at its deadline.
+        result = await av.average(6, _tensors(1.0), 10.0, deadline=time.time() + 1.0)
+        assert not result.ok and result.reason == "too few peers"
+    finally:
+        await _close([av])

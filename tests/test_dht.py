@@ -108,7 +108,7 @@ async def test_membership_found_through_bootstrap_only(trio: tuple[DhtService, .
 
 
 async def test_members_keep_a_published_manifest_alive(trio: tuple[DhtService, ...]) -> None:
-    alice, bob, carol = trio
+    _alice, bob, carol = trio
     assert bob.identity is not None
     signed = SignedManifest.sign(load_manifest_toml(EXAMPLE), Identity.generate())
     assert await bob.publish_manifest(signed, ttl=3.0)
