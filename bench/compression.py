@@ -6,7 +6,12 @@ least disturbed run). hivemind's quantizers are called the way its all-reduce ca
 `--part` values (hivemind's default part size is 512 KiB = 128K fp32 values) through `compress`/`extract`,
 which includes its protobuf serialisation, as ours includes building the `CompressedTensor`.
 
-    python bench/compression.py --json [--numel N] [--threads T] [--repeat R]
+    python bench/compression.py --json [--numel N] [--threads T] [--repeat R] [--clock wall|cpu]
+
+Every method returns a fresh fp32 tensor of the input's size, and on Linux a fresh 40 MB buffer costs
+page faults comparable to the arithmetic; `THP_MEM_ALLOC_ENABLE=1` (read by torch's CPU allocator at
+start) backs large tensors with transparent huge pages where the kernel allows it (`madvise` mode) and
+removes most of that cost for every method alike. The header line says whether it is set.
 
 The last line printed is one JSON object ``{NAME: {"gbps": float, "rel_l2": float}, ...}``; ours is under
 "ours_int8" (eager, error feedback on as the node runs it) and "ours_int8_compiled" when torch.compile
@@ -19,6 +24,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 
@@ -28,15 +34,17 @@ from intellect.node.compression import Fp16, Int8Blockwise, _compiled_kernel, de
 log = logging.getLogger("bench.compression")
 
 
-def _time(fn: Callable[[], torch.Tensor], repeat: int) -> tuple[float, torch.Tensor]:
+def _time(
+    fn: Callable[[], torch.Tensor], repeat: int, clock: Callable[[], float]
+) -> tuple[float, torch.Tensor]:
     # The warm-up call (allocator, lazy init) is also the one whose error is reported: with error feedback
     # later calls quantise x plus the previous residual, so only the first shows the one-round error.
     first = fn()
     best = math.inf
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = clock()
         fn()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return best, first
 
 
@@ -78,12 +86,20 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=256, help="our int8 block size")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--no-quantile", action="store_true", help="skip hivemind Quantile8Bit (slow)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall: elapsed time; cpu: process CPU time (robust on a shared, oversubscribed machine; "
+        "use with --threads 1, where it then equals the uncontended single-core time)",
+    )
     parser.add_argument("--json", action="store_true", help="end with one JSON line of results")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(args.threads)
     x = torch.randn(args.numel, generator=torch.Generator().manual_seed(0))
     gb = x.numel() * 4 / 1e9
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     methods: dict[str, tuple[Callable[[], torch.Tensor], int]] = {
         "ours_int8": (_ours(Int8Blockwise(block=args.block, error_feedback=True), x), args.repeat),
@@ -103,9 +119,13 @@ def main() -> None:
     methods["hivemind_fp16"] = (_hivemind("fp16", x, args.part), args.repeat)
 
     results: dict[str, dict[str, float]] = {}
-    print(f"{x.numel()} Gaussian fp32 values ({gb * 1e3:.0f} MB), {args.threads} threads, best of runs")
+    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "0")
+    print(
+        f"{x.numel()} Gaussian fp32 values ({gb * 1e3:.0f} MB), {args.threads} threads, "
+        f"{args.clock} clock, THP_MEM_ALLOC_ENABLE={thp}, best of runs"
+    )
     for name, (fn, repeat) in methods.items():
-        seconds, out = _time(fn, repeat)
+        seconds, out = _time(fn, repeat, clock)
         rel = float((out.view(-1) - x).norm() / x.norm())
         results[name] = {"gbps": round(gb / seconds, 4), "rel_l2": round(rel, 6)}
         print(f"  {name:24s} {gb / seconds:7.3f} GB/s   rel L2 {rel:.4%}")

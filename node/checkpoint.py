@@ -5,12 +5,14 @@ A checkpoint of round r is two files in the store's directory:
 * ``ckpt-<r:08d>.safetensors``: exactly `statehash.serialize_state(tensors)`, so the file's bytes are the
   bytes a peer serves during state sync and its Merkle root is the gossiped state hash;
 * ``ckpt-<r:08d>.json``: the sidecar, written *after* the tensors file, holding the file's sha256 and
-  size, the state hash and the caller's metadata (round, data cursor, run id, ...). A checkpoint without a
-  sidecar is incomplete and ignored.
+  size, the state hash and the caller's metadata (round, data cursor, run id, ...), plus a sha256 of the
+  sidecar's own canonical content (``check``), so a flipped byte in the metadata is caught too. A
+  checkpoint without a sidecar is incomplete and ignored.
 
 Each file is written to a hidden temp file in the same directory, flushed and fsynced, renamed into place,
 and the directory is fsynced, so a crash leaves either the old or the new file, never a torn one.
-`load_latest` checks size and sha256 before handing tensors out; a corrupt or truncated checkpoint is
+`load_latest` checks the sidecar, then the tensors file's size and sha256 (streamed, so a state of tens of
+GB is never held twice in memory) before parsing it with safetensors; a corrupt or truncated checkpoint is
 logged with the reason and the previous one is used.
 """
 
@@ -28,13 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from intellect.node.statehash import ChunkHasher, deserialize_state, iter_serialized, merkle_root
+from intellect.node.statehash import ChunkHasher, iter_serialized, merkle_root
 
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^ckpt-(\d{8})\.json$")
-_FORMAT = 1
+_FORMAT = 2
 _TMP_PREFIX = ".tmp-ckpt-"
+_READ_SIZE = 8 << 20
 
 
 class CheckpointError(Exception):
@@ -50,6 +53,20 @@ class Checkpoint:
     meta: dict[str, Any]
     round: int
     state_hash: str
+
+
+def _sidecar_check(sidecar: Mapping[str, Any]) -> str:
+    """sha256 of the sidecar's canonical JSON without its ``check`` field."""
+    body = {k: v for k, v in sidecar.items() if k != "check"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_READ_SIZE):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -135,6 +152,7 @@ class CheckpointStore:
                 "state_hash": merkle_root(hasher.finish()).hex(),
                 "meta": meta_json,
             }
+            sidecar["check"] = _sidecar_check(sidecar)
             body = json.dumps(sidecar, sort_keys=True, indent=1).encode()
             self._write_atomic(side_path, [body])
             _fsync_dir(self.directory)
@@ -170,6 +188,8 @@ class CheckpointStore:
 
     def load(self, round_: int) -> Checkpoint:
         """Load and verify one checkpoint; raises `CheckpointError` saying what is wrong."""
+        from safetensors.torch import load_file
+
         data_path, side_path = self._paths(round_)
         try:
             sidecar = json.loads(side_path.read_text())
@@ -177,23 +197,34 @@ class CheckpointStore:
             raise CheckpointError(f"unreadable sidecar {side_path.name}: {e}") from e
         if not isinstance(sidecar, dict) or sidecar.get("format") != _FORMAT:
             raise CheckpointError(f"sidecar {side_path.name} has an unknown format")
+        if sidecar.get("check") != _sidecar_check(sidecar):
+            raise CheckpointError(f"sidecar {side_path.name} fails its own checksum (corrupted)")
         meta = sidecar.get("meta")
         if not isinstance(meta, dict) or meta.get("round") != round_:
             raise CheckpointError(f"sidecar {side_path.name} does not describe round {round_}")
         try:
-            blob = data_path.read_bytes()
+            before = data_path.stat()
+            if before.st_size != sidecar.get("size"):
+                raise CheckpointError(
+                    f"{data_path.name} is {before.st_size} bytes, expected {sidecar.get('size')} (truncated?)"
+                )
+            if _file_sha256(data_path) != sidecar.get("sha256"):
+                raise CheckpointError(f"{data_path.name} fails its sha256 check (corrupted)")
+            # safetensors' own parser (bounds-checked header, no pickle), memory-mapped: one copy in memory.
+            tensors = load_file(str(data_path))
+            after = data_path.stat()
         except OSError as e:
             raise CheckpointError(f"unreadable checkpoint {data_path.name}: {e}") from e
-        if len(blob) != sidecar.get("size"):
-            raise CheckpointError(
-                f"{data_path.name} is {len(blob)} bytes, expected {sidecar.get('size')} (truncated?)"
-            )
-        if hashlib.sha256(blob).hexdigest() != sidecar.get("sha256"):
-            raise CheckpointError(f"{data_path.name} fails its sha256 check (corrupted)")
-        try:
-            tensors = deserialize_state(blob)
+        except CheckpointError:
+            raise
         except Exception as e:  # safetensors raises its own SafetensorError, not exported as a stable type
             raise CheckpointError(f"{data_path.name} is not valid safetensors: {e}") from e
+        if (after.st_ino, after.st_size, after.st_mtime_ns) != (
+            before.st_ino,
+            before.st_size,
+            before.st_mtime_ns,
+        ):
+            raise CheckpointError(f"{data_path.name} changed while it was being loaded")
         return Checkpoint(
             path=data_path,
             tensors=tensors,

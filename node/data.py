@@ -282,16 +282,24 @@ class TokenStream:
             "seq_len": self.seq_len,
         }
 
+    def check_state(self, state: Mapping[str, Any]) -> tuple[int, int]:
+        """The (epoch, position) of `state` if it is a cursor of this stream, else `DataError` (a cursor
+        taken over different shards, seed or sequence length, or out of range)."""
+        try:
+            fields = {k: int(state[k]) for k in ("seed", "num_windows", "seq_len", "epoch", "position")}
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(f"stream state: malformed ({e!r})") from None
+        for key in ("seed", "num_windows", "seq_len"):
+            if fields[key] != getattr(self, key):
+                raise DataError(f"stream state: {key} is {fields[key]}, this stream has {getattr(self, key)}")
+        epoch, position = fields["epoch"], fields["position"]
+        if not 0 <= position < self.num_windows or epoch < 0:
+            raise DataError(f"stream state: cursor ({epoch}, {position}) out of range")
+        return epoch, position
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a cursor; refuses one taken over different shards, seed or sequence length."""
-        for key in ("seed", "num_windows", "seq_len"):
-            if int(state[key]) != getattr(self, key):
-                raise DataError(f"stream state: {key} is {state[key]}, this stream has {getattr(self, key)}")
-        position = int(state["position"])
-        if not 0 <= position < self.num_windows:
-            raise DataError(f"stream state: position {position} out of range")
-        self._epoch = int(state["epoch"])
-        self._position = position
+        self._epoch, self._position = self.check_state(state)
         self._order = None
 
 

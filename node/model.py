@@ -134,15 +134,16 @@ CONFIGS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(
         dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384, vocab_size=BYTE_VOCAB_SIZE, max_seq_len=128
     ),
-    # OpenDiLoCo's 150M shape (Llama-2 vocabulary), with GQA.
+    # ~142M parameters: GPT-2-small width and depth with GQA and the Llama-2 vocabulary (OpenDiLoCo's
+    # "150m" is wider, 1024 x 12 with a 4096 MLP, ~267M counting both embeddings).
     "150m": ModelConfig(
         dim=768, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=2688, vocab_size=32000, max_seq_len=1024
     ),
-    # TinyLlama-1.1B's shape.
+    # TinyLlama-1.1B's shape (also OpenDiLoCo's "1b"): 1,100,048,384 parameters.
     "1b": ModelConfig(
         dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632, vocab_size=32000, max_seq_len=2048
     ),
-    # INTELLECT-1 (Llama-3 vocabulary).
+    # INTELLECT-1 (Llama-3-8B's block, 42 layers, Llama-3 vocabulary): 10,211,381,248 parameters.
     "10b": ModelConfig(
         dim=4096, n_layers=42, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256, max_seq_len=8192
     ),

@@ -221,16 +221,29 @@ class InnerTrainer:
         meta = {"step": self.step, "adam_steps": adam_steps, "stream": self.stream.state_dict()}
         return tensors, meta
 
-    def import_state(self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
-        """Inverse of `export_state`; a state for a different model (names or shapes) is an error."""
+    def import_state(
+        self, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], *, stream: bool = True
+    ) -> None:
+        """Inverse of `export_state`. Everything is checked before anything changes: a state for a different
+        model (names or shapes) or a cursor for a different stream raises and leaves the trainer as it was.
+
+        `stream=False` keeps the current stream and its position (for a caller that builds a fresh stream
+        per round, where the saved cursor belongs to a round that is over).
+        """
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         adam_steps = meta.get("adam_steps", {})
+        unknown = set(adam_steps) - set(self._opt_names)
+        if unknown:
+            raise ValueError(f"trainer state: moments for unknown parameters {sorted(unknown)[:3]}")
         new_state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
         for name, p in zip(self._opt_names, params, strict=True):
             if name not in adam_steps:
                 continue
-            exp_avg = tensors[f"optim.{name}.exp_avg"]
-            exp_avg_sq = tensors[f"optim.{name}.exp_avg_sq"]
+            try:
+                exp_avg = tensors[f"optim.{name}.exp_avg"]
+                exp_avg_sq = tensors[f"optim.{name}.exp_avg_sq"]
+            except KeyError as e:
+                raise ValueError(f"trainer state: missing tensor {e.args[0]!r}") from None
             if exp_avg.shape != p.shape or exp_avg_sq.shape != p.shape:
                 raise ValueError(f"trainer state: optimizer moment of {name} has the wrong shape")
             new_state[p] = {
@@ -238,12 +251,17 @@ class InnerTrainer:
                 "exp_avg": exp_avg.to(self.device, p.dtype).clone(),
                 "exp_avg_sq": exp_avg_sq.to(self.device, p.dtype).clone(),
             }
-        unknown = set(adam_steps) - set(self._opt_names)
-        if unknown:
-            raise ValueError(f"trainer state: moments for unknown parameters {sorted(unknown)[:3]}")
+        step = int(meta["step"])
+        if stream:
+            # Validates the cursor against this stream without moving it yet.
+            self.stream.check_state(meta["stream"])
+        rng = tensors.get("rng.cpu")
+        if rng is not None and rng.shape != torch.get_rng_state().shape:
+            raise ValueError(f"trainer state: rng.cpu has shape {tuple(rng.shape)}")
         self.optimizer.state.clear()
         self.optimizer.state.update(new_state)
-        self.step = int(meta["step"])
-        self.stream.load_state_dict(meta["stream"])
-        if "rng.cpu" in tensors:
-            torch.set_rng_state(tensors["rng.cpu"].to(torch.uint8))
+        self.step = step
+        if stream:
+            self.stream.load_state_dict(meta["stream"])
+        if rng is not None:
+            torch.set_rng_state(rng.to(torch.uint8))

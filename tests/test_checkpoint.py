@@ -6,6 +6,9 @@ import errno
 import json
 import logging
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -74,6 +77,38 @@ def test_truncated_file_is_detected(tmp_path: Path, caplog: pytest.LogCaptureFix
         store.load(2)
 
 
+@pytest.mark.parametrize("where", ["start", "middle", "end"])
+def test_any_flipped_byte_in_the_tensors_file_is_caught(tmp_path: Path, where: str) -> None:
+    store = CheckpointStore(tmp_path)
+    store.save(_state(1), _meta(1))
+    path = store.save(_state(2), _meta(2))
+    data = bytearray(path.read_bytes())
+    index = {"start": 3, "middle": len(data) // 2, "end": len(data) - 1}[where]  # header, data, last byte
+    data[index] ^= 0x80
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        store.load(2)
+    ckpt = store.load_latest()
+    assert ckpt is not None and ckpt.round == 1 and _equal(ckpt.tensors, _state(1))
+
+
+def test_changed_metadata_in_the_sidecar_is_caught(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A flip that keeps the sidecar valid JSON (here the data cursor 17 -> 37) fails the sidecar's check."""
+    store = CheckpointStore(tmp_path)
+    store.save(_state(1), _meta(1))
+    store.save(_state(2), _meta(2))
+    side = tmp_path / "ckpt-00000002.json"
+    text = side.read_text()
+    assert text.count("17") == 1
+    side.write_text(text.replace("17", "37"))
+    with pytest.raises(CheckpointError, match="checksum"):
+        store.load(2)
+    with caplog.at_level(logging.WARNING, logger="intellect.node.checkpoint"):
+        ckpt = store.load_latest()
+    assert ckpt is not None and ckpt.round == 1 and ckpt.meta == _meta(1)
+    assert "checksum" in caplog.text
+
+
 def test_corrupt_sidecar_is_skipped(tmp_path: Path) -> None:
     store = CheckpointStore(tmp_path)
     store.save(_state(1), _meta(1))
@@ -130,6 +165,55 @@ def test_crash_between_tensors_and_sidecar(tmp_path: Path, monkeypatch: pytest.M
     # The next save cleans up the orphaned tensors file.
     store.save(_state(3), _meta(3))
     assert _visible(tmp_path) == [f"ckpt-{r:08d}.{ext}" for r in (1, 3) for ext in ("json", "safetensors")]
+
+
+_KILLED_SAVE = """
+import os, sys, torch
+from intellect.node.checkpoint import CheckpointStore
+
+calls = 0
+real_fsync = os.fsync
+
+def fsync(fd):
+    global calls
+    calls += 1
+    if calls == int(sys.argv[2]):
+        os._exit(9)  # killed: no cleanup handler, no rename, no further writes
+    real_fsync(fd)
+
+os.fsync = fsync
+g = torch.Generator().manual_seed(2)
+state = {"w": torch.randn(64, 32, generator=g), "b": torch.randn(32, generator=g).to(torch.bfloat16)}
+CheckpointStore(sys.argv[1]).save(state, {"round": 2, "cursor": [2, 17], "run_id": "ab" * 32})
+"""
+
+
+@pytest.mark.parametrize(
+    ("kill_at_fsync", "expected_round"),
+    [(1, 1), (2, 1), (3, 2)],  # tensors temp written | tensors renamed, sidecar temp written | both renamed
+)
+def test_process_killed_during_save(tmp_path: Path, kill_at_fsync: int, expected_round: int) -> None:
+    """A real process dies (os._exit) at each fsync of a save: the store always loads a whole checkpoint."""
+    store = CheckpointStore(tmp_path)
+    store.save(_state(1), _meta(1))
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_KILLED_SAVE), str(tmp_path), str(kill_at_fsync)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 9, proc.stderr
+    # Left behind: the tensors temp file | the renamed tensors file and the sidecar temp | a whole round 2.
+    assert len(_visible(tmp_path)) == {1: 3, 2: 4, 3: 4}[kill_at_fsync], _visible(tmp_path)
+    ckpt = store.load_latest()
+    assert ckpt is not None and ckpt.round == expected_round
+    assert _equal(ckpt.tensors, _state(expected_round)) and ckpt.meta == _meta(expected_round)
+    # The next save clears what the dead process left (temp files, a tensors file without a sidecar).
+    store.save(_state(3), _meta(3))
+    assert _visible(tmp_path) == [
+        f"ckpt-{r:08d}.{ext}" for r in sorted({1, expected_round, 3}) for ext in ("json", "safetensors")
+    ]
+    assert store.load_latest() is not None
 
 
 def test_disk_full_raises_checkpoint_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

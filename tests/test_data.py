@@ -14,6 +14,7 @@ import torch
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from intellect.node.cli import cli
 from intellect.node.cli_data import data_group
 from intellect.node.data import (
     BUILTIN_NUM_SHARDS,
@@ -94,8 +95,9 @@ def test_data_prepare_end_to_end(tmp_path: Path) -> None:
     txt = tmp_path / "b.txt"
     txt.write_text("\n".join(docs[200:]))
     out = tmp_path / "shards"
+    # Through the top-level group, as a user types `intellect-node data prepare …`.
     result = CliRunner().invoke(
-        data_group, ["prepare", str(jsonl), str(txt), "--out", str(out), "--shard-tokens", "5000"]
+        cli, ["data", "prepare", str(jsonl), str(txt), "--out", str(out), "--shard-tokens", "5000"]
     )
     assert result.exit_code == 0, result.output
     parsed = tomllib.loads("\n".join(line for line in result.output.splitlines() if not line.startswith("#")))
@@ -236,10 +238,23 @@ def test_stream_resumes_exactly_across_epochs() -> None:
 
 def test_stream_refuses_foreign_state() -> None:
     a = TokenStream(_arrays(), batch=2, seq_len=16, seed=0)
-    for change in ({"seed": 1}, {"num_windows": 3}, {"seq_len": 8}, {"position": 10**9}):
+    a.next_batch()
+    changes = (
+        {"seed": 1},
+        {"num_windows": 3},
+        {"seq_len": 8},
+        {"position": 10**9},
+        {"epoch": -1},
+        {"seed": "x"},
+    )
+    for change in changes:
         b = TokenStream(_arrays(), batch=2, seq_len=16, seed=0)
         with pytest.raises(DataError):
             b.load_state_dict({**a.state_dict(), **change})
+        assert b.cursor == (0, 0)  # a refused state changes nothing
+    incomplete = {k: v for k, v in a.state_dict().items() if k != "position"}
+    with pytest.raises(DataError, match="malformed"):
+        TokenStream(_arrays(), batch=2, seq_len=16, seed=0).load_state_dict(incomplete)
     with pytest.raises(DataError, match="no window"):
         TokenStream([np.zeros(5, dtype=np.uint16)], batch=1, seq_len=16)
 

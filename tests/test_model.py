@@ -25,6 +25,22 @@ def test_param_count_matches_closed_form(name: str) -> None:
     assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
 
 
+def test_closed_form_matches_published_llama_counts() -> None:
+    """The closed form against parameter counts published for real Llama checkpoints (untied embeddings)."""
+    llama3_8b = ModelConfig(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_dim=14336, vocab_size=128256, max_seq_len=8192
+    )
+    llama2_7b = ModelConfig(
+        dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008, vocab_size=32000, max_seq_len=4096
+    )
+    assert llama3_8b.num_params() == 8_030_261_248
+    assert llama2_7b.num_params() == 6_738_415_616
+    assert CONFIGS["1b"].num_params() == 1_100_048_384  # TinyLlama-1.1B
+    # INTELLECT-1 is Llama-3-8B's block with 42 layers instead of 32.
+    per_layer = (llama3_8b.num_params() - 2 * 128256 * 4096 - 4096) // 32
+    assert CONFIGS["10b"].num_params() == 2 * 128256 * 4096 + 4096 + 42 * per_layer == 10_211_381_248
+
+
 def test_named_config_sizes() -> None:
     # The names promise an order of magnitude; 10b is INTELLECT-1's exact shape.
     assert 0.5e6 < CONFIGS["tiny"].num_params() < 2e6
