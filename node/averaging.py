@@ -39,6 +39,7 @@ from intellect.node.allreduce import (
     butterfly_allreduce,
     flatten,
     get_payload_codec,
+    partition_sizes,
     schema_hash,
     unflatten,
 )
@@ -145,6 +146,28 @@ class HivemindBoard:
             if isinstance(subkey, str) and isinstance(value, bytes):
                 out[subkey] = value
         return out
+
+
+def contribution_error(
+    flat: torch.Tensor, group_size: int, my_index: int, codec: PayloadCodec
+) -> torch.Tensor:
+    """What a completed all-reduce lost of our contribution `flat`: `flat` minus what the other members
+    decoded of it. The butterfly sends partition j (`partition_sizes`) to member j through `codec`; our own
+    partition never leaves us and stays exact. Pure and deterministic, so the caller can keep it as the
+    error-feedback residual and add it to the next round's pseudo-gradient (it knows whether the round
+    committed; the all-reduce itself retries attempts with the same input and must not keep state).
+    """
+    err = torch.zeros_like(flat, dtype=torch.float32)
+    if codec.name == "none" or group_size < 2:
+        return err
+    offset = 0
+    for j, size in enumerate(partition_sizes(flat.numel(), group_size)):
+        if j != my_index and size:
+            part = flat[offset : offset + size].to(torch.float32)
+            _, decoded = codec.roundtrip(part)
+            torch.sub(part, decoded, out=err[offset : offset + size])
+        offset += size
+    return err
 
 
 def group_key(run_id: str, round: int, attempt: int, schema: str) -> str:

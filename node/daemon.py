@@ -290,6 +290,8 @@ MEMBER_REFRESH_S = 20.0
 #: Seconds a training chunk should last: the trainer is stopped between chunks, which bounds how long a
 #: shutdown waits for the worker thread (torch cannot be interrupted inside a step).
 TRAIN_CHUNK_S = 1.0
+#: Name of the error-feedback residual in the trainer checkpoint (next to the optimizer state).
+RESIDUAL_TENSOR = "error_feedback.residual"
 
 
 def load_run_manifest(path: Path | None = None) -> Manifest:
@@ -445,6 +447,9 @@ class RunService:
         #: Seconds between one peer's announcements of consecutive rounds (a moving average), i.e. how
         #: long a round of the others takes; bounds how long a laggard waits for their next one.
         self._round_period: float | None = None
+        #: Error feedback: what earlier all-reduces lost of our pseudo-gradients to compression (flat fp32,
+        #: in `allreduce.flatten` order), added to the next one. Kept in the trainer checkpoint.
+        self.residual: Any = None
         self._chunk_steps = 1
         self._pending_commit: asyncio.Future[Any] | None = None
         self._last_stats: Any = None
@@ -516,6 +521,7 @@ class RunService:
         if tr is not None and tr.meta.get("round") == self.round:
             # Each round builds a fresh data stream (its shards follow the live membership), so the saved
             # cursor belongs to a round that is over: restore the optimizer and step, not the stream.
+            self.residual = tr.tensors.get(RESIDUAL_TENSOR)
             try:
                 self.trainer.import_state(tr.tensors, tr.meta["trainer"], stream=False)
             except (ValueError, KeyError) as e:
@@ -767,6 +773,8 @@ class RunService:
         await self._announce_state()
 
     def _load_synced(self, tensors: Any) -> None:
+        # A new global state from peers: what compression owed our old trajectory no longer applies.
+        self.residual = None
         self.outer.load_state_dict(tensors)
         self.outer.copy_to(self.model)
 
@@ -806,7 +814,7 @@ class RunService:
         self.status.tokens += stats.tokens
         self.status.loss = stats.mean_loss
         self._last_stats = stats
-        delta = await asyncio.to_thread(self.outer.pseudo_gradient, self.model)
+        delta = await asyncio.to_thread(self._pseudo_gradient_with_feedback)
         self.status.phase = "averaging"
         t0 = time.monotonic()
 
@@ -833,6 +841,7 @@ class RunService:
             logger.warning("round %d: average failed (%s); keeping the global weights", r, result.reason)
             await asyncio.to_thread(self.outer.copy_to, self.model)
             return
+        await asyncio.to_thread(self._keep_residual, delta, result.group)
         self.status.phase = "checkpointing"
         # The commit (outer step, hash, checkpoint) runs to completion even if we are stopped meanwhile:
         # a half-applied step must never be announced or checkpointed under the wrong round.
@@ -899,11 +908,40 @@ class RunService:
             )
             return False
 
+    def _pseudo_gradient_with_feedback(self) -> dict[str, Any]:
+        """Δ = θ_global − θ_local, plus what compression lost of earlier rounds' Δ (error feedback)."""
+        from intellect.node.allreduce import flatten, unflatten
+
+        delta = self.outer.pseudo_gradient(self.model)
+        if self.residual is None:
+            return delta
+        flat = flatten(delta)
+        if flat.numel() != self.residual.numel():
+            logger.warning("dropping an error-feedback residual of the wrong size")
+            self.residual = None
+            return delta
+        flat.add_(self.residual)
+        return unflatten(flat, delta)
+
+    def _keep_residual(self, sent: dict[str, Any], group: list[str]) -> None:
+        """After a completed all-reduce: remember what it lost of our contribution, for the next round."""
+        from intellect.node.allreduce import flatten
+        from intellect.node.averaging import contribution_error
+
+        me = self.identity.peer_id
+        if self.manifest.averaging.compression == "none" or me not in group:
+            self.residual = None
+            return
+        err = contribution_error(flatten(sent), len(group), sorted(group).index(me), self.averager.codec)
+        self.residual = err if bool(err.any()) else None
+
     def _checkpoint(self, r: int | None = None) -> None:
         r = self.round if r is None else r
         meta = {"round": r, "run_id": self.run_id, "state_hash": self.state_hash}
         self.global_store.save(self.outer.state_dict(), meta)
         tensors, tmeta = self.trainer.export_state()
+        if self.residual is not None:
+            tensors = {**tensors, RESIDUAL_TENSOR: self.residual}
         self.trainer_store.save(tensors, {"round": r, "trainer": tmeta})
 
     # ---- announcements -------------------------------------------------------------------------------
