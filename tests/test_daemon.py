@@ -94,24 +94,19 @@ def _wait_for(path: Path, timeout_s: float) -> None:
         time.sleep(0.2)
 
 
+def _start_node(data: Path, stdout: int) -> subprocess.Popen[bytes]:
+    """A real `intellect-node start` on loopback, in its own session (its children share its group)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INTELLECT_NODE_")}
+    env["INTELLECT_NODE_LISTEN"] = "/ip4/127.0.0.1/tcp/0"
+    cmd = [sys.executable, "-c", "from intellect.node.cli import main; main()", "start"]
+    cmd += ["--data-dir", str(data), "--log-format", "json"]
+    return subprocess.Popen(cmd, env=env, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def test_sigint_on_start_exits_0_quickly_leaving_nothing(tmp_path: Path) -> None:
     """A real `start` (its own p2p daemon, waiting for a run in the DHT): SIGINT -> exit 0, no leftovers."""
     data = tmp_path / "node"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INTELLECT_NODE_")}
-    env["INTELLECT_NODE_LISTEN"] = "/ip4/127.0.0.1/tcp/0"
-    cmd = [
-        sys.executable,
-        "-c",
-        "from intellect.node.cli import main; main()",
-        "start",
-        "--data-dir",
-        str(data),
-        "--log-format",
-        "json",
-    ]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    proc = _start_node(data, subprocess.PIPE)
     try:
         _wait_for(data / "http.port", 60)
         deadline = time.monotonic() + 60
@@ -145,21 +140,7 @@ def test_sigint_while_starting_and_second_sigint(tmp_path: Path, second: bool) -
     second signal right after, the daemon kills our children by PID and exits at once (code 130) unless
     the orderly shutdown already finished (0)."""
     data = tmp_path / "node"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INTELLECT_NODE_")}
-    env["INTELLECT_NODE_LISTEN"] = "/ip4/127.0.0.1/tcp/0"
-    cmd = [
-        sys.executable,
-        "-c",
-        "from intellect.node.cli import main; main()",
-        "start",
-        "--data-dir",
-        str(data),
-        "--log-format",
-        "json",
-    ]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    proc = _start_node(data, subprocess.DEVNULL)
     try:
         _wait_for(data / "http.port", 60)
         deadline = time.monotonic() + 60
