@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,8 +55,11 @@ class NodeConfig:
     device: str = "auto"
     #: Port of the local control API on 127.0.0.1 (0 picks a free port and writes it to the data dir).
     http_port: int = 0
-    #: Gossip listen port on 127.0.0.1/0.0.0.0 (0 picks a free one).
+    #: Gossip TCP port, on the host the p2p daemon listens on (0 picks a free one).
     gossip_port: int = 0
+    #: All-reduce data-plane TCP port, on the same host (0 picks a free one). Behind a NAT, forward it
+    #: together with the p2p and gossip ports: group members connect to each other directly.
+    averaging_port: int = 0
     #: Log format: "text" (rich on a terminal) or "json" (one object per line).
     log_format: str = "text"
     #: Log level name.
@@ -69,7 +72,7 @@ class NodeConfig:
             raise ConfigError(f"log_format: must be text or json, got {self.log_format!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level: must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
-        for name in ("http_port", "gossip_port"):
+        for name in ("http_port", "gossip_port", "averaging_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{name}: must be a port number 0..65535, got {port}")
@@ -196,9 +199,35 @@ device = "auto"
 
 # Local control API on 127.0.0.1 (0 = any free port, written to <data dir>/http.port).
 http_port = 0
+# Gossip and all-reduce TCP ports on the listen host (0 = any free port). Behind a NAT, fix them and
+# forward them with the p2p port; they are announced at the public address of `announce`.
 gossip_port = 0
+averaging_port = 0
 
 # "text" or "json" log lines; level DEBUG, INFO, WARNING or ERROR.
 log_format = "text"
 log_level = "INFO"
 """
+
+
+def hosts(config: NodeConfig, visible_maddrs: Sequence[str] = ()) -> tuple[str, str]:
+    """(listen host, public host) for the node's own TCP services (gossip, all-reduce data plane), derived
+    from the p2p daemon's settings so that one `listen`/`announce` pair configures every port.
+
+    Listen: everywhere when the p2p daemon listens on 0.0.0.0, on that address when it listens on a
+    specific IPv4 address, else loopback. Public (what others dial): the first announced IPv4 address,
+    else a specific listen address, else a visible non-loopback address, else loopback (a local swarm).
+    """
+
+    def ip4(maddr: str) -> str | None:
+        parts = maddr.split("/")
+        return parts[2] if len(parts) > 2 and parts[1] == "ip4" else None
+
+    listen_ips = [ip for ip in map(ip4, config.listen) if ip]
+    if "0.0.0.0" in listen_ips:
+        listen = "0.0.0.0"
+    else:
+        listen = next((ip for ip in listen_ips if ip != "127.0.0.1"), "127.0.0.1")
+    candidates = [*map(ip4, config.announce), listen, *map(ip4, visible_maddrs)]
+    public = next((ip for ip in candidates if ip and ip not in ("0.0.0.0", "127.0.0.1")), "127.0.0.1")
+    return listen, public

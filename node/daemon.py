@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from intellect.crypto.identity import Identity
-from intellect.node.config import NodeConfig
+from intellect.node.config import NodeConfig, hosts
 from intellect.node.logs import LoopLagCanary
 from intellect.node.status import HTTP_PORT_FILE, AllReduceOutcome, NodeStatus, StatusServer, SyncOutcome
 
@@ -384,10 +384,8 @@ async def _run_body(daemon: NodeDaemon) -> None:
         def admitted(peer: str) -> bool:
             return is_admitted(manifest, signed.researcher, peer, members_tickets.get(peer, b""))
 
-        public = any(m.startswith(("/ip4/0.0.0.0", "/ip6/::/")) for m in config.listen)
-        gossip_cfg = GossipConfig(
-            listen_host="0.0.0.0" if public else "127.0.0.1", listen_port=config.gossip_port
-        )
+        listen_host, _ = hosts(config, dht.visible_maddrs)
+        gossip_cfg = GossipConfig(listen_host=listen_host, listen_port=config.gossip_port)
         async with GossipService(config.identity_path, signed.run_id, admitted, config=gossip_cfg) as gossip:
             daemon.children.add(lambda: gossip.child_pid)
             run = RunService(daemon, identity, dht, gossip, signed, members_tickets, tickets(signed.run_id))
@@ -549,8 +547,9 @@ class RunService:
                 self.identity,
                 self.run_id,
                 self._averager_config(),
-                listen_host=self._listen_host(),
-                announce_host=self._public_host(),
+                listen_host=self._hosts()[0],
+                listen_port=self.config.averaging_port,
+                announce_host=self._hosts()[1],
             )
             async with self.averager:
                 await self._announce_state()
@@ -580,18 +579,9 @@ class RunService:
             max_weight=float(self.manifest.max_tokens_per_round()),
         )
 
-    def _listen_host(self) -> str:
-        """Where our all-reduce data plane listens: everywhere when the p2p daemon does, else loopback."""
-        return "0.0.0.0" if any(m.startswith("/ip4/0.0.0.0/") for m in self.config.listen) else "127.0.0.1"
-
-    def _public_host(self) -> str:
-        """The IPv4 address others reach our data plane at: an announced one, else a visible non-loopback
-        one, else loopback (a local swarm)."""
-        for maddr in (*self.config.announce, *self.dht.visible_maddrs):
-            parts = maddr.split("/")
-            if len(parts) > 2 and parts[1] == "ip4" and parts[2] not in ("0.0.0.0", "127.0.0.1"):
-                return parts[2]
-        return "127.0.0.1"
+    def _hosts(self) -> tuple[str, str]:
+        """(listen, public) host of our gossip and data-plane sockets (`config.hosts`)."""
+        return hosts(self.config, self.dht.visible_maddrs)
 
     def _admitted(self, peer: str) -> bool:
         return is_admitted(self.manifest, self.signed.researcher, peer, self.members_tickets.get(peer, b""))
@@ -988,7 +978,11 @@ class RunService:
         maddrs = tuple(
             m if "/p2p/" in m else f"{m}/p2p/{self.identity.peer_id}" for m in self.dht.visible_maddrs
         )[:16]
-        gossip_addr = next(iter(self.gossip.listen_maddrs), "")
+        # The gossip child reports what it bound (0.0.0.0 when listening everywhere): others must be
+        # told an address they can dial.
+        gossip_addr = next(iter(self.gossip.listen_maddrs), "").replace(
+            "/ip4/0.0.0.0/", f"/ip4/{self._hosts()[1]}/"
+        )
         rec = MembershipRecord(
             self.run_id,
             self.identity.peer_id,

@@ -189,3 +189,35 @@ def test_installed_console_script(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "INTELLECT_NODE_TYPO" in bad.stderr
     version = run("--version")
     assert version.returncode == 0 and "intellect-node" in version.stdout
+
+
+@pytest.mark.parametrize(
+    ("listen", "announce", "visible", "expected"),
+    [
+        # A local swarm: loopback only.
+        (["/ip4/127.0.0.1/tcp/0"], [], ["/ip4/127.0.0.1/tcp/4001"], ("127.0.0.1", "127.0.0.1")),
+        # Everywhere, reachable at an interface address the p2p daemon sees.
+        (
+            ["/ip4/0.0.0.0/tcp/4001"],
+            [],
+            ["/ip4/127.0.0.1/tcp/4001", "/ip4/10.1.2.3/tcp/4001"],
+            ("0.0.0.0", "10.1.2.3"),
+        ),
+        # Behind a NAT: the announced public address wins.
+        (
+            ["/ip4/0.0.0.0/tcp/4001"],
+            ["/ip4/203.0.113.7/tcp/4001"],
+            ["/ip4/10.1.2.3/tcp/4001"],
+            ("0.0.0.0", "203.0.113.7"),
+        ),
+        # One specific address: bind it and tell it.
+        (["/ip4/10.0.0.5/tcp/4001"], [], [], ("10.0.0.5", "10.0.0.5")),
+    ],
+)
+def test_gossip_and_averaging_hosts_follow_the_p2p_settings(
+    listen: list[str], announce: list[str], visible: list[str], expected: tuple[str, str]
+) -> None:
+    from intellect.node.config import hosts
+
+    config = NodeConfig(listen=tuple(listen), announce=tuple(announce))
+    assert hosts(config, visible) == expected
