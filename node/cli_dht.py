@@ -245,6 +245,44 @@ def register(group: click.Group) -> None:
         click.echo(run_id)
 
     @group.command()
+    @click.argument("run_id")
+    @click.argument("peer_id")
+    @data_dir_option
+    @click.option(
+        "--researcher-key",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help="Key that signed the run's manifest (default: this node's identity in the data dir).",
+    )
+    @click.option("--days", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True)
+    @click.option(
+        "--out",
+        type=click.Path(dir_okay=False, path_type=Path),
+        required=True,
+        help="Write the ticket here; the volunteer puts it at <data dir>/tickets/<run_id>.",
+    )
+    def ticket(
+        run_id: str, peer_id: str, data_dir: Path | None, researcher_key: Path | None, days: float, out: Path
+    ) -> None:
+        """Issue an admission ticket for a run whose admission policy is "tickets" (researcher side).
+
+        The ticket admits PEER_ID to RUN_ID until it expires; it is signed with the researcher key that
+        signed the manifest, so every node can check it from the manifest alone.
+        """
+        from intellect.crypto.errors import IdentityError, InvalidPeerId
+        from intellect.crypto.identity import Identity
+        from intellect.protocol.records import issue_ticket
+
+        key_path = researcher_key or config_from_cli(data_dir).identity_path
+        try:
+            researcher = Identity.load(key_path)
+            data = issue_ticket(researcher, run_id, peer_id, time.time() + days * 86400)
+        except (IdentityError, InvalidPeerId, ValueError) as e:
+            raise click.ClickException(str(e)) from None
+        out.write_bytes(data)
+        click.echo(f"ticket for {peer_id} in run {run_id} written to {out} (valid {days:g} days)")
+
+    @group.command()
     @bootstrap_option
     @data_dir_option
     @click.option("--json", "as_json", is_flag=True, help="One JSON array on stdout.")

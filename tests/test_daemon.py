@@ -86,6 +86,42 @@ def test_admission_policies() -> None:
     assert not is_admitted(tick, researcher.peer_id, alice.peer_id)
 
 
+def test_ticket_command_issues_what_the_node_loads_and_admits(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from intellect.crypto.identity import Identity
+    from intellect.node.cli import cli
+    from intellect.node.daemon import _ticket_loader, load_run_manifest
+
+    researcher_dir, volunteer_dir = tmp_path / "researcher", tmp_path / "volunteer"
+    runner = CliRunner()
+    assert runner.invoke(cli, ["init", "--data-dir", str(researcher_dir)]).exit_code == 0
+    researcher = Identity.load(researcher_dir / "identity.key")
+    volunteer = Identity.generate()
+    m = load_run_manifest()
+    tick = m.__class__(**{**m.__dict__, "admission": m.admission.__class__("tickets", ())})
+    out = volunteer_dir / "tickets" / tick.run_id
+    out.parent.mkdir(parents=True)
+    args = ["ticket", tick.run_id, volunteer.peer_id, "--data-dir", str(researcher_dir), "--out", str(out)]
+    done = runner.invoke(cli, [*args, "--days", "2"])
+    assert done.exit_code == 0, done.output
+    loaded = _ticket_loader(NodeConfig(data_dir=volunteer_dir))(tick.run_id)
+    assert is_admitted(tick, researcher.peer_id, volunteer.peer_id, loaded)
+    assert not is_admitted(tick, Identity.generate().peer_id, volunteer.peer_id, loaded)  # other researcher
+    bad = runner.invoke(
+        cli,
+        [
+            "ticket",
+            "nothex",
+            volunteer.peer_id,
+            "--data-dir",
+            str(researcher_dir),
+            "--out",
+            str(tmp_path / "x"),
+        ],
+    )
+    assert bad.exit_code != 0 and "run_id" in bad.output and not (tmp_path / "x").exists()
+
+
 def _wait_for(path: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not path.exists():
