@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -68,9 +69,14 @@ def prepare(
         click.echo('kind = "byte"')
     else:
         click.echo('kind = "hf"')
-        click.echo(f"uri = {json.dumps(str(Path(tokenizer_spec).resolve()))}")
+        click.echo(f"uri = {json.dumps(Path(tokenizer_spec).resolve().as_uri())}")
     click.echo(f'sha256 = "{tok.sha256}"')
     click.echo("")
+    # Manifests name shards by URI; the resolver also finds `file://NAME` under <data dir>/shards/.
+    infos = [
+        i if "://" in i.uri else dataclasses.replace(i, uri=(out_dir / i.uri).resolve().as_uri())
+        for i in infos
+    ]
     click.echo(shards_toml(infos), nl=False)
 
 

@@ -116,7 +116,8 @@ def load_tokenizer(spec: str, expected_sha256: str | None = None) -> ByteTokeniz
         tok: ByteTokenizer | HFTokenizer = ByteTokenizer()
         actual = tok.sha256
     else:
-        path = Path(spec).expanduser()
+        # Manifests name it as a URI (`file:///…/tokenizer.json`); a plain path works too.
+        path = Path(spec.removeprefix("file://")).expanduser()
         if not path.is_file():
             raise TokenizerError(f"tokenizer {spec!r}: not 'byte' and no such file")
         actual = file_sha256(path)

@@ -67,6 +67,35 @@ def test_hf_tokenizer_by_path_with_hash(tmp_path: Path) -> None:
     assert tok.encode_batch(["the lazy fox", "dog"]) == [ids, tok.encode("dog")]
     # Without an expected hash it loads and reports the hash it found.
     assert load_tokenizer(str(path)).sha256 == digest
+    # As a manifest names it: a file:// URI, which the manifest validator accepts.
+    assert load_tokenizer(path.resolve().as_uri(), digest).sha256 == digest
+
+
+def test_data_prepare_output_with_an_hf_tokenizer_is_a_valid_manifest(tmp_path: Path) -> None:
+    """What `data prepare` prints pastes into a manifest that validates and whose tokenizer loads."""
+    import re
+
+    from click.testing import CliRunner
+    from intellect.node.cli import cli
+    from intellect.protocol.manifest import load_manifest_toml
+
+    tok_path = make_hf_tokenizer(tmp_path / "tokenizer.json")
+    text = tmp_path / "in.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 400)
+    args = ["data", "prepare", str(text), "--out", str(tmp_path / "shards"), "--tokenizer", str(tok_path)]
+    done = CliRunner().invoke(cli, args)
+    assert done.exit_code == 0, done.output
+    example = (Path(__file__).resolve().parent.parent / "examples" / "tiny-run.toml").read_text()
+    head, rest = example.split("[tokenizer]", 1)
+    tail = rest[rest.index("[diloco]") :]
+    vocab = load_tokenizer(str(tok_path)).vocab_size
+    head = re.sub(r"(?m)^vocab_size = \d+", f"vocab_size = {vocab}", head)
+    manifest_path = tmp_path / "run.toml"
+    manifest_path.write_text(head + done.output + "\n" + tail)
+    manifest = load_manifest_toml(manifest_path)
+    assert manifest.tokenizer.kind == "hf" and manifest.tokenizer.uri.startswith("file://")
+    tok = load_tokenizer(manifest.tokenizer.uri, manifest.tokenizer.sha256)
+    assert tok.vocab_size == vocab
 
 
 def test_hf_tokenizer_hash_mismatch_and_bad_files(tmp_path: Path) -> None:
