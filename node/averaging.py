@@ -36,6 +36,7 @@ from intellect.node.allreduce import (
     GroupMember,
     GroupSpec,
     PayloadCodec,
+    all_finite,
     butterfly_allreduce,
     flatten,
     get_payload_codec,
@@ -335,7 +336,7 @@ class Averager:
             return self._finish(AverageResult(False, None, [me], "no tensors"), start)
         schema = schema_hash(tensors)
         flat = await asyncio.to_thread(flatten, tensors)
-        if self._validate_local and not bool(torch.isfinite(flat).all()):
+        if self._validate_local and not all_finite(flat):
             logger.warning("round %s: our own tensors are not finite; not averaging", round)
             return self._finish(AverageResult(False, None, [me], "non-finite-local"), start)
         if not math.isfinite(weight) or weight < 0:

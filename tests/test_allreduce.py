@@ -279,3 +279,24 @@ async def test_garbage_on_the_data_plane_is_dropped() -> None:
                 writer.close()
         await asyncio.sleep(0.1)
         assert sum(plane.rejected.values()) == 3
+
+
+@pytest.mark.parametrize(
+    ("values", "finite"),
+    [
+        ([], True),
+        ([1.0, -2.0, 3.5], True),
+        ([3.0e38, 3.0e38, -1.0], True),  # the sum overflows; every value is still finite
+        ([1.0, float("nan"), 2.0], False),
+        ([1.0, float("inf")], False),
+        ([float("-inf"), 5.0], False),
+        ([float("inf"), float("-inf")], False),  # the sum is NaN
+        ([3.0e38, 3.0e38, float("nan")], False),
+    ],
+)
+def test_all_finite_agrees_with_isfinite(values: list[float], finite: bool) -> None:
+    from intellect.node.allreduce import all_finite
+
+    t = torch.tensor(values, dtype=torch.float32)
+    assert all_finite(t) is finite
+    assert bool(torch.isfinite(t).all()) is finite
