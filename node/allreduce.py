@@ -474,7 +474,11 @@ class DataPlane:
             return conn
         except (OSError, ConnectionError, ProtocolError, struct.error) as e:
             conn.close()
-            raise AllReduceError("unreachable", detail=f"{member.peer_id}: {e}") from e
+            # Named as the culprit so that the retry goes on without it: a member nobody can reach (or
+            # that never connects, below) would otherwise fail every attempt of the round.
+            raise AllReduceError(
+                "unreachable", culprit=member.peer_id, detail=f"{member.peer_id}: {e}"
+            ) from e
         except BaseException:
             conn.close()
             raise
@@ -600,7 +604,9 @@ async def butterfly_allreduce(
             return await guarded(asyncio.shield(slot.incoming[m.peer_id]))
         except AllReduceError as e:
             if e.reason == "stalled":
-                raise AllReduceError("stalled", culprit="", detail=f"{m.peer_id} never connected") from None
+                raise AllReduceError(
+                    "stalled", culprit=m.peer_id, detail=f"{m.peer_id} never connected"
+                ) from None
             raise
 
     async def recv_part(

@@ -221,3 +221,53 @@ async def test_lone_laggard_stops_waiting_once_overtaken(
         assert not result.ok and result.reason == "too few peers"
     finally:
         await _close([av])
+
+
+async def test_a_member_that_never_connects_is_left_out_of_the_retry(
+    dht: Callable[[int], Awaitable[list[DHTNode]]],
+) -> None:
+    """mallory publishes valid, signed group records for every attempt of round 1 but nothing listens at
+    her address: the first attempt fails naming her, and the retry averages the honest members without
+    her (before, the culprit was unnamed and every attempt failed)."""
+    import socket
+
+    from intellect.node.allreduce import schema_hash
+
+    dht_nodes = await dht(3)
+    config = AveragerConfig(target_group_size=3, matchmaking_time=4, compression="none", max_weight=1000)
+    avs = await _averagers(dht_nodes[:2], config)
+    try:
+        inputs, weights = [_tensors(1.0), _tensors(2.0)], [100.0, 300.0]
+        schema = schema_hash(inputs[0])
+        mallory = Identity.generate()
+        with socket.socket() as s:  # a port that was free a moment ago: connections to it are refused
+            s.bind(("127.0.0.1", 0))
+            dead_port = s.getsockname()[1]
+        # She publishes for every attempt of the round, so a fresh attempt key alone does not shake her off.
+        for attempt in range(config.max_attempts):
+            rec = am.GroupRecord(
+                "run-test", 1, attempt, schema, mallory.peer_id, "127.0.0.1", dead_port, time.time() + 60
+            )
+            await dht_nodes[2].store(
+                group_key("run-test", 1, attempt, schema),
+                encode(rec.signed(mallory)),
+                time.time() + 60,
+                subkey=mallory.peer_id,
+            )
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    av.average(1, x, w, time.time() + 40)
+                    for av, x, w in zip(avs, inputs, weights, strict=True)
+                )
+            ),
+            50,
+        )
+    finally:
+        await _close(avs)
+    want = _weighted_mean(inputs, weights)
+    for r in results:
+        assert r.ok and r.tensors is not None, r.reason
+        assert mallory.peer_id not in r.group and r.attempts >= 2
+        for k, v in want.items():
+            assert torch.allclose(r.tensors[k].double(), v, atol=1e-5)
