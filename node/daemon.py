@@ -1035,11 +1035,16 @@ class RunService:
             await asyncio.sleep(MEMBER_REFRESH_S if self.members[1:] else 2.0)
 
     async def _listen_checkpoints(self) -> None:
+        from intellect.node.statesync import Vouch
         from intellect.protocol.gossip_messages import TopicKind
 
         with self.gossip.subscribe(TopicKind.CHECKPOINT) as sub:
             async for sender, msg in sub:
                 if sender == self.identity.peer_id:
+                    continue
+                vouch = Vouch.from_checkpoint(sender, msg)  # a malformed hash is no claim; bad sizes no hint
+                if vouch is None:
+                    self.status.rejected["bad_checkpoint_announce"] += 1
                     continue
                 now_ = time.time()
                 self.departed.discard(sender)
@@ -1049,7 +1054,7 @@ class RunService:
                     p = self._round_period
                     self._round_period = gap if p is None else 0.7 * p + 0.3 * gap
                 self.announced[sender] = _Announced(
-                    msg.round, msg.state_hash, msg.num_bytes, msg.chunk_size, now_
+                    vouch.round, vouch.state_hash, vouch.total_bytes, vouch.chunk_size, now_
                 )
                 self._new_announcement.set()
 

@@ -172,8 +172,11 @@ def pick_target(vouches: Iterable[Vouch | StateAnnounce], run_id: str) -> SyncTa
     if not votes:
         return None
     key = max(votes, key=lambda k: (len(votes[k]), k[0], k[1]))
-    sizes = collections.Counter((v.chunk_size, v.total_bytes) for v in votes[key] if v.chunk_size)
-    chunk_size, total = max(sizes, key=lambda k: (sizes[k], k)) if sizes else (0, 0)
+    # Size hints count only when every hinting voucher agrees: with a majority rule one peer repeating a
+    # state with a bogus chunk size could outvote an honest one, whose true chunk list would then fail
+    # the hint check and get it marked bad. Unhinted, the chunk list is checked against the hash alone.
+    sizes = {(v.chunk_size, v.total_bytes) for v in votes[key] if v.chunk_size}
+    chunk_size, total = next(iter(sizes)) if len(sizes) == 1 else (0, 0)
     return SyncTarget(key[0], key[1], chunk_size, total, tuple(sorted(v.peer_id for v in votes[key])))
 
 

@@ -153,3 +153,18 @@ def test_vouches_from_gossip_and_membership_count_with_announcements() -> None:
     assert Vouch.from_membership(dataclasses.replace(rec, state_hash="")) is None
     bad = dataclasses.replace(checkpoint_announce(signed), state_hash="zz")
     assert Vouch.from_checkpoint(IDS[1].peer_id, bad) is None
+
+
+def test_disagreeing_size_hints_are_dropped_not_voted() -> None:
+    """Two vouchers back the same state; one lies about the chunk size. Neither hint wins (a majority rule
+    would let a lone liar outvote a lone honest peer on a tie); the chunk list is then checked against the
+    state hash alone."""
+    from intellect.node.statesync import Vouch
+
+    honest = Vouch(IDS[1].peer_id, 7, H1, 4096, 9000)
+    liar = Vouch(IDS[2].peer_id, 7, H1, 1 << 20, 9000)
+    target = pick_target([honest, liar], RUN)
+    assert target is not None and (target.round, target.state_hash) == (7, H1)
+    assert (target.chunk_size, target.total_bytes) == (0, 0)
+    agreed = pick_target([honest, Vouch(IDS[3].peer_id, 7, H1, 4096, 9000)], RUN)
+    assert agreed is not None and (agreed.chunk_size, agreed.total_bytes) == (4096, 9000)
