@@ -193,6 +193,7 @@ class Averager:
         listen_host: str = "127.0.0.1",
         listen_port: int = 0,
         announce_host: str | None = None,
+        admitted: Callable[[str], bool] | None = None,
     ) -> None:
         if hasattr(dht, "publish") and hasattr(dht, "read"):
             self.board: GroupBoard = dht
@@ -203,6 +204,9 @@ class Averager:
         self.config = config or AveragerConfig()
         self.codec: PayloadCodec = get_payload_codec(self.config.compression)
         self.announce_host = announce_host or listen_host
+        #: The run's admission policy: group records of peers it does not admit are ignored (allowlist or
+        #: ticket runs), so an outsider cannot join a group and contribute to the average.
+        self.admitted = admitted
         self.plane = DataPlane(identity, listen_host, listen_port)
         #: Measured all-reduce throughput (bytes per second per peer, both directions averaged): an EWMA.
         self.bandwidth = self.config.initial_bandwidth
@@ -294,6 +298,9 @@ class Averager:
                 logger.debug("invalid group record under subkey %s", subkey)
                 continue
             if rec.peer_id in excluded:
+                continue
+            if self.admitted is not None and not self.admitted(rec.peer_id):
+                logger.debug("group record of %s, who is not admitted to the run, ignored", rec.peer_id)
                 continue
             out[rec.peer_id] = GroupMember(rec.peer_id, rec.host, rec.port)
         return out

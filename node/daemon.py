@@ -550,6 +550,7 @@ class RunService:
                 listen_host=self._hosts()[0],
                 listen_port=self.config.averaging_port,
                 announce_host=self._hosts()[1],
+                admitted=self._admitted,
             )
             async with self.averager:
                 await self._announce_state()

@@ -271,3 +271,40 @@ async def test_a_member_that_never_connects_is_left_out_of_the_retry(
         assert mallory.peer_id not in r.group and r.attempts >= 2
         for k, v in want.items():
             assert torch.allclose(r.tensors[k].double(), v, atol=1e-5)
+
+
+async def test_peers_the_run_does_not_admit_are_never_grouped(
+    dht: Callable[[int], Awaitable[list[DHTNode]]],
+) -> None:
+    """An allowlist run: alice and bob admit each other only. carol publishes a valid group record and
+    tries to join; the honest pair averages without her (her record is ignored, her hello refused)."""
+    dht_nodes = await dht(3)
+    config = AveragerConfig(target_group_size=3, matchmaking_time=3, compression="none", max_weight=1000)
+    ids = [Identity.from_seed(bytes([70 + i]) * 32) for i in range(3)]
+    allowed = {ids[0].peer_id, ids[1].peer_id}
+    avs = [
+        Averager(node, ident, "run-test", config, admitted=(allowed.__contains__ if i < 2 else None))
+        for i, (node, ident) in enumerate(zip(dht_nodes, ids, strict=True))
+    ]
+    for av in avs:
+        await av.__aenter__()
+    try:
+        inputs, weights = [_tensors(1.0), _tensors(2.0), _tensors(50.0)], [100.0, 300.0, 1000.0]
+        results = await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    av.average(1, x, w, time.time() + 25)
+                    for av, x, w in zip(avs, inputs, weights, strict=True)
+                )
+            ),
+            40,
+        )
+    finally:
+        await _close(avs)
+    want = _weighted_mean(inputs[:2], weights[:2])
+    for r in results[:2]:
+        assert r.ok and r.tensors is not None, r.reason
+        assert r.group == sorted(allowed)
+        for k, v in want.items():
+            assert torch.allclose(r.tensors[k].double(), v, atol=1e-5)
+    assert not results[2].ok
