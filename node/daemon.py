@@ -740,6 +740,19 @@ class RunService:
                 logger.warning("peer %s served state that does not match its hash; no longer trusted", bad)
                 self.status.rejected["bad_state_chunk"] += 1
                 self.distrusted.add(bad)
+        step = snap.tensors.get("outer.step")
+        if step is None or step.numel() != 1 or int(step) != snap.round:
+            # The bytes match the announced hash, but the state is not of the announced round: whoever
+            # vouched for (round, hash) misstated it. Do not adopt it, and stop believing them.
+            logger.warning(
+                "state announced as round %d holds %s outer steps; not used, its %d vouchers distrusted",
+                snap.round,
+                None if step is None or step.numel() != 1 else int(step),
+                len(st.peers),
+            )
+            self.status.rejected["state_round_mismatch"] += 1
+            self.distrusted.update(st.peers)
+            return
         await asyncio.to_thread(self._load_synced, snap.tensors)
         self.round, self.state_hash = snap.round, snap.state_hash
         self._publish_status_state()

@@ -17,6 +17,7 @@ Pure: no torch, no hivemind, no I/O besides reading the TOML file.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import re
@@ -307,9 +308,18 @@ class Manifest:
     averaging: AveragingSpec
     admission: AdmissionSpec
     init: InitSpec
+    #: Peer ID of the researcher who signed the run. Empty in a TOML file; `SignedManifest.sign` fills it
+    #: in, so the run_id covers the researcher: re-signing someone else's manifest makes another run.
+    researcher: str = ""
 
     def to_plain(self) -> dict[str, Any]:
         """Nested dicts/lists of str, int, float and bool: the manifest's canonical content."""
+        plain = self._plain()
+        if self.researcher:
+            plain["researcher"] = self.researcher
+        return plain
+
+    def _plain(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "protocol_version": self.protocol_version,
@@ -514,6 +524,7 @@ def parse_manifest(raw: Any) -> Manifest:
         sha256=i_.get_str("sha256", default="", check=_hex64_or_empty),
     )
     i_.done()
+    researcher = root.get_str("researcher", default="", check=lambda v: _peer_id(v) if v else None)
     root.done()
 
     manifest = Manifest(
@@ -527,6 +538,7 @@ def parse_manifest(raw: Any) -> Manifest:
         averaging=averaging,
         admission=admission,
         init=init,
+        researcher=researcher,
     )
     size = len(manifest.canonical_bytes())
     if size > MAX_MANIFEST_BYTES:
@@ -573,16 +585,20 @@ class SignedManifest:
 
     @classmethod
     def sign(cls, manifest: Manifest, researcher: Identity) -> SignedManifest:
-        return cls(
-            manifest, researcher.peer_id, researcher.sign(domains.MANIFEST, manifest.canonical_bytes())
-        )
+        """Bind the manifest to `researcher` (its `researcher` field, hence its run_id) and sign it."""
+        if manifest.researcher not in ("", researcher.peer_id):
+            raise ManifestError("researcher", f"names {manifest.researcher}, not the signing key")
+        bound = dataclasses.replace(manifest, researcher=researcher.peer_id)
+        return cls(bound, researcher.peer_id, researcher.sign(domains.MANIFEST, bound.canonical_bytes()))
 
     @property
     def run_id(self) -> str:
         return self.manifest.run_id
 
     def verify(self) -> bool:
-        """True when the researcher's signature covers exactly this manifest."""
+        """True when the manifest names this researcher and their signature covers exactly it."""
+        if self.manifest.researcher != self.researcher:
+            return False
         return verify(self.researcher, domains.MANIFEST, self.manifest.canonical_bytes(), self.sig)
 
     def to_bytes(self) -> bytes:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+from intellect.crypto import domains
 from intellect.crypto.identity import Identity
 from intellect.protocol.errors import ProtocolError
 from intellect.protocol.manifest import (
@@ -150,9 +152,12 @@ def test_signed_manifest_roundtrip_and_tamper() -> None:
     signed = SignedManifest.sign(m, researcher)
     assert signed.verify()
     back = SignedManifest.from_bytes(signed.to_bytes())
-    assert back == signed and back.verify() and back.run_id == m.run_id
+    assert back == signed and back.verify()
+    # Signing binds the researcher into the manifest, hence into the run_id.
+    assert signed.manifest.researcher == researcher.peer_id and signed.run_id == signed.manifest.run_id
+    assert signed.run_id != m.run_id
     # A different signer claimed, or a changed manifest, no longer verifies.
-    other = SignedManifest(m, Identity.generate().peer_id, signed.sig)
+    other = SignedManifest(signed.manifest, Identity.generate().peer_id, signed.sig)
     assert not other.verify()
     changed = SignedManifest(
         parse_manifest(with_change("diloco.inner_steps", 7)), signed.researcher, signed.sig
@@ -192,3 +197,20 @@ def test_example_matches_the_builtin_corpus_and_tiny_model() -> None:
     assert [(s.uri, s.sha256, s.tokens) for s in m.shards] == expected
     assert ModelConfig.from_dict(m.model.to_dict()) == CONFIGS["tiny"]
     assert m.model.vocab_size == tokenizer.vocab_size
+
+
+def test_re_signing_someone_elses_manifest_makes_another_run() -> None:
+    """An impostor cannot take over a run: the researcher is inside the signed, hashed manifest."""
+    alice, mallory = Identity.generate(), Identity.generate()
+    signed = SignedManifest.sign(load_manifest_toml(EXAMPLE), alice)
+    with pytest.raises(ManifestError, match="researcher"):
+        SignedManifest.sign(signed.manifest, mallory)  # it names alice
+    # Stripping the name and re-signing yields a valid manifest, but of a different run.
+    stripped = dataclasses.replace(signed.manifest, researcher="")
+    hijack = SignedManifest.sign(stripped, mallory)
+    assert hijack.verify() and hijack.run_id != signed.run_id
+    # Claiming alice's run_id with mallory's signature does not verify.
+    forged = SignedManifest(
+        signed.manifest, mallory.peer_id, mallory.sign(domains.MANIFEST, signed.manifest.canonical_bytes())
+    )
+    assert not forged.verify()
