@@ -36,6 +36,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 from intellect.crypto import domains
 from intellect.crypto.identity import Identity, verify
+from intellect.node.robust import REDUCERS, reduce_partition
 from intellect.protocol import averaging_messages as am
 from intellect.protocol.codec import decode, encode, packb_canonical
 from intellect.protocol.errors import ProtocolError
@@ -549,6 +550,7 @@ async def butterfly_allreduce(
     stall_timeout: float = 30.0,
     validate_local: bool = True,
     fault: Callable[[str], Awaitable[None]] | None = None,
+    reducer: str = "mean",
 ) -> AllReduceOutcome:
     """Average `flat` (fp32, 1-D) with the members of `spec`, weighted; raise AllReduceError on any failure.
 
@@ -557,6 +559,8 @@ async def butterfly_allreduce(
     fault injection in tests: a peer that sends non-finite values, or one that stops (or dies) at a chosen
     step (`fault` is awaited with "scatter:<receiver peer ID>" before each partition is sent).
     """
+    if reducer not in REDUCERS:
+        raise ValueError(f"unknown reducer {reducer!r}")
     me = plane.identity.peer_id
     n = len(spec.members)
     my_index = spec.index(me)
@@ -712,10 +716,9 @@ async def butterfly_allreduce(
         mine = result[offsets[my_index] : offsets[my_index] + sizes[my_index]]
 
         def reduce_and_encode() -> tuple[bytes | memoryview, torch.Tensor]:
-            (first, w0), *rest = contributions  # sorted member order: deterministic on the owner
-            torch.mul(first, w0 / total, out=mine)
-            for value, w in rest:
-                mine.add_(value, alpha=w / total)
+            # Our own contribution first, then the others in group order: deterministic on the owner,
+            # which alone computes this partition (everyone else receives its bytes).
+            reduce_partition(reducer, [v for v, _ in contributions], [w for _, w in contributions], mine)
             return codec.roundtrip(mine)
 
         my_payload, my_reduced = await _offload(reduce_and_encode, big=big)

@@ -68,6 +68,9 @@ class AveragerConfig:
     compression: str = "int8"
     #: Largest weight (tokens) a peer may claim: H × batch × sequence length of the manifest.
     max_weight: float = math.inf
+    #: How each partition owner reduces its partition: "mean", or "centered_clip" (robust to a minority of
+    #: arbitrarily bad contributions; see `intellect.node.robust`).
+    reducer: str = "mean"
     #: Throughput assumed before the first measured round, in bytes per second (deliberately low).
     initial_bandwidth: float = 10e6
     #: Stall timeout = slack × (expected transfer time at measured throughput) + `min_stall_timeout`.
@@ -86,6 +89,8 @@ class AveragerConfig:
             raise ValueError("min_group_size: must be at least 1")
         if self.max_attempts < 1:
             raise ValueError("max_attempts: must be at least 1")
+        if self.reducer not in ("mean", "centered_clip"):
+            raise ValueError(f"reducer: must be mean or centered_clip, got {self.reducer!r}")
         if self.target_group_size < 0:
             raise ValueError("target_group_size: must be 0 (none) or positive")
         if self.matchmaking_time <= 0 or self.poll_interval <= 0 or self.record_ttl <= 0:
@@ -375,6 +380,7 @@ class Averager:
                         stall_timeout=stall,
                         validate_local=self._validate_local,
                         fault=self._fault,
+                        reducer=self.config.reducer,
                     )
             except AllReduceError as e:
                 reason = e.reason

@@ -578,6 +578,7 @@ class RunService:
             matchmaking_time=a.matchmaking_s,
             compression=a.compression,
             max_weight=float(self.manifest.max_tokens_per_round()),
+            reducer=a.reducer,
         )
 
     def _hosts(self) -> tuple[str, str]:

@@ -55,6 +55,8 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 COMPRESSIONS = ("int8", "fp16", "none")
+#: How a partition's contributions are combined (see intellect.node.robust; protocol/ stays torch-free).
+REDUCERS = ("mean", "centered_clip")
 SCHEDULES = ("cosine", "linear", "constant")
 ADMISSION_POLICIES = ("open", "allowlist", "tickets")
 TOKENIZER_KINDS = ("byte", "hf")
@@ -276,6 +278,8 @@ class AveragingSpec:
     compression: str
     round_deadline_s: float
     matchmaking_s: float
+    #: "mean", or "centered_clip": robust to a minority of arbitrarily bad contributions.
+    reducer: str = "mean"
 
 
 @dataclass(frozen=True)
@@ -349,6 +353,7 @@ class Manifest:
                 "compression": self.averaging.compression,
                 "round_deadline_s": self.averaging.round_deadline_s,
                 "matchmaking_s": self.averaging.matchmaking_s,
+                "reducer": self.averaging.reducer,
             },
             "admission": {"policy": self.admission.policy, "peers": list(self.admission.peers)},
             "init": {"seed": self.init.seed, "sha256": self.init.sha256},
@@ -493,6 +498,7 @@ def parse_manifest(raw: Any) -> Manifest:
         compression=a.get_str("compression", default="int8", choices=COMPRESSIONS),
         round_deadline_s=a.get_float("round_deadline_s", 0.0, 86_400.0, lo_open=True),
         matchmaking_s=a.get_float("matchmaking_s", 0.0, 3_600.0, lo_open=True, default=5.0),
+        reducer=a.get_str("reducer", default="mean", choices=REDUCERS),
     )
     a.done()
     if averaging.min_group > averaging.group_size:
