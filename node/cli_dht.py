@@ -33,6 +33,13 @@ bootstrap_option = click.option(
     help="DHT entry node multiaddr ending in /p2p/<peer id> (repeatable; default: from config).",
 )
 
+researcher_key_option = click.option(
+    "--researcher-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="The researcher's key, which signs the run's manifest (default: the data dir's identity).",
+)
+
 
 def _setup_logging(level: str) -> None:
     # Commands print results on stdout; logs go to stderr so scripts can parse stdout.
@@ -213,12 +220,7 @@ def register(group: click.Group) -> None:
     @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
     @bootstrap_option
     @data_dir_option
-    @click.option(
-        "--researcher-key",
-        type=click.Path(dir_okay=False, path_type=Path),
-        default=None,
-        help="Key that signs the manifest (default: this node's identity in the data dir).",
-    )
+    @researcher_key_option
     def seed(
         manifest: Path, bootstrap: tuple[str, ...], data_dir: Path | None, researcher_key: Path | None
     ) -> None:
@@ -248,12 +250,7 @@ def register(group: click.Group) -> None:
     @click.argument("run_id")
     @click.argument("peer_id")
     @data_dir_option
-    @click.option(
-        "--researcher-key",
-        type=click.Path(dir_okay=False, path_type=Path),
-        default=None,
-        help="Key that signed the run's manifest (default: this node's identity in the data dir).",
-    )
+    @researcher_key_option
     @click.option("--days", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True)
     @click.option(
         "--out",
