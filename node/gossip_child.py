@@ -12,7 +12,8 @@ What happens here:
   topic validator per run topic. The validator opens our signed envelope (signature, run, admission,
   timestamp skew, replay guard) and checks that the envelope's author is the gossip message's origin and
   that the payload type fits the topic. A message the validator refuses is neither delivered nor
-  forwarded by this peer; the refusal is reported to the parent, which counts it and lowers a score.
+  forwarded by this peer; the refusal is reported to the parent, which counts it and lowers a score. A
+  message it accepts is handed to the parent by the validator itself, once per gossip message ID.
 - Admission is the parent's policy: the child asks (`BridgeAdmitQuery`) and caches the answer briefly.
 - The child exits when the parent says `BridgeStop` or when the bridge socket closes (parent gone), so
   it can never outlive the daemon for long.
@@ -35,7 +36,7 @@ import multiaddr
 import trio
 from intellect.crypto.identity import Identity
 from intellect.protocol.codec import decode, encode, unpackb_limited
-from intellect.protocol.envelope import EnvelopeVerifier, RejectReason, ReplayGuard
+from intellect.protocol.envelope import EnvelopeVerifier, Opened, RejectReason, ReplayGuard
 from intellect.protocol.errors import ProtocolError, Rejected
 from intellect.protocol.gossip_messages import (
     FRAME_HEADER,
@@ -61,15 +62,21 @@ from libp2p.crypto.ed25519 import Ed25519PrivateKey as Libp2pEd25519PrivateKey
 from libp2p.crypto.keys import KeyPair
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
-from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service.context import background_trio_service
 
 log = logging.getLogger("intellect.gossip.child")
 
-#: Gossipsub mesh degree (D, D_lo, D_hi): go-libp2p's defaults.
-DEGREE, DEGREE_LOW, DEGREE_HIGH = 6, 4, 12
+#: Gossipsub mesh degree (D, D_lo, D_hi). Lower than go-libp2p's 6/5/12 because every copy of a message
+#: costs py-libp2p a full RPC (read, decrypt, parse, signed-record check), and a node accepts GRAFTs up to
+#: D_hi, so in a run of up to D_hi + 1 peers (where every daemon dials every member) gossip floods: each
+#: node receives each message from every other peer. Measured among 8 peers that all dial each other, at 1
+#: message per second per peer: 6/4/12 gives meshes of 7 and ~19 ms of child CPU per delivered message,
+#: 4/3/6 meshes of 3-6 and ~13 ms, with the same delivery (see docs/decisions.md). IHAVE gossip to peers
+#: outside the mesh still repairs what a mesh path loses, and the DHT remains the source of truth.
+DEGREE, DEGREE_LOW, DEGREE_HIGH = 4, 3, 6
 #: Heartbeat period in seconds. py-libp2p's default is 120 s, which leaves a new peer outside the mesh
 #: for minutes; go-libp2p uses 1 s, and so do we.
 HEARTBEAT_S = 1
@@ -79,8 +86,14 @@ ADMIT_TTL_S = 30.0
 ADMIT_TIMEOUT_S = 2.0
 #: How often known peers that are not connected are dialled again.
 REDIAL_S = 5.0
-#: Messages whose envelope was opened by the validator, waiting for their subscription delivery.
-PENDING_OPENED = 8192
+#: Gossipsub message IDs whose first copy passed the validator, most recent last.
+ACCEPTED_IDS = 16384
+#: Gossipsub versions we speak. Not /meshsub/1.2.0: py-libp2p 0.8.1 answers every message it receives on a
+#: 1.2 link with one IDONTWANT RPC per mesh peer, whatever its size (go-libp2p does so only above 1 KiB),
+#: which roughly doubles the RPCs a small control-plane message costs (measured among 8 peers, together
+#: with adaptive gossip off: ~22 -> ~14 ms of child CPU per delivered message; see docs/decisions.md).
+#: Our messages are a few hundred bytes.
+PROTOCOLS = (PROTOCOL_ID_V11, PROTOCOL_ID)
 
 
 def libp2p_key_pair(identity: Identity) -> KeyPair:
@@ -127,16 +140,27 @@ class GossipChild:
         self.listen = multiaddr.Multiaddr(listen)
         self.bridge = bridge
         self.topics = {topic_name(run_id, kind): kind for kind in TopicKind}
-        self.host = new_host(key_pair=libp2p_key_pair(identity), listen_addrs=[self.listen])
+        self.host = new_host(
+            key_pair=libp2p_key_pair(identity),
+            listen_addrs=[self.listen],
+            disable_identify_address_discovery=True,
+        )
         self.router = GossipSub(
-            protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID],
+            protocols=list(PROTOCOLS),
             degree=DEGREE,
             degree_low=DEGREE_LOW,
             degree_high=DEGREE_HIGH,
             heartbeat_interval=HEARTBEAT_S,
-            # py-libp2p drops everything a neighbour forwards on a topic beyond this many messages per
-            # second (`_check_spam_protection`, keyed by the forwarder, not the author). A neighbour
-            # forwards the whole run's traffic, so the default of 10 caps a run at 10 msg/s in total.
+            # py-libp2p's "adaptive gossip" recomputes a network health score every 30 s and, when it is
+            # below 0.7 (as soon as a topic's mesh is smaller than D, e.g. in any run of fewer than seven
+            # peers), sets the heartbeat to 30-60 s: mesh repair and IHAVE gossip then stall for a minute.
+            adaptive_gossip_enabled=False,
+            # py-libp2p refuses to pass on a message when the neighbour that handed it over sent more than
+            # this many on the topic in the last second (`_check_spam_protection`, keyed by the forwarder,
+            # not the author; checked after local delivery, so the loss falls on the peers behind us). Our
+            # own publications count as forwarded by us, so above it they are not sent at all. A neighbour
+            # relays the whole run's traffic; the default of 10 lost 36% of the messages of 2 peers
+            # publishing 15/s each, and 3.4% among 4 peers in a tree at 5/s each (docs/decisions.md).
             max_messages_per_topic_per_second=rate_limit,
         )
         self.pubsub = Pubsub(self.host, self.router, strict_signing=True, cache_size=4096)
@@ -144,7 +168,10 @@ class GossipChild:
         self.verifier = EnvelopeVerifier(run_id, self._admitted_cached, ReplayGuard(skew_s=skew_s))
         self._admit: dict[str, tuple[bool, float]] = {}
         self._admit_waiters: dict[str, trio.Event] = {}
-        self._opened: OrderedDict[bytes, tuple[Any, str]] = OrderedDict()
+        self._accepted: OrderedDict[bytes, None] = OrderedDict()
+        self._validating: dict[bytes, trio.Event] = {}
+        #: Copies of an accepted message that reached the validator (refused without a report).
+        self.duplicates = 0
         self._known: dict[str, str] = {}  # peer ID -> multiaddr to keep dialled
         self._out_send, self._out_recv = trio.open_memory_channel[bytes](4096)
         self._publish_send, self._publish_recv = trio.open_memory_channel[BridgePublish](4096)
@@ -154,9 +181,13 @@ class GossipChild:
     async def _send(self, msg: Any) -> None:
         await self._out_send.send(frame(encode(msg)))
 
-    async def _writer(self) -> None:
-        async for data in self._out_recv:
-            await self.bridge.send_all(data)
+    async def _writer(self, cancel: trio.CancelScope) -> None:
+        try:
+            async for data in self._out_recv:
+                await self.bridge.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            log.info("bridge closed by the parent; exiting")
+            cancel.cancel()
 
     async def _read_exactly(self, n: int) -> bytes | None:
         buf = bytearray()
@@ -220,7 +251,10 @@ class GossipChild:
             if msg.topic not in self.topics:
                 log.warning("refusing to publish on foreign topic %s", msg.topic)
                 continue
+            started = time.monotonic()
             await self.pubsub.publish(msg.topic, msg.data)
+            if (took := time.monotonic() - started) > 0.25:
+                log.warning("publishing on %s took %.2fs", msg.topic, took)
 
     # -- admission -----------------------------------------------------------------------------------
 
@@ -242,10 +276,47 @@ class GossipChild:
     # -- validation ----------------------------------------------------------------------------------
 
     async def _validate(self, forwarder: ID, msg: rpc_pb2.Message) -> bool:
-        """The topic validator: True lets gossipsub deliver and forward the message, False drops it."""
+        """The topic validator: True lets gossipsub deliver and forward the message, False drops it.
+
+        py-libp2p marks a message as seen only after validating it, so copies of one message from several
+        mesh peers reach this validator concurrently. One copy is checked at a time: once a copy passed,
+        the others are refused without a report (the accepted copy is the one delivered and forwarded;
+        checking them would fail the replay guard and unjustly lower the score of honest forwarders). When
+        a copy failed, the next one is checked on its own: the failure may have been local and passing
+        (an admission answer that came too late), or that copy's forwarder has earned its own penalty.
+        """
         origin = ID(msg.from_id)
         if origin == self.my_id:
             return True  # our own publish: the parent sealed it with our key
+        msg_id = self.pubsub.get_message_id(msg)
+        while (pending := self._validating.get(msg_id)) is not None:
+            await pending.wait()
+        if msg_id in self._accepted:
+            self.duplicates += 1
+            return False
+        self._validating[msg_id] = done = trio.Event()
+        try:
+            opened = await self._check(forwarder, msg)
+            if opened is None:
+                return False
+            # Handed to the parent here rather than from the topic subscription: py-libp2p's subscription
+            # channel holds 32 messages and drops the rest of a burst (while still forwarding them).
+            topic = msg.topicIDs[0]
+            body = encode(opened.message)
+            await self._send(
+                BridgeDeliver(topic, opened.sender, opened.seq, opened.ts, forwarder.to_base58(), body)
+            )
+            self._accepted[msg_id] = None
+            while len(self._accepted) > ACCEPTED_IDS:
+                self._accepted.popitem(last=False)
+            return True
+        finally:
+            del self._validating[msg_id]
+            done.set()
+
+    async def _check(self, forwarder: ID, msg: rpc_pb2.Message) -> Opened | None:
+        """Every check of one copy of a message: the opened envelope, or None (reported to the parent)."""
+        origin = ID(msg.from_id)
         topic = msg.topicIDs[0] if len(msg.topicIDs) == 1 else ""
         claimed: str | None = ""
         try:
@@ -267,11 +338,8 @@ class GossipChild:
                 raise RejectedHere(RejectReason.MALFORMED, f"{type(opened.message).__name__} on {topic}")
         except (Rejected, RejectedHere) as exc:
             await self._report_reject(topic, forwarder, claimed or "", exc.reason, str(exc))
-            return False
-        self._opened[self.pubsub.get_message_id(msg)] = (opened, forwarder.to_base58())
-        while len(self._opened) > PENDING_OPENED:
-            self._opened.popitem(last=False)
-        return True
+            return None
+        return opened
 
     async def _report_reject(
         self, topic: str, forwarder: ID, claimed: str, reason: RejectReason, detail: str
@@ -281,19 +349,11 @@ class GossipChild:
 
     # -- delivery, status, dialling ------------------------------------------------------------------
 
-    async def _deliver(self, topic: str, subscription: Any) -> None:
-        while True:
-            msg = await subscription.get()
-            if ID(msg.from_id) == self.my_id:
-                continue  # our own publish, echoed by the local subscription
-            entry = self._opened.pop(self.pubsub.get_message_id(msg), None)
-            if entry is None:
-                log.warning("delivered message on %s was never validated here; dropping it", topic)
-                continue
-            opened, forwarder = entry
-            await self._send(
-                BridgeDeliver(topic, opened.sender, opened.seq, opened.ts, forwarder, encode(opened.message))
-            )
+    async def _drain(self, subscription: Any) -> None:
+        """Empty a topic subscription: messages reach the parent from the validator (see `_validate`); the
+        subscription only makes this host a member of the topic's mesh."""
+        async for _ in subscription:
+            pass
 
     async def _status(self) -> None:
         while True:
@@ -339,7 +399,7 @@ class GossipChild:
             background_trio_service(self.router),
             trio.open_nursery() as nursery,
         ):
-            nursery.start_soon(self._writer)
+            nursery.start_soon(self._writer, nursery.cancel_scope)
             await self.pubsub.wait_until_ready()
             subscriptions = {}
             for topic in self.topics:
@@ -348,8 +408,8 @@ class GossipChild:
             addrs = tuple(str(a) for a in self.host.get_addrs())
             await self._send(BridgeHello(self.my_id.to_base58(), addrs, os.getpid()))
             log.info("gossip host %s listening on %s", self.my_id, ", ".join(addrs))
-            for topic, sub in subscriptions.items():
-                nursery.start_soon(self._deliver, topic, sub)
+            for sub in subscriptions.values():
+                nursery.start_soon(self._drain, sub)
             nursery.start_soon(self._publisher)
             nursery.start_soon(self._status)
             nursery.start_soon(self._redialer, nursery)
@@ -375,8 +435,10 @@ def main(argv: list[str] | None = None, *, run: Callable[..., Any] = trio.run) -
         stream=sys.stderr,
         format=f"%(asctime)s gossip-child[{os.getpid()}] %(levelname)s %(name)s: %(message)s",
     )
-    # py-libp2p logs every rate-limited or invalid message at WARNING; our own counters report those.
-    logging.getLogger("libp2p").setLevel(max(logging.ERROR, logging.getLogger().level))
+    # py-libp2p logs every rate-limited or invalid message at WARNING (and multiaddr every parse at DEBUG);
+    # our own counters report what matters.
+    for noisy in ("libp2p", "multiaddr"):
+        logging.getLogger(noisy).setLevel(max(logging.ERROR, logging.getLogger().level))
     identity = Identity.load(args.key)
     sock = socket.socket(fileno=args.bridge_fd)
 
@@ -392,4 +454,12 @@ def main(argv: list[str] | None = None, *, run: Callable[..., Any] = trio.run) -
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # The service tree has shut down in order (host, connections and bridge closed). Tearing down an
+    # interpreter that imported py-libp2p takes a noticeable amount of CPU (module and heap finalisation:
+    # 2-5 s of wall time measured with eight children on a loaded 2-core machine, past the parent's grace
+    # period), and nothing is left for it to flush: exit at once.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
