@@ -1,0 +1,38 @@
+"""bench/convergence.py at its smallest setting: every method runs as real processes and the JSON is whole."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "convergence.py"
+
+
+def test_convergence_bench_smallest_setting_prints_the_schema() -> None:
+    args = ["--json", "--peers", "2", "--steps", "4", "--h", "2", "--batch", "2", "--seq-len", "16"]
+    args += ["--eval-batch", "4", "--curve-every", "2", "--timeout", "240"]
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=280, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in (
+        "ddp_loss",
+        "single_loss",
+        "diloco_h2_loss",
+        "ddp_bytes_per_peer",
+        "diloco_h2_bytes_per_peer",
+        "tokens",
+    ):
+        assert key in out, key
+    tokens = 2 * 4 * 2 * 16  # peers × steps × batch × seq_len, the same for every method
+    assert out["tokens"] == out["single_tokens"] == out["diloco_h2_tokens"] == tokens
+    assert out["ddp_replicas_identical"] and out["diloco_h2_replicas_identical"]
+    assert out["ddp_allreduces"] == 4
+    assert out["diloco_h2_rounds"] == 2
+    # Per round each peer sends int8 (+ scales, headers): about a quarter of one fp32 gradient all-reduce.
+    per_round, per_step = out["diloco_h2_bytes_per_peer"] / 2, out["ddp_bytes_per_peer"] / 4
+    assert per_step / 4.5 < per_round < per_step / 3
+    assert all(0 < out[k] < 6 for k in ("ddp_loss", "single_loss", "diloco_h2_loss"))
