@@ -14,13 +14,17 @@ thread bounds that unwinding; a second signal kills our child processes by PID a
 
 A round (RunService._round), with r = completed rounds + 1:
 
-    train H inner steps (worker thread) ─> Δ = θ − θ_local ─> all-reduce Δ weighted by tokens (deadline)
-      ─> ok:     outer step, round = r, checkpoint, announce (gossip progress + state, DHT membership)
+    train H inner steps (worker thread) ─> Δ = θ − θ_local + error-feedback residual
+      ─> all-reduce Δ weighted by tokens (deadline; a lone peer gives up once others are past round r)
+      ─> ok:     keep what compression lost as the next residual, outer step, round = r, checkpoint
+                 (a full disk is logged, not fatal), announce (gossip progress + state, DHT membership)
       ─> failed: keep θ untouched, reset the local copy, log and expose it; catch up next round
 
 Rounds need no coordinator: the round number is the global state's step count, which every member of the
-run announces; a peer that sees others ahead (newcomer, laggard, failed average) waits for the next fresh
-announcement, syncs that state from peers (verified by hash) and joins the round after it.
+run announces (gossip, and the DHT records that repair lost gossip); a peer that sees others ahead
+(newcomer, laggard, failed average) waits a bounded time for a fresh announcement, syncs the state most
+live peers vouch for (verified by hash, its step count checked against its round) and joins the round
+after it.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ if TYPE_CHECKING:
     from intellect.node.gossip import GossipService
     from intellect.node.statesync import SyncTarget
     from intellect.protocol.manifest import Manifest, SignedManifest
+    from intellect.protocol.records import MembershipRecord
 
 logger = logging.getLogger("intellect.node.daemon")
 
@@ -432,10 +437,8 @@ class RunService:
         self.state_hash = ""
         self.announced: dict[str, _Announced] = {}
         self.members: list[str] = []
-        #: Last completed round and state hash of each member, from its DHT membership record.
-        self.member_states: dict[str, tuple[int, str]] = {}
-        #: Training throughput (tokens/s) each member put in its DHT record.
-        self.member_throughput: dict[str, float] = {}
+        #: Each member's latest verified DHT membership record (round, state hash, throughput).
+        self.member_records: dict[str, MembershipRecord] = {}
         #: Peers caught serving state that does not match its hash: their vouches no longer count.
         self.distrusted: set[str] = set()
         #: Peers that said they are leaving (gossip LEAVING), until they announce a state again: their DHT
@@ -540,6 +543,7 @@ class RunService:
         if not resumed:
             self.state_hash = await asyncio.to_thread(self._hash_now)
         self._publish_status_state()
+        listen_host, public_host = self._hosts()
         async with StateServer(self.dht.p2p, self.identity, self.run_id, admitted=self._admitted) as server:
             self.server = server
             self.averager = Averager(
@@ -547,9 +551,9 @@ class RunService:
                 self.identity,
                 self.run_id,
                 self._averager_config(),
-                listen_host=self._hosts()[0],
+                listen_host=listen_host,
                 listen_port=self.config.averaging_port,
-                announce_host=self._hosts()[1],
+                announce_host=public_host,
                 admitted=self._admitted,
             )
             async with self.averager:
@@ -627,15 +631,13 @@ class RunService:
         announcement of it (0.0 when only the DHT vouches: the DHT repairs lost gossip)."""
         from intellect.node.statesync import Vouch, pick_target
 
-        me = self.identity.peer_id
         vouches = [
             Vouch(p, a.round, a.state_hash, a.chunk_size, a.num_bytes)
             for p, a in self.announced.items()
             if self._counts(p)
         ]
-        vouches += [
-            Vouch(p, r, h) for p, (r, h) in self.member_states.items() if p != me and h and self._counts(p)
-        ]
+        from_dht = (Vouch.from_membership(rec) for p, rec in self.member_records.items() if self._counts(p))
+        vouches += [v for v in from_dht if v is not None]
         target = pick_target(vouches, self.run_id)
         if target is None:
             return None
@@ -689,7 +691,7 @@ class RunService:
 
     def _peer_rounds(self) -> dict[str, int]:
         """The latest round each other live peer claims to hold, from gossip and the DHT together."""
-        out = {p: r for p, (r, _) in self.member_states.items() if self._counts(p)}
+        out = {p: rec.round for p, rec in self.member_records.items() if self._counts(p)}
         for p, a in self.announced.items():
             if self._counts(p):
                 out[p] = max(out.get(p, 0), a.round)
@@ -705,7 +707,11 @@ class RunService:
         if period is None:
             # Not seen yet (we just started): estimate a round from the throughput peers put in their
             # signed membership records: H × batch × sequence tokens, plus matchmaking.
-            rates = sorted(t for p, t in self.member_throughput.items() if t > 0 and self._counts(p))
+            rates = sorted(
+                rec.throughput
+                for p, rec in self.member_records.items()
+                if rec.throughput > 0 and self._counts(p)
+            )
             if not rates:
                 return bound
             period = self.manifest.max_tokens_per_round() / rates[len(rates) // 2] + a.matchmaking_s
@@ -995,9 +1001,8 @@ class RunService:
         )[:16]
         # The gossip child reports what it bound (0.0.0.0 when listening everywhere): others must be
         # told an address they can dial.
-        gossip_addr = next(iter(self.gossip.listen_maddrs), "").replace(
-            "/ip4/0.0.0.0/", f"/ip4/{self._hosts()[1]}/"
-        )
+        public = self._hosts()[1]
+        gossip_addr = next(iter(self.gossip.listen_maddrs), "").replace("/ip4/0.0.0.0/", f"/ip4/{public}/")
         rec = MembershipRecord(
             self.run_id,
             self.identity.peer_id,
@@ -1027,8 +1032,7 @@ class RunService:
             if not is_admitted(self.manifest, self.signed.researcher, rec.peer_id, rec.ticket):
                 continue
             members.append(rec.peer_id)
-            self.member_states[rec.peer_id] = (rec.round, rec.state_hash)
-            self.member_throughput[rec.peer_id] = rec.throughput
+            self.member_records[rec.peer_id] = rec
             if rec.ticket:
                 self.members_tickets[rec.peer_id] = rec.ticket
             if rec.gossip_addr and rec.peer_id != self.identity.peer_id:
