@@ -1,4 +1,4 @@
-"""`intellect-node data …`: turn text/JSONL into pre-tokenized shards and print manifest-ready lines."""
+"""`intellect-node data …`: pre-tokenized shards and a run's initial state, with manifest-ready lines."""
 
 from __future__ import annotations
 
@@ -78,6 +78,67 @@ def prepare(
         for i in infos
     ]
     click.echo(shards_toml(infos), nl=False)
+
+
+@data_group.command(name="init-state")
+@click.argument("manifest", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--weights",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Start from these weights (a state dict: .safetensors, or a torch .pt/.bin); default: init.seed.",
+)
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="File to write the initial state to.",
+)
+def init_state(manifest: Path, weights: Path | None, out: Path) -> None:
+    """Write the run's round-0 state and print the [init] table that pins it.
+
+    Paste the table into MANIFEST before seeding it. Then give volunteers the file: a node looks for it
+    at <data dir>/init/<sha256>.safetensors when it starts at round 0.
+    """
+    import torch
+    from intellect.node.initstate import InitStateError, pack_weights, write_init_state
+    from intellect.node.model import Llama, ModelConfig
+    from intellect.node.outer import OuterOptimizer
+    from intellect.protocol.manifest import ManifestError, load_manifest_toml
+
+    try:
+        m = load_manifest_toml(manifest)
+    except ManifestError as e:
+        raise click.ClickException(f"invalid manifest {manifest}: {e}") from None
+    model = Llama(ModelConfig.from_dict(m.model.to_dict()), seed=m.init.seed)
+    outer = OuterOptimizer.from_model(model)
+    if weights is not None:
+        try:
+            if weights.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                state: object = load_file(weights)
+            else:
+                state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch and safetensors raise many types for an unreadable file
+            raise click.ClickException(f"cannot read weights {weights}: {e}") from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise click.ClickException(f"{weights} is not a state dict (a mapping of names to tensors)")
+        try:
+            pack_weights(state, outer)
+        except InitStateError as e:
+            raise click.ClickException(f"{weights}: {e}") from None
+    try:
+        sha256 = write_init_state(outer, out)
+    except OSError as e:
+        raise click.ClickException(f"cannot write {out}: {e}") from None
+    if m.init.sha256 and m.init.sha256 != sha256:
+        click.echo(f"# note: {manifest} pins another initial state ({m.init.sha256})", err=True)
+    click.echo(f"# {out}: volunteers put it at <data dir>/init/{sha256}.safetensors")
+    click.echo("[init]")
+    click.echo(f"seed = {m.init.seed}")
+    click.echo(f'sha256 = "{sha256}"')
 
 
 def register(group: click.Group) -> None:

@@ -453,6 +453,8 @@ class RunService:
         self.residual: Any = None
         self._chunk_steps = 1
         self._pending_commit: asyncio.Future[Any] | None = None
+        #: Why we lack the run's pinned initial state (`_initial_state`); fatal only if we must train round 0.
+        self.init_error: Exception | None = None
         self._last_stats: Any = None
 
     # ---- setup ---------------------------------------------------------------------------------------
@@ -531,6 +533,28 @@ class RunService:
         self.status.last_sync = SyncOutcome(self.round, "own checkpoint", self.state_hash, 0.0, time.time())
         return True
 
+    def _initial_state(self) -> None:
+        """Round 0's global state: the seeded init, or the file that the manifest's `init.sha256` pins.
+
+        If the pinned file is missing or bad, the error is kept, not raised: a node that finds peers past
+        round 0 syncs their state and never needs the file. `_rounds` raises it before training round 0.
+        """
+        from intellect.node.initstate import InitStateError, init_state_path, load_init_state
+
+        self.state_hash = self._hash_now()
+        pinned = self.manifest.init.sha256
+        if not pinned or self.state_hash == pinned:
+            return
+        try:
+            load_init_state(init_state_path(self.config.data_dir, pinned), pinned, self.outer)
+        except (InitStateError, OSError) as e:
+            self.init_error = InitStateError(str(e))
+            logger.warning("%s; starting only if peers are past round 0 and we sync their state", e)
+            return
+        self.outer.copy_to(self.model)
+        self.state_hash = self._hash_now()
+        logger.info("loaded the run's initial state %s", self.state_hash[:12])
+
     # ---- the service ---------------------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -541,7 +565,7 @@ class RunService:
         await asyncio.to_thread(self._build)
         resumed = await asyncio.to_thread(self._resume)
         if not resumed:
-            self.state_hash = await asyncio.to_thread(self._hash_now)
+            await asyncio.to_thread(self._initial_state)
         self._publish_status_state()
         listen_host, public_host = self._hosts()
         async with StateServer(self.dht.p2p, self.identity, self.run_id, admitted=self._admitted) as server:
@@ -611,6 +635,8 @@ class RunService:
             await self._catch_up()
             if opts.max_rounds is not None and self.round >= opts.max_rounds:
                 break
+            if self.round == 0 and self.init_error is not None:
+                raise self.init_error  # training from another origin would poison everyone's average
             await self._round()
         logger.info("reached round %d: done", self.round)
 

@@ -1,0 +1,187 @@
+"""A run's pinned initial state (`init.sha256`): `data init-state` writes it, the node verifies and loads it.
+
+Real files, the real CLI and the daemon's own round-0 setup (`RunService._build` and `_initial_state`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from intellect.crypto.identity import Identity
+from intellect.node.cli import cli
+from intellect.node.config import NodeConfig
+from intellect.node.daemon import NodeDaemon, RunService, load_run_manifest
+from intellect.node.initstate import InitStateError, init_state_path, load_init_state, write_init_state
+from intellect.node.model import Llama, ModelConfig
+from intellect.node.outer import OuterOptimizer
+from intellect.node.statehash import blob_state_hash, serialize_state
+from intellect.protocol.manifest import InitSpec, SignedManifest
+
+TINY = Path(__file__).resolve().parent.parent / "node" / "runs" / "tiny-run.toml"
+
+
+def _init_state(args: list[str]) -> str:
+    """Run `intellect-node data init-state`; the sha256 it prints in its [init] table."""
+    result = CliRunner().invoke(cli, ["data", "init-state", *args])
+    assert result.exit_code == 0, result.output
+    found = re.search(r'^sha256 = "([0-9a-f]{64})"$', result.output, re.MULTILINE)
+    assert found, result.output
+    return found.group(1)
+
+
+def _run(tmp_path: Path, sha256: str) -> RunService:
+    """The daemon's run service for the tiny run pinned to `sha256`, built as `RunService.run` builds it."""
+    manifest = load_run_manifest()
+    manifest = dataclasses.replace(manifest, init=InitSpec(seed=manifest.init.seed, sha256=sha256))
+    config = NodeConfig(data_dir=tmp_path / "node", listen=("/ip4/127.0.0.1/tcp/0",))
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    signed = SignedManifest.sign(manifest, Identity.generate())
+    run = RunService(NodeDaemon(config), Identity.generate(), None, None, signed, {}, b"")  # type: ignore[arg-type]
+    run._build()
+    run._initial_state()
+    return run
+
+
+def _weights(run: RunService) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in run.model.named_parameters()}
+
+
+def test_pinning_the_seeded_init_changes_nothing(tmp_path: Path) -> None:
+    sha = _init_state([str(TINY), "--out", str(tmp_path / "init.safetensors")])
+    run = _run(tmp_path, sha)
+    assert run.init_error is None
+    assert run.state_hash == sha  # the file's hash is the round-0 state hash the node announces
+
+
+def test_pretrained_weights_are_packed_then_verified_and_loaded(tmp_path: Path) -> None:
+    manifest = load_run_manifest()
+    pretrained = Llama(ModelConfig.from_dict(manifest.model.to_dict()), seed=1234)
+    torch.save(pretrained.state_dict(), tmp_path / "pretrained.pt")
+    out = tmp_path / "init.safetensors"
+    sha = _init_state([str(TINY), "--weights", str(tmp_path / "pretrained.pt"), "--out", str(out)])
+    target = init_state_path(tmp_path / "node", sha)  # where a volunteer puts the researcher's file
+    target.parent.mkdir(parents=True)
+    shutil.copy(out, target)
+    run = _run(tmp_path, sha)
+    assert run.init_error is None and run.state_hash == sha
+    for name, p in pretrained.named_parameters():
+        assert torch.equal(run.model.get_parameter(name), p), name
+        assert torch.equal(run.outer.global_params[name], p), name
+
+
+def test_a_missing_file_is_kept_as_the_reason_and_round_0_refuses_to_train(tmp_path: Path) -> None:
+    pinned = "ab" * 32
+    run = _run(tmp_path, pinned)
+    seeded = run.state_hash
+    assert isinstance(run.init_error, InitStateError)
+    assert "does not exist" in str(run.init_error) and pinned in str(run.init_error)
+    assert run.state_hash != pinned  # we hold the seeded state and say so
+
+    async def no_peers() -> None:  # nobody is past round 0: there is nothing to sync instead
+        return None
+
+    run._catch_up = no_peers  # type: ignore[method-assign]
+    trained: list[int] = []
+
+    async def would_train() -> None:
+        trained.append(run.round)
+
+    run._round = would_train  # type: ignore[method-assign]
+    with pytest.raises(InitStateError, match="does not exist"):
+        asyncio.run(run._rounds())
+    assert trained == [] and run.state_hash == seeded
+
+
+def _cfg() -> ModelConfig:
+    return ModelConfig.from_dict(load_run_manifest().model.to_dict())
+
+
+def _outer(seed: int = 0) -> OuterOptimizer:
+    return OuterOptimizer.from_model(Llama(_cfg(), seed=seed))
+
+
+def _unchanged(outer: OuterOptimizer, before: dict[str, torch.Tensor]) -> bool:
+    return all(torch.equal(outer.global_params[k], v) for k, v in before.items())
+
+
+def test_bad_files_are_refused_and_leave_the_state_alone(tmp_path: Path) -> None:
+    good = tmp_path / "good.safetensors"
+    sha = write_init_state(_outer(seed=5), good)
+    outer = _outer()
+    before = {k: v.clone() for k, v in outer.global_params.items()}
+
+    flipped = bytearray(good.read_bytes())
+    flipped[-3] ^= 0x40
+    (tmp_path / "flipped").write_bytes(flipped)
+    with pytest.raises(InitStateError, match="hashes to"):
+        load_init_state(tmp_path / "flipped", sha, outer)
+
+    (tmp_path / "short").write_bytes(good.read_bytes()[:-4])
+    with pytest.raises(InitStateError, match="bytes; this run's initial state has"):
+        load_init_state(tmp_path / "short", sha, outer)
+
+    # A correctly hashed file that is not a round-0 state: one outer step already taken.
+    stepped = _outer(seed=5)
+    stepped.step({k: torch.full_like(v, 1e-3) for k, v in stepped.global_params.items()})
+    blob = serialize_state(
+        {k: v for k, v in stepped.state_dict().items() if not k.startswith("outer.momentum")}
+    )
+    (tmp_path / "stepped").write_bytes(blob)
+    with pytest.raises(InitStateError, match="not a round-0 state"):
+        load_init_state(tmp_path / "stepped", blob_state_hash(blob), outer)
+
+    # Non-finite weights with a matching hash.
+    nan = _outer(seed=5)
+    next(iter(nan.global_params.values()))[0] = float("nan")
+    nan_sha = write_init_state(nan, tmp_path / "nan")
+    with pytest.raises(InitStateError, match="non-finite"):
+        load_init_state(tmp_path / "nan", nan_sha, outer)
+
+    # A model of another shape: the size check refuses it before reading it.
+    other = OuterOptimizer.from_model(Llama(dataclasses.replace(_cfg(), n_layers=1), seed=0))
+    other_sha = write_init_state(other, tmp_path / "other")
+    with pytest.raises(InitStateError, match="bytes"):
+        load_init_state(tmp_path / "other", other_sha, outer)
+
+    assert _unchanged(outer, before)
+    load_init_state(good, sha, outer)
+    assert not _unchanged(outer, before) and outer.steps == 0
+
+
+def test_cli_refuses_weights_that_do_not_fit(tmp_path: Path) -> None:
+    torch.save({"tok_embeddings.weight": torch.zeros(3, 3)}, tmp_path / "partial.pt")
+    result = CliRunner().invoke(
+        cli,
+        [
+            "data",
+            "init-state",
+            str(TINY),
+            "--weights",
+            str(tmp_path / "partial.pt"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert result.exit_code == 1
+    assert "lack" in result.output and not (tmp_path / "o").exists()
+    torch.save([1, 2], tmp_path / "list.pt")
+    result = CliRunner().invoke(
+        cli,
+        [
+            "data",
+            "init-state",
+            str(TINY),
+            "--weights",
+            str(tmp_path / "list.pt"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+    )
+    assert result.exit_code == 1 and "not a state dict" in result.output
