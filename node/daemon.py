@@ -587,6 +587,7 @@ class RunService:
                         tg.create_task(self._listen_checkpoints(), name="listen-checkpoint"),
                         tg.create_task(self._listen_progress(), name="listen-progress"),
                         tg.create_task(self._listen_leaving(), name="listen-leaving"),
+                        tg.create_task(self._listen_misbehaviour(), name="listen-misbehaviour"),
                         tg.create_task(self._membership_loop(), name="membership"),
                     ]
                     try:
@@ -744,12 +745,19 @@ class RunService:
         return min(bound, 2.0 * period + a.matchmaking_s)
 
     async def _sync(self, st: SyncTarget) -> None:
-        from intellect.node.statesync import StateSyncError, SyncReport, fetch_state
+        from intellect.node.statesync import SyncReport
+
+        report = SyncReport()
+        await self._fetch_and_adopt(st, report)
+        if report.evidence:  # signed proof that a server lied: tell the run, whether or not we synced
+            await self._report_misbehaviour(report.evidence, st.round)
+
+    async def _fetch_and_adopt(self, st: SyncTarget, report: Any) -> None:
+        from intellect.node.statesync import StateSyncError, fetch_state
 
         self.status.phase = "syncing"
         peers = st.peers
         target = st
-        report = SyncReport()
         t0 = time.monotonic()
         try:
             snap = await fetch_state(
@@ -1120,6 +1128,41 @@ class RunService:
                 self.departed.add(sender)
                 self.members = [p for p in self.members if p != sender]
                 self.status.peers = len(self.members)
+
+    async def _listen_misbehaviour(self) -> None:
+        from intellect.protocol.gossip_messages import TopicKind
+
+        with self.gossip.subscribe(TopicKind.MISBEHAVIOUR) as sub:
+            async for sender, msg in sub:
+                self._on_misbehaviour(sender, msg)
+
+    def _on_misbehaviour(self, sender: str, msg: Any) -> None:
+        """Act on a gossiped misbehaviour report only if its evidence proves it against a state we hold."""
+        from intellect.node.statesync import judge_report
+
+        verdict = judge_report(msg, self.run_id, self.server.chunk_list)
+        accused = msg.accused
+        if verdict is None:
+            logger.debug("report on %s from %s: we hold no copy of that state to check", accused, sender)
+        elif not verdict:
+            logger.warning("peer %s reported %s with evidence that does not hold; dropped", sender, accused)
+            self.status.rejected["false_misbehaviour_report"] += 1
+        elif accused != self.identity.peer_id and accused not in self.distrusted:
+            logger.warning("peer %s proved that %s served a wrong chunk; no longer trusted", sender, accused)
+            self.status.rejected["bad_state_chunk_reported"] += 1
+            self.distrusted.add(accused)
+
+    async def _report_misbehaviour(self, evidence: list[Any], round_: int) -> None:
+        """Gossip each piece of transferable evidence a sync collected, so others stop trusting the server."""
+        from intellect.node.gossip import GossipError
+        from intellect.node.statesync import bad_chunk_report
+        from intellect.protocol.gossip_messages import TopicKind
+
+        for ev in evidence:
+            try:
+                await self.gossip.publish(TopicKind.MISBEHAVIOUR, bad_chunk_report(ev, round_))
+            except GossipError as e:
+                logger.warning("could not gossip the evidence against %s: %s", ev.server, e)
 
     async def _leave(self) -> None:
         """Shutdown path: finish a commit in flight, flush the checkpoint, gossip a leaving notice."""

@@ -42,7 +42,7 @@ from intellect.crypto.identity import Identity, verify
 from intellect.node import statehash
 from intellect.protocol.codec import decode, encode
 from intellect.protocol.errors import ProtocolError
-from intellect.protocol.gossip_messages import CheckpointAnnounce
+from intellect.protocol.gossip_messages import CheckpointAnnounce, Misbehaviour
 from intellect.protocol.records import MembershipRecord
 from intellect.protocol.sync_messages import (
     CHUNK_DOMAIN,
@@ -56,6 +56,7 @@ from intellect.protocol.sync_messages import (
     StateAnnounce,
     SyncError,
     SyncErrorCode,
+    check_evidence,
     chunk_signed_bytes,
     expected_chunks,
     sign_announcement,
@@ -314,6 +315,11 @@ class StateServer:
             self.identity, self.run_id, prepared.round, prepared.state_hash, self.chunk_size,
             len(prepared.blob),
         )
+
+    def chunk_list(self, state_hash: str) -> tuple[bytes, ...] | None:
+        """The chunk digests of a state we serve (its Merkle root is `state_hash`), or None."""
+        prepared = self._states.get(state_hash)
+        return None if prepared is None else prepared.hashes
 
     def _remember(self, prepared: _Prepared) -> None:
         self._states[prepared.state_hash] = prepared
@@ -676,3 +682,36 @@ async def _download(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
     return b"".join(c for c in chunks if c is not None)
+
+
+#: `Misbehaviour.kind` of a gossiped `BadChunkEvidence`.
+BAD_CHUNK = "bad-chunk"
+
+
+def bad_chunk_report(evidence: BadChunkEvidence, round_: int) -> Misbehaviour:
+    """The gossip message that tells the run about `evidence` (the accused server's own signature)."""
+    return Misbehaviour(accused=evidence.server, round=round_, kind=BAD_CHUNK, evidence=encode(evidence))
+
+
+def judge_report(
+    report: Misbehaviour, run_id: str, chunk_list: Callable[[str], Iterable[bytes] | None]
+) -> bool | None:
+    """Whether a gossiped misbehaviour report proves what it says, checked without trusting the reporter.
+
+    True: the accused signed a chunk digest that is not the one in the state's chunk list.
+    False: the report is malformed, about another run or another peer, or its evidence does not hold.
+    None: we hold no copy of that state (`chunk_list(state_hash)` is None), so cannot check it.
+    """
+    if report.kind != BAD_CHUNK:
+        return False
+    try:
+        evidence = decode(report.evidence, BadChunkEvidence)
+    except ProtocolError:
+        return False
+    if evidence.run_id != run_id or evidence.server != report.accused:
+        return False
+    held = chunk_list(evidence.state_hash)
+    if held is None:
+        return None
+    hashes = tuple(held)
+    return check_evidence(evidence, hashes, statehash.merkle_root(hashes))

@@ -89,8 +89,11 @@ class Leaving:
 @message(203, version=1, max_size=64 * 1024)
 @dataclass(frozen=True)
 class Misbehaviour:
-    """Evidence that `accused` misbehaved: `evidence` is the accused's own signed envelope(s), checkable
-    by anyone from the accused's peer ID alone."""
+    """Evidence that `accused` misbehaved, checkable from the accused's own signature.
+
+    The one `kind` a node sends today is ``"bad-chunk"``: `evidence` is an encoded `BadChunkEvidence`
+    (the accused's signature over a wrong chunk digest), which any holder of that state can check
+    (`intellect.node.statesync.judge_report`)."""
 
     accused: str
     round: int

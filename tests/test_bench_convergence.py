@@ -12,7 +12,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "convergence.py"
 
 def test_convergence_bench_smallest_setting_prints_the_schema() -> None:
     args = ["--json", "--peers", "2", "--steps", "4", "--h", "2", "--batch", "2", "--seq-len", "16"]
-    args += ["--eval-batch", "4", "--curve-every", "2", "--timeout", "240"]
+    args += ["--eval-batch", "4", "--curve-every", "2", "--warm-start-steps", "3", "--timeout", "240"]
     proc = subprocess.run(
         [sys.executable, str(BENCH), *args], capture_output=True, text=True, timeout=280, check=False
     )
@@ -29,6 +29,9 @@ def test_convergence_bench_smallest_setting_prints_the_schema() -> None:
         assert key in out, key
     tokens = 2 * 4 * 2 * 16  # peers × steps × batch × seq_len, the same for every method
     assert out["tokens"] == out["single_tokens"] == out["diloco_h2_tokens"] == tokens
+    # Every method starts from the same 3-step warm-start checkpoint; its tokens are counted apart.
+    assert out["warm_start_tokens"] == 3 * 2 * 16
+    assert 0 < out["warm_start_loss"] < 6
     assert out["ddp_replicas_identical"] and out["diloco_h2_replicas_identical"]
     assert out["ddp_allreduces"] == 4
     assert out["diloco_h2_rounds"] == 2

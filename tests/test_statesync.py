@@ -26,9 +26,12 @@ from intellect.node.statesync import (
     StateSyncError,
     SyncReport,
     _Prepared,
+    bad_chunk_report,
     fetch_state,
+    judge_report,
 )
 from intellect.protocol.codec import decode, encode
+from intellect.protocol.gossip_messages import Misbehaviour
 from intellect.protocol.sync_messages import (
     ChunkList,
     ChunkListRequest,
@@ -163,6 +166,11 @@ async def test_corrupted_chunks_detected_refetched_and_reported(tmp_path: Path) 
         # Evidence against an honest digest does not check.
         honest = dataclasses.replace(report.evidence[0], digest=hashes[report.evidence[0].index])
         assert not check_evidence(honest, hashes, root)
+        # Gossiped, the evidence convinces an honest holder of the state, checked against what it serves.
+        gossiped = decode(encode(bad_chunk_report(report.evidence[0], 2)), Misbehaviour)
+        assert judge_report(gossiped, RUN, servers[0].chunk_list) is True
+        framed = dataclasses.replace(gossiped, accused=servers[2].identity.peer_id)
+        assert judge_report(framed, RUN, servers[0].chunk_list) is False
 
 
 async def test_lying_chunk_list_is_dropped(tmp_path: Path) -> None:

@@ -1,0 +1,85 @@
+"""Gossiped misbehaviour reports: a bad-chunk proof convinces every holder of the state, a forgery nobody.
+
+The daemon's own handler (`RunService._on_misbehaviour`) judges reports against the chunk lists of the
+states its real `StateServer` serves; the evidence is a real server signature over a wrong chunk digest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+from pathlib import Path
+
+from intellect.crypto.identity import Identity
+from intellect.node.config import NodeConfig
+from intellect.node.daemon import NodeDaemon, RunService, load_run_manifest
+from intellect.node.statesync import StateServer, StateSnapshot, bad_chunk_report, judge_report
+from intellect.protocol.codec import decode, encode
+from intellect.protocol.gossip_messages import Misbehaviour
+from intellect.protocol.manifest import SignedManifest
+from intellect.protocol.sync_messages import BadChunkEvidence, sign_chunk
+
+
+def _run(tmp_path: Path) -> RunService:
+    config = NodeConfig(data_dir=tmp_path / "node", listen=("/ip4/127.0.0.1/tcp/0",))
+    config.data_dir.mkdir(parents=True)
+    signed = SignedManifest.sign(load_run_manifest(), Identity.generate())
+    run = RunService(NodeDaemon(config), Identity.generate(), None, None, signed, {}, b"")  # type: ignore[arg-type]
+    run._build()
+    run._initial_state()
+    # The state server as the daemon uses it, serving our round-0 state (no network needed to publish).
+    run.server = StateServer(None, run.identity, run.run_id)  # type: ignore[arg-type]
+    asyncio.run(run.server.publish(StateSnapshot(0, run.state_hash, run.outer.state_dict())))
+    return run
+
+
+def _evidence(run: RunService, liar: Identity, index: int = 1) -> BadChunkEvidence:
+    """What a syncing peer keeps when `liar` serves and signs garbage for chunk `index` of our state."""
+    response = sign_chunk(liar, run.run_id, run.state_hash, index, b"\x00" * 1000)
+    return BadChunkEvidence(
+        run.run_id, liar.peer_id, run.state_hash, index, hashlib.sha256(b"\x00" * 1000).digest(), response.sig
+    )
+
+
+def test_a_proved_bad_chunk_makes_the_server_distrusted(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    liar, reporter = Identity.generate(), Identity.generate()
+    report = bad_chunk_report(_evidence(run, liar), 0)
+    assert decode(encode(report), Misbehaviour) == report  # fits the gossip payload type and its limits
+    run._on_misbehaviour(reporter.peer_id, report)
+    assert liar.peer_id in run.distrusted
+    assert run.status.rejected["bad_state_chunk_reported"] == 1
+    assert not run._counts(liar.peer_id)  # its vouches no longer pick sync targets
+    run._on_misbehaviour(reporter.peer_id, report)  # a repeat is counted once
+    assert run.status.rejected["bad_state_chunk_reported"] == 1
+
+
+def test_forged_or_malformed_reports_change_nothing(tmp_path: Path) -> None:
+    run = _run(tmp_path)
+    liar, honest, reporter = Identity.generate(), Identity.generate(), Identity.generate()
+    ev = _evidence(run, liar)
+    forged = [
+        # Framing an honest server with someone else's signature.
+        bad_chunk_report(dataclasses.replace(ev, server=honest.peer_id), 0),
+        # The liar's evidence, but the report names the honest peer.
+        dataclasses.replace(bad_chunk_report(ev, 0), accused=honest.peer_id),
+        # A digest that is the right one proves nothing.
+        bad_chunk_report(
+            dataclasses.replace(ev, digest=run.server.chunk_list(run.state_hash)[1]),  # type: ignore[index]
+            0,
+        ),
+        # Another run's evidence, an unknown kind, undecodable evidence.
+        bad_chunk_report(dataclasses.replace(ev, run_id="cd" * 32), 0),
+        dataclasses.replace(bad_chunk_report(ev, 0), kind="slow"),
+        Misbehaviour(liar.peer_id, 0, "bad-chunk", b"\x93\x01\x02"),
+    ]
+    for report in forged:
+        run._on_misbehaviour(reporter.peer_id, report)
+    assert not run.distrusted
+    assert run.status.rejected["false_misbehaviour_report"] == len(forged)
+    # About a state we do not hold: cannot be checked, so neither believed nor counted as false.
+    other = dataclasses.replace(ev, state_hash="ef" * 32)
+    assert judge_report(bad_chunk_report(other, 3), run.run_id, run.server.chunk_list) is None
+    run._on_misbehaviour(reporter.peer_id, bad_chunk_report(other, 3))
+    assert not run.distrusted and run.status.rejected["false_misbehaviour_report"] == len(forged)
