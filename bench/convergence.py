@@ -16,6 +16,15 @@ The `tiny` model on the built-in corpus, the same total number of training token
   `OuterOptimizer`. This is the path the daemon runs, without DHT matchmaking: the group is fixed, and a
   barrier starts every round's all-reduce together. No error-feedback residual (the daemon keeps one).
 
+Warm start (``--warm-start-steps W``, default 1000; 0 starts every method from the random init): before
+the methods, one process runs W single-worker AdamW steps (batch `b`, all training shards, its own
+warm-up and cosine) and saves the weights; every method, every replica and DiLoCo's global weights then
+start from that checkpoint, with fresh optimizer state and their own schedule. This is the main protocol of
+the DiLoCo paper (Douillard et al. 2023), whose runs start from a checkpoint pretrained for 24k steps. Those
+tokens are identical for every method and are reported apart (``warm_start_tokens``); ``tokens`` counts
+what each method trained itself. From the random init, ten outer rounds are too few for DiLoCo: see
+docs/decisions.md, "Convergence", for both figures.
+
 Bytes each peer sends: DiLoCo = what `butterfly_allreduce` counted on its sockets (int8 payloads plus
 frame headers), mean over the peers; DDP = fp32 gradient bytes × 2(N−1)/N per step, the lower bound of
 any all-reduce (gloo sends at least this), so the ratio DDP / DiLoCo is conservative. Held-out loss: mean
@@ -62,6 +71,8 @@ class Settings:
     peers: int = 4
     #: Inner steps per peer (DDP steps); the single worker runs peers × steps.
     steps: int = 500
+    #: Single-worker steps that make the checkpoint every method starts from (0: the random init).
+    warm_start_steps: int = 1000
     batch: int = 8
     seq_len: int = 64
     #: Peak AdamW learning rate of every method (DDP, single and DiLoCo's inner steps alike).
@@ -108,6 +119,14 @@ def _peer_stream(s: Settings, resolver: ShardResolver, infos: list[Any], k: int)
     return TokenStream(shards, s.batch, s.seq_len, seed=s.seed + k + 1)
 
 
+def _initial_model(s: Settings, warm: Path | None) -> Llama:
+    """The weights every method starts from: the warm-start checkpoint, or the seeded random init."""
+    model = Llama(CONFIGS[s.model], seed=s.seed)
+    if warm is not None:
+        model.load_state_dict(torch.load(warm, weights_only=True))
+    return model
+
+
 def _eval(model: Llama, batches: list[torch.Tensor]) -> float:
     was_training = model.training
     model.eval()
@@ -130,12 +149,35 @@ def _write(out: Path, result: dict[str, Any]) -> None:
 # --- single worker ------------------------------------------------------------------------------------
 
 
-def _single_worker(s: Settings, out: Path) -> None:
+def _warm_start_worker(s: Settings, out: Path, checkpoint: Path) -> None:
+    _init_process()
+    infos, held, resolver = _data(s)
+    model = Llama(CONFIGS[s.model], seed=s.seed)
+    # Its own stream seed: the pretraining order is none of the methods' orders.
+    stream = TokenStream([resolver.load(i) for i in infos], s.batch, s.seq_len, seed=s.seed + s.peers + 1)
+    trainer = InnerTrainer(model, s.trainer_config(s.warm_start_steps), stream, "cpu")
+    t0 = time.perf_counter()
+    stats = trainer.run_steps(s.warm_start_steps)
+    seconds = time.perf_counter() - t0
+    torch.save(model.state_dict(), checkpoint)
+    _write(
+        out,
+        {
+            "method": "warm_start",
+            "loss": _eval(model, held),
+            "bytes_per_peer": 0,
+            "tokens": stats.tokens,
+            "seconds": seconds,
+        },
+    )
+
+
+def _single_worker(s: Settings, out: Path, warm: Path | None) -> None:
     _init_process()
     infos, held, resolver = _data(s)
     steps = s.peers * s.steps
     chunk = s.peers * s.curve_every if s.curve_every else steps
-    model = Llama(CONFIGS[s.model], seed=s.seed)
+    model = _initial_model(s, warm)
     stream = TokenStream([resolver.load(i) for i in infos], s.batch, s.seq_len, seed=s.seed)
     trainer = InnerTrainer(model, s.trainer_config(steps), stream, "cpu")
     tokens, curve = 0, []
@@ -162,7 +204,7 @@ def _single_worker(s: Settings, out: Path) -> None:
 # --- data-parallel ------------------------------------------------------------------------------------
 
 
-def _ddp_worker(rank: int, s: Settings, port: int, out_dir: Path) -> None:
+def _ddp_worker(rank: int, s: Settings, port: int, out_dir: Path, warm: Path | None) -> None:
     _init_process()
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's own connections on loopback too, not the host's address
     import torch.distributed as dist
@@ -170,7 +212,7 @@ def _ddp_worker(rank: int, s: Settings, port: int, out_dir: Path) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=s.peers)
     try:
         infos, held, resolver = _data(s)
-        model = Llama(CONFIGS[s.model], seed=s.seed)
+        model = _initial_model(s, warm)
         stream = _peer_stream(s, resolver, infos, rank)
         trainer = InnerTrainer(model, s.trainer_config(s.steps), stream, "cpu")
         params = [p for p in model.parameters() if p.requires_grad]
@@ -233,12 +275,14 @@ def _ddp_worker(rank: int, s: Settings, port: int, out_dir: Path) -> None:
 # --- DiLoCo -------------------------------------------------------------------------------------------
 
 
-def _diloco_worker(rank: int, s: Settings, h: int, barrier: Any, out_dir: Path) -> None:
+def _diloco_worker(rank: int, s: Settings, h: int, barrier: Any, out_dir: Path, warm: Path | None) -> None:
     _init_process()
-    asyncio.run(_diloco_peer(rank, s, h, barrier, out_dir))
+    asyncio.run(_diloco_peer(rank, s, h, barrier, out_dir, warm))
 
 
-async def _diloco_peer(rank: int, s: Settings, h: int, barrier: Any, out_dir: Path) -> None:
+async def _diloco_peer(
+    rank: int, s: Settings, h: int, barrier: Any, out_dir: Path, warm: Path | None
+) -> None:
     from intellect.crypto.identity import Identity
     from intellect.node.allreduce import (
         DataPlane,
@@ -257,7 +301,7 @@ async def _diloco_peer(rank: int, s: Settings, h: int, barrier: Any, out_dir: Pa
 
     infos, held, resolver = _data(s)
     cfg = CONFIGS[s.model]
-    model = Llama(cfg, seed=s.seed)
+    model = _initial_model(s, warm)
     # Momentum 0 means plain averaging (outer lr 1: Local SGD); Nesterov needs a non-zero momentum.
     nesterov = s.outer_momentum > 0
     outer = OuterOptimizer.from_model(model, lr=s.outer_lr, momentum=s.outer_momentum, nesterov=nesterov)
@@ -342,23 +386,31 @@ class _Method:
     keep: Any = None
 
 
-def _methods(s: Settings, hs: list[int], tmp: Path) -> list[_Method]:
+def _warm_start_method(s: Settings, tmp: Path) -> tuple[_Method, Path]:
+    ctx = mp.get_context("spawn")
+    d, checkpoint = tmp / "warm_start", tmp / "warm_start" / "model.pt"
+    d.mkdir()
+    procs = [ctx.Process(target=_warm_start_worker, args=(s, d / "warm.json", checkpoint))]
+    return _Method("warm_start", procs, lambda: json.loads((d / "warm.json").read_text())), checkpoint
+
+
+def _methods(s: Settings, hs: list[int], tmp: Path, warm: Path | None) -> list[_Method]:
     ctx = mp.get_context("spawn")
     methods = []
     for h in hs:
         d = tmp / f"diloco_h{h}"
         d.mkdir()
         barrier = ctx.Barrier(s.peers)
-        procs = [ctx.Process(target=_diloco_worker, args=(k, s, h, barrier, d)) for k in range(s.peers)]
+        procs = [ctx.Process(target=_diloco_worker, args=(k, s, h, barrier, d, warm)) for k in range(s.peers)]
         methods.append(_Method(f"diloco_h{h}", procs, lambda h=h, d=d: _diloco_result(s, h, d), barrier))
     d = tmp / "ddp"
     d.mkdir()
     port = _free_port()
-    procs = [ctx.Process(target=_ddp_worker, args=(k, s, port, d)) for k in range(s.peers)]
+    procs = [ctx.Process(target=_ddp_worker, args=(k, s, port, d, warm)) for k in range(s.peers)]
     methods.append(_Method("ddp", procs, lambda d=d: json.loads((d / "ddp.json").read_text())))
     d = tmp / "single"
     d.mkdir()
-    procs = [ctx.Process(target=_single_worker, args=(s, d / "single.json"))]
+    procs = [ctx.Process(target=_single_worker, args=(s, d / "single.json", warm))]
     methods.append(_Method("single", procs, lambda d=d: json.loads((d / "single.json").read_text())))
     return methods
 
@@ -428,10 +480,18 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--steps ({s.steps}) must be a positive multiple of every H (got {h})")
     if s.peers < 2:
         ap.error("--peers must be at least 2")
+    if s.warm_start_steps < 0:
+        ap.error("--warm-start-steps must be >= 0")
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-convergence-") as tmp:
-        results = _run_all(_methods(s, args.h, Path(tmp)), args.sequential, args.timeout, say)
+        warm: Path | None = None
+        warm_result: dict[str, Any] = {"tokens": 0, "loss": None, "seconds": 0.0}
+        if s.warm_start_steps:
+            method, warm = _warm_start_method(s, Path(tmp))
+            warm_result = _run_all([method], True, args.timeout, say)["warm_start"]
+        remaining = args.timeout - (time.perf_counter() - t0)
+        results = _run_all(_methods(s, args.h, Path(tmp), warm), args.sequential, remaining, say)
 
     ddp, single = results["ddp"], results["single"]
     ddp_loss, ddp_bytes = ddp["loss"], ddp["bytes_per_peer"]
@@ -457,12 +517,15 @@ def main(argv: list[str] | None = None) -> int:
         out[f"diloco_h{h}_tokens"] = d["tokens"]
         out[f"diloco_h{h}_replicas_identical"] = d["replicas_identical"]
         out[f"diloco_h{h}_bytes_per_peer_max"] = d["bytes_per_peer_max"]
+    out["warm_start_tokens"] = warm_result["tokens"]
+    out["warm_start_loss"] = warm_result["loss"]
     out["single_loss_vs_ddp"] = single["loss"] / ddp_loss
     out["single_tokens"] = single["tokens"]
     out["ddp_replicas_identical"] = ddp["replicas_identical"]
     out["ddp_allreduces"] = ddp["allreduces"]
     out["curves"] = {name: r["curve"] for name, r in results.items()}
     out["seconds"] = {name: round(r["seconds"], 1) for name, r in results.items()}
+    out["seconds"]["warm_start"] = round(warm_result["seconds"], 1)
     out["wall_seconds"] = round(time.perf_counter() - t0, 1)
     out["diloco_transport"] = (
         f"{s.peers} processes, intellect.node.allreduce butterfly over loopback TCP, "
