@@ -1158,7 +1158,9 @@ class RunService:
         from intellect.node.statesync import bad_chunk_report
         from intellect.protocol.gossip_messages import TopicKind
 
-        for ev in evidence:
+        # One proof per liar is enough, and a liar that corrupted every chunk must not make us flood.
+        first = {ev.server: ev for ev in reversed(evidence)}
+        for ev in first.values():
             try:
                 await self.gossip.publish(TopicKind.MISBEHAVIOUR, bad_chunk_report(ev, round_))
             except GossipError as e:

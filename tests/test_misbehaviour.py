@@ -83,3 +83,22 @@ def test_forged_or_malformed_reports_change_nothing(tmp_path: Path) -> None:
     assert judge_report(bad_chunk_report(other, 3), run.run_id, run.server.chunk_list) is None
     run._on_misbehaviour(reporter.peer_id, bad_chunk_report(other, 3))
     assert not run.distrusted and run.status.rejected["false_misbehaviour_report"] == len(forged)
+
+
+def test_a_sync_gossips_one_checkable_report_per_liar(tmp_path: Path) -> None:
+    from intellect.protocol.gossip_messages import TopicKind
+
+    run = _run(tmp_path)
+    published: list[tuple[TopicKind, Misbehaviour]] = []
+
+    class Recorder:  # stands in for the gossip child: records what the daemon would publish
+        async def publish(self, topic: TopicKind, message: Misbehaviour) -> None:
+            published.append((topic, message))
+
+    run.gossip = Recorder()  # type: ignore[assignment]
+    a, b = Identity.generate(), Identity.generate()
+    evidence = [_evidence(run, a, 0), _evidence(run, a, 1), _evidence(run, a, 2), _evidence(run, b, 3)]
+    asyncio.run(run._report_misbehaviour(evidence, 0))
+    assert sorted(m.accused for _, m in published) == sorted([a.peer_id, b.peer_id])
+    assert all(t == TopicKind.MISBEHAVIOUR for t, _ in published)
+    assert all(judge_report(m, run.run_id, run.server.chunk_list) is True for _, m in published)
