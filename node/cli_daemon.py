@@ -31,6 +31,12 @@ def register(group: click.Group) -> None:
 @data_dir_option
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Training device.")
 @click.option(
+    "--local-ranks",
+    type=click.IntRange(min=0, max=64),
+    default=None,
+    help="Ranks training inside this node, each on its share of the batch (0: one per GPU).",
+)
+@click.option(
     "--listen", multiple=True, help="p2p listen multiaddr; repeatable (default /ip4/0.0.0.0/tcp/0)."
 )
 @click.option("--announce", multiple=True, help="Public multiaddr to announce (port-forwarded NAT).")
@@ -45,6 +51,7 @@ def start(
     run_id: str | None,
     data_dir: Path | None,
     device: str | None,
+    local_ranks: int | None,
     listen: tuple[str, ...],
     announce: tuple[str, ...],
     client_mode: bool | None,
@@ -67,6 +74,7 @@ def start(
         bootstrap=bootstrap,
         run=run_id,
         device=device,
+        local_ranks=local_ranks,
         listen=listen,
         announce=announce,
         client_mode=client_mode,

@@ -53,6 +53,9 @@ class NodeConfig:
     run: str = ""
     #: Training device: auto (CUDA when present), cpu or cuda.
     device: str = "auto"
+    #: Ranks that train inside this node with torch.distributed, each on its share of the batch (one per
+    #: GPU; on CPU, processes with gloo). 0: one per visible GPU when training on CUDA, else 1.
+    local_ranks: int = 0
     #: Port of the local control API on 127.0.0.1 (0 picks a free port and writes it to the data dir).
     http_port: int = 0
     #: Gossip TCP port, on the host the p2p daemon listens on (0 picks a free one).
@@ -72,6 +75,8 @@ class NodeConfig:
             raise ConfigError(f"log_format: must be text or json, got {self.log_format!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level: must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+        if not 0 <= self.local_ranks <= 64:
+            raise ConfigError(f"local_ranks: must be 0 (one per GPU) to 64, got {self.local_ranks}")
         for name in ("http_port", "gossip_port", "averaging_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
@@ -196,6 +201,9 @@ run = ""
 
 # Training device: "auto", "cpu" or "cuda".
 device = "auto"
+# Ranks training inside this node (torch.distributed, each on its share of the run's batch):
+# 0 = one per visible GPU when training on CUDA, else 1.
+local_ranks = 0
 
 # Local control API on 127.0.0.1 (0 = any free port, written to <data dir>/http.port).
 http_port = 0

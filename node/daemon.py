@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -455,6 +456,9 @@ class RunService:
         self._pending_commit: asyncio.Future[Any] | None = None
         #: Why we lack the run's pinned initial state (`_initial_state`); fatal only if we must train round 0.
         self.init_error: Exception | None = None
+        #: Ranks training inside this node (`intellect.node.localgroup`), and their group when more than one.
+        self.local_ranks = 1
+        self.local: Any = None
         self._last_stats: Any = None
 
     # ---- setup ---------------------------------------------------------------------------------------
@@ -464,6 +468,7 @@ class RunService:
         import torch
         from intellect.node.checkpoint import CheckpointStore
         from intellect.node.data import ShardInfo, ShardResolver
+        from intellect.node.localgroup import LocalGroup, local_batch
         from intellect.node.model import Llama, ModelConfig
         from intellect.node.outer import OuterOptimizer
         from intellect.node.tokenizer import load_tokenizer
@@ -481,35 +486,65 @@ class RunService:
             self.model, lr=d.outer_lr, momentum=d.outer_momentum, nesterov=d.nesterov
         )
         rounds_total = max(1, m.token_budget // max(1, m.max_tokens_per_round()))
+        self.local_ranks = self._local_ranks()
         tcfg = TrainerConfig(
             lr=d.inner_lr,
             warmup_steps=d.warmup_steps,
             total_steps=max(d.warmup_steps + 1, rounds_total * d.inner_steps),
             min_lr=d.inner_lr * 0.1 if d.schedule != "constant" else d.inner_lr,
             weight_decay=d.weight_decay,
-            batch=d.batch_size,
+            # With several local ranks each takes its share of the batch: the node's step is unchanged.
+            batch=local_batch(d.batch_size, self.local_ranks),
             seq_len=d.seq_len,
             device=self.config.device,
         )
         self.trainer = InnerTrainer(self.model, tcfg, self._stream_for(1), device=self.config.device)
+        if self.local_ranks > 1:
+            self.local = LocalGroup(
+                self.trainer,
+                world=self.local_ranks,
+                model=m.model.to_dict(),
+                tokenizer=spec,
+                tokenizer_sha256=m.tokenizer.sha256 or None,
+                shards=self.shards,
+                shards_dir=self.config.data_dir / "shards",
+            )
+            for pid in self.local.pids:
+                self.daemon.children.add(functools.partial(int, pid))
         root = self.config.data_dir / "runs" / self.run_id[:16]
         self.global_store = CheckpointStore(root / "global", keep=3)
         self.trainer_store = CheckpointStore(root / "trainer", keep=3)
         self.rounds_log = self.config.data_dir / ROUNDS_LOG
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()))
 
-    def _stream_for(self, round_: int) -> TokenStream:
-        """This round's data: our shards by rendezvous over (run, round, live members), seeded by round."""
-        from intellect.node.data import TokenStream, assign_shards
+    def _local_ranks(self) -> int:
+        """Ranks that train inside this node: the configured number, or (0) one per visible GPU."""
+        import torch
+        from intellect.node.trainer import resolve_device
+
+        if self.config.local_ranks:
+            return self.config.local_ranks
+        return max(1, torch.cuda.device_count()) if resolve_device(self.config.device).type == "cuda" else 1
+
+    def _round_data(self, round_: int) -> tuple[list[Any], int]:
+        """This round's shards (by rendezvous over run, round and live members) and data seed."""
+        from intellect.node.data import assign_shards
 
         peers = sorted({*self.members, self.identity.peer_id})
         mine = assign_shards(self.run_id, round_, peers, self.shards).get(self.identity.peer_id) or []
         if not mine:
             # More peers than shards: train on everything rather than idle (duplicates are harmless).
             mine = list(self.shards)
+        return mine, int.from_bytes(self.identity.peer_id.encode()[-4:], "big") ^ round_
+
+    def _stream_for(self, round_: int) -> TokenStream:
+        """This round's data for our own trainer (rank 0's part when the node has several local ranks)."""
+        from intellect.node.localgroup import local_batch, rank_stream
+
+        mine, seed = self._round_data(round_)
         d = self.manifest.diloco
-        seed = int.from_bytes(self.identity.peer_id.encode()[-4:], "big") ^ round_
-        return TokenStream.from_infos(self.resolver, mine, d.batch_size, d.seq_len, seed=seed)
+        batch = local_batch(d.batch_size, self.local_ranks)
+        return rank_stream(self.resolver, mine, 0, self.local_ranks, batch, d.seq_len, seed)
 
     def _resume(self) -> bool:
         """Restore the last verified checkpoint of this run from our data dir; True if one was used."""
@@ -558,11 +593,18 @@ class RunService:
     # ---- the service ---------------------------------------------------------------------------------
 
     async def run(self) -> None:
+        self.status.phase = "loading"
+        try:
+            await asyncio.to_thread(self._build)
+            await self._serve()
+        finally:
+            if self.local is not None:
+                await asyncio.to_thread(self.local.close)
+
+    async def _serve(self) -> None:
         from intellect.node.averaging import Averager
         from intellect.node.statesync import StateServer
 
-        self.status.phase = "loading"
-        await asyncio.to_thread(self._build)
         resumed = await asyncio.to_thread(self._resume)
         if not resumed:
             await asyncio.to_thread(self._initial_state)
@@ -831,7 +873,10 @@ class RunService:
         while done < steps:
             n = min(self._chunk_steps, steps - done)
             t0 = time.monotonic()
-            stats = await self.trainer.run_inner(n)
+            if self.local is not None:
+                stats = await asyncio.to_thread(self.local.steps, n)
+            else:
+                stats = await self.trainer.run_inner(n)
             dt = time.monotonic() - t0
             self._chunk_steps = max(1, int(TRAIN_CHUNK_S * n / max(dt, 1e-6)))
             done += n
@@ -853,7 +898,13 @@ class RunService:
     async def _round(self) -> None:
         r = self.round + 1
         m = self.manifest
-        self.trainer.stream = self._stream_for(r)
+        stream = self._stream_for(r)
+        if self.local is not None:
+            # Our local ranks start the round from our weights and optimizer, on their share of the shards.
+            mine, seed = self._round_data(r)
+            await asyncio.to_thread(self.local.begin_round, mine, seed, stream)
+        else:
+            self.trainer.stream = stream
         self.status.phase = "training"
         stats = await self._train(m.diloco.inner_steps)
         self.status.tokens += stats.tokens

@@ -19,7 +19,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,6 +118,9 @@ class InnerTrainer:
         self.model = model.to(self.device)
         self.stream = stream
         self.step = 0
+        #: Called after each backward, before clipping: averages gradients across a node's local ranks
+        #: (`intellect.node.localgroup`); None when the node trains alone.
+        self.grad_sync: Callable[[], None] | None = None
         self._names = [n for n, p in model.named_parameters() if p.requires_grad]
         params = dict(model.named_parameters())
         decay = [params[n] for n in self._names if params[n].dim() >= 2]
@@ -158,6 +161,8 @@ class InnerTrainer:
                 loss = self.model.loss(batch)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if self.grad_sync is not None:
+                self.grad_sync()
             if self.config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
             self.optimizer.step()
