@@ -28,6 +28,7 @@ import logging
 import multiprocessing as mp
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -305,6 +306,9 @@ class LocalGroup:
             raise LocalGroupError(f"local ranks did not join: {e}") from e
         self._replica = _Replica(trainer, world, trainer.device if cuda else torch.device("cpu"))
         self.closed = False
+        # Collectives must not interleave: a stop can arrive (from the event loop's thread) while a chunk
+        # of steps still runs in a worker thread whose awaiting coroutine was cancelled.
+        self._lock = threading.Lock()
         log.info("training with %d local ranks (%s)", world, backend)
 
     @property
@@ -312,13 +316,16 @@ class LocalGroup:
         return [p.pid for p in self.procs if p.pid is not None]
 
     def _check(self, what: str, fn: Callable[[], Any]) -> Any:
-        dead = [p.exitcode for p in self.procs if p.exitcode is not None]
-        if dead:
-            raise LocalGroupError(f"a local rank exited (codes {dead}) before {what}")
-        try:
-            return fn()
-        except RuntimeError as e:  # gloo/NCCL report a lost peer as RuntimeError (DistBackendError)
-            raise LocalGroupError(f"local ranks failed during {what}: {e}") from e
+        with self._lock:
+            if self.closed:
+                raise LocalGroupError(f"the local ranks are stopped; no {what}")
+            dead = [p.exitcode for p in self.procs if p.exitcode is not None]
+            if dead:
+                raise LocalGroupError(f"a local rank exited (codes {dead}) before {what}")
+            try:
+                return fn()
+            except RuntimeError as e:  # gloo/NCCL report a lost peer as RuntimeError (DistBackendError)
+                raise LocalGroupError(f"local ranks failed during {what}: {e}") from e
 
     def begin_round(self, shards: Sequence[ShardInfo], seed: int, stream: TokenStream) -> None:
         """Send rank 0's state and the round's shards; `stream` (rank 0's own part) becomes its data."""
@@ -346,18 +353,22 @@ class LocalGroup:
         """Stop the workers (politely, then by force) and leave the process group."""
         import torch.distributed as dist
 
-        if self.closed:
-            return
-        self.closed = True
+        # Wait for a chunk of steps in flight (seconds) to end; if it does not, stop the workers by force.
+        locked = self._lock.acquire(timeout=timeout)
         try:
-            if all(p.exitcode is None for p in self.procs):
+            if self.closed:
+                return
+            self.closed = True
+            if locked and all(p.exitcode is None for p in self.procs):
                 self._replica.cmd(_STOP)
         except RuntimeError as e:
             log.warning("could not tell the local ranks to stop: %s", e)
         finally:
             self._reap(timeout)
-            if dist.is_initialized():
-                dist.destroy_process_group()
+            if locked:
+                if dist.is_initialized():
+                    dist.destroy_process_group()
+                self._lock.release()
 
     def _reap(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
