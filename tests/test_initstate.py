@@ -10,6 +10,7 @@ import dataclasses
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -156,32 +157,14 @@ def test_bad_files_are_refused_and_leave_the_state_alone(tmp_path: Path) -> None
 
 
 def test_cli_refuses_weights_that_do_not_fit(tmp_path: Path) -> None:
+    def pack(weights: Path) -> Any:
+        args = ["data", "init-state", str(TINY), "--weights", str(weights), "--out", str(tmp_path / "o")]
+        return CliRunner().invoke(cli, args)
+
     torch.save({"tok_embeddings.weight": torch.zeros(3, 3)}, tmp_path / "partial.pt")
-    result = CliRunner().invoke(
-        cli,
-        [
-            "data",
-            "init-state",
-            str(TINY),
-            "--weights",
-            str(tmp_path / "partial.pt"),
-            "--out",
-            str(tmp_path / "o"),
-        ],
-    )
+    result = pack(tmp_path / "partial.pt")
     assert result.exit_code == 1
     assert "lack" in result.output and not (tmp_path / "o").exists()
     torch.save([1, 2], tmp_path / "list.pt")
-    result = CliRunner().invoke(
-        cli,
-        [
-            "data",
-            "init-state",
-            str(TINY),
-            "--weights",
-            str(tmp_path / "list.pt"),
-            "--out",
-            str(tmp_path / "o"),
-        ],
-    )
+    result = pack(tmp_path / "list.pt")
     assert result.exit_code == 1 and "not a state dict" in result.output
