@@ -170,3 +170,59 @@ async def test_a_node_with_two_local_ranks_averages_with_a_single_rank_node(tmp_
             assert len({e["state_hash"] for e in entries.values()}) == 1, f"round {r}: {entries}"
         averaged = [e for e in duo.rounds() if 1 <= e["round"] <= rounds and not e["synced"]]
         assert any(e["group_size"] == 2 for e in averaged), duo.rounds()
+
+
+@pytest.mark.timeout(420)
+async def test_a_run_pinned_to_pretrained_weights_starts_from_them(tmp_path: Path) -> None:
+    """The researcher's flow for `init.sha256`: `data init-state --weights` packs pretrained weights and
+    prints the [init] table, the manifest pins it, and peers given the file start from those weights and
+    agree every round. A peer that joins later without the file syncs a later round instead."""
+    import shutil
+
+    import torch
+    from click.testing import CliRunner
+    from intellect.node.cli import cli
+    from intellect.node.model import Llama, ModelConfig
+
+    rounds = 10  # enough that the late peer joins while the others still train, even on a loaded CI
+    manifest = fast_manifest(tmp_path, inner_steps=5)
+    cfg = ModelConfig.from_dict(load_run_manifest(manifest).model.to_dict())
+    torch.save(Llama(cfg, seed=99).state_dict(), tmp_path / "pretrained.pt")
+    packed = tmp_path / "init.safetensors"
+    args = [
+        "data",
+        "init-state",
+        str(manifest),
+        "--weights",
+        str(tmp_path / "pretrained.pt"),
+        "--out",
+        str(packed),
+    ]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    found = re.search(r'^sha256 = "([0-9a-f]{64})"$', result.output, re.MULTILINE)
+    assert found, result.output
+    sha = found.group(1)
+    manifest.write_text(manifest.read_text().replace("[init]\n", f'[init]\nsha256 = "{sha}"\n'))
+    assert load_run_manifest(manifest).init.sha256 == sha
+
+    async with asyncio.timeout(360), Swarm(tmp_path / "swarm", manifest_path=manifest) as swarm:
+        await swarm.seed()
+        for name in ("a", "b"):
+            dest = swarm.workdir / name / "init" / f"{sha}.safetensors"
+            dest.parent.mkdir(parents=True)
+            shutil.copy(packed, dest)
+        a = swarm.launch("a", max_rounds=rounds, min_peers=2)
+        b = swarm.launch("b", max_rounds=rounds, min_peers=2)
+        await wait_until(lambda: min(a.last_round(), b.last_round()) >= 1, 120, "round 1", [a, b])
+        late = swarm.launch("late", max_rounds=rounds)
+        for p in (a, b, late):
+            code = await swarm.wait(p, 240)
+            assert code == 0, f"{p.name} exited with {code}: {p.log_path.read_text()[-3000:]}"
+        for p in (a, b):
+            assert f"loaded the run's initial state {sha[:12]}" in p.log_path.read_text()
+        late_log = late.log_path.read_text()
+        assert "does not exist" in late_log and "synced state of round" in late_log, late_log[-3000:]
+        by_round = {e["round"]: e["peers"] for e in swarm.summary(rounds)["rounds"]}
+        for r in range(1, rounds + 1):
+            assert len({e["state_hash"] for e in by_round[r].values()}) == 1, f"round {r}: {by_round[r]}"
