@@ -523,8 +523,18 @@ class RunService:
         from intellect.node.trainer import resolve_device
 
         if self.config.local_ranks:
-            return self.config.local_ranks
-        return max(1, torch.cuda.device_count()) if resolve_device(self.config.device).type == "cuda" else 1
+            return self.config.local_ranks  # an explicit count that does not divide the batch is an error
+        if resolve_device(self.config.device).type != "cuda":
+            return 1
+        gpus = max(1, torch.cuda.device_count())
+        batch = self.manifest.diloco.batch_size
+        # Automatic: as many GPUs as split the run's batch evenly (e.g. 2 of 3 GPUs for a batch of 8).
+        ranks = max(w for w in range(1, gpus + 1) if batch % w == 0)
+        if ranks < gpus:
+            logger.warning(
+                "using %d of %d GPUs: the run's batch_size %d does not split over more", ranks, gpus, batch
+            )
+        return ranks
 
     def _round_data(self, round_: int) -> tuple[list[Any], int]:
         """This round's shards (by rendezvous over run, round and live members) and data seed."""

@@ -108,3 +108,26 @@ def test_a_batch_that_does_not_split_is_refused() -> None:
     assert local_batch(8, 4) == 2
     with pytest.raises(LocalGroupError, match="does not split"):
         local_batch(6, 4)
+
+
+def test_automatic_ranks_use_the_gpus_that_split_the_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from intellect.crypto.identity import Identity
+    from intellect.node.config import NodeConfig
+    from intellect.node.daemon import NodeDaemon, RunService, load_run_manifest
+    from intellect.protocol.manifest import SignedManifest
+
+    signed = SignedManifest.sign(load_run_manifest(), Identity.generate())  # batch_size 8
+
+    def ranks(device: str, local_ranks: int, gpus: int) -> int:
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)  # no GPU here: only the count matters
+        config = NodeConfig(data_dir=tmp_path, device=device, local_ranks=local_ranks)
+        run = RunService(NodeDaemon(config), Identity.generate(), None, None, signed, {}, b"")  # type: ignore[arg-type]
+        return run._local_ranks()
+
+    assert ranks("cuda", 0, 4) == 4
+    assert ranks("cuda", 0, 3) == 2  # 3 does not divide 8: two of the three GPUs
+    assert ranks("cuda", 0, 0) == 1
+    assert ranks("cpu", 0, 4) == 1  # GPUs present, but the node trains on CPU
+    assert ranks("cpu", 2, 0) == 2  # explicit
