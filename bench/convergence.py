@@ -7,7 +7,8 @@ The `tiny` model on the built-in corpus, the same total number of training token
 * ``ddp``: `peers` processes with torch.distributed (gloo, bound to the loopback interface), each with
   batch `b` on its own share of the shards; after every backward the gradients are flattened into one
   bucket and all-reduced (sum, then ÷ peers) before clipping and the AdamW step, i.e. what DDP does, with
-  one bucket. `steps` steps. All replicas are checked bit-identical at the end.
+  one bucket (`intellect.node.localgroup.gradient_allreduce`, what a node's local ranks run). `steps`
+  steps. All replicas are checked bit-identical at the end.
 * ``diloco_h{H}``: `peers` processes, each with its own model, AdamW state and the same shards as the DDP
   rank of that index. Every round: H inner steps, Δ = θ_global − θ_local, then the **real data plane of
   the node** (`intellect.node.allreduce.butterfly_allreduce` over TCP on 127.0.0.1, signed hellos,
@@ -55,6 +56,7 @@ from typing import Any
 
 import torch
 from intellect.node.data import ShardResolver, TokenStream, builtin_heldout, builtin_shards, heldout_batches
+from intellect.node.localgroup import gradient_allreduce
 from intellect.node.model import CONFIGS, Llama
 from intellect.node.tokenizer import ByteTokenizer
 from intellect.node.trainer import InnerTrainer, TrainerConfig
@@ -216,30 +218,15 @@ def _ddp_worker(rank: int, s: Settings, port: int, out_dir: Path, warm: Path | N
         stream = _peer_stream(s, resolver, infos, rank)
         trainer = InnerTrainer(model, s.trainer_config(s.steps), stream, "cpu")
         params = [p for p in model.parameters() if p.requires_grad]
-        ready = [0]
+        # The node's own gradient all-reduce between local ranks (one flat bucket, as DDP with one bucket).
+        sync = gradient_allreduce(params, s.peers)
         allreduces = [0]
 
-        def on_grad(_p: torch.Tensor) -> None:
-            # Fires once per parameter after its gradient is complete; the last one triggers the all-reduce.
-            ready[0] += 1
-            if ready[0] < len(params):
-                return
-            ready[0] = 0
-            grads = [p.grad for p in params]
-            if any(g is None for g in grads):
-                raise RuntimeError("a parameter has no gradient: the bucket would be incomplete")
-            flat = torch.cat([g.reshape(-1) for g in grads if g is not None])
-            dist.all_reduce(flat)
-            flat.div_(s.peers)
-            offset = 0
-            for g in grads:
-                assert g is not None
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
+        def counted_sync() -> None:
+            sync()
             allreduces[0] += 1
 
-        for p in params:
-            p.register_post_accumulate_grad_hook(on_grad)
+        trainer.grad_sync = counted_sync
         chunk = s.curve_every or s.steps
         tokens, curve = 0, []
         t0 = time.perf_counter()

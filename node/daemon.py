@@ -549,9 +549,11 @@ class RunService:
 
     def _stream_for(self, round_: int) -> TokenStream:
         """This round's data for our own trainer (rank 0's part when the node has several local ranks)."""
+        return self._rank0_stream(*self._round_data(round_))
+
+    def _rank0_stream(self, mine: list[Any], seed: int) -> TokenStream:
         from intellect.node.localgroup import local_batch, rank_stream
 
-        mine, seed = self._round_data(round_)
         d = self.manifest.diloco
         batch = local_batch(d.batch_size, self.local_ranks)
         return rank_stream(self.resolver, mine, 0, self.local_ranks, batch, d.seq_len, seed)
@@ -805,6 +807,7 @@ class RunService:
             await self._report_misbehaviour(report.evidence, st.round)
 
     async def _fetch_and_adopt(self, st: SyncTarget, report: Any) -> None:
+        from intellect.node.outer import STEP_KEY
         from intellect.node.statesync import StateSyncError, fetch_state
 
         self.status.phase = "syncing"
@@ -833,7 +836,7 @@ class RunService:
                 logger.warning("peer %s served state that does not match its hash; no longer trusted", bad)
                 self.status.rejected["bad_state_chunk"] += 1
                 self.distrusted.add(bad)
-        step = snap.tensors.get("outer.step")
+        step = snap.tensors.get(STEP_KEY)
         if step is None or step.numel() != 1 or int(step) != snap.round:
             # The bytes match the announced hash, but the state is not of the announced round: whoever
             # vouched for (round, hash) misstated it. Do not adopt it, and stop believing them.
@@ -908,10 +911,10 @@ class RunService:
     async def _round(self) -> None:
         r = self.round + 1
         m = self.manifest
-        stream = self._stream_for(r)
+        mine, seed = self._round_data(r)
+        stream = self._rank0_stream(mine, seed)
         if self.local is not None:
             # Our local ranks start the round from our weights and optimizer, on their share of the shards.
-            mine, seed = self._round_data(r)
             await asyncio.to_thread(self.local.begin_round, mine, seed, stream)
         else:
             self.trainer.stream = stream

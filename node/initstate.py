@@ -6,7 +6,7 @@ the Merkle root over the safetensors bytes of the outer optimizer's state, with 
 So a peer announces it at round 0 like any other state. There are two reasons a researcher sets it:
 
 * to start a run from pretrained weights. All the DiLoCo paper's runs start this way.
-  `intellect-node init-state` packs the weights into the state file and prints the hash.
+  `intellect-node data init-state` packs the weights into the state file and prints the hash.
 * to pin the seeded init. A torch build that draws different initial numbers then refuses to start with a
   clear error, instead of averaging deltas taken from a different origin.
 
@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from intellect.node.outer import OuterError, OuterOptimizer
+from intellect.node.outer import MOMENTUM_PREFIX, STEP_KEY, OuterError, OuterOptimizer
 from intellect.node.statehash import blob_state_hash, deserialize_state, iter_serialized, serialize_state
 
 #: File name suffix of an initial state in `<data dir>/init/`.
@@ -52,16 +52,23 @@ def expected_size(outer: OuterOptimizer) -> int:
 
 
 def _round0(tensors: Mapping[str, torch.Tensor], outer: OuterOptimizer, what: str) -> None:
-    """Load `tensors` into `outer` if they are a round-0 state with our names and shapes."""
+    """Load `tensors` into `outer` if they are a round-0 state with our names and shapes; on any error
+    `outer` is unchanged (everything is checked first, and `load_state_dict` checks before it assigns)."""
+    step = tensors.get(STEP_KEY)
+    if (
+        step is None
+        or step.numel() != 1
+        or int(step) != 0
+        or any(k.startswith(MOMENTUM_PREFIX) for k in tensors)
+    ):
+        raise InitStateError(f"{what} has outer steps or momentum: it is not a round-0 state")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise InitStateError(f"{what}: {name!r} has non-finite values")
     try:
         outer.load_state_dict(tensors)
     except OuterError as e:
         raise InitStateError(f"{what} does not fit this run's model: {e}") from None
-    if outer.steps != 0 or outer.momentum_buffers:
-        raise InitStateError(f"{what} has {outer.steps} outer steps and momentum: it is not a round-0 state")
-    for name, t in outer.global_params.items():
-        if not bool(torch.isfinite(t).all()):
-            raise InitStateError(f"{what}: weight {name!r} has non-finite values")
 
 
 def load_init_state(path: Path, sha256: str, outer: OuterOptimizer) -> None:
@@ -72,7 +79,7 @@ def load_init_state(path: Path, sha256: str, outer: OuterOptimizer) -> None:
     if not path.is_file():
         raise InitStateError(
             f"the run pins its initial state (init.sha256 = {sha256}) and {path} does not exist: get the "
-            f"file from the run's researcher (`intellect-node init-state` makes it)"
+            f"file from the run's researcher (`intellect-node data init-state` makes it)"
         )
     want = expected_size(outer)
     size = path.stat().st_size
@@ -86,13 +93,7 @@ def load_init_state(path: Path, sha256: str, outer: OuterOptimizer) -> None:
         tensors = deserialize_state(blob)
     except Exception as e:  # safetensors raises its own error types for a malformed header or data
         raise InitStateError(f"{path} is not a valid safetensors state: {e}") from None
-    backup = outer.state_dict()
-    backup = {k: v.clone() for k, v in backup.items()}
-    try:
-        _round0(tensors, outer, str(path))
-    except InitStateError:
-        outer.load_state_dict(backup)
-        raise
+    _round0(tensors, outer, str(path))
 
 
 def pack_weights(weights: Mapping[str, torch.Tensor], outer: OuterOptimizer) -> None:

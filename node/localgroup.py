@@ -73,8 +73,9 @@ def rank_stream(
     )
 
 
-def _grad_sync(params: Sequence[torch.nn.Parameter], world: int) -> Callable[[], None]:
-    """Average the gradients of `params` across the local ranks in one flat all-reduce."""
+def gradient_allreduce(params: Sequence[torch.nn.Parameter], world: int) -> Callable[[], None]:
+    """A `InnerTrainer.grad_sync`: average the gradients of `params` over the default process group's
+    `world` ranks in one flat all-reduce (DDP with one bucket). Every rank must list the same params."""
     import torch.distributed as dist
 
     def sync() -> None:
@@ -122,7 +123,7 @@ class _Replica:
         self.names = list(trainer._opt_names)
         self.params = [named[n] for n in self.names]
         self.numel = sum(p.numel() for p in self.params)
-        trainer.grad_sync = _grad_sync(self.params, world)
+        trainer.grad_sync = gradient_allreduce(self.params, world)
 
     def _bcast(self, t: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist

@@ -26,9 +26,10 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-_GLOBAL = "outer.global."
-_MOMENTUM = "outer.momentum."
-_STEP = "outer.step"
+#: Names in `OuterOptimizer.state_dict` (the global state that is hashed, checkpointed and synced).
+GLOBAL_PREFIX = "outer.global."
+MOMENTUM_PREFIX = "outer.momentum."
+STEP_KEY = "outer.step"
 
 
 class OuterError(ValueError):
@@ -137,23 +138,23 @@ class OuterOptimizer:
 
         The tensors are the live ones (no copy); serialise or clone before the next `step`.
         """
-        state: dict[str, torch.Tensor] = {_GLOBAL + n: t for n, t in self.global_params.items()}
-        state.update({_MOMENTUM + n: t for n, t in self.momentum_buffers.items()})
-        state[_STEP] = torch.tensor(self.steps, dtype=torch.int64)
+        state: dict[str, torch.Tensor] = {GLOBAL_PREFIX + n: t for n, t in self.global_params.items()}
+        state.update({MOMENTUM_PREFIX + n: t for n, t in self.momentum_buffers.items()})
+        state[STEP_KEY] = torch.tensor(self.steps, dtype=torch.int64)
         return state
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore exactly what `state_dict` produced; the tensor names and shapes must match ours."""
         params: dict[str, torch.Tensor] = {}
         buffers: dict[str, torch.Tensor] = {}
-        if _STEP not in state:
-            raise OuterError(f"outer state lacks {_STEP!r}")
+        if STEP_KEY not in state:
+            raise OuterError(f"outer state lacks {STEP_KEY!r}")
         for key, t in state.items():
-            if key.startswith(_GLOBAL):
-                params[key[len(_GLOBAL) :]] = t
-            elif key.startswith(_MOMENTUM):
-                buffers[key[len(_MOMENTUM) :]] = t
-            elif key != _STEP:
+            if key.startswith(GLOBAL_PREFIX):
+                params[key[len(GLOBAL_PREFIX) :]] = t
+            elif key.startswith(MOMENTUM_PREFIX):
+                buffers[key[len(MOMENTUM_PREFIX) :]] = t
+            elif key != STEP_KEY:
                 raise OuterError(f"unexpected tensor {key!r} in outer state")
         if params.keys() != self.global_params.keys():
             diff = sorted(params.keys() ^ self.global_params.keys())
@@ -170,4 +171,4 @@ class OuterOptimizer:
             n: params[n].detach().to("cpu").clone().contiguous() for n in self.global_params
         }
         self.momentum_buffers = {n: t.detach().to("cpu").clone().contiguous() for n, t in buffers.items()}
-        self.steps = int(state[_STEP].item())
+        self.steps = int(state[STEP_KEY].item())

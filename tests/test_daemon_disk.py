@@ -12,13 +12,15 @@ import os
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
-from intellect.crypto.identity import Identity
 from intellect.node.config import NodeConfig
-from intellect.node.daemon import NodeDaemon, RunService, append_round_log, load_run_manifest
-from intellect.protocol.manifest import SignedManifest
+from intellect.node.daemon import append_round_log
+
+if TYPE_CHECKING:  # the fixture's type; conftest is pytest's to import, not ours
+    from conftest import OfflineRun
 
 
 @contextlib.contextmanager
@@ -51,14 +53,13 @@ def fill(path: Path) -> Path:
     return filler
 
 
-def test_full_disk_during_checkpoint_keeps_training_and_the_last_good_checkpoint(tmp_path: Path) -> None:
+def test_full_disk_during_checkpoint_keeps_training_and_the_last_good_checkpoint(
+    tmp_path: Path, offline_run: OfflineRun
+) -> None:
     with tmpfs(tmp_path / "disk", "48m") as disk:
         config = NodeConfig(data_dir=disk / "node", listen=("/ip4/127.0.0.1/tcp/0",))
-        config.data_dir.mkdir(parents=True)
-        daemon = NodeDaemon(config)
-        identity = Identity.generate()
-        signed = SignedManifest.sign(load_run_manifest(), Identity.generate())
-        run = RunService(daemon, identity, None, None, signed, {}, b"")  # type: ignore[arg-type]
+        run = offline_run(config)
+        daemon = run.daemon
         run._build()
 
         def commit(r: int) -> None:

@@ -10,20 +10,22 @@ import dataclasses
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
 from click.testing import CliRunner
-from intellect.crypto.identity import Identity
 from intellect.node.cli import cli
 from intellect.node.config import NodeConfig
-from intellect.node.daemon import NodeDaemon, RunService, load_run_manifest
+from intellect.node.daemon import RunService, load_run_manifest
 from intellect.node.initstate import InitStateError, init_state_path, load_init_state, write_init_state
 from intellect.node.model import Llama, ModelConfig
 from intellect.node.outer import OuterOptimizer
 from intellect.node.statehash import blob_state_hash, serialize_state
-from intellect.protocol.manifest import InitSpec, SignedManifest
+from intellect.protocol.manifest import InitSpec
+
+if TYPE_CHECKING:  # the fixture's type; conftest is pytest's to import, not ours
+    from conftest import OfflineRun
 
 TINY = Path(__file__).resolve().parent.parent / "node" / "runs" / "tiny-run.toml"
 
@@ -37,14 +39,11 @@ def _init_state(args: list[str]) -> str:
     return found.group(1)
 
 
-def _run(tmp_path: Path, sha256: str) -> RunService:
+def _run(offline_run: OfflineRun, tmp_path: Path, sha256: str) -> RunService:
     """The daemon's run service for the tiny run pinned to `sha256`, built as `RunService.run` builds it."""
     manifest = load_run_manifest()
     manifest = dataclasses.replace(manifest, init=InitSpec(seed=manifest.init.seed, sha256=sha256))
-    config = NodeConfig(data_dir=tmp_path / "node", listen=("/ip4/127.0.0.1/tcp/0",))
-    config.data_dir.mkdir(parents=True, exist_ok=True)
-    signed = SignedManifest.sign(manifest, Identity.generate())
-    run = RunService(NodeDaemon(config), Identity.generate(), None, None, signed, {}, b"")  # type: ignore[arg-type]
+    run = offline_run(NodeConfig(data_dir=tmp_path / "node", listen=("/ip4/127.0.0.1/tcp/0",)), manifest)
     run._build()
     run._initial_state()
     return run
@@ -54,14 +53,16 @@ def _weights(run: RunService) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in run.model.named_parameters()}
 
 
-def test_pinning_the_seeded_init_changes_nothing(tmp_path: Path) -> None:
+def test_pinning_the_seeded_init_changes_nothing(tmp_path: Path, offline_run: OfflineRun) -> None:
     sha = _init_state([str(TINY), "--out", str(tmp_path / "init.safetensors")])
-    run = _run(tmp_path, sha)
+    run = _run(offline_run, tmp_path, sha)
     assert run.init_error is None
     assert run.state_hash == sha  # the file's hash is the round-0 state hash the node announces
 
 
-def test_pretrained_weights_are_packed_then_verified_and_loaded(tmp_path: Path) -> None:
+def test_pretrained_weights_are_packed_then_verified_and_loaded(
+    tmp_path: Path, offline_run: OfflineRun
+) -> None:
     manifest = load_run_manifest()
     pretrained = Llama(ModelConfig.from_dict(manifest.model.to_dict()), seed=1234)
     torch.save(pretrained.state_dict(), tmp_path / "pretrained.pt")
@@ -70,16 +71,18 @@ def test_pretrained_weights_are_packed_then_verified_and_loaded(tmp_path: Path) 
     target = init_state_path(tmp_path / "node", sha)  # where a volunteer puts the researcher's file
     target.parent.mkdir(parents=True)
     shutil.copy(out, target)
-    run = _run(tmp_path, sha)
+    run = _run(offline_run, tmp_path, sha)
     assert run.init_error is None and run.state_hash == sha
     for name, p in pretrained.named_parameters():
         assert torch.equal(run.model.get_parameter(name), p), name
         assert torch.equal(run.outer.global_params[name], p), name
 
 
-def test_a_missing_file_is_kept_as_the_reason_and_round_0_refuses_to_train(tmp_path: Path) -> None:
+def test_a_missing_file_is_kept_as_the_reason_and_round_0_refuses_to_train(
+    tmp_path: Path, offline_run: OfflineRun
+) -> None:
     pinned = "ab" * 32
-    run = _run(tmp_path, pinned)
+    run = _run(offline_run, tmp_path, pinned)
     seeded = run.state_hash
     assert isinstance(run.init_error, InitStateError)
     assert "does not exist" in str(run.init_error) and pinned in str(run.init_error)

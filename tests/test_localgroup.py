@@ -10,6 +10,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -18,6 +19,9 @@ from intellect.node.localgroup import LocalGroup, LocalGroupError, local_batch, 
 from intellect.node.model import CONFIGS, Llama
 from intellect.node.tokenizer import ByteTokenizer
 from intellect.node.trainer import InnerTrainer, TrainerConfig
+
+if TYPE_CHECKING:  # the fixture's type; conftest is pytest's to import, not ours
+    from conftest import OfflineRun
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -111,20 +115,15 @@ def test_a_batch_that_does_not_split_is_refused() -> None:
 
 
 def test_automatic_ranks_use_the_gpus_that_split_the_batch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline_run: OfflineRun
 ) -> None:
-    from intellect.crypto.identity import Identity
     from intellect.node.config import NodeConfig
-    from intellect.node.daemon import NodeDaemon, RunService, load_run_manifest
-    from intellect.protocol.manifest import SignedManifest
 
-    signed = SignedManifest.sign(load_run_manifest(), Identity.generate())  # batch_size 8
-
-    def ranks(device: str, local_ranks: int, gpus: int) -> int:
+    def ranks(device: str, local_ranks: int, gpus: int) -> int:  # the tiny run's batch_size is 8
         monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)  # no GPU here: only the count matters
-        config = NodeConfig(data_dir=tmp_path, device=device, local_ranks=local_ranks)
-        run = RunService(NodeDaemon(config), Identity.generate(), None, None, signed, {}, b"")  # type: ignore[arg-type]
-        return run._local_ranks()
+        return offline_run(
+            NodeConfig(data_dir=tmp_path, device=device, local_ranks=local_ranks)
+        )._local_ranks()
 
     assert ranks("cuda", 0, 4) == 4
     assert ranks("cuda", 0, 3) == 2  # 3 does not divide 8: two of the three GPUs

@@ -10,22 +10,22 @@ import asyncio
 import dataclasses
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from intellect.crypto.identity import Identity
 from intellect.node.config import NodeConfig
-from intellect.node.daemon import NodeDaemon, RunService, load_run_manifest
+from intellect.node.daemon import RunService
 from intellect.node.statesync import StateServer, StateSnapshot, bad_chunk_report, judge_report
 from intellect.protocol.codec import decode, encode
 from intellect.protocol.gossip_messages import Misbehaviour
-from intellect.protocol.manifest import SignedManifest
 from intellect.protocol.sync_messages import BadChunkEvidence, sign_chunk
 
+if TYPE_CHECKING:  # the fixture's type; conftest is pytest's to import, not ours
+    from conftest import OfflineRun
 
-def _run(tmp_path: Path) -> RunService:
-    config = NodeConfig(data_dir=tmp_path / "node", listen=("/ip4/127.0.0.1/tcp/0",))
-    config.data_dir.mkdir(parents=True)
-    signed = SignedManifest.sign(load_run_manifest(), Identity.generate())
-    run = RunService(NodeDaemon(config), Identity.generate(), None, None, signed, {}, b"")  # type: ignore[arg-type]
+
+def _run(offline_run: OfflineRun, tmp_path: Path) -> RunService:
+    run = offline_run(NodeConfig(data_dir=tmp_path / "node", listen=("/ip4/127.0.0.1/tcp/0",)))
     run._build()
     run._initial_state()
     # The state server as the daemon uses it, serving our round-0 state (no network needed to publish).
@@ -42,8 +42,8 @@ def _evidence(run: RunService, liar: Identity, index: int = 1) -> BadChunkEviden
     )
 
 
-def test_a_proved_bad_chunk_makes_the_server_distrusted(tmp_path: Path) -> None:
-    run = _run(tmp_path)
+def test_a_proved_bad_chunk_makes_the_server_distrusted(tmp_path: Path, offline_run: OfflineRun) -> None:
+    run = _run(offline_run, tmp_path)
     liar, reporter = Identity.generate(), Identity.generate()
     report = bad_chunk_report(_evidence(run, liar), 0)
     assert decode(encode(report), Misbehaviour) == report  # fits the gossip payload type and its limits
@@ -55,8 +55,8 @@ def test_a_proved_bad_chunk_makes_the_server_distrusted(tmp_path: Path) -> None:
     assert run.status.rejected["bad_state_chunk_reported"] == 1
 
 
-def test_forged_or_malformed_reports_change_nothing(tmp_path: Path) -> None:
-    run = _run(tmp_path)
+def test_forged_or_malformed_reports_change_nothing(tmp_path: Path, offline_run: OfflineRun) -> None:
+    run = _run(offline_run, tmp_path)
     liar, honest, reporter = Identity.generate(), Identity.generate(), Identity.generate()
     ev = _evidence(run, liar)
     forged = [
@@ -85,10 +85,10 @@ def test_forged_or_malformed_reports_change_nothing(tmp_path: Path) -> None:
     assert not run.distrusted and run.status.rejected["false_misbehaviour_report"] == len(forged)
 
 
-def test_a_sync_gossips_one_checkable_report_per_liar(tmp_path: Path) -> None:
+def test_a_sync_gossips_one_checkable_report_per_liar(tmp_path: Path, offline_run: OfflineRun) -> None:
     from intellect.protocol.gossip_messages import TopicKind
 
-    run = _run(tmp_path)
+    run = _run(offline_run, tmp_path)
     published: list[tuple[TopicKind, Misbehaviour]] = []
 
     class Recorder:  # stands in for the gossip child: records what the daemon would publish
