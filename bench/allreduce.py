@@ -3,7 +3,7 @@
 Every peer is its own process (multiprocessing `fork`: hivemind's averager cannot start in a `spawn`ed
 one), all on 127.0.0.1, all with the same inputs (peer i holds N(0, 1) values from seed i), in one run:
 
-- `ours`: `intellect.node.allreduce.butterfly_allreduce` over a known group (the data plane alone, as
+- `ours`: `intellect.node.net.allreduce.butterfly_allreduce` over a known group (the data plane alone, as
   tests/test_allreduce.py runs it: TCP connect + signed handshake, reduce-scatter, reduce, all-gather),
   fp32 payloads ("none"), like for like with gloo. `ours_int8`: the same with the node's default payload
   compression (AveragerConfig.compression, int8 blockwise). `ours_int8_with_matchmaking`: a whole
@@ -423,7 +423,7 @@ class Peer:
         return self._agree(error)
 
     def _setup_ours(self) -> bool:
-        from intellect.node.allreduce import DataPlane, GroupMember
+        from intellect.node.net.allreduce import DataPlane, GroupMember
 
         error, addr = "", ("", 0)
         try:
@@ -441,7 +441,7 @@ class Peer:
 
     def _setup_matchmaking(self) -> bool:
         from hivemind.dht.node import DHTNode
-        from intellect.node.averaging import Averager, AveragerConfig
+        from intellect.node.net.averaging import Averager, AveragerConfig
 
         error, maddrs = "", []
         try:
@@ -492,7 +492,7 @@ class Peer:
         return sample
 
     async def _ours_round(self, name: str, r: int) -> Sample:
-        from intellect.node.allreduce import GroupSpec, butterfly_allreduce, get_payload_codec
+        from intellect.node.net.allreduce import GroupSpec, butterfly_allreduce, get_payload_codec
 
         codec = get_payload_codec(COMPRESSION.get(name, "none"))
         spec = GroupSpec("bench", r, NAMES.index(name), "bench", self.members)
@@ -686,7 +686,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     if args.peers < 2:
         parser.error("--peers: at least 2")
-    from intellect.node.averaging import AveragerConfig
+    from intellect.node.net.averaging import AveragerConfig
 
     torch.set_num_threads(args.threads)
     n, numel = args.peers, args.numel

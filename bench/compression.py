@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from intellect.node.compression import Fp16, Int8Blockwise, _compiled_kernel, decompress
+from intellect.node.engine.compression import Fp16, Int8Blockwise, _compiled_kernel, decompress
 
 log = logging.getLogger("bench.compression")
 

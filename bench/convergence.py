@@ -7,11 +7,11 @@ The `tiny` model on the built-in corpus, the same total number of training token
 * ``ddp``: `peers` processes with torch.distributed (gloo, bound to the loopback interface), each with
   batch `b` on its own share of the shards; after every backward the gradients are flattened into one
   bucket and all-reduced (sum, then ÷ peers) before clipping and the AdamW step, i.e. what DDP does, with
-  one bucket (`intellect.node.localgroup.gradient_allreduce`, what a node's local ranks run). `steps`
+  one bucket (`intellect.node.engine.localgroup.gradient_allreduce`, what a node's local ranks run). `steps`
   steps. All replicas are checked bit-identical at the end.
 * ``diloco_h{H}``: `peers` processes, each with its own model, AdamW state and the same shards as the DDP
   rank of that index. Every round: H inner steps, Δ = θ_global − θ_local, then the **real data plane of
-  the node** (`intellect.node.allreduce.butterfly_allreduce` over TCP on 127.0.0.1, signed hellos,
+  the node** (`intellect.node.net.allreduce.butterfly_allreduce` over TCP on 127.0.0.1, signed hellos,
   int8 blockwise payloads: each peer sends int8 parts of its Δ, each partition owner averages them
   (weighted by tokens) and sends the int8-re-encoded mean to everyone), then the Nesterov outer step of
   `OuterOptimizer`. This is the path the daemon runs, without DHT matchmaking: the group is fixed, and a
@@ -55,11 +55,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from intellect.node.data import ShardResolver, TokenStream, builtin_heldout, builtin_shards, heldout_batches
-from intellect.node.localgroup import gradient_allreduce
-from intellect.node.model import CONFIGS, Llama
-from intellect.node.tokenizer import ByteTokenizer
-from intellect.node.trainer import InnerTrainer, TrainerConfig
+from intellect.node.engine.data import (
+    ShardResolver,
+    TokenStream,
+    builtin_heldout,
+    builtin_shards,
+    heldout_batches,
+)
+from intellect.node.engine.localgroup import gradient_allreduce
+from intellect.node.engine.model import CONFIGS, Llama
+from intellect.node.engine.tokenizer import ByteTokenizer
+from intellect.node.engine.trainer import InnerTrainer, TrainerConfig
 
 #: Held-out batches evaluated for the curves (the final figure uses all of them).
 _CURVE_BATCHES = 4
@@ -271,7 +277,8 @@ async def _diloco_peer(
     rank: int, s: Settings, h: int, barrier: Any, out_dir: Path, warm: Path | None
 ) -> None:
     from intellect.crypto.identity import Identity
-    from intellect.node.allreduce import (
+    from intellect.node.engine.outer import OuterOptimizer
+    from intellect.node.net.allreduce import (
         DataPlane,
         GroupMember,
         GroupSpec,
@@ -281,7 +288,6 @@ async def _diloco_peer(
         schema_hash,
         unflatten,
     )
-    from intellect.node.outer import OuterOptimizer
 
     def wait_all() -> None:
         barrier.wait(timeout=600)
@@ -515,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     out["seconds"]["warm_start"] = round(warm_result["seconds"], 1)
     out["wall_seconds"] = round(time.perf_counter() - t0, 1)
     out["diloco_transport"] = (
-        f"{s.peers} processes, intellect.node.allreduce butterfly over loopback TCP, "
+        f"{s.peers} processes, intellect.node.net.allreduce butterfly over loopback TCP, "
         f"{s.compression} parts, tokens-weighted mean, no error feedback"
     )
     out["ddp_bytes_note"] = "fp32 gradient bytes x 2(N-1)/N per step: the all-reduce lower bound"

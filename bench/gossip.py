@@ -1,6 +1,6 @@
 """Gossip delivery and latency among N real gossip nodes on loopback.
 
-Each node is a `GossipService` with its own gossip child process (`python -m intellect.node.gossip_child`,
+Each node is a `GossipService` with its own gossip child process (`python -m intellect.node.net.gossip_child`,
 a py-libp2p host running gossipsub), so N nodes are N separate libp2p processes talking TCP over
 127.0.0.1; only their asyncio halves (sealing, the bridge socket, the subscriptions) share this process,
 as the harness. Every node dials every other one, as daemons do with the gossip addresses of all members
@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from intellect.crypto.identity import Identity
-from intellect.node.gossip import GossipConfig, GossipError, GossipService, Subscription
+from intellect.node.net.gossip import GossipConfig, GossipError, GossipService, Subscription
 from intellect.protocol.gossip_messages import Progress, TopicKind
 
 log = logging.getLogger("bench.gossip")

@@ -2,7 +2,7 @@
 
 Same model, same per-step batch (the run's `batch`), same steps. The baseline is one `InnerTrainer`
 with the whole batch: the faster of one torch thread and one per core, best of three. The other is
-`intellect.node.localgroup` with W ranks taking `batch / W` each (W processes with gloo on CPU, or W GPUs
+`engine.localgroup` with W ranks taking `batch / W` each (W processes with gloo on CPU, or W GPUs
 with NCCL), torch threads split evenly between them on CPU. Prints tokens per second for both and the
 ratio; the last line is JSON.
 
@@ -21,11 +21,11 @@ import time
 from pathlib import Path
 
 import torch
-from intellect.node.data import ShardResolver, builtin_shards
-from intellect.node.localgroup import LocalGroup, local_batch, rank_stream
-from intellect.node.model import CONFIGS, Llama
-from intellect.node.tokenizer import ByteTokenizer
-from intellect.node.trainer import InnerTrainer, TrainerConfig
+from intellect.node.engine.data import ShardResolver, builtin_shards
+from intellect.node.engine.localgroup import LocalGroup, local_batch, rank_stream
+from intellect.node.engine.model import CONFIGS, Llama
+from intellect.node.engine.tokenizer import ByteTokenizer
+from intellect.node.engine.trainer import InnerTrainer, TrainerConfig
 
 
 def _trainer(model: str, batch: int, seq_len: int, steps: int, device: str) -> InnerTrainer:

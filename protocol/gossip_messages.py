@@ -93,7 +93,7 @@ class Misbehaviour:
 
     The one `kind` a node sends today is ``"bad-chunk"``: `evidence` is an encoded `BadChunkEvidence`
     (the accused's signature over a wrong chunk digest), which any holder of that state can check
-    (`intellect.node.statesync.judge_report`)."""
+    (`intellect.node.net.statesync.judge_report`)."""
 
     accused: str
     round: int

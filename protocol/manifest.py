@@ -55,7 +55,7 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 COMPRESSIONS = ("int8", "fp16", "none")
-#: How a partition's contributions are combined (see intellect.node.robust; protocol/ stays torch-free).
+#: How a partition's contributions are combined (see node/engine/robust.py; protocol/ stays torch-free).
 REDUCERS = ("mean", "centered_clip")
 SCHEDULES = ("cosine", "linear", "constant")
 ADMISSION_POLICIES = ("open", "allowlist", "tickets")

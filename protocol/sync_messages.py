@@ -3,7 +3,7 @@
 After each outer step a peer announces ``(round, state_hash, chunk_size, total_bytes)`` where
 ``state_hash`` is the hex Merkle root over the sha256 digests of the ``chunk_size`` slices of the
 deterministic safetensors serialisation of the global state (weights and outer optimizer state; see
-``intellect.node.statehash``). A `StateAnnounce` carries its own Ed25519 signature so it stays checkable
+``node/engine/statehash.py``). A `StateAnnounce` carries its own Ed25519 signature so it stays checkable
 after it left the envelope it travelled in (gossip) or when it is read back from the DHT.
 
 Transfer is request/response over one libp2p stream per request:

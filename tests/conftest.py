@@ -6,8 +6,8 @@ from collections.abc import Callable
 
 import pytest
 from intellect.crypto.identity import Identity
-from intellect.node.config import NodeConfig
-from intellect.node.daemon import NodeDaemon, RunService, load_run_manifest
+from intellect.node.app.config import NodeConfig
+from intellect.node.app.daemon import NodeDaemon, RunService, load_run_manifest
 from intellect.protocol.manifest import Manifest, SignedManifest
 
 OfflineRun = Callable[..., RunService]

@@ -14,7 +14,7 @@ import struct
 import pytest
 import torch
 from intellect.crypto.identity import Identity
-from intellect.node.allreduce import (
+from intellect.node.net.allreduce import (
     AllReduceError,
     DataPlane,
     GroupMember,
@@ -295,7 +295,7 @@ async def test_garbage_on_the_data_plane_is_dropped() -> None:
     ],
 )
 def test_all_finite_agrees_with_isfinite(values: list[float], finite: bool) -> None:
-    from intellect.node.allreduce import all_finite
+    from intellect.node.net.allreduce import all_finite
 
     t = torch.tensor(values, dtype=torch.float32)
     assert all_finite(t) is finite

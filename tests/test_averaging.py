@@ -15,7 +15,7 @@ import torch
 from hivemind.dht.node import DHTNode
 from intellect.crypto import domains
 from intellect.crypto.identity import Identity
-from intellect.node.averaging import Averager, AveragerConfig, group_key
+from intellect.node.net.averaging import Averager, AveragerConfig, group_key
 from intellect.protocol import averaging_messages as am
 from intellect.protocol.codec import encode
 
@@ -161,7 +161,7 @@ async def test_forged_group_record_is_ignored(dht: Callable[[int], Awaitable[lis
     config = AveragerConfig(min_group_size=2, matchmaking_time=1.5, compression="none")
     avs = await _averagers(dht_nodes, config)
     try:
-        from intellect.node.allreduce import schema_hash
+        from intellect.node.net.allreduce import schema_hash
 
         tensors = _tensors(1.0)
         key = group_key("run-test", 1, 0, schema_hash(tensors))
@@ -231,7 +231,7 @@ async def test_a_member_that_never_connects_is_left_out_of_the_retry(
     her (before, the culprit was unnamed and every attempt failed)."""
     import socket
 
-    from intellect.node.allreduce import schema_hash
+    from intellect.node.net.allreduce import schema_hash
 
     dht_nodes = await dht(3)
     config = AveragerConfig(target_group_size=3, matchmaking_time=4, compression="none", max_weight=1000)

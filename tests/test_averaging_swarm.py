@@ -41,7 +41,7 @@ def _weight(index: int) -> float:
 async def _peer(index: int, work: Path) -> None:
     from hivemind.dht.node import DHTNode
     from intellect.crypto.identity import Identity
-    from intellect.node.averaging import Averager, AveragerConfig
+    from intellect.node.net.averaging import Averager, AveragerConfig
 
     torch.set_num_threads(1)
     if index == 0:

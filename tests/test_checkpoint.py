@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from intellect.node.checkpoint import CheckpointError, CheckpointStore
-from intellect.node.statehash import state_hash
+from intellect.node.engine.checkpoint import CheckpointError, CheckpointStore
+from intellect.node.engine.statehash import state_hash
 
 
 def _state(seed: int) -> dict[str, torch.Tensor]:
@@ -58,7 +58,7 @@ def test_flipped_byte_is_detected_and_previous_used(tmp_path: Path, caplog: pyte
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01
     path.write_bytes(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="intellect.node.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="intellect.node.engine.checkpoint"):
         ckpt = store.load_latest()
     assert ckpt is not None and ckpt.round == 1 and _equal(ckpt.tensors, _state(1))
     assert "sha256" in caplog.text and "round 2" in caplog.text
@@ -69,7 +69,7 @@ def test_truncated_file_is_detected(tmp_path: Path, caplog: pytest.LogCaptureFix
     store.save(_state(1), _meta(1))
     path = store.save(_state(2), _meta(2))
     os.truncate(path, path.stat().st_size - 100)
-    with caplog.at_level(logging.WARNING, logger="intellect.node.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="intellect.node.engine.checkpoint"):
         ckpt = store.load_latest()
     assert ckpt is not None and ckpt.round == 1
     assert "truncated" in caplog.text
@@ -103,7 +103,7 @@ def test_changed_metadata_in_the_sidecar_is_caught(tmp_path: Path, caplog: pytes
     side.write_text(text.replace("17", "37"))
     with pytest.raises(CheckpointError, match="checksum"):
         store.load(2)
-    with caplog.at_level(logging.WARNING, logger="intellect.node.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="intellect.node.engine.checkpoint"):
         ckpt = store.load_latest()
     assert ckpt is not None and ckpt.round == 1 and ckpt.meta == _meta(1)
     assert "checksum" in caplog.text
@@ -169,7 +169,7 @@ def test_crash_between_tensors_and_sidecar(tmp_path: Path, monkeypatch: pytest.M
 
 _KILLED_SAVE = """
 import os, sys, torch
-from intellect.node.checkpoint import CheckpointStore
+from intellect.node.engine.checkpoint import CheckpointStore
 
 calls = 0
 real_fsync = os.fsync

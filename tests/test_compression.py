@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from intellect.node.compression import (
+from intellect.node.engine.compression import (
     _CHUNK_VALUES,
     CompressedTensor,
     CompressionError,

@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from intellect.crypto.identity import Identity
-from intellect.node.cli import cli
-from intellect.node.config import (
+from intellect.node.app.config import (
     DEFAULT_CONFIG_TEXT,
     ConfigError,
     NodeConfig,
     default_data_dir,
     load_config,
 )
+from intellect.node.cli.main import cli
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -217,7 +217,7 @@ def test_installed_console_script(tmp_path: Path) -> None:
 def test_gossip_and_averaging_hosts_follow_the_p2p_settings(
     listen: list[str], announce: list[str], visible: list[str], expected: tuple[str, str]
 ) -> None:
-    from intellect.node.config import hosts
+    from intellect.node.app.config import hosts
 
     config = NodeConfig(listen=tuple(listen), announce=tuple(announce))
     assert hosts(config, visible) == expected

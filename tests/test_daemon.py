@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from intellect.node.config import NodeConfig
-from intellect.node.daemon import EXIT_ERROR, EXIT_OK, DaemonOptions, NodeDaemon, is_admitted
-from intellect.node.status import fetch_status
-from intellect.node.swarm import group_pids
+from intellect.node.app.config import NodeConfig
+from intellect.node.app.daemon import EXIT_ERROR, EXIT_OK, DaemonOptions, NodeDaemon, is_admitted
+from intellect.node.app.status import fetch_status
+from intellect.node.cli.swarm import group_pids
 
 
 def _config(tmp_path: Path) -> NodeConfig:
@@ -69,7 +69,7 @@ async def test_body_failure_is_exit_code_1_and_finished_body_is_0(tmp_path: Path
 
 def test_admission_policies() -> None:
     from intellect.crypto.identity import Identity
-    from intellect.node.daemon import load_run_manifest
+    from intellect.node.app.daemon import load_run_manifest
     from intellect.protocol.records import issue_ticket
 
     researcher, alice, bob = Identity.generate(), Identity.generate(), Identity.generate()
@@ -89,8 +89,8 @@ def test_admission_policies() -> None:
 def test_ticket_command_issues_what_the_node_loads_and_admits(tmp_path: Path) -> None:
     from click.testing import CliRunner
     from intellect.crypto.identity import Identity
-    from intellect.node.cli import cli
-    from intellect.node.daemon import _ticket_loader, load_run_manifest
+    from intellect.node.app.daemon import _ticket_loader, load_run_manifest
+    from intellect.node.cli.main import cli
 
     researcher_dir, volunteer_dir = tmp_path / "researcher", tmp_path / "volunteer"
     runner = CliRunner()
@@ -134,7 +134,7 @@ def _start_node(data: Path, stdout: int) -> subprocess.Popen[bytes]:
     """A real `intellect-node start` on loopback, in its own session (its children share its group)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("INTELLECT_NODE_")}
     env["INTELLECT_NODE_LISTEN"] = "/ip4/127.0.0.1/tcp/0"
-    cmd = [sys.executable, "-c", "from intellect.node.cli import main; main()", "start"]
+    cmd = [sys.executable, "-c", "from intellect.node.cli.main import main; main()", "start"]
     cmd += ["--data-dir", str(data), "--log-format", "json"]
     return subprocess.Popen(cmd, env=env, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)
 

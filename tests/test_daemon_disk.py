@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
-from intellect.node.config import NodeConfig
-from intellect.node.daemon import append_round_log
+from intellect.node.app.config import NodeConfig
+from intellect.node.app.daemon import append_round_log
 
 if TYPE_CHECKING:  # the fixture's type; conftest is pytest's to import, not ours
     from conftest import OfflineRun

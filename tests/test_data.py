@@ -14,9 +14,9 @@ import torch
 from click.testing import CliRunner
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from intellect.node.cli import cli
-from intellect.node.cli_data import data_group
-from intellect.node.data import (
+from intellect.node.cli.data import data_group
+from intellect.node.cli.main import cli
+from intellect.node.engine.data import (
     BUILTIN_NUM_SHARDS,
     DataError,
     ShardInfo,
@@ -32,7 +32,7 @@ from intellect.node.data import (
     token_dtype,
     tokens_sha256,
 )
-from intellect.node.tokenizer import ByteTokenizer
+from intellect.node.engine.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
 

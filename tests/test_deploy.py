@@ -27,10 +27,10 @@ import click
 import pytest
 import yaml
 from click.testing import CliRunner
-from intellect.node.cli import cli
-from intellect.node.config import ENV_PREFIX, NodeConfig, load_config
-from intellect.node.daemon import SHUTDOWN_TIMEOUT_S
-from intellect.node.status import NodeStatus, StatusServer
+from intellect.node.app.config import ENV_PREFIX, NodeConfig, load_config
+from intellect.node.app.daemon import SHUTDOWN_TIMEOUT_S
+from intellect.node.app.status import NodeStatus, StatusServer
+from intellect.node.cli.main import cli
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 from intellect.crypto.identity import Identity
-from intellect.node.config import NodeConfig
-from intellect.node.dht import DhtService, process_alive
+from intellect.node.app.config import NodeConfig
+from intellect.node.net.dht import DhtService, process_alive
 from intellect.protocol import records
 from intellect.protocol.manifest import SignedManifest, load_manifest_toml
 

@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from intellect.crypto.identity import Identity
-from intellect.node.cli import cli
+from intellect.node.cli.main import cli
 
 pytestmark = pytest.mark.swarm
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-run.toml"
 _LOOPBACK = "/ip4/127.0.0.1/tcp/0"
-_MAIN = "from intellect.node.cli import main; main()"
+_MAIN = "from intellect.node.cli.main import main; main()"
 _MADDR = re.compile(r"(/ip4/127\.0\.0\.1/tcp/\d+/p2p/12D3KooW\w+)")
 
 

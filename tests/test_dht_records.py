@@ -16,9 +16,9 @@ import pytest
 from hivemind.dht.routing import DHTID
 from hivemind.utils import MSGPackSerializer
 from intellect.crypto.identity import Identity
-from intellect.node.config import NodeConfig
-from intellect.node.dht import DhtService
-from intellect.node.membership import MembershipService
+from intellect.node.app.config import NodeConfig
+from intellect.node.net.dht import DhtService
+from intellect.node.net.membership import MembershipService
 from intellect.protocol import records
 from intellect.protocol.codec import decode, encode
 from intellect.protocol.manifest import SignedManifest, SignedManifestMsg, load_manifest_toml, parse_manifest

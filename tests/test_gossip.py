@@ -21,7 +21,7 @@ from pathlib import Path
 import msgpack
 import pytest
 from intellect.crypto.identity import Identity
-from intellect.node.gossip import GossipConfig, GossipService, Subscription
+from intellect.node.net.gossip import GossipConfig, GossipService, Subscription
 from intellect.protocol.codec import packb_canonical, unpackb_limited
 from intellect.protocol.envelope import seal
 from intellect.protocol.gossip_messages import (

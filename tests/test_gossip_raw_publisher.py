@@ -30,7 +30,7 @@ async def _publish(key: Path, payloads: list[list[object]], target: str) -> None
     import multiaddr
     import trio
     from intellect.crypto.identity import Identity
-    from intellect.node.gossip_child import libp2p_key_pair
+    from intellect.node.net.gossip_child import libp2p_key_pair
     from libp2p import new_host
     from libp2p.peer.peerinfo import info_from_p2p_addr
     from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub

@@ -26,7 +26,7 @@ from intellect.crypto.identity import (
     public_key_from_peer_id,
     verify,
 )
-from intellect.node.cli import cli
+from intellect.node.cli.main import cli
 
 SEED = bytes(range(32))
 #: Peer ID of SEED, computed independently: base58(0x00 0x24 0x08 0x01 0x12 0x20 || public key).

@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch
 from click.testing import CliRunner
-from intellect.node.cli import cli
-from intellect.node.config import NodeConfig
-from intellect.node.daemon import RunService, load_run_manifest
-from intellect.node.initstate import InitStateError, init_state_path, load_init_state, write_init_state
-from intellect.node.model import Llama, ModelConfig
-from intellect.node.outer import OuterOptimizer
-from intellect.node.statehash import blob_state_hash, serialize_state
+from intellect.node.app.config import NodeConfig
+from intellect.node.app.daemon import RunService, load_run_manifest
+from intellect.node.cli.main import cli
+from intellect.node.engine.initstate import InitStateError, init_state_path, load_init_state, write_init_state
+from intellect.node.engine.model import Llama, ModelConfig
+from intellect.node.engine.outer import OuterOptimizer
+from intellect.node.engine.statehash import blob_state_hash, serialize_state
 from intellect.protocol.manifest import InitSpec
 
 if TYPE_CHECKING:  # the fixture's type; conftest is pytest's to import, not ours

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING
 
 import pytest
 import torch
-from intellect.node.data import ShardResolver, TokenStream, builtin_shards
-from intellect.node.localgroup import LocalGroup, LocalGroupError, local_batch, rank_stream
-from intellect.node.model import CONFIGS, Llama
-from intellect.node.tokenizer import ByteTokenizer
-from intellect.node.trainer import InnerTrainer, TrainerConfig
+from intellect.node.engine.data import ShardResolver, TokenStream, builtin_shards
+from intellect.node.engine.localgroup import LocalGroup, LocalGroupError, local_batch, rank_stream
+from intellect.node.engine.model import CONFIGS, Llama
+from intellect.node.engine.tokenizer import ByteTokenizer
+from intellect.node.engine.trainer import InnerTrainer, TrainerConfig
 
 if TYPE_CHECKING:  # the fixture's type; conftest is pytest's to import, not ours
     from conftest import OfflineRun
@@ -117,7 +117,7 @@ def test_a_batch_that_does_not_split_is_refused() -> None:
 def test_automatic_ranks_use_the_gpus_that_split_the_batch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline_run: OfflineRun
 ) -> None:
-    from intellect.node.config import NodeConfig
+    from intellect.node.app.config import NodeConfig
 
     def ranks(device: str, local_ranks: int, gpus: int) -> int:  # the tiny run's batch_size is 8
         monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)  # no GPU here: only the count matters

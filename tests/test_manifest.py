@@ -186,9 +186,9 @@ def test_model_dims_feed_the_model_config() -> None:
 def test_example_matches_the_builtin_corpus_and_tiny_model() -> None:
     # The example must train as-is: its shard hashes and token counts are the built-in corpus's, and its
     # dims are the engine's "tiny" config, which builds from the manifest's dict.
-    from intellect.node.data import builtin_shards
-    from intellect.node.model import CONFIGS, ModelConfig
-    from intellect.node.tokenizer import ByteTokenizer
+    from intellect.node.engine.data import builtin_shards
+    from intellect.node.engine.model import CONFIGS, ModelConfig
+    from intellect.node.engine.tokenizer import ByteTokenizer
 
     m = load_manifest_toml(EXAMPLE)
     tokenizer = ByteTokenizer()

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from intellect.crypto.identity import Identity
-from intellect.node.config import NodeConfig
-from intellect.node.daemon import RunService
-from intellect.node.statesync import StateServer, StateSnapshot, bad_chunk_report, judge_report
+from intellect.node.app.config import NodeConfig
+from intellect.node.app.daemon import RunService
+from intellect.node.net.statesync import StateServer, StateSnapshot, bad_chunk_report, judge_report
 from intellect.protocol.codec import decode, encode
 from intellect.protocol.gossip_messages import Misbehaviour
 from intellect.protocol.sync_messages import BadChunkEvidence, sign_chunk

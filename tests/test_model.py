@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from intellect.node.model import CONFIGS, Llama, ModelConfig, load_hf_safetensors, save_hf_safetensors
+from intellect.node.engine.model import CONFIGS, Llama, ModelConfig, load_hf_safetensors, save_hf_safetensors
 from safetensors.torch import load_file
 
 torch.set_num_threads(1)

@@ -1,4 +1,4 @@
-"""Golden and property tests of the DiLoCo outer optimizer (`intellect.node.outer`)."""
+"""Golden and property tests of the DiLoCo outer optimizer (`intellect.node.engine.outer`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from intellect.node.outer import OuterError, OuterOptimizer
-from intellect.node.statehash import deserialize_state, serialize_state
+from intellect.node.engine.outer import OuterError, OuterOptimizer
+from intellect.node.engine.statehash import deserialize_state, serialize_state
 from torch import nn
 
 GOLDEN = Path(__file__).parent / "golden" / "outer_nesterov.json"

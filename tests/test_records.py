@@ -105,7 +105,7 @@ def test_tickets() -> None:
 
 
 def test_admission_policies() -> None:
-    from intellect.node.membership import is_admitted
+    from intellect.node.net.membership import is_admitted
 
     researcher, peer, other = Identity.generate(), Identity.generate(), Identity.generate()
     now = time.time()

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 import torch
-from intellect.node.allreduce import butterfly_allreduce, get_payload_codec
-from intellect.node.robust import centered_clip, reduce_partition, weighted_mean
+from intellect.node.engine.robust import centered_clip, reduce_partition, weighted_mean
+from intellect.node.net.allreduce import butterfly_allreduce, get_payload_codec
 from test_allreduce import _Planes, _spec
 
 

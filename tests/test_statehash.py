@@ -10,7 +10,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from intellect.node.statehash import (
+from intellect.node.engine.statehash import (
     ChunkHasher,
     blob_state_hash,
     chunk_hashes,
@@ -44,7 +44,7 @@ def test_serialize_is_deterministic_and_order_independent() -> None:
 
 def test_serialize_is_deterministic_across_processes() -> None:
     code = (
-        "import torch,hashlib;from intellect.node.statehash import serialize_state;"
+        "import torch,hashlib;from intellect.node.engine.statehash import serialize_state;"
         "g=torch.Generator().manual_seed(5);"
         "s={f'k{i}':torch.randn(i+1,generator=g) for i in range(30)};"
         "print(hashlib.sha256(serialize_state(s)).hexdigest())"

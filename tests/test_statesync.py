@@ -18,8 +18,8 @@ import pytest
 import torch
 from hivemind.p2p import P2P
 from intellect.crypto.identity import Identity
-from intellect.node import statehash
-from intellect.node.statesync import (
+from intellect.node.engine import statehash
+from intellect.node.net.statesync import (
     HANDLER_NAME,
     StateServer,
     StateSnapshot,
@@ -68,7 +68,7 @@ class LyingListServer(StateServer):
     """Serves a chunk list whose digests do not hash to the announced root."""
 
     async def _serve_one(self, peer, reader, writer):  # type: ignore[no-untyped-def]
-        from intellect.node.statesync import _read_frame, _write_frame
+        from intellect.node.net.statesync import _read_frame, _write_frame
 
         request = decode(await _read_frame(reader, 1024))
         prepared = next(iter(self._states.values()))
@@ -233,7 +233,7 @@ async def test_malformed_requests_dropped_and_server_keeps_serving(tmp_path: Pat
 
 
 async def test_sync_from_unhinted_vouches_and_a_server_that_moved_on(tmp_path: Path) -> None:
-    from intellect.node.statesync import Vouch
+    from intellect.node.net.statesync import Vouch
 
     snap = _state(8)
     async with swarm(tmp_path, [StateServer] * 2, [snap] * 2) as (dave, servers, anns):

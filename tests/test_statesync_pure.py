@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from intellect.crypto.identity import Identity
-from intellect.node import statehash
-from intellect.node.statesync import pick_target
+from intellect.node.engine import statehash
+from intellect.node.net.statesync import pick_target
 from intellect.protocol.codec import decode, encode
 from intellect.protocol.sync_messages import (
     BadChunkEvidence,
@@ -135,7 +135,7 @@ def test_evidence_checks_only_a_signed_wrong_digest() -> None:
 def test_vouches_from_gossip_and_membership_count_with_announcements() -> None:
     import time
 
-    from intellect.node.statesync import Vouch, checkpoint_announce
+    from intellect.node.net.statesync import Vouch, checkpoint_announce
     from intellect.protocol.records import MembershipRecord
 
     signed = ann(0, 7, H1, chunk=4096, total=9000)
@@ -159,7 +159,7 @@ def test_disagreeing_size_hints_are_dropped_not_voted() -> None:
     """Two vouchers back the same state; one lies about the chunk size. Neither hint wins (a majority rule
     would let a lone liar outvote a lone honest peer on a tie); the chunk list is then checked against the
     state hash alone."""
-    from intellect.node.statesync import Vouch
+    from intellect.node.net.statesync import Vouch
 
     honest = Vouch(IDS[1].peer_id, 7, H1, 4096, 9000)
     liar = Vouch(IDS[2].peer_id, 7, H1, 1 << 20, 9000)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from intellect.node.logs import JsonFormatter, LoopLagCanary
-from intellect.node.status import AllReduceOutcome, NodeStatus, StatusServer, fetch_status, read_port
+from intellect.node.app.logs import JsonFormatter, LoopLagCanary
+from intellect.node.app.status import AllReduceOutcome, NodeStatus, StatusServer, fetch_status, read_port
 
 
 async def _serve(status: NodeStatus, tmp_path: Path) -> tuple[StatusServer, asyncio.Task[None]]:

@@ -19,8 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from intellect.node.daemon import load_run_manifest
-from intellect.node.swarm import Peer, Swarm, group_pids, run_swarm
+from intellect.node.app.daemon import load_run_manifest
+from intellect.node.cli.swarm import Peer, Swarm, group_pids, run_swarm
 
 pytestmark = pytest.mark.swarm
 
@@ -181,8 +181,8 @@ async def test_a_run_pinned_to_pretrained_weights_starts_from_them(tmp_path: Pat
 
     import torch
     from click.testing import CliRunner
-    from intellect.node.cli import cli
-    from intellect.node.model import Llama, ModelConfig
+    from intellect.node.cli.main import cli
+    from intellect.node.engine.model import Llama, ModelConfig
 
     rounds = 10  # enough that the late peer joins while the others still train, even on a loaded CI
     manifest = fast_manifest(tmp_path, inner_steps=5)

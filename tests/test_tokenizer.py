@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from intellect.node.tokenizer import (
+from intellect.node.engine.tokenizer import (
     BYTE_TOKENIZER_SHA256,
     ByteTokenizer,
     HFTokenizer,
@@ -76,7 +76,7 @@ def test_data_prepare_output_with_an_hf_tokenizer_is_a_valid_manifest(tmp_path: 
     import re
 
     from click.testing import CliRunner
-    from intellect.node.cli import cli
+    from intellect.node.cli.main import cli
     from intellect.protocol.manifest import load_manifest_toml
 
     tok_path = make_hf_tokenizer(tmp_path / "tokenizer.json")

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from intellect.node.checkpoint import CheckpointStore
-from intellect.node.compression import Int8Blockwise, decompress
-from intellect.node.data import (
+from intellect.node.app.logs import LoopLagCanary
+from intellect.node.engine.checkpoint import CheckpointStore
+from intellect.node.engine.compression import Int8Blockwise, decompress
+from intellect.node.engine.data import (
     DataError,
     ShardResolver,
     TokenStream,
@@ -21,11 +22,10 @@ from intellect.node.data import (
     builtin_shards,
     heldout_batches,
 )
-from intellect.node.logs import LoopLagCanary
-from intellect.node.model import CONFIGS, Llama, ModelConfig
-from intellect.node.outer import OuterOptimizer
-from intellect.node.tokenizer import ByteTokenizer
-from intellect.node.trainer import InnerTrainer, TrainerConfig
+from intellect.node.engine.model import CONFIGS, Llama, ModelConfig
+from intellect.node.engine.outer import OuterOptimizer
+from intellect.node.engine.tokenizer import ByteTokenizer
+from intellect.node.engine.trainer import InnerTrainer, TrainerConfig
 
 torch.set_num_threads(1)
 

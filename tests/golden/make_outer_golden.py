@@ -1,6 +1,6 @@
 """Regenerate `outer_nesterov.json`: the outer Nesterov SGD step computed by hand, in float64 Python.
 
-Independent of torch and of `intellect.node.outer`: the formulas are those of torch.optim.SGD
+Independent of torch and of `intellect.node.engine.outer`: the formulas are those of torch.optim.SGD
 (dampening 0): buf = g on the first step, then buf = m*buf + g; g' = g + m*buf; theta -= lr*g'.
 Run `python tests/golden/make_outer_golden.py` only when the reference itself must change.
 """

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from hivemind.p2p import P2P, PeerID
 from intellect.crypto.identity import Identity, verify
-from intellect.node import statehash
+from intellect.node.engine import statehash
 from intellect.protocol.codec import decode, encode
 from intellect.protocol.errors import ProtocolError
 from intellect.protocol.gossip_messages import CheckpointAnnounce, Misbehaviour

@@ -31,7 +31,7 @@ from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import CompositeValidator, DHTRecord, RecordValidatorBase
 from hivemind.p2p import P2P
 from intellect.crypto.identity import Identity
-from intellect.node.config import NodeConfig
+from intellect.node.app.config import NodeConfig
 from intellect.protocol import records
 from intellect.protocol.errors import ProtocolError
 from intellect.protocol.manifest import SignedManifest

@@ -45,20 +45,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from intellect.crypto.identity import Identity
-from intellect.node.config import NodeConfig, hosts
-from intellect.node.logs import LoopLagCanary
-from intellect.node.status import HTTP_PORT_FILE, AllReduceOutcome, NodeStatus, StatusServer, SyncOutcome
+from intellect.node.app.config import NodeConfig, hosts
+from intellect.node.app.logs import LoopLagCanary
+from intellect.node.app.status import HTTP_PORT_FILE, AllReduceOutcome, NodeStatus, StatusServer, SyncOutcome
 
 if TYPE_CHECKING:
-    from intellect.node.averaging import AveragerConfig
-    from intellect.node.data import TokenStream
-    from intellect.node.dht import DhtService
-    from intellect.node.gossip import GossipService
-    from intellect.node.statesync import SyncTarget
+    from intellect.node.engine.data import TokenStream
+    from intellect.node.net.averaging import AveragerConfig
+    from intellect.node.net.dht import DhtService
+    from intellect.node.net.gossip import GossipService
+    from intellect.node.net.statesync import SyncTarget
     from intellect.protocol.manifest import Manifest, SignedManifest
     from intellect.protocol.records import MembershipRecord
 
-logger = logging.getLogger("intellect.node.daemon")
+logger = logging.getLogger("intellect.node.app.daemon")
 
 #: How long an orderly shutdown may take before the watchdog kills our children and exits (< 30 s).
 SHUTDOWN_TIMEOUT_S = 20.0
@@ -306,7 +306,7 @@ def load_run_manifest(path: Path | None = None) -> Manifest:
     from intellect.protocol.manifest import load_manifest_toml
 
     if path is None:
-        path = Path(__file__).resolve().parent / "runs" / "tiny-run.toml"
+        path = Path(__file__).resolve().parent.parent / "runs" / "tiny-run.toml"
     return load_manifest_toml(path)
 
 
@@ -366,8 +366,8 @@ def _ticket_loader(config: NodeConfig) -> Callable[[str], bytes]:
 
 
 async def _run_body(daemon: NodeDaemon) -> None:
-    from intellect.node.dht import DhtService
-    from intellect.node.gossip import GossipConfig, GossipService
+    from intellect.node.net.dht import DhtService
+    from intellect.node.net.gossip import GossipConfig, GossipService
 
     config = daemon.config
     status = daemon.status
@@ -456,7 +456,7 @@ class RunService:
         self._pending_commit: asyncio.Future[Any] | None = None
         #: Why we lack the run's pinned initial state (`_initial_state`); fatal only if we must train round 0.
         self.init_error: Exception | None = None
-        #: Ranks training inside this node (`intellect.node.localgroup`), and their group when more than one.
+        #: Ranks training inside this node (`engine.localgroup`), and their group when more than one.
         self.local_ranks = 1
         self.local: Any = None
         self._last_stats: Any = None
@@ -466,13 +466,13 @@ class RunService:
     def _build(self) -> None:
         """Tokenizer, data, model (from the manifest's seed), outer optimizer, trainer, checkpoint stores."""
         import torch
-        from intellect.node.checkpoint import CheckpointStore
-        from intellect.node.data import ShardInfo, ShardResolver
-        from intellect.node.localgroup import LocalGroup, local_batch
-        from intellect.node.model import Llama, ModelConfig
-        from intellect.node.outer import OuterOptimizer
-        from intellect.node.tokenizer import load_tokenizer
-        from intellect.node.trainer import InnerTrainer, TrainerConfig
+        from intellect.node.engine.checkpoint import CheckpointStore
+        from intellect.node.engine.data import ShardInfo, ShardResolver
+        from intellect.node.engine.localgroup import LocalGroup, local_batch
+        from intellect.node.engine.model import Llama, ModelConfig
+        from intellect.node.engine.outer import OuterOptimizer
+        from intellect.node.engine.tokenizer import load_tokenizer
+        from intellect.node.engine.trainer import InnerTrainer, TrainerConfig
 
         m = self.manifest
         d = m.diloco
@@ -520,7 +520,7 @@ class RunService:
     def _local_ranks(self) -> int:
         """Ranks that train inside this node: the configured number, or (0) one per visible GPU."""
         import torch
-        from intellect.node.trainer import resolve_device
+        from intellect.node.engine.trainer import resolve_device
 
         if self.config.local_ranks:
             return self.config.local_ranks  # an explicit count that does not divide the batch is an error
@@ -538,7 +538,7 @@ class RunService:
 
     def _round_data(self, round_: int) -> tuple[list[Any], int]:
         """This round's shards (by rendezvous over run, round and live members) and data seed."""
-        from intellect.node.data import assign_shards
+        from intellect.node.engine.data import assign_shards
 
         peers = sorted({*self.members, self.identity.peer_id})
         mine = assign_shards(self.run_id, round_, peers, self.shards).get(self.identity.peer_id) or []
@@ -552,7 +552,7 @@ class RunService:
         return self._rank0_stream(*self._round_data(round_))
 
     def _rank0_stream(self, mine: list[Any], seed: int) -> TokenStream:
-        from intellect.node.localgroup import local_batch, rank_stream
+        from intellect.node.engine.localgroup import local_batch, rank_stream
 
         d = self.manifest.diloco
         batch = local_batch(d.batch_size, self.local_ranks)
@@ -586,7 +586,7 @@ class RunService:
         If the pinned file is missing or bad, the error is kept, not raised: a node that finds peers past
         round 0 syncs their state and never needs the file. `_rounds` raises it before training round 0.
         """
-        from intellect.node.initstate import InitStateError, init_state_path, load_init_state
+        from intellect.node.engine.initstate import InitStateError, init_state_path, load_init_state
 
         self.state_hash = self._hash_now()
         pinned = self.manifest.init.sha256
@@ -614,8 +614,8 @@ class RunService:
                 await asyncio.to_thread(self.local.close)
 
     async def _serve(self) -> None:
-        from intellect.node.averaging import Averager
-        from intellect.node.statesync import StateServer
+        from intellect.node.net.averaging import Averager
+        from intellect.node.net.statesync import StateServer
 
         resumed = await asyncio.to_thread(self._resume)
         if not resumed:
@@ -652,7 +652,7 @@ class RunService:
                             t.cancel()
 
     def _averager_config(self) -> AveragerConfig:
-        from intellect.node.averaging import AveragerConfig
+        from intellect.node.net.averaging import AveragerConfig
 
         a = self.manifest.averaging
         return AveragerConfig(
@@ -672,7 +672,7 @@ class RunService:
         return is_admitted(self.manifest, self.signed.researcher, peer, self.members_tickets.get(peer, b""))
 
     def _hash_now(self) -> str:
-        from intellect.node.statehash import state_hash
+        from intellect.node.engine.statehash import state_hash
 
         return state_hash(self.outer.state_dict())
 
@@ -710,7 +710,7 @@ class RunService:
         """The state most distinct peers vouch for (ties: higher round), as `statesync.pick_target` picks
         it from gossip announcements and DHT membership records together, and when we last heard a gossip
         announcement of it (0.0 when only the DHT vouches: the DHT repairs lost gossip)."""
-        from intellect.node.statesync import Vouch, pick_target
+        from intellect.node.net.statesync import Vouch, pick_target
 
         vouches = [
             Vouch(p, a.round, a.state_hash, a.chunk_size, a.num_bytes)
@@ -799,7 +799,7 @@ class RunService:
         return min(bound, 2.0 * period + a.matchmaking_s)
 
     async def _sync(self, st: SyncTarget) -> None:
-        from intellect.node.statesync import SyncReport
+        from intellect.node.net.statesync import SyncReport
 
         report = SyncReport()
         await self._fetch_and_adopt(st, report)
@@ -807,8 +807,8 @@ class RunService:
             await self._report_misbehaviour(report.evidence, st.round)
 
     async def _fetch_and_adopt(self, st: SyncTarget, report: Any) -> None:
-        from intellect.node.outer import STEP_KEY
-        from intellect.node.statesync import StateSyncError, fetch_state
+        from intellect.node.engine.outer import STEP_KEY
+        from intellect.node.net.statesync import StateSyncError, fetch_state
 
         self.status.phase = "syncing"
         peers = st.peers
@@ -880,7 +880,7 @@ class RunService:
 
     async def _train(self, steps: int) -> Any:
         """Run `steps` inner steps in chunks of about TRAIN_CHUNK_S (a stop never waits for a whole round)."""
-        from intellect.node.trainer import InnerStats
+        from intellect.node.engine.trainer import InnerStats
 
         done, tokens, loss_sum, seconds, last = 0, 0, 0.0, 0.0, None
         while done < steps:
@@ -1002,7 +1002,7 @@ class RunService:
         """Write the checkpoint; on a full or failing disk log it, count it and train on. The state is
         still in memory (and served to peers), the previous checkpoint on disk is intact (writes are atomic),
         and the next round's checkpoint tries again; crashing here would lose the round for nothing."""
-        from intellect.node.checkpoint import CheckpointError
+        from intellect.node.engine.checkpoint import CheckpointError
 
         try:
             self._checkpoint(r)
@@ -1019,7 +1019,7 @@ class RunService:
 
     def _pseudo_gradient_with_feedback(self) -> dict[str, Any]:
         """Δ = θ_global − θ_local, plus what compression lost of earlier rounds' Δ (error feedback)."""
-        from intellect.node.allreduce import flatten, unflatten
+        from intellect.node.net.allreduce import flatten, unflatten
 
         delta = self.outer.pseudo_gradient(self.model)
         if self.residual is None:
@@ -1034,8 +1034,8 @@ class RunService:
 
     def _keep_residual(self, sent: dict[str, Any], group: list[str]) -> None:
         """After a completed all-reduce: remember what it lost of our contribution, for the next round."""
-        from intellect.node.allreduce import flatten
-        from intellect.node.averaging import contribution_error
+        from intellect.node.net.allreduce import flatten
+        from intellect.node.net.averaging import contribution_error
 
         me = self.identity.peer_id
         if self.manifest.averaging.compression == "none" or me not in group:
@@ -1057,7 +1057,7 @@ class RunService:
 
     async def _announce_state(self) -> None:
         """Make the current state servable and tell others: gossip CHECKPOINT, then DHT membership."""
-        from intellect.node.statesync import StateSnapshot
+        from intellect.node.net.statesync import StateSnapshot
         from intellect.protocol.gossip_messages import CheckpointAnnounce, TopicKind
 
         ann = await self.server.publish(StateSnapshot(self.round, self.state_hash, self.outer.state_dict()))
@@ -1082,7 +1082,7 @@ class RunService:
         )
 
     async def _gossip(self, kind: Any, msg: Any) -> None:
-        from intellect.node.gossip import GossipError
+        from intellect.node.net.gossip import GossipError
 
         try:
             await self.gossip.publish(kind, msg)
@@ -1152,7 +1152,7 @@ class RunService:
             await asyncio.sleep(MEMBER_REFRESH_S if self.members[1:] else 2.0)
 
     async def _listen_checkpoints(self) -> None:
-        from intellect.node.statesync import Vouch
+        from intellect.node.net.statesync import Vouch
         from intellect.protocol.gossip_messages import TopicKind
 
         with self.gossip.subscribe(TopicKind.CHECKPOINT) as sub:
@@ -1202,7 +1202,7 @@ class RunService:
 
     def _on_misbehaviour(self, sender: str, msg: Any) -> None:
         """Act on a gossiped misbehaviour report only if its evidence proves it against a state we hold."""
-        from intellect.node.statesync import judge_report
+        from intellect.node.net.statesync import judge_report
 
         verdict = judge_report(msg, self.run_id, self.server.chunk_list)
         accused = msg.accused
@@ -1218,8 +1218,8 @@ class RunService:
 
     async def _report_misbehaviour(self, evidence: list[Any], round_: int) -> None:
         """Gossip each piece of transferable evidence a sync collected, so others stop trusting the server."""
-        from intellect.node.gossip import GossipError
-        from intellect.node.statesync import bad_chunk_report
+        from intellect.node.net.gossip import GossipError
+        from intellect.node.net.statesync import bad_chunk_report
         from intellect.protocol.gossip_messages import TopicKind
 
         # One proof per liar is enough, and a liar that corrupted every chunk must not make us flood.
@@ -1255,10 +1255,6 @@ def run_daemon(config: NodeConfig, options: DaemonOptions | None = None) -> int:
     """Run a daemon in a fresh event loop until it finishes or is signalled; return the exit code."""
     # Import the heavy stacks (torch, hivemind) before the loop starts: importing them takes seconds and
     # would otherwise stall the running loop (and trip the lag canary) on first use.
-    import intellect.node.dht
-    import intellect.node.gossip
-    import intellect.node.statesync
-    import intellect.node.trainer  # noqa: F401
 
     code = asyncio.run(_main(config, options or DaemonOptions()))
     logger.info("daemon exited with code %d", code)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from intellect.node.cli import config_from_cli, data_dir_option
+from intellect.node.cli.main import config_from_cli, data_dir_option
 
 
 def register(group: click.Group) -> None:
@@ -66,8 +66,8 @@ def start(
     SIGINT/SIGTERM stop it cleanly (leaving notice, checkpoint, p2p daemon stopped); a second one exits
     at once. Watch it with `intellect-node status` or http://127.0.0.1:<port>/ (port in <data dir>/http.port).
     """
-    from intellect.node.daemon import DaemonOptions, run_daemon
-    from intellect.node.logs import setup_logging
+    from intellect.node.app.daemon import DaemonOptions, run_daemon
+    from intellect.node.app.logs import setup_logging
 
     config = config_from_cli(
         data_dir,
@@ -123,7 +123,7 @@ def _fmt_status(s: dict[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw JSON status.")
 def status(data_dir: Path | None, as_json: bool) -> None:
     """Show what the local daemon using this data directory is doing."""
-    from intellect.node.status import fetch_status
+    from intellect.node.app.status import fetch_status
 
     config = config_from_cli(data_dir)
     try:
@@ -164,8 +164,8 @@ def swarm(
 
     Exits 0 only if every peer finished every round with identical global-state hashes.
     """
-    from intellect.node.logs import setup_logging
-    from intellect.node.swarm import run_swarm
+    from intellect.node.app.logs import setup_logging
+    from intellect.node.cli.swarm import run_swarm
 
     setup_logging("text", "INFO")
     t0 = time.monotonic()

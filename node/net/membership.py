@@ -20,7 +20,7 @@ import time
 from dataclasses import replace
 
 from intellect.crypto.identity import Identity
-from intellect.node.dht import DhtService
+from intellect.node.net.dht import DhtService
 from intellect.protocol import records
 from intellect.protocol.manifest import SignedManifest
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from intellect.node.cli import config_from_cli, data_dir_option
+from intellect.node.cli.main import config_from_cli, data_dir_option
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _client_config(data_dir: Path | None, bootstrap: tuple[str, ...]) -> Any:
 
 async def _client(config: Any) -> Any:
     from intellect.crypto.identity import Identity
-    from intellect.node.dht import DhtError, DhtService
+    from intellect.node.net.dht import DhtError, DhtService
 
     svc = DhtService(config, Identity.generate())
     try:
@@ -77,7 +77,7 @@ async def _client(config: Any) -> Any:
 
 
 async def _serve_bootstrap(config: Any) -> None:
-    from intellect.node.dht import DhtError, DhtService
+    from intellect.node.net.dht import DhtError, DhtService
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -110,7 +110,7 @@ async def _serve_bootstrap(config: Any) -> None:
 
 
 async def _seed(config: Any, signed: Any) -> str:
-    from intellect.node.dht import DhtService
+    from intellect.node.net.dht import DhtService
 
     publisher: DhtService = await _client(config)
     try:
@@ -137,7 +137,7 @@ async def _seed(config: Any, signed: Any) -> str:
 
 
 async def _runs(config: Any) -> list[dict[str, Any]]:
-    from intellect.node.dht import DhtService
+    from intellect.node.net.dht import DhtService
 
     svc: DhtService = await _client(config)
     try:
@@ -165,7 +165,7 @@ async def _runs(config: Any) -> list[dict[str, Any]]:
 
 
 async def _peers(config: Any, run_id: str) -> list[dict[str, Any]]:
-    from intellect.node.dht import DhtService
+    from intellect.node.net.dht import DhtService
 
     svc: DhtService = await _client(config)
     try:

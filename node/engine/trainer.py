@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from intellect.node.data import TokenStream
-from intellect.node.model import Llama
+from intellect.node.engine.data import TokenStream
+from intellect.node.engine.model import Llama
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ class InnerTrainer:
         self.stream = stream
         self.step = 0
         #: Called after each backward, before clipping: averages gradients across a node's local ranks
-        #: (`intellect.node.localgroup`); None when the node trains alone.
+        #: (`intellect.node.engine.localgroup`); None when the node trains alone.
         self.grad_sync: Callable[[], None] | None = None
         self._names = [n for n, p in model.named_parameters() if p.requires_grad]
         params = dict(model.named_parameters())

@@ -8,7 +8,7 @@
    records seen (signature, key fields and expiry checked; excluded peers dropped). Peers with different
    tensors (names, shapes, dtypes) use different keys and never meet. Two peers that saw different sets
    have different group ids; the data-plane hello refuses the mismatch and that attempt fails for both.
-2. **All-reduce** (`intellect.node.allreduce.butterfly_allreduce`): weighted by tokens processed, capped at
+2. **All-reduce** (`net.allreduce.butterfly_allreduce`): weighted by tokens processed, capped at
    `max_weight` (the manifest's H × batch × sequence length); non-finite contributions are refused and
    their sender is excluded from the retry; int8 blockwise payloads by default.
 3. **Retry or give up.** A failed attempt (dead, stalled, misbehaving or mismatched member) is retried as
@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import torch
 from intellect.crypto.identity import Identity
-from intellect.node.allreduce import (
+from intellect.node.net.allreduce import (
     AllReduceError,
     DataPlane,
     GroupMember,
@@ -69,7 +69,7 @@ class AveragerConfig:
     #: Largest weight (tokens) a peer may claim: H × batch × sequence length of the manifest.
     max_weight: float = math.inf
     #: How each partition owner reduces its partition: "mean", or "centered_clip" (robust to a minority of
-    #: arbitrarily bad contributions; see `intellect.node.robust`).
+    #: arbitrarily bad contributions; see `intellect.node.engine.robust`).
     reducer: str = "mean"
     #: Throughput assumed before the first measured round, in bytes per second (deliberately low).
     initial_bandwidth: float = 10e6

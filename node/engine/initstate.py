@@ -24,8 +24,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from intellect.node.outer import MOMENTUM_PREFIX, STEP_KEY, OuterError, OuterOptimizer
-from intellect.node.statehash import blob_state_hash, deserialize_state, iter_serialized, serialize_state
+from intellect.node.engine.outer import MOMENTUM_PREFIX, STEP_KEY, OuterError, OuterOptimizer
+from intellect.node.engine.statehash import (
+    blob_state_hash,
+    deserialize_state,
+    iter_serialized,
+    serialize_state,
+)
 
 #: File name suffix of an initial state in `<data dir>/init/`.
 SUFFIX = ".safetensors"

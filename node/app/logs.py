@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-logger = logging.getLogger("intellect.node.logs")
+logger = logging.getLogger("intellect.node.app.logs")
 
 #: Attributes every LogRecord has; anything else on a record came from `extra=` and is emitted in JSON.
 _RECORD_ATTRS = frozenset(

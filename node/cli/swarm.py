@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 from intellect.crypto.identity import Identity
-from intellect.node.config import NodeConfig
+from intellect.node.app.config import NodeConfig
 
-logger = logging.getLogger("intellect.node.swarm")
+logger = logging.getLogger("intellect.node.cli.swarm")
 
 #: Environment variables every swarm peer gets: loopback only, one torch thread (2-core CI machines).
 _PEER_ENV = {
@@ -95,7 +95,7 @@ def group_pids(pgid: int) -> list[int]:
 
 
 def _start_command() -> list[str]:
-    return [sys.executable, "-c", "from intellect.node.cli import main; main()", "start"]
+    return [sys.executable, "-c", "from intellect.node.cli.main import main; main()", "start"]
 
 
 @dataclass
@@ -122,7 +122,7 @@ class Swarm:
             self._dht = None
 
     async def _start_bootstrap(self) -> None:
-        from intellect.node.dht import DhtService
+        from intellect.node.net.dht import DhtService
 
         cfg = NodeConfig(data_dir=self.workdir / "bootstrap", listen=("/ip4/127.0.0.1/tcp/0",))
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
@@ -136,7 +136,7 @@ class Swarm:
 
     async def seed(self) -> str:
         """Sign the run's manifest with a fresh researcher key and publish it; return the run id."""
-        from intellect.node.daemon import load_run_manifest
+        from intellect.node.app.daemon import load_run_manifest
         from intellect.protocol.manifest import SignedManifest
 
         researcher = Identity.generate()

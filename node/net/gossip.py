@@ -1,7 +1,7 @@
 """Signed gossip for a run, as seen from the daemon: an asyncio service over a supervised child process.
 
 The daemon imports hivemind, and hivemind and py-libp2p cannot share a process (duplicate protobuf
-symbol), so gossipsub runs in `intellect.node.gossip_child`. `GossipService` starts that child with one
+symbol), so gossipsub runs in `intellect.node.net.gossip_child`. `GossipService` starts that child with one
 end of a Unix socket pair, waits for its readiness (`BridgeHello`), restarts it with backoff if it dies,
 and stops it (graceful `BridgeStop`, then SIGTERM, then SIGKILL, always reaped by PID).
 
@@ -359,7 +359,7 @@ class GossipService:
         return [
             sys.executable,
             "-m",
-            "intellect.node.gossip_child",
+            "intellect.node.net.gossip_child",
             "--key",
             str(self.identity_path),
             "--run",

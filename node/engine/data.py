@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from intellect.node.tokenizer import Tokenizer
+from intellect.node.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Why our own and not hivemind's `AllReduceRunner`: on loopback hivemind's all-reduce is CPU-bound at about
 10× gloo's time (docs/decisions.md, "All-reduce transport"); this one reads straight into preallocated
 tensors with `loop.sock_recv_into`, does the reduction with torch, and stays within a small factor of gloo.
-Group formation, retries and deadlines live in `intellect.node.averaging`; this module only runs one
+Group formation, retries and deadlines live in `intellect.node.net.averaging`; this module only runs one
 attempt for a fixed, agreed member list and either returns the average or raises `AllReduceError`.
 
 Protocol (see `intellect.protocol.averaging_messages`): every member opens one connection to every other
@@ -36,7 +36,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 from intellect.crypto import domains
 from intellect.crypto.identity import Identity, verify
-from intellect.node.robust import REDUCERS, reduce_partition
+from intellect.node.engine.robust import REDUCERS, reduce_partition
 from intellect.protocol import averaging_messages as am
 from intellect.protocol.codec import decode, encode, packb_canonical
 from intellect.protocol.errors import ProtocolError
@@ -139,7 +139,7 @@ class RawFp32Codec:
 
 
 class CompressorCodec:
-    """Adapter from `intellect.node.compression` (C's compressors) to bytes on the wire.
+    """Adapter from `intellect.node.engine.compression` (C's compressors) to bytes on the wire.
 
     The compressor is used without error feedback here: a failed attempt is retried with the same inputs,
     and error feedback would count the residual twice. Error feedback on pseudo-gradients belongs to the
@@ -147,7 +147,7 @@ class CompressorCodec:
     """
 
     def __init__(self, name: str) -> None:
-        from intellect.node import compression
+        from intellect.node.engine import compression
 
         self.name = name
         kwargs: dict[str, Any] = {} if name == "none" else {"error_feedback": False}
@@ -174,7 +174,7 @@ class CompressorCodec:
 
 
 def get_payload_codec(name: str) -> PayloadCodec:
-    """`none` (raw fp32) or any compressor name known to `intellect.node.compression` (e.g. `int8`)."""
+    """`none` (raw fp32) or any compressor name known to `intellect.node.engine.compression` (e.g. `int8`)."""
     if name == "none":
         return RawFp32Codec()
     return CompressorCodec(name)

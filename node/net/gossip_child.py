@@ -2,7 +2,7 @@
 
 Why a separate process: hivemind 1.1.12 and py-libp2p 0.8.1 both register the protobuf symbol
 `crypto.pb.KeyType`, so they cannot be imported into one interpreter. The daemon (asyncio, hivemind)
-starts this module with `python -m intellect.node.gossip_child` and talks to it over one end of a Unix
+starts this module with `python -m intellect.node.net.gossip_child` and talks to it over one end of a Unix
 socket pair (`--bridge-fd`), in length-prefixed frames of our codec (`protocol/gossip_messages.py`).
 This module imports py-libp2p, trio, `intellect.crypto` and `intellect.protocol`, never hivemind or torch.
 
@@ -417,7 +417,7 @@ class GossipChild:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="intellect.node.gossip_child", description=__doc__)
+    p = argparse.ArgumentParser(prog="intellect.node.net.gossip_child", description=__doc__)
     p.add_argument("--key", type=Path, required=True, help="the node's identity key file")
     p.add_argument("--run", required=True, help="run ID whose topics to join")
     p.add_argument("--listen", required=True, help="multiaddr to listen on, e.g. /ip4/127.0.0.1/tcp/0")

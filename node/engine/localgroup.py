@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from intellect.node.data import ShardInfo, ShardResolver, TokenStream
-from intellect.node.trainer import InnerStats, InnerTrainer, TrainerConfig
+from intellect.node.engine.data import ShardInfo, ShardResolver, TokenStream
+from intellect.node.engine.trainer import InnerStats, InnerTrainer, TrainerConfig
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +199,8 @@ class _Replica:
 def _worker_main(spec: WorkerSpec, rank: int) -> None:
     """A worker rank: builds the same model and trainer, then follows rank 0's commands until STOP."""
     import torch.distributed as dist
-    from intellect.node.model import Llama, ModelConfig
-    from intellect.node.tokenizer import load_tokenizer
+    from intellect.node.engine.model import Llama, ModelConfig
+    from intellect.node.engine.tokenizer import load_tokenizer
 
     if spec.device == "cuda":
         torch.cuda.set_device(rank)

@@ -53,8 +53,8 @@ def prepare(
 
     Prints the tokenizer and one [[data.shards]] table per shard, ready to paste into a manifest.
     """
-    from intellect.node.data import DataError, prepare_shards, shards_toml
-    from intellect.node.tokenizer import TokenizerError, load_tokenizer
+    from intellect.node.engine.data import DataError, prepare_shards, shards_toml
+    from intellect.node.engine.tokenizer import TokenizerError, load_tokenizer
 
     try:
         tok = load_tokenizer(tokenizer_spec, tokenizer_sha256)
@@ -102,9 +102,9 @@ def init_state(manifest: Path, weights: Path | None, out: Path) -> None:
     at <data dir>/init/<sha256>.safetensors when it starts at round 0.
     """
     import torch
-    from intellect.node.initstate import InitStateError, pack_weights, write_init_state
-    from intellect.node.model import Llama, ModelConfig
-    from intellect.node.outer import OuterOptimizer
+    from intellect.node.engine.initstate import InitStateError, pack_weights, write_init_state
+    from intellect.node.engine.model import Llama, ModelConfig
+    from intellect.node.engine.outer import OuterOptimizer
     from intellect.protocol.manifest import ManifestError, load_manifest_toml
 
     try:

@@ -13,10 +13,10 @@ from typing import Any
 
 import click
 from intellect.node import __version__
-from intellect.node.config import DEFAULT_CONFIG_TEXT, ConfigError, NodeConfig, load_config
+from intellect.node.app.config import DEFAULT_CONFIG_TEXT, ConfigError, NodeConfig, load_config
 
 #: Modules of `intellect.node` that add subcommands (each has `register(group: click.Group)`).
-_COMMAND_MODULES: tuple[str, ...] = ("cli_daemon", "cli_data", "cli_dht")
+_COMMAND_MODULES: tuple[str, ...] = ("daemon", "data", "dht")
 
 data_dir_option = click.option(
     "--data-dir",
@@ -43,7 +43,7 @@ class _Group(click.Group):
         if not self._loaded:
             self._loaded = True
             for name in _COMMAND_MODULES:
-                importlib.import_module(f"intellect.node.{name}").register(self)
+                importlib.import_module(f"intellect.node.cli.{name}").register(self)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         self._load()

@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-logger = logging.getLogger("intellect.node.status")
+logger = logging.getLogger("intellect.node.app.status")
 
 HTTP_PORT_FILE = "http.port"
 
