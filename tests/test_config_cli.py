@@ -10,6 +10,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import intellect.node
 import pytest
 from click.testing import CliRunner
 from intellect.crypto.identity import Identity
@@ -189,6 +190,8 @@ def test_installed_console_script(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "INTELLECT_NODE_TYPO" in bad.stderr
     version = run("--version")
     assert version.returncode == 0 and "intellect-node" in version.stdout
+    # The CLI reads the installed metadata; it must agree with the package's own __version__.
+    assert version.stdout.strip() == f"intellect-node, version {intellect.node.__version__}"
 
 
 @pytest.mark.parametrize(

@@ -192,135 +192,138 @@ def _human_params(n: int) -> str:
 
 
 def register(group: click.Group) -> None:
-    """Add `bootstrap`, `seed`, `runs` and `peers` to the CLI."""
+    """Add `bootstrap`, `seed`, `ticket`, `runs` and `peers` to the CLI."""
+    for command in (bootstrap, seed, ticket, runs, peers):
+        group.add_command(command)
 
-    @group.command()
-    @data_dir_option
-    @click.option("--listen", multiple=True, metavar="MADDR", help="Listen multiaddr (repeatable).")
-    @click.option(
-        "--announce", multiple=True, metavar="MADDR", help="Announced public multiaddr (repeatable)."
-    )
-    @bootstrap_option
-    def bootstrap(
-        data_dir: Path | None, listen: tuple[str, ...], announce: tuple[str, ...], bootstrap: tuple[str, ...]
-    ) -> None:
-        """Run a long-lived DHT entry node; prints its multiaddrs, one per line, then serves until stopped."""
-        from intellect.crypto.errors import IdentityError
-        from intellect.crypto.identity import Identity
 
-        config = config_from_cli(data_dir, listen=listen, announce=announce, bootstrap=bootstrap)
-        _setup_logging(config.log_level)
-        try:
-            Identity.load_or_create(config.identity_path)  # a stable identity: the address outlives restarts
-        except IdentityError as e:
-            raise click.ClickException(str(e)) from None
-        asyncio.run(_serve_bootstrap(config))
+@click.command()
+@data_dir_option
+@click.option("--listen", multiple=True, metavar="MADDR", help="Listen multiaddr (repeatable).")
+@click.option("--announce", multiple=True, metavar="MADDR", help="Announced public multiaddr (repeatable).")
+@bootstrap_option
+def bootstrap(
+    data_dir: Path | None, listen: tuple[str, ...], announce: tuple[str, ...], bootstrap: tuple[str, ...]
+) -> None:
+    """Run a long-lived DHT entry node; prints its multiaddrs, one per line, then serves until stopped."""
+    from intellect.crypto.errors import IdentityError
+    from intellect.crypto.identity import Identity
 
-    @group.command()
-    @click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
-    @bootstrap_option
-    @data_dir_option
-    @researcher_key_option
-    def seed(
-        manifest: Path, bootstrap: tuple[str, ...], data_dir: Path | None, researcher_key: Path | None
-    ) -> None:
-        """Validate, sign and publish a run manifest; prints its run_id once readable from the DHT."""
-        from intellect.crypto.errors import IdentityError
-        from intellect.crypto.identity import Identity
-        from intellect.protocol.manifest import ManifestError, SignedManifest, load_manifest_toml
+    config = config_from_cli(data_dir, listen=listen, announce=announce, bootstrap=bootstrap)
+    _setup_logging(config.log_level)
+    try:
+        Identity.load_or_create(config.identity_path)  # a stable identity: the address outlives restarts
+    except IdentityError as e:
+        raise click.ClickException(str(e)) from None
+    asyncio.run(_serve_bootstrap(config))
 
-        # Validate before anything touches the network: a bad manifest publishes nothing.
-        try:
-            parsed = load_manifest_toml(manifest)
-        except ManifestError as e:
-            raise click.ClickException(f"invalid manifest {manifest}: {e}") from None
-        config = _client_config(data_dir, bootstrap)
-        _setup_logging(config.log_level)
-        key_path = researcher_key or config.identity_path
-        try:
-            researcher = Identity.load(key_path)
-        except IdentityError as e:
-            raise click.ClickException(str(e)) from None
-        signed = SignedManifest.sign(parsed, researcher)
-        run_id = asyncio.run(_seed(config, signed))
-        logger.info("run %s (%s) published, signed by %s", run_id, parsed.name, researcher.peer_id)
-        click.echo(run_id)
 
-    @group.command()
-    @click.argument("run_id")
-    @click.argument("peer_id")
-    @data_dir_option
-    @researcher_key_option
-    @click.option("--days", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True)
-    @click.option(
-        "--out",
-        type=click.Path(dir_okay=False, path_type=Path),
-        required=True,
-        help="Write the ticket here; the volunteer puts it at <data dir>/tickets/<run_id>.",
-    )
-    def ticket(
-        run_id: str, peer_id: str, data_dir: Path | None, researcher_key: Path | None, days: float, out: Path
-    ) -> None:
-        """Issue an admission ticket for a run whose admission policy is "tickets" (researcher side).
+@click.command()
+@click.argument("manifest", type=click.Path(dir_okay=False, path_type=Path))
+@bootstrap_option
+@data_dir_option
+@researcher_key_option
+def seed(
+    manifest: Path, bootstrap: tuple[str, ...], data_dir: Path | None, researcher_key: Path | None
+) -> None:
+    """Validate, sign and publish a run manifest; prints its run_id once readable from the DHT."""
+    from intellect.crypto.errors import IdentityError
+    from intellect.crypto.identity import Identity
+    from intellect.protocol.manifest import ManifestError, SignedManifest, load_manifest_toml
 
-        The ticket admits PEER_ID to RUN_ID until it expires; it is signed with the researcher key that
-        signed the manifest, so every node can check it from the manifest alone.
-        """
-        from intellect.crypto.errors import IdentityError, InvalidPeerId
-        from intellect.crypto.identity import Identity
-        from intellect.protocol.records import issue_ticket
+    # Validate before anything touches the network: a bad manifest publishes nothing.
+    try:
+        parsed = load_manifest_toml(manifest)
+    except ManifestError as e:
+        raise click.ClickException(f"invalid manifest {manifest}: {e}") from None
+    config = _client_config(data_dir, bootstrap)
+    _setup_logging(config.log_level)
+    key_path = researcher_key or config.identity_path
+    try:
+        researcher = Identity.load(key_path)
+    except IdentityError as e:
+        raise click.ClickException(str(e)) from None
+    signed = SignedManifest.sign(parsed, researcher)
+    run_id = asyncio.run(_seed(config, signed))
+    logger.info("run %s (%s) published, signed by %s", run_id, parsed.name, researcher.peer_id)
+    click.echo(run_id)
 
-        key_path = researcher_key or config_from_cli(data_dir).identity_path
-        try:
-            researcher = Identity.load(key_path)
-            data = issue_ticket(researcher, run_id, peer_id, time.time() + days * 86400)
-        except (IdentityError, InvalidPeerId, ValueError) as e:
-            raise click.ClickException(str(e)) from None
-        out.write_bytes(data)
-        click.echo(f"ticket for {peer_id} in run {run_id} written to {out} (valid {days:g} days)")
 
-    @group.command()
-    @bootstrap_option
-    @data_dir_option
-    @click.option("--json", "as_json", is_flag=True, help="One JSON array on stdout.")
-    def runs(bootstrap: tuple[str, ...], data_dir: Path | None, as_json: bool) -> None:
-        """List the runs in the DHT whose manifests verify (id, name, model size, peers, round)."""
-        config = _client_config(data_dir, bootstrap)
-        _setup_logging(config.log_level)
-        rows = asyncio.run(_runs(config))
-        if as_json:
-            click.echo(json.dumps(rows, indent=2))
-            return
-        if not rows:
-            click.echo("no verifiable runs found")
-            return
-        click.echo(f"{'RUN ID':<16} {'NAME':<24} {'MODEL':<12} {'PEERS':>5} {'ROUND':>6}")
-        for r in rows:
-            model = f"{r['model']} {_human_params(r['params'])}"
-            click.echo(
-                f"{r['run_id'][:16]:<16} {r['name'][:24]:<24} {model:<12} {r['peers']:>5} {r['round']:>6}"
-            )
+@click.command()
+@click.argument("run_id")
+@click.argument("peer_id")
+@data_dir_option
+@researcher_key_option
+@click.option("--days", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Write the ticket here; the volunteer puts it at <data dir>/tickets/<run_id>.",
+)
+def ticket(
+    run_id: str, peer_id: str, data_dir: Path | None, researcher_key: Path | None, days: float, out: Path
+) -> None:
+    """Issue an admission ticket for a run whose admission policy is "tickets" (researcher side).
 
-    @group.command()
-    @click.option("--run", "run_id", required=True, help="Run ID (64 hex characters).")
-    @bootstrap_option
-    @data_dir_option
-    @click.option("--json", "as_json", is_flag=True, help="One JSON array on stdout.")
-    def peers(run_id: str, bootstrap: tuple[str, ...], data_dir: Path | None, as_json: bool) -> None:
-        """List the live members of a run, from their signed DHT records."""
-        if len(run_id) != 64 or any(c not in "0123456789abcdef" for c in run_id):
-            raise click.UsageError("--run must be a run_id: 64 lowercase hex characters")
-        config = _client_config(data_dir, bootstrap)
-        _setup_logging(config.log_level)
-        rows = asyncio.run(_peers(config, run_id))
-        if as_json:
-            click.echo(json.dumps(rows, indent=2))
-            return
-        if not rows:
-            click.echo("no live members")
-            return
-        click.echo(f"{'PEER ID':<54} {'ROLE':<9} {'ROUND':>6} {'TOK/S':>9} {'EXPIRES':>8}")
-        for p in rows:
-            expires = f"{p['expires_in_s']:.0f}s"
-            line = f"{p['peer_id']:<54} {p['role']:<9} {p['round']:>6} {p['throughput']:>9.0f} {expires:>8}"
-            click.echo(line)
+    The ticket admits PEER_ID to RUN_ID until it expires; it is signed with the researcher key that
+    signed the manifest, so every node can check it from the manifest alone.
+    """
+    from intellect.crypto.errors import IdentityError, InvalidPeerId
+    from intellect.crypto.identity import Identity
+    from intellect.protocol.records import issue_ticket
+
+    key_path = researcher_key or config_from_cli(data_dir).identity_path
+    try:
+        researcher = Identity.load(key_path)
+        data = issue_ticket(researcher, run_id, peer_id, time.time() + days * 86400)
+    except (IdentityError, InvalidPeerId, ValueError) as e:
+        raise click.ClickException(str(e)) from None
+    out.write_bytes(data)
+    click.echo(f"ticket for {peer_id} in run {run_id} written to {out} (valid {days:g} days)")
+
+
+@click.command()
+@bootstrap_option
+@data_dir_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON array on stdout.")
+def runs(bootstrap: tuple[str, ...], data_dir: Path | None, as_json: bool) -> None:
+    """List the runs in the DHT whose manifests verify (id, name, model size, peers, round)."""
+    config = _client_config(data_dir, bootstrap)
+    _setup_logging(config.log_level)
+    rows = asyncio.run(_runs(config))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no verifiable runs found")
+        return
+    click.echo(f"{'RUN ID':<16} {'NAME':<24} {'MODEL':<12} {'PEERS':>5} {'ROUND':>6}")
+    for r in rows:
+        model = f"{r['model']} {_human_params(r['params'])}"
+        click.echo(f"{r['run_id'][:16]:<16} {r['name'][:24]:<24} {model:<12} {r['peers']:>5} {r['round']:>6}")
+
+
+@click.command()
+@click.option("--run", "run_id", required=True, help="Run ID (64 hex characters).")
+@bootstrap_option
+@data_dir_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON array on stdout.")
+def peers(run_id: str, bootstrap: tuple[str, ...], data_dir: Path | None, as_json: bool) -> None:
+    """List the live members of a run, from their signed DHT records."""
+    if len(run_id) != 64 or any(c not in "0123456789abcdef" for c in run_id):
+        raise click.UsageError("--run must be a run_id: 64 lowercase hex characters")
+    config = _client_config(data_dir, bootstrap)
+    _setup_logging(config.log_level)
+    rows = asyncio.run(_peers(config, run_id))
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no live members")
+        return
+    click.echo(f"{'PEER ID':<54} {'ROLE':<9} {'ROUND':>6} {'TOK/S':>9} {'EXPIRES':>8}")
+    for p in rows:
+        expires = f"{p['expires_in_s']:.0f}s"
+        line = f"{p['peer_id']:<54} {p['role']:<9} {p['round']:>6} {p['throughput']:>9.0f} {expires:>8}"
+        click.echo(line)

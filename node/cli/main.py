@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from intellect.node import __version__
 from intellect.node.app.config import DEFAULT_CONFIG_TEXT, ConfigError, NodeConfig, load_config
 
 #: Modules of `intellect.node` that add subcommands (each has `register(group: click.Group)`).
@@ -55,7 +54,9 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group)
-@click.version_option(__version__, prog_name="intellect-node")
+# The installed distribution's version (pyproject.toml, equal to `intellect.node.__version__`), read from
+# its metadata: `intellect.node` itself is the layer above cli, which cli does not import.
+@click.version_option(package_name="intellect-node", prog_name="intellect-node")
 def cli() -> None:
     """intellect-node: train language models together over the internet (DiLoCo, peer to peer)."""
 

@@ -24,14 +24,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 from hivemind.dht.node import DHTNode
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import CompositeValidator, DHTRecord, RecordValidatorBase
 from hivemind.p2p import P2P
 from intellect.crypto.identity import Identity
-from intellect.node.app.config import NodeConfig
 from intellect.protocol import records
 from intellect.protocol.errors import ProtocolError
 from intellect.protocol.manifest import SignedManifest
@@ -40,6 +39,27 @@ logger = logging.getLogger(__name__)
 
 #: Upper bound on how long a shutdown may take before we kill the p2p daemon outright.
 SHUTDOWN_TIMEOUT_S = 10.0
+
+
+class DhtSettings(Protocol):
+    """What `DhtService` reads of the node's settings; `intellect.node.app.config.NodeConfig` has all of it.
+
+    Declared here, read-only, so that this layer does not import the app layer's config."""
+
+    @property
+    def listen(self) -> Sequence[str]: ...
+    @property
+    def announce(self) -> Sequence[str]: ...
+    @property
+    def bootstrap(self) -> Sequence[str]: ...
+    @property
+    def client_mode(self) -> bool: ...
+    @property
+    def use_relay(self) -> bool: ...
+    @property
+    def use_auto_relay(self) -> bool: ...
+    @property
+    def identity_path(self) -> Path: ...
 
 
 class DhtError(RuntimeError):
@@ -171,7 +191,7 @@ class DhtService:
 
     def __init__(
         self,
-        config: NodeConfig,
+        config: DhtSettings,
         identity: Identity | Path | None = None,
         *,
         wait_timeout: float = 3.0,

@@ -1,9 +1,10 @@
 """Signed gossip for a run, as seen from the daemon: an asyncio service over a supervised child process.
 
 The daemon imports hivemind, and hivemind and py-libp2p cannot share a process (duplicate protobuf
-symbol), so gossipsub runs in `intellect.node.net.gossip_child`. `GossipService` starts that child with one
-end of a Unix socket pair, waits for its readiness (`BridgeHello`), restarts it with backoff if it dies,
-and stops it (graceful `BridgeStop`, then SIGTERM, then SIGKILL, always reaped by PID).
+symbol), so gossipsub runs in `intellect.node.net.gossip_child`. `GossipService`, through its
+`_ChildSupervisor`, starts that child with one end of a Unix socket pair, waits for its readiness
+(`BridgeHello`), restarts it with backoff if it dies, and stops it (graceful `BridgeStop`, then SIGTERM,
+then SIGKILL, always reaped by PID).
 
 Outgoing messages are sealed here with A's signed envelope (`intellect.protocol.envelope.seal`) and the
 child publishes the bytes; the child verifies every incoming envelope in a gossipsub topic validator, so
@@ -198,148 +199,69 @@ def _resolve_topic(run_id: str, topic: TopicKind | str) -> TopicKind:
     return TopicKind(topic)
 
 
-class GossipService:
-    """Signed gossip for one run; use as `async with GossipService(...) as gossip:`.
+def _send_soon(child: _Child, msg: Any) -> None:
+    """Queue a frame without awaiting (from sync code); the writer buffers it in order."""
+    try:
+        child.writer.write(frame(encode(msg)))
+    except (ConnectionError, OSError, RuntimeError) as exc:
+        log.debug("could not send %s to the gossip child: %s", type(msg).__name__, exc)
 
-    - `await gossip.publish(TopicKind.PROGRESS, Progress(...))`
-    - `async for sender, msg in gossip.subscribe(TopicKind.PROGRESS): ...`
-    - `gossip.add_peers(["/ip4/…/tcp/…/p2p/12D3KooW…"])` (e.g. from DHT membership records)
-    - `gossip.rejections` (Counter by RejectReason value), `gossip.scores` (per neighbour),
-      `gossip.restarts`, `gossip.child_pid`, `gossip.peer_id`, `gossip.listen_maddrs`, `gossip.peers`.
+
+class _ChildSupervisor:
+    """The gossip child process across its incarnations, on behalf of one `GossipService`.
+
+    Starts a child with one end of a Unix socket pair and waits for its `BridgeHello`, restarts it with
+    backoff when it dies, and stops it (graceful `BridgeStop`, then SIGTERM, then SIGKILL, always reaped by
+    PID). Every frame but the handshake goes to `on_frame`. Each new child is handed `known_peers` (the
+    service's dict, which it keeps adding to).
     """
 
     def __init__(
         self,
         identity_path: Path,
+        peer_id: str,
         run_id: str,
-        admitted: Callable[[str], bool],
-        *,
-        listen_port: int | None = None,
-        bootstrap: Iterable[str] = (),
-        config: GossipConfig | None = None,
-        sequence: SequenceCounter | None = None,
+        config: GossipConfig,
+        known_peers: dict[str, None],
+        on_frame: Callable[[_Child, Any], None],
     ) -> None:
-        self.identity_path = Path(identity_path)
-        self.identity = Identity.load(self.identity_path)
+        self.identity_path = identity_path
+        self.peer_id = peer_id
         self.run_id = run_id
-        self.admitted = admitted
-        cfg = config or GossipConfig()
-        if listen_port is not None:
-            cfg = GossipConfig(**{**cfg.__dict__, "listen_port": listen_port})
-        self.config = cfg
-        self._port = cfg.listen_port
-        self._sequence = sequence or SequenceCounter()
-        self._known_peers: dict[str, None] = dict.fromkeys(bootstrap)
-        self._subscriptions: dict[TopicKind, set[Subscription]] = {k: set() for k in TopicKind}
-        self._child: _Child | None = None
+        self.config = config
+        self._port = config.listen_port
+        self._known_peers = known_peers
+        self._on_frame = on_frame
+        #: The current incarnation, if any.
+        self.child: _Child | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
-        self._blacklisted: set[str] = set()
-        #: Rejected incoming messages by RejectReason value (e.g. "forged_signature").
-        self.rejections: Counter[str] = Counter()
-        #: Verified messages delivered, by topic kind.
-        self.delivered: Counter[str] = Counter()
-        #: Score of each neighbour: rewarded for valid deliveries, penalised for rejected ones.
-        self.scores: dict[str, float] = {}
         #: How many times the child was restarted after dying.
         self.restarts = 0
-        #: Connected gossip peers and per-topic mesh sizes, as last reported by the child (every second).
-        self.peers: tuple[str, ...] = ()
-        self.mesh_sizes: dict[TopicKind, int] = {}
 
-    # -- public API ----------------------------------------------------------------------------------
-
-    @property
-    def peer_id(self) -> str:
-        return self.identity.peer_id
-
-    @property
-    def child_pid(self) -> int | None:
-        return self._child.proc.pid if self._child is not None else None
-
-    @property
-    def listen_maddrs(self) -> tuple[str, ...]:
-        """Multiaddrs of the gossip host with our peer ID appended (what membership records carry)."""
-        if self._child is None or self._child.hello is None:
-            return ()
-        suffix = f"/p2p/{self.peer_id}"
-        return tuple(a if a.endswith(suffix) else a + suffix for a in self._child.hello.listen_maddrs)
-
-    def topic(self, kind: TopicKind | str) -> str:
-        """The full gossipsub topic name of `kind` in this run."""
-        return topic_name(self.run_id, _resolve_topic(self.run_id, kind))
-
-    async def publish(self, topic: TopicKind | str, message: Any, *, wait_s: float = 5.0) -> None:
-        """Seal `message` with our key and publish it on `topic`; GossipError if the child stays down.
-
-        The message type must be the one the topic carries (`TOPIC_MESSAGE`); others are a TypeError.
-        """
-        kind = _resolve_topic(self.run_id, topic)
-        if not isinstance(message, TOPIC_MESSAGE[kind]):
-            raise TypeError(f"{kind.value} carries {TOPIC_MESSAGE[kind].__name__}, not {type(message)}")
-        data = seal(self.identity, self.run_id, message, self._sequence.next())
-        child = await self._ready_child(wait_s)
-        try:
-            await child.send(BridgePublish(topic_name(self.run_id, kind), data))
-        except (ConnectionError, OSError) as exc:
-            raise GossipError(f"gossip child went away while publishing: {exc}") from exc
-
-    def subscribe(self, topic: TopicKind | str) -> Subscription:
-        """Verified messages of `topic` from now on (our own publications are not echoed back)."""
-        kind = _resolve_topic(self.run_id, topic)
-        sub = Subscription(self, kind, self.config.queue_size)
-        self._subscriptions[kind].add(sub)
-        return sub
-
-    def add_peers(self, maddrs: Iterable[str]) -> None:
-        """Dial these gossip addresses now and keep redialling them (they survive child restarts)."""
-        new = [a for a in maddrs if a not in self._known_peers and not a.endswith(f"/p2p/{self.peer_id}")]
-        if not new:
-            return
-        self._known_peers.update(dict.fromkeys(new))
-        child = self._child
-        if child is not None and child.ready.is_set():
-            self._send_soon(child, BridgeAddPeers(tuple(new)))
-
-    async def wait_peers(self, n: int, timeout: float) -> None:
-        """Wait until the child reports at least `n` connected peers and a mesh on every topic."""
-        async with asyncio.timeout(timeout):
-            while len(self.peers) < n or min(self.mesh_sizes.values(), default=0) < min(n, 1):
-                await asyncio.sleep(0.1)
-
-    async def wait_ready(self, timeout: float) -> None:
-        """Wait until a child is running and ready (e.g. after a restart)."""
-        await self._ready_child(timeout)
-
-    # -- lifecycle -----------------------------------------------------------------------------------
-
-    async def __aenter__(self) -> GossipService:
+    async def start(self) -> None:
+        """Spawn the first child (GossipError if it does not get ready) and start watching it."""
         self._stopping = False
-        self._child = await self._spawn()
+        self.child = await self._spawn()
         self._supervisor = asyncio.create_task(self._supervise(), name="gossip-supervisor")
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
 
     async def stop(self) -> None:
-        """Stop the child (graceful, then SIGTERM, then SIGKILL) and every task of the service."""
+        """Stop watching, then stop the child (graceful, then SIGTERM, then SIGKILL)."""
         self._stopping = True
         if self._supervisor is not None:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
             self._supervisor = None
-        if self._child is not None:
-            await self._terminate(self._child)
-            self._child = None
+        if self.child is not None:
+            await self._terminate(self.child)
+            self.child = None
 
-    # -- internals -----------------------------------------------------------------------------------
-
-    async def _ready_child(self, timeout: float) -> _Child:
+    async def ready_child(self, timeout: float) -> _Child:
+        """The current child once it is running and ready; GossipError if stopped or after `timeout` s."""
         deadline = time.monotonic() + timeout
         while True:
-            child = self._child
+            child = self.child
             if self._stopping:
                 raise GossipError("gossip service is stopped")
             if child is not None and child.ready.is_set() and child.proc.returncode is None:
@@ -347,13 +269,6 @@ class GossipService:
             if time.monotonic() >= deadline:
                 raise GossipError(f"gossip child not ready within {timeout:.1f}s")
             await asyncio.sleep(0.05)
-
-    def _send_soon(self, child: _Child, msg: Any) -> None:
-        """Queue a frame without awaiting (from sync code); the writer buffers it in order."""
-        try:
-            child.writer.write(frame(encode(msg)))
-        except (ConnectionError, OSError, RuntimeError) as exc:
-            log.debug("could not send %s to the gossip child: %s", type(msg).__name__, exc)
 
     def _child_argv(self, fd: int) -> list[str]:
         return [
@@ -429,7 +344,7 @@ class GossipService:
         """Wait for the child to exit; unless we are stopping, restart it with exponential backoff."""
         backoff = self.config.restart_backoff_s
         while True:
-            child = self._child
+            child = self.child
             if child is not None:
                 rc = await child.proc.wait()
                 if self._stopping:
@@ -439,13 +354,13 @@ class GossipService:
                     "gossip child %s exited with %s after %.1fs; restarting", child.proc.pid, rc, lived
                 )
                 await self._terminate(child)
-                self._child = None
+                self.child = None
                 if lived >= self.config.healthy_after_s:
                     backoff = self.config.restart_backoff_s
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self.config.restart_backoff_max_s)
             try:
-                self._child = await self._spawn()
+                self.child = await self._spawn()
                 self.restarts += 1
             except GossipError as exc:
                 log.warning("gossip child restart failed: %s", exc)
@@ -485,7 +400,7 @@ class GossipService:
                     )
                     return
                 msg = decode(await reader.readexactly(length))
-                self._handle(child, msg)
+                self._dispatch(child, msg)
         except asyncio.IncompleteReadError:
             log.debug("bridge of gossip child %s closed", child.proc.pid)
         except ProtocolError as exc:
@@ -495,22 +410,164 @@ class GossipService:
         except (ConnectionError, OSError) as exc:
             log.debug("bridge of gossip child %s failed: %s", child.proc.pid, exc)
 
+    def _dispatch(self, child: _Child, msg: Any) -> None:
+        if not isinstance(msg, BridgeHello):
+            self._on_frame(child, msg)
+        elif msg.peer_id != self.peer_id:
+            log.error("gossip child reports peer ID %s, expected %s", msg.peer_id, self.peer_id)
+        else:
+            child.hello = msg
+            child.ready.set()
+
+
+class GossipService:
+    """Signed gossip for one run; use as `async with GossipService(...) as gossip:`.
+
+    - `await gossip.publish(TopicKind.PROGRESS, Progress(...))`
+    - `async for sender, msg in gossip.subscribe(TopicKind.PROGRESS): ...`
+    - `gossip.add_peers(["/ip4/…/tcp/…/p2p/12D3KooW…"])` (e.g. from DHT membership records)
+    - `gossip.rejections` (Counter by RejectReason value), `gossip.scores` (per neighbour),
+      `gossip.restarts`, `gossip.child_pid`, `gossip.peer_id`, `gossip.listen_maddrs`, `gossip.peers`.
+
+    The child process itself (start, restarts, stop) is `_ChildSupervisor`'s; this class seals what we
+    publish and handles what the child reports.
+    """
+
+    def __init__(
+        self,
+        identity_path: Path,
+        run_id: str,
+        admitted: Callable[[str], bool],
+        *,
+        listen_port: int | None = None,
+        bootstrap: Iterable[str] = (),
+        config: GossipConfig | None = None,
+        sequence: SequenceCounter | None = None,
+    ) -> None:
+        self.identity_path = Path(identity_path)
+        self.identity = Identity.load(self.identity_path)
+        self.run_id = run_id
+        self.admitted = admitted
+        cfg = config or GossipConfig()
+        if listen_port is not None:
+            cfg = GossipConfig(**{**cfg.__dict__, "listen_port": listen_port})
+        self.config = cfg
+        self._sequence = sequence or SequenceCounter()
+        self._known_peers: dict[str, None] = dict.fromkeys(bootstrap)
+        self._subscriptions: dict[TopicKind, set[Subscription]] = {k: set() for k in TopicKind}
+        self._children = _ChildSupervisor(
+            self.identity_path, self.identity.peer_id, run_id, cfg, self._known_peers, self._handle
+        )
+        self._blacklisted: set[str] = set()
+        #: Rejected incoming messages by RejectReason value (e.g. "forged_signature").
+        self.rejections: Counter[str] = Counter()
+        #: Verified messages delivered, by topic kind.
+        self.delivered: Counter[str] = Counter()
+        #: Score of each neighbour: rewarded for valid deliveries, penalised for rejected ones.
+        self.scores: dict[str, float] = {}
+        #: Connected gossip peers and per-topic mesh sizes, as last reported by the child (every second).
+        self.peers: tuple[str, ...] = ()
+        self.mesh_sizes: dict[TopicKind, int] = {}
+
+    # -- public API ----------------------------------------------------------------------------------
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    @property
+    def restarts(self) -> int:
+        """How many times the child was restarted after dying."""
+        return self._children.restarts
+
+    @property
+    def _child(self) -> _Child | None:
+        """The current incarnation of the child process, if any."""
+        return self._children.child
+
+    @property
+    def child_pid(self) -> int | None:
+        return self._child.proc.pid if self._child is not None else None
+
+    @property
+    def listen_maddrs(self) -> tuple[str, ...]:
+        """Multiaddrs of the gossip host with our peer ID appended (what membership records carry)."""
+        if self._child is None or self._child.hello is None:
+            return ()
+        suffix = f"/p2p/{self.peer_id}"
+        return tuple(a if a.endswith(suffix) else a + suffix for a in self._child.hello.listen_maddrs)
+
+    def topic(self, kind: TopicKind | str) -> str:
+        """The full gossipsub topic name of `kind` in this run."""
+        return topic_name(self.run_id, _resolve_topic(self.run_id, kind))
+
+    async def publish(self, topic: TopicKind | str, message: Any, *, wait_s: float = 5.0) -> None:
+        """Seal `message` with our key and publish it on `topic`; GossipError if the child stays down.
+
+        The message type must be the one the topic carries (`TOPIC_MESSAGE`); others are a TypeError.
+        """
+        kind = _resolve_topic(self.run_id, topic)
+        if not isinstance(message, TOPIC_MESSAGE[kind]):
+            raise TypeError(f"{kind.value} carries {TOPIC_MESSAGE[kind].__name__}, not {type(message)}")
+        data = seal(self.identity, self.run_id, message, self._sequence.next())
+        child = await self._children.ready_child(wait_s)
+        try:
+            await child.send(BridgePublish(topic_name(self.run_id, kind), data))
+        except (ConnectionError, OSError) as exc:
+            raise GossipError(f"gossip child went away while publishing: {exc}") from exc
+
+    def subscribe(self, topic: TopicKind | str) -> Subscription:
+        """Verified messages of `topic` from now on (our own publications are not echoed back)."""
+        kind = _resolve_topic(self.run_id, topic)
+        sub = Subscription(self, kind, self.config.queue_size)
+        self._subscriptions[kind].add(sub)
+        return sub
+
+    def add_peers(self, maddrs: Iterable[str]) -> None:
+        """Dial these gossip addresses now and keep redialling them (they survive child restarts)."""
+        new = [a for a in maddrs if a not in self._known_peers and not a.endswith(f"/p2p/{self.peer_id}")]
+        if not new:
+            return
+        self._known_peers.update(dict.fromkeys(new))
+        child = self._child
+        if child is not None and child.ready.is_set():
+            _send_soon(child, BridgeAddPeers(tuple(new)))
+
+    async def wait_peers(self, n: int, timeout: float) -> None:
+        """Wait until the child reports at least `n` connected peers and a mesh on every topic."""
+        async with asyncio.timeout(timeout):
+            while len(self.peers) < n or min(self.mesh_sizes.values(), default=0) < min(n, 1):
+                await asyncio.sleep(0.1)
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until a child is running and ready (e.g. after a restart)."""
+        await self._children.ready_child(timeout)
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> GossipService:
+        await self._children.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def stop(self) -> None:
+        """Stop the child (graceful, then SIGTERM, then SIGKILL) and every task of the service."""
+        await self._children.stop()
+
+    # -- frames from the child -----------------------------------------------------------------------
+
     def _handle(self, child: _Child, msg: Any) -> None:
         if isinstance(msg, BridgeDeliver):
             self._on_deliver(msg)
         elif isinstance(msg, BridgeReject):
             self._on_reject(child, msg)
         elif isinstance(msg, BridgeAdmitQuery):
-            self._send_soon(child, BridgeAdmitReply(msg.peer_id, self._is_admitted(msg.peer_id)))
+            _send_soon(child, BridgeAdmitReply(msg.peer_id, self._is_admitted(msg.peer_id)))
         elif isinstance(msg, BridgeStatus):
             self.peers = msg.peers
             self.mesh_sizes = dict(zip(TopicKind, msg.mesh_sizes, strict=False))
-        elif isinstance(msg, BridgeHello):
-            if msg.peer_id != self.peer_id:
-                log.error("gossip child reports peer ID %s, expected %s", msg.peer_id, self.peer_id)
-                return
-            child.hello = msg
-            child.ready.set()
         else:
             log.warning("unexpected frame %s from the gossip child", type(msg).__name__)
 
@@ -549,4 +606,4 @@ class GossipService:
         if score < self.config.blacklist_score and msg.forwarder not in self._blacklisted:
             log.warning("blacklisting gossip peer %s (score %.1f)", msg.forwarder, score)
             self._blacklisted.add(msg.forwarder)
-            self._send_soon(child, BridgeBlacklist(msg.forwarder))
+            _send_soon(child, BridgeBlacklist(msg.forwarder))
