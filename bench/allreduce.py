@@ -423,7 +423,8 @@ class Peer:
         return self._agree(error)
 
     def _setup_ours(self) -> bool:
-        from intellect.node.net.allreduce import DataPlane, GroupMember
+        from intellect.node.net.allreduce import DataPlane
+        from intellect.protocol.groups import GroupMember
 
         error, addr = "", ("", 0)
         try:
@@ -492,7 +493,8 @@ class Peer:
         return sample
 
     async def _ours_round(self, name: str, r: int) -> Sample:
-        from intellect.node.net.allreduce import GroupSpec, butterfly_allreduce, get_payload_codec
+        from intellect.node.net.allreduce import butterfly_allreduce, get_payload_codec
+        from intellect.protocol.groups import GroupSpec
 
         codec = get_payload_codec(COMPRESSION.get(name, "none"))
         spec = GroupSpec("bench", r, NAMES.index(name), "bench", self.members)

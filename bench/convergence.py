@@ -280,14 +280,13 @@ async def _diloco_peer(
     from intellect.node.engine.outer import OuterOptimizer
     from intellect.node.net.allreduce import (
         DataPlane,
-        GroupMember,
-        GroupSpec,
         butterfly_allreduce,
         flatten,
         get_payload_codec,
         schema_hash,
         unflatten,
     )
+    from intellect.protocol.groups import GroupMember, GroupSpec
 
     def wait_all() -> None:
         barrier.wait(timeout=600)

@@ -41,7 +41,8 @@ from typing import Any
 
 from intellect.crypto.identity import Identity
 from intellect.node.net.gossip import GossipConfig, GossipError, GossipService, Subscription
-from intellect.protocol.gossip_messages import Progress, TopicKind
+from intellect.protocol.gossip_messages import Progress
+from intellect.protocol.keys import TopicKind
 
 log = logging.getLogger("bench.gossip")
 RUN = "be" * 32

@@ -35,6 +35,59 @@ from intellect.protocol.codec import message, packb_canonical
 MAX_CONTROL_FRAME = 4096
 
 
+class HandshakeRefusal(enum.StrEnum):
+    """Why a receiver refused a data-plane connection: the text of `Reject.reason` (read by people only)."""
+
+    #: The hello names another peer as its receiver.
+    WRONG_RECEIVER = "wrong receiver"
+    #: The sender's signature over the hello and our nonce does not verify: it is not who it claims.
+    BAD_PROOF = "bad proof"
+    #: The hello is for an older attempt of the round than the latest one we opened.
+    STALE_ATTEMPT = "stale attempt"
+    #: The sender is in our group for this attempt but agreed on another member list (group id).
+    MEMBER_MISMATCH = "member list mismatch"
+    #: The sender is not a member of the group it names.
+    NOT_A_MEMBER = "not a member"
+    #: The sender already has a connection to us in this group.
+    DUPLICATE_CONNECTION = "duplicate connection"
+
+
+class AbortReason(enum.StrEnum):
+    """Why an all-reduce attempt failed: `AllReduceError.reason`, and the `Abort.reason` sent to the others.
+
+    Values are stable strings: logs, metrics and a round's `AverageResult.reason` carry them.
+    """
+
+    #: A member refused our connection (`Reject`); the detail says why.
+    REJECTED = "rejected"
+    #: A member answered the handshake with the wrong message or a malformed challenge.
+    PROTOCOL = "protocol"
+    #: We could not connect to a member or complete its handshake (it is named the culprit).
+    UNREACHABLE = "unreachable"
+    #: No progress within the stall timeout (a member that never connected is named the culprit).
+    STALLED = "stalled"
+    #: A member's connection broke while sending or receiving a part.
+    PEER_FAILED = "peer-failed"
+    #: A member aborted the attempt; the reason reads "aborted-by-peer:<the reason it sent>".
+    ABORTED_BY_PEER = "aborted-by-peer"
+    #: A part header that does not match the group, the partition, the codec or its size bound.
+    MALFORMED_PART = "malformed-part"
+    #: A part payload the codec cannot decode.
+    UNDECODABLE_PART = "undecodable-part"
+    #: A part with NaN or infinite values.
+    NON_FINITE_PART = "non-finite-part"
+    #: A contribution whose weight is negative or not finite.
+    BAD_WEIGHT = "bad-weight"
+    #: The members' weights sum to zero: there is nothing to average.
+    ZERO_WEIGHT = "zero-weight"
+    #: Our own reduced partition is not finite (the reducer overflowed).
+    NON_FINITE_RESULT = "non-finite-result"
+    #: Our own tensors are not finite: we do not average them.
+    NON_FINITE_LOCAL = "non-finite-local"
+    #: A member of our attempt agreed on a different member list.
+    MEMBER_MISMATCH = "member-mismatch"
+
+
 class PartKind(enum.IntEnum):
     """Which phase a partition belongs to."""
 
@@ -142,7 +195,7 @@ class Accept:
 @message(305, max_size=MAX_CONTROL_FRAME)
 @dataclass(frozen=True)
 class Reject:
-    """The receiver refused the connection (unknown group, member list mismatch, bad proof)."""
+    """The receiver refused the connection; `reason` is a `HandshakeRefusal` value."""
 
     reason: str
 
@@ -164,7 +217,10 @@ class PartHeader:
 @message(307, max_size=MAX_CONTROL_FRAME)
 @dataclass(frozen=True)
 class Abort:
-    """The sender gives up this attempt; `culprit` names a member it caught misbehaving, or is empty."""
+    """The sender gives up this attempt; `culprit` names a member it caught misbehaving, or is empty.
+
+    `reason` is an `AbortReason` value, possibly with a suffix (at most 100 characters); a receiver only
+    reports it, never acts on it."""
 
     reason: str
     culprit: str = ""

@@ -3,7 +3,7 @@
 Two families live here, both plain frozen dataclasses registered with the codec:
 
 - **Gossip payloads** (200–219): the bodies of signed envelopes published on a run's topics
-  (`intellect/<run_id>/<kind>`): progress, checkpoint/state announcements, leaving notices and
+  (`intellect.protocol.keys.topic_name`): progress, checkpoint/state announcements, leaving notices and
   misbehaviour evidence. Each topic accepts exactly one payload type (`TOPIC_MESSAGE`).
 - **Bridge frames** (220–239): what the daemon (asyncio, hivemind) and its gossip child process
   (trio, py-libp2p) say to each other over their private socket pair. They never leave the machine.
@@ -13,40 +13,18 @@ Nothing here imports hivemind, py-libp2p or torch: both processes import this mo
 
 from __future__ import annotations
 
-import enum
 import struct
 from dataclasses import dataclass
 
 from intellect.protocol.codec import message
 
-# --------------------------------------------------------------------------------------------------------
-# Topics
-
-
-class TopicKind(enum.StrEnum):
-    """The four gossip topics of a run; the topic name is `intellect/<run_id>/<kind>`."""
-
-    PROGRESS = "progress"
-    CHECKPOINT = "checkpoint"
-    LEAVING = "leaving"
-    MISBEHAVIOUR = "misbehaviour"
-
-
-TOPIC_PREFIX = "intellect"
-
-
-def topic_name(run_id: str, kind: TopicKind | str) -> str:
-    """The gossipsub topic of `kind` in run `run_id`."""
-    return f"{TOPIC_PREFIX}/{run_id}/{TopicKind(kind).value}"
-
-
-def parse_topic(topic: str) -> tuple[str, TopicKind]:
-    """Split a topic name into (run_id, kind); ValueError when it is not one of ours."""
-    parts = topic.split("/")
-    if len(parts) != 3 or parts[0] != TOPIC_PREFIX or not parts[1]:
-        raise ValueError(f"not an intellect gossip topic: {topic!r}")
-    return parts[1], TopicKind(parts[2])
-
+# Topics are named in `intellect.protocol.keys`. The names other than TopicKind (used below) are
+# re-exported for callers that still import them from here (node/net/gossip.py, gossip_child.py); new
+# code imports them from `intellect.protocol.keys`.
+from intellect.protocol.keys import TOPIC_PREFIX as TOPIC_PREFIX
+from intellect.protocol.keys import TopicKind
+from intellect.protocol.keys import parse_topic as parse_topic
+from intellect.protocol.keys import topic_name as topic_name
 
 # --------------------------------------------------------------------------------------------------------
 # Gossip payloads (the body of a signed envelope)
@@ -93,7 +71,7 @@ class Misbehaviour:
 
     The one `kind` a node sends today is ``"bad-chunk"``: `evidence` is an encoded `BadChunkEvidence`
     (the accused's signature over a wrong chunk digest), which any holder of that state can check
-    (`intellect.node.net.statesync.judge_report`)."""
+    (`intellect.protocol.vouching.judge_report`)."""
 
     accused: str
     round: int

@@ -248,9 +248,21 @@ class TokenizerSpec:
 class ShardSpec:
     """One data shard: where it is, its content hash, and how many tokens it holds."""
 
+    #: `builtin://corpus/<k>`, `builtin://heldout`, a path (relative to the shard index) or `file://…`.
     uri: str
+    #: sha256 (hex) of the shard's token array as little-endian bytes.
     sha256: str
+    #: Number of tokens.
     tokens: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """The shard as the manifest's canonical form and a shard index (`index.json`) list it."""
+        return {"uri": self.uri, "sha256": self.sha256, "tokens": self.tokens}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ShardSpec:
+        """Inverse of `to_dict`, for shard index entries (manifests go through `parse_manifest`)."""
+        return cls(uri=str(d["uri"]), sha256=str(d["sha256"]), tokens=int(d["tokens"]))
 
 
 @dataclass(frozen=True)
@@ -334,7 +346,7 @@ class Manifest:
                 "sha256": self.tokenizer.sha256,
                 "uri": self.tokenizer.uri,
             },
-            "data": {"shards": [{"uri": s.uri, "sha256": s.sha256, "tokens": s.tokens} for s in self.shards]},
+            "data": {"shards": [s.to_dict() for s in self.shards]},
             "diloco": {
                 "inner_steps": self.diloco.inner_steps,
                 "inner_lr": self.diloco.inner_lr,

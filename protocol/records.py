@@ -1,9 +1,9 @@
 """Signed DHT records of runs and their members, and admission tickets (pure: no hivemind, no torch).
 
-Layout in the DHT (hivemind hashes each key into a DHTID; subkeys make a key a dictionary):
+Layout in the DHT (the key names are built in `intellect.protocol.keys`):
 
-    RUNS_KEY = "intellect/runs"    subkey run_id   → SignedManifestMsg  (type 100, researcher-signed)
-    members_key(run_id)            subkey peer id  → SignedMembership   (type 102, node-signed)
+    keys.RUNS_KEY                  subkey run_id   → SignedManifestMsg  (type 100, researcher-signed)
+    keys.members_key(run_id)       subkey peer id  → SignedMembership   (type 102, node-signed)
 
 A `MembershipRecord` (type 101) says who a node is in a run (addresses, gossip address, round, throughput,
 role, state hash) and until when; it is valid only inside a `SignedMembership` whose signature under
@@ -29,7 +29,11 @@ from intellect.crypto.identity import Identity, public_key_from_peer_id, verify
 from intellect.protocol.codec import decode, encode, message, unpackb_limited
 from intellect.protocol.errors import MalformedMessage, ProtocolError
 
-RUNS_KEY = "intellect/runs"
+# The DHT key names live in `intellect.protocol.keys`; re-exported for callers that still import them
+# from here (node/net/dht.py); new code imports `intellect.protocol.keys`.
+from intellect.protocol.keys import RUNS_KEY as RUNS_KEY
+from intellect.protocol.keys import members_key as members_key
+
 #: Type ids of the records (used to recognise our values cheaply under keys we do not know).
 SIGNED_MANIFEST_TYPE = 100
 MEMBERSHIP_TYPE = 101
@@ -55,11 +59,6 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _MAX_ADDR = 256
 _MAX_ADDRS = 16
 MAX_TICKET_BYTES = 512
-
-
-def members_key(run_id: str) -> str:
-    """DHT key of a run's membership dictionary."""
-    return f"intellect/run/{run_id}/members"
 
 
 def _check_run_id(run_id: str) -> None:

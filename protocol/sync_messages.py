@@ -205,8 +205,8 @@ class BadChunkEvidence:
 def check_evidence(evidence: BadChunkEvidence, chunk_list: tuple[bytes, ...], root: bytes) -> bool:
     """True when `evidence` proves misbehaviour: valid signature and a digest that differs from the list.
 
-    ``root`` is the Merkle root of ``chunk_list`` as computed by the caller (``statehash.merkle_root``); it
-    must equal the evidence's state hash, so the list really is the announced state's.
+    ``root`` is the Merkle root of ``chunk_list`` as computed by the caller (`merkle.merkle_root`); it must
+    equal the evidence's state hash, so the list really is the announced state's.
     """
     if root.hex() != evidence.state_hash or not 0 <= evidence.index < len(chunk_list):
         return False

@@ -17,17 +17,15 @@ from intellect.crypto.identity import Identity
 from intellect.node.net.allreduce import (
     AllReduceError,
     DataPlane,
-    GroupMember,
-    GroupSpec,
     butterfly_allreduce,
     flatten,
     get_payload_codec,
-    partition_sizes,
     schema_hash,
     unflatten,
 )
 from intellect.protocol import averaging_messages as am
 from intellect.protocol.codec import decode, encode
+from intellect.protocol.groups import GroupMember, GroupSpec, partition_sizes
 
 torch.set_num_threads(1)
 

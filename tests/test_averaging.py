@@ -15,9 +15,10 @@ import torch
 from hivemind.dht.node import DHTNode
 from intellect.crypto import domains
 from intellect.crypto.identity import Identity
-from intellect.node.net.averaging import Averager, AveragerConfig, group_key
+from intellect.node.net.averaging import Averager, AveragerConfig
 from intellect.protocol import averaging_messages as am
 from intellect.protocol.codec import encode
+from intellect.protocol.keys import group_key
 
 torch.set_num_threads(1)
 

@@ -19,10 +19,8 @@ from intellect.node.cli.main import cli
 from intellect.node.engine.data import (
     BUILTIN_NUM_SHARDS,
     DataError,
-    ShardInfo,
     ShardResolver,
     TokenStream,
-    assign_shards,
     builtin_corpus_texts,
     builtin_corpus_tokens,
     builtin_heldout,
@@ -33,6 +31,8 @@ from intellect.node.engine.data import (
     tokens_sha256,
 )
 from intellect.node.engine.tokenizer import ByteTokenizer
+from intellect.protocol.manifest import ShardSpec
+from intellect.protocol.shards import assign_shards
 
 TOK = ByteTokenizer()
 
@@ -57,7 +57,7 @@ def test_builtin_corpus_is_real_text_split_into_train_and_heldout() -> None:
 
 def test_builtin_hashes_match_the_example_manifest() -> None:
     manifest = tomllib.loads((Path(__file__).parent.parent / "examples" / "tiny-run.toml").read_text())
-    listed = [ShardInfo.from_dict(s) for s in manifest["data"]["shards"]]
+    listed = [ShardSpec.from_dict(s) for s in manifest["data"]["shards"]]
     assert listed == builtin_shards(TOK)
 
 
@@ -65,22 +65,22 @@ def test_resolver_rejects_wrong_hash_size_and_uri(tmp_path: Path) -> None:
     good = builtin_shards(TOK)[0]
     resolver = ShardResolver(TOK, base_dir=tmp_path)
     with pytest.raises(DataError, match="sha256 mismatch"):
-        resolver.load(ShardInfo(good.uri, "00" * 32, good.tokens))
+        resolver.load(ShardSpec(good.uri, "00" * 32, good.tokens))
     with pytest.raises(DataError, match="tokens"):
-        resolver.load(ShardInfo(good.uri, good.sha256, good.tokens + 1))
+        resolver.load(ShardSpec(good.uri, good.sha256, good.tokens + 1))
     with pytest.raises(DataError, match="no such built-in shard"):
-        resolver.load(ShardInfo("builtin://corpus/999", good.sha256, 1))
+        resolver.load(ShardSpec("builtin://corpus/999", good.sha256, 1))
     with pytest.raises(DataError, match="not found"):
-        resolver.load(ShardInfo("missing.bin", good.sha256, 10))
+        resolver.load(ShardSpec("missing.bin", good.sha256, 10))
     arr = np.arange(100, dtype=np.uint16)
     (tmp_path / "s.bin").write_bytes(arr.tobytes())
-    info = ShardInfo("s.bin", tokens_sha256(arr), 100)
+    info = ShardSpec("s.bin", tokens_sha256(arr), 100)
     assert np.array_equal(resolver.load(info), arr)
     flipped = bytearray(arr.tobytes())
     flipped[17] ^= 1
     (tmp_path / "t.bin").write_bytes(bytes(flipped))
     with pytest.raises(DataError, match="sha256 mismatch"):
-        ShardResolver(TOK, base_dir=tmp_path).load(ShardInfo("t.bin", info.sha256, 100))
+        ShardResolver(TOK, base_dir=tmp_path).load(ShardSpec("t.bin", info.sha256, 100))
 
 
 def test_token_dtype() -> None:
@@ -102,7 +102,7 @@ def test_data_prepare_end_to_end(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     parsed = tomllib.loads("\n".join(line for line in result.output.splitlines() if not line.startswith("#")))
     assert parsed["tokenizer"] == {"kind": "byte", "sha256": TOK.sha256}
-    listed = [ShardInfo.from_dict(s) for s in parsed["data"]["shards"]]
+    listed = [ShardSpec.from_dict(s) for s in parsed["data"]["shards"]]
     # The printed URIs are absolute file:// URIs of the same shards (manifests need URIs).
     index = load_index(out)
     assert [s.uri for s in listed] == [(out / s.uri).resolve().as_uri() for s in index]
@@ -142,11 +142,11 @@ def test_data_prepare_errors(tmp_path: Path) -> None:
 # ---- assignment ---------------------------------------------------------------------------------------
 
 
-def _shards(n: int) -> list[ShardInfo]:
-    return [ShardInfo(f"s{i}.bin", hashlib.sha256(str(i).encode()).hexdigest(), 1000) for i in range(n)]
+def _shards(n: int) -> list[ShardSpec]:
+    return [ShardSpec(f"s{i}.bin", hashlib.sha256(str(i).encode()).hexdigest(), 1000) for i in range(n)]
 
 
-def _owners(result: dict[str, list[ShardInfo]]) -> dict[ShardInfo, str]:
+def _owners(result: dict[str, list[ShardSpec]]) -> dict[ShardSpec, str]:
     return {s: p for p, ss in result.items() for s in ss}
 
 

@@ -19,7 +19,7 @@ from intellect.crypto.identity import Identity
 from intellect.node.app.config import NodeConfig
 from intellect.node.net.dht import DhtService
 from intellect.node.net.membership import MembershipService
-from intellect.protocol import records
+from intellect.protocol import keys, records
 from intellect.protocol.codec import decode, encode
 from intellect.protocol.manifest import SignedManifest, SignedManifestMsg, load_manifest_toml, parse_manifest
 
@@ -93,15 +93,15 @@ async def test_forged_manifests_are_refused_by_every_honest_node(swarm: list[Dht
     }
     for node in honest:
         for what, (subkey, value) in forgeries.items():
-            assert not await raw_store(mallory, node, records.RUNS_KEY, subkey, value, exp), (
+            assert not await raw_store(mallory, node, keys.RUNS_KEY, subkey, value, exp), (
                 f"{what} accepted"
             )
         # far-future expiry: a manifest may not be pinned for longer than the maximum TTL
         far = time.time() + records.MAX_MANIFEST_TTL_S * 2
-        assert not await raw_store(mallory, node, records.RUNS_KEY, good.run_id, good.to_bytes(), far)
+        assert not await raw_store(mallory, node, keys.RUNS_KEY, good.run_id, good.to_bytes(), far)
         assert node.validator.stats.rejected.get("manifest", 0) >= len(forgeries) + 1
         # control: the genuine record passes the same path
-        assert await raw_store(mallory, node, records.RUNS_KEY, good.run_id, good.to_bytes(), exp)
+        assert await raw_store(mallory, node, keys.RUNS_KEY, good.run_id, good.to_bytes(), exp)
     runs, invalid = await swarm[1].get_manifests()
     assert [r.run_id for r in runs] == [good.run_id] and invalid == 0
 
@@ -110,7 +110,7 @@ async def test_forged_membership_is_refused_by_every_honest_node(swarm: list[Dht
     alice, bob, carol, mallory = swarm
     assert bob.identity is not None and carol.identity is not None
     run_id = load_manifest_toml(EXAMPLE).run_id
-    key = records.members_key(run_id)
+    key = keys.members_key(run_id)
     now = time.time()
     rec = records.MembershipRecord(
         run_id, bob.peer_id, tuple(bob.visible_maddrs), "", 1, 5.0, "trainer", "", now, now + 60
@@ -140,7 +140,7 @@ async def test_reader_drops_a_forged_record_served_by_a_malicious_node(swarm: li
     alice, bob, carol, mallory = swarm
     good = SignedManifest.sign(load_manifest_toml(EXAMPLE), Identity.generate())
     forged = SignedManifest(good.manifest, good.researcher, bytes(64))
-    key_id = DHTID.generate(source=records.RUNS_KEY)
+    key_id = DHTID.generate(source=keys.RUNS_KEY)
     # mallory's own storage bypasses validation: she serves a forged record to whoever asks.
     mallory.node.protocol.storage.store_subkey(
         key_id, good.run_id, MSGPackSerializer.dumps(forged.to_bytes()), time.time() + 600

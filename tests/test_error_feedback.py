@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from intellect.node.net.allreduce import get_payload_codec, partition_sizes
+from intellect.node.net.allreduce import get_payload_codec
 from intellect.node.net.averaging import contribution_error
+from intellect.protocol.groups import partition_sizes
 
 
 def _received(flat: torch.Tensor, n: int, me: int, codec_name: str) -> torch.Tensor:

@@ -24,15 +24,8 @@ from intellect.crypto.identity import Identity
 from intellect.node.net.gossip import GossipConfig, GossipService, Subscription
 from intellect.protocol.codec import packb_canonical, unpackb_limited
 from intellect.protocol.envelope import seal
-from intellect.protocol.gossip_messages import (
-    BridgeDeliver,
-    CheckpointAnnounce,
-    Leaving,
-    Progress,
-    TopicKind,
-    parse_topic,
-    topic_name,
-)
+from intellect.protocol.gossip_messages import BridgeDeliver, CheckpointAnnounce, Leaving, Progress
+from intellect.protocol.keys import TopicKind, parse_topic, topic_name
 
 RUN = "ab" * 32
 OTHER_RUN = "cd" * 32

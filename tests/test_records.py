@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 import msgpack
 import pytest
@@ -12,9 +11,7 @@ from intellect.crypto.identity import Identity
 from intellect.protocol import records
 from intellect.protocol.codec import decode, encode
 from intellect.protocol.errors import ProtocolError
-from intellect.protocol.manifest import SignedManifest, load_manifest_toml, parse_manifest
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-run.toml"
 RUN = "ab" * 32
 
 
@@ -102,28 +99,6 @@ def test_tickets() -> None:
     assert not records.ticket_valid(t, researcher.peer_id, "cd" * 32, peer.peer_id, now=now)  # other run
     assert not records.ticket_valid(t, researcher.peer_id, RUN, peer.peer_id, now=now + 61)  # expired
     assert not records.ticket_valid(b"\x93\x67junk", researcher.peer_id, RUN, peer.peer_id, now=now)
-
-
-def test_admission_policies() -> None:
-    from intellect.node.net.membership import is_admitted
-
-    researcher, peer, other = Identity.generate(), Identity.generate(), Identity.generate()
-    now = time.time()
-    base = load_manifest_toml(EXAMPLE).to_plain()
-
-    def signed(admission: dict[str, object]) -> SignedManifest:
-        return SignedManifest.sign(parse_manifest({**base, "admission": admission}), researcher)
-
-    open_run = signed({"policy": "open", "peers": []})
-    assert is_admitted(open_run, member(other, now, run_id=open_run.run_id), now)
-    allow = signed({"policy": "allowlist", "peers": [peer.peer_id]})
-    assert is_admitted(allow, member(peer, now, run_id=allow.run_id), now)
-    assert not is_admitted(allow, member(other, now, run_id=allow.run_id), now)
-    tickets = signed({"policy": "tickets", "peers": []})
-    ticket = records.issue_ticket(researcher, tickets.run_id, peer.peer_id, now + 60)
-    assert is_admitted(tickets, member(peer, now, run_id=tickets.run_id, ticket=ticket), now)
-    assert not is_admitted(tickets, member(other, now, run_id=tickets.run_id, ticket=ticket), now)
-    assert not is_admitted(tickets, member(other, now, run_id=tickets.run_id), now)
 
 
 def test_hivemind_wrapping() -> None:

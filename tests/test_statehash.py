@@ -14,10 +14,10 @@ from intellect.node.engine.statehash import (
     ChunkHasher,
     blob_state_hash,
     chunk_hashes,
-    merkle_root,
     serialize_state,
     state_hash,
 )
+from intellect.protocol.merkle import merkle_root
 from safetensors.torch import load as st_load
 
 

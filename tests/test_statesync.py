@@ -26,18 +26,18 @@ from intellect.node.net.statesync import (
     StateSyncError,
     SyncReport,
     _Prepared,
-    bad_chunk_report,
     fetch_state,
-    judge_report,
 )
 from intellect.protocol.codec import decode, encode
 from intellect.protocol.gossip_messages import Misbehaviour
+from intellect.protocol.merkle import merkle_root
 from intellect.protocol.sync_messages import (
     ChunkList,
     ChunkListRequest,
     check_evidence,
     sign_chunk,
 )
+from intellect.protocol.vouching import Vouch, bad_chunk_report, judge_report
 
 RUN = "ab" * 32
 CHUNK = 4096
@@ -161,7 +161,7 @@ async def test_corrupted_chunks_detected_refetched_and_reported(tmp_path: Path) 
         # The evidence is the bad server's own signature over a wrong digest: checkable by anyone.
         assert report.evidence and all(e.server == bad_peer for e in report.evidence)
         hashes = tuple(statehash.chunk_hashes(statehash.serialize_state(snap.tensors), CHUNK))
-        root = statehash.merkle_root(hashes)
+        root = merkle_root(hashes)
         assert all(check_evidence(e, hashes, root) for e in report.evidence)
         # Evidence against an honest digest does not check.
         honest = dataclasses.replace(report.evidence[0], digest=hashes[report.evidence[0].index])
@@ -233,8 +233,6 @@ async def test_malformed_requests_dropped_and_server_keeps_serving(tmp_path: Pat
 
 
 async def test_sync_from_unhinted_vouches_and_a_server_that_moved_on(tmp_path: Path) -> None:
-    from intellect.node.net.statesync import Vouch
-
     snap = _state(8)
     async with swarm(tmp_path, [StateServer] * 2, [snap] * 2) as (dave, servers, anns):
         # Server 0 publishes two newer rounds; with keep=2 it no longer holds `snap`.

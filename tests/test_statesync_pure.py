@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from intellect.crypto.identity import Identity
 from intellect.node.engine import statehash
-from intellect.node.net.statesync import pick_target
 from intellect.protocol.codec import decode, encode
+from intellect.protocol.merkle import merkle_root
 from intellect.protocol.sync_messages import (
     BadChunkEvidence,
     ChunkList,
@@ -20,6 +20,7 @@ from intellect.protocol.sync_messages import (
     sign_announcement,
     sign_chunk,
 )
+from intellect.protocol.vouching import Vouch, checkpoint_announce, pick_target
 
 RUN = "ab" * 32
 IDS = [Identity.from_seed(bytes([i]) * 32) for i in range(1, 8)]
@@ -115,7 +116,7 @@ def test_messages_round_trip_and_signature_survives() -> None:
 def test_evidence_checks_only_a_signed_wrong_digest() -> None:
     blob = bytes(range(256)) * 40
     hashes = tuple(statehash.chunk_hashes(blob, 1024))
-    root = statehash.merkle_root(hashes)
+    root = merkle_root(hashes)
     bad_data = b"\x00" * 1024
     response = sign_chunk(IDS[0], RUN, root.hex(), 2, bad_data)
     evidence = BadChunkEvidence(
@@ -129,13 +130,12 @@ def test_evidence_checks_only_a_signed_wrong_digest() -> None:
     good = sign_chunk(IDS[0], RUN, root.hex(), 2, blob[2048:3072])
     honest = dataclasses.replace(evidence, digest=hashes[2], sig=good.sig)
     assert not check_evidence(honest, hashes, root)
-    assert not check_evidence(evidence, hashes[:-1], statehash.merkle_root(hashes[:-1]))
+    assert not check_evidence(evidence, hashes[:-1], merkle_root(hashes[:-1]))
 
 
 def test_vouches_from_gossip_and_membership_count_with_announcements() -> None:
     import time
 
-    from intellect.node.net.statesync import Vouch, checkpoint_announce
     from intellect.protocol.records import MembershipRecord
 
     signed = ann(0, 7, H1, chunk=4096, total=9000)
@@ -159,8 +159,6 @@ def test_disagreeing_size_hints_are_dropped_not_voted() -> None:
     """Two vouchers back the same state; one lies about the chunk size. Neither hint wins (a majority rule
     would let a lone liar outvote a lone honest peer on a tie); the chunk list is then checked against the
     state hash alone."""
-    from intellect.node.net.statesync import Vouch
-
     honest = Vouch(IDS[1].peer_id, 7, H1, 4096, 9000)
     liar = Vouch(IDS[2].peer_id, 7, H1, 1 << 20, 9000)
     target = pick_target([honest, liar], RUN)

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from intellect.node.engine.statehash import ChunkHasher, iter_serialized, merkle_root
+from intellect.node.engine.statehash import ChunkHasher, iter_serialized
+from intellect.protocol.merkle import merkle_root
 
 log = logging.getLogger(__name__)
 

@@ -1,13 +1,10 @@
-"""Training data: the built-in corpus, pre-tokenized shards, shard assignment and a resumable stream.
+"""Training data: the built-in corpus, pre-tokenized shards and a resumable stream.
 
 - A *shard* is a flat array of token ids (uint16 when the vocabulary fits, else uint32), named by a URI
-  and pinned by the sha256 of its little-endian bytes and its token count (`ShardInfo`, listed in the
-  manifest). Files written by `prepare_shards` are raw arrays opened with `numpy.memmap`; the built-in
-  corpus is cut into virtual shards `builtin://corpus/<k>` plus a held-out split `builtin://heldout` that
-  no peer trains on.
-- `assign_shards` is a pure function of (run, round, live peers): rendezvous (highest-random-weight)
-  hashing with sha256, so every shard has exactly one owner and a membership change moves only the shards
-  of the peer that left (or ~1/(N+1) of them to the peer that joined).
+  and pinned by the sha256 of its little-endian bytes and its token count (a manifest `ShardSpec`).
+  Files written by `prepare_shards` are raw arrays opened with `numpy.memmap`; the built-in corpus is cut
+  into virtual shards `builtin://corpus/<k>` plus a held-out split `builtin://heldout` that no peer
+  trains on. Which peer trains on which shard is `intellect.protocol.shards.assign_shards`.
 - `TokenStream` cuts the assigned shards into windows of `seq_len + 1` tokens and visits them in a
   seeded permutation per epoch; its cursor (epoch, position) is the whole state, so a restart resumes at
   exactly the same sample.
@@ -19,7 +16,6 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -27,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from intellect.node.engine.tokenizer import Tokenizer
+from intellect.protocol.manifest import ShardSpec
 
 log = logging.getLogger(__name__)
 
@@ -36,30 +33,10 @@ BUILTIN_NUM_SHARDS = 16
 #: Fraction of the built-in corpus (its tail) held out for evaluation.
 BUILTIN_HELDOUT_FRACTION = 0.05
 _CORPUS_FILE = "pydoc_topics.jsonl"
-_ASSIGN_DOMAIN = b"intellect-node/v1/shard-assignment"
 
 
 class DataError(ValueError):
     """A shard is missing, has the wrong hash or size, or a stream cannot be built or restored."""
-
-
-@dataclass(frozen=True)
-class ShardInfo:
-    """One shard as the manifest lists it."""
-
-    #: `builtin://corpus/<k>`, `builtin://heldout`, a path (relative to the shard index) or `file://…`.
-    uri: str
-    #: sha256 (hex) of the shard's token array as little-endian bytes.
-    sha256: str
-    #: Number of tokens.
-    tokens: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"uri": self.uri, "sha256": self.sha256, "tokens": self.tokens}
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> ShardInfo:
-        return cls(uri=str(d["uri"]), sha256=str(d["sha256"]), tokens=int(d["tokens"]))
 
 
 def token_dtype(vocab_size: int) -> np.dtype[Any]:
@@ -113,16 +90,16 @@ def _builtin_split(tokens: np.ndarray, num_shards: int) -> tuple[list[np.ndarray
     return shards, tokens[n_train:]
 
 
-def builtin_shards(tokenizer: Tokenizer, num_shards: int = BUILTIN_NUM_SHARDS) -> list[ShardInfo]:
+def builtin_shards(tokenizer: Tokenizer, num_shards: int = BUILTIN_NUM_SHARDS) -> list[ShardSpec]:
     """The built-in training split as `num_shards` virtual shards `builtin://corpus/<k>`."""
     shards, _ = _builtin_split(builtin_corpus_tokens(tokenizer), num_shards)
-    return [ShardInfo(f"{BUILTIN_SCHEME}corpus/{k}", tokens_sha256(s), len(s)) for k, s in enumerate(shards)]
+    return [ShardSpec(f"{BUILTIN_SCHEME}corpus/{k}", tokens_sha256(s), len(s)) for k, s in enumerate(shards)]
 
 
-def builtin_heldout(tokenizer: Tokenizer) -> ShardInfo:
+def builtin_heldout(tokenizer: Tokenizer) -> ShardSpec:
     """The held-out tail of the built-in corpus (`builtin://heldout`), never assigned for training."""
     _, held = _builtin_split(builtin_corpus_tokens(tokenizer), BUILTIN_NUM_SHARDS)
-    return ShardInfo(f"{BUILTIN_SCHEME}heldout", tokens_sha256(held), len(held))
+    return ShardSpec(f"{BUILTIN_SCHEME}heldout", tokens_sha256(held), len(held))
 
 
 class ShardResolver:
@@ -134,9 +111,9 @@ class ShardResolver:
         self.tokenizer = tokenizer
         self.base_dir = base_dir
         self.num_builtin_shards = num_builtin_shards
-        self._verified: dict[ShardInfo, np.ndarray] = {}
+        self._verified: dict[ShardSpec, np.ndarray] = {}
 
-    def _open(self, info: ShardInfo) -> np.ndarray:
+    def _open(self, info: ShardSpec) -> np.ndarray:
         dtype = token_dtype(self.tokenizer.vocab_size)
         if info.uri.startswith(BUILTIN_SCHEME):
             shards, held = _builtin_split(builtin_corpus_tokens(self.tokenizer), self.num_builtin_shards)
@@ -160,7 +137,7 @@ class ShardResolver:
             return np.zeros(0, dtype=dtype)
         return np.memmap(path, dtype=dtype, mode="r")
 
-    def load(self, info: ShardInfo) -> np.ndarray:
+    def load(self, info: ShardSpec) -> np.ndarray:
         """The shard's tokens (memory-mapped for files); raises DataError on a wrong size or hash."""
         if info in self._verified:
             return self._verified[info]
@@ -172,37 +149,6 @@ class ShardResolver:
             raise DataError(f"{info.uri}: sha256 mismatch: manifest {info.sha256}, data {actual}")
         self._verified[info] = arr
         return arr
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Assignment
-
-
-def _hrw_score(run_id: str, round_: int, peer: str, shard: ShardInfo) -> bytes:
-    h = hashlib.sha256(_ASSIGN_DOMAIN)
-    for part in (run_id, str(round_), peer, shard.uri, shard.sha256):
-        h.update(b"\x00")
-        h.update(part.encode("utf-8"))
-    return h.digest()
-
-
-def assign_shards(
-    run_id: str, round: int, peers: Sequence[str], shards: Sequence[ShardInfo]
-) -> dict[str, list[ShardInfo]]:
-    """Rendezvous hashing: each shard goes to the peer with the highest sha256(run, round, peer, shard).
-
-    Pure and order-independent (peers are de-duplicated; every peer gets a key, possibly an empty list,
-    and each list keeps the input order of shards). Including the round rotates data between peers
-    from round to round; within a round, removing a peer moves only its own shards.
-    """
-    unique = sorted(set(peers))
-    out: dict[str, list[ShardInfo]] = {p: [] for p in unique}
-    if not unique:
-        return out
-    for shard in shards:
-        owner = max(unique, key=lambda p: (_hrw_score(run_id, round, p, shard), p))
-        out[owner].append(shard)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -235,7 +181,7 @@ class TokenStream:
 
     @classmethod
     def from_infos(
-        cls, resolver: ShardResolver, infos: Sequence[ShardInfo], batch: int, seq_len: int, seed: int = 0
+        cls, resolver: ShardResolver, infos: Sequence[ShardSpec], batch: int, seq_len: int, seed: int = 0
     ) -> TokenStream:
         """Open (and verify) the shards, then stream them."""
         return cls([resolver.load(i) for i in infos], batch, seq_len, seed)
@@ -346,7 +292,7 @@ def prepare_shards(
     tokenizer: Tokenizer,
     shard_tokens: int = 1 << 24,
     docs_per_batch: int = 256,
-) -> list[ShardInfo]:
+) -> list[ShardSpec]:
     """Tokenize the inputs into `shard-NNNNN.bin` files of `shard_tokens` tokens (the last may be shorter).
 
     Documents are joined with EOS and may straddle shards. Writes `index.json` (tokenizer name and hash,
@@ -356,7 +302,7 @@ def prepare_shards(
         raise DataError(f"shard_tokens must be > 1, got {shard_tokens}")
     out_dir.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
-    infos: list[ShardInfo] = []
+    infos: list[ShardSpec] = []
     pending: list[np.ndarray] = []
     pending_len = 0
 
@@ -366,7 +312,7 @@ def prepare_shards(
         with tmp.open("wb") as f:
             f.write(np.ascontiguousarray(arr, dtype=dtype).tobytes())
         tmp.replace(out_dir / name)
-        infos.append(ShardInfo(name, tokens_sha256(arr.astype(dtype)), len(arr)))
+        infos.append(ShardSpec(name, tokens_sha256(arr.astype(dtype)), len(arr)))
 
     def docs() -> Iterator[list[str]]:
         batch: list[str] = []
@@ -400,16 +346,16 @@ def prepare_shards(
     return infos
 
 
-def load_index(out_dir: Path) -> list[ShardInfo]:
+def load_index(out_dir: Path) -> list[ShardSpec]:
     """The shards listed in `<out_dir>/index.json`."""
     try:
         data = json.loads((out_dir / "index.json").read_text())
-        return [ShardInfo.from_dict(d) for d in data["shards"]]
+        return [ShardSpec.from_dict(d) for d in data["shards"]]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DataError(f"{out_dir}/index.json: {e}") from None
 
 
-def shards_toml(infos: Sequence[ShardInfo]) -> str:
+def shards_toml(infos: Sequence[ShardSpec]) -> str:
     """Manifest-ready TOML (`[[data.shards]]` tables)."""
     lines = []
     for i in infos:

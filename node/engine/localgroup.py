@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from intellect.node.engine.data import ShardInfo, ShardResolver, TokenStream
+from intellect.node.engine.data import ShardResolver, TokenStream
 from intellect.node.engine.trainer import InnerStats, InnerTrainer, TrainerConfig
+from intellect.protocol.manifest import ShardSpec
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def local_batch(batch: int, world: int) -> int:
 
 def rank_stream(
     resolver: ShardResolver,
-    shards: Sequence[ShardInfo],
+    shards: Sequence[ShardSpec],
     rank: int,
     world: int,
     batch: int,
@@ -102,7 +103,7 @@ class WorkerSpec:
     trainer: TrainerConfig
     tokenizer: str
     tokenizer_sha256: str | None
-    shards: tuple[ShardInfo, ...]
+    shards: tuple[ShardSpec, ...]
     data_dir: str
     device: str
     backend: str
@@ -255,7 +256,7 @@ class LocalGroup:
         model: dict[str, Any],
         tokenizer: str,
         tokenizer_sha256: str | None,
-        shards: Sequence[ShardInfo],
+        shards: Sequence[ShardSpec],
         shards_dir: Path,
         timeout_s: float = 600.0,
     ) -> None:
@@ -328,7 +329,7 @@ class LocalGroup:
             except RuntimeError as e:  # gloo/NCCL report a lost peer as RuntimeError (DistBackendError)
                 raise LocalGroupError(f"local ranks failed during {what}: {e}") from e
 
-    def begin_round(self, shards: Sequence[ShardInfo], seed: int, stream: TokenStream) -> None:
+    def begin_round(self, shards: Sequence[ShardSpec], seed: int, stream: TokenStream) -> None:
         """Send rank 0's state and the round's shards; `stream` (rank 0's own part) becomes its data."""
         idx = [self.shards.index(s) for s in shards]
 

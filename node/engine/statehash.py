@@ -12,11 +12,8 @@ installed version (0.8 orders by dtype alignment, then name): the bytes produced
 with the JSON header written with sorted keys and no whitespace. Any safetensors reader opens the result.
 
 Hashing: the blob is cut into fixed-size chunks (1 MiB by default) hashed with sha256; the chunk hashes are
-the leaves of a binary Merkle tree built RFC 6962 style: a leaf node is ``sha256(0x00 || chunk_hash)`` and
-an interior node ``sha256(0x01 || left || right)`` (distinct prefixes, so an interior node can never pass
-for a leaf). **Odd-leaf rule:** when a level has an odd number of nodes, the last one is promoted unchanged
-to the next level (it is *not* paired with a copy of itself, which would let two different leaf lists
-share a root, as in Bitcoin's CVE-2012-2459). The root of zero chunks is ``sha256(b"")``.
+the leaves of a binary Merkle tree (`intellect.protocol.merkle.merkle_root`, RFC 6962 style, the odd last
+node promoted unchanged), whose root is the state hash.
 """
 
 from __future__ import annotations
@@ -24,15 +21,13 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 
 import torch
+from intellect.protocol.merkle import merkle_root
 
 #: Default chunk size for hashing and chunked state transfer.
 CHUNK_SIZE = 1 << 20
-
-_LEAF_PREFIX = b"\x00"
-_NODE_PREFIX = b"\x01"
 
 #: torch dtype -> safetensors dtype name (only dtypes a model state can hold).
 _DTYPE_NAMES: dict[torch.dtype, str] = {
@@ -132,22 +127,6 @@ class ChunkHasher:
             self._current = hashlib.sha256()
             self._filled = 0
         return self.hashes
-
-
-def merkle_root(hashes: Sequence[bytes]) -> bytes:
-    """Merkle root of chunk digests (RFC 6962 prefixes; an odd last node is promoted unchanged)."""
-    if not hashes:
-        return hashlib.sha256(b"").digest()
-    level = [hashlib.sha256(_LEAF_PREFIX + h).digest() for h in hashes]
-    while len(level) > 1:
-        nxt = [
-            hashlib.sha256(_NODE_PREFIX + level[i] + level[i + 1]).digest()
-            for i in range(0, len(level) - 1, 2)
-        ]
-        if len(level) % 2:
-            nxt.append(level[-1])
-        level = nxt
-    return level[0]
 
 
 def state_hash(tensors: Mapping[str, torch.Tensor], chunk_size: int = CHUNK_SIZE) -> str:

@@ -3,8 +3,9 @@
 Why our own and not hivemind's `AllReduceRunner`: on loopback hivemind's all-reduce is CPU-bound at about
 10× gloo's time (docs/decisions.md, "All-reduce transport"); this one reads straight into preallocated
 tensors with `loop.sock_recv_into`, does the reduction with torch, and stays within a small factor of gloo.
-Group formation, retries and deadlines live in `intellect.node.net.averaging`; this module only runs one
-attempt for a fixed, agreed member list and either returns the average or raises `AllReduceError`.
+Group formation, retries and deadlines live in `intellect.node.net.averaging`, the group itself and its
+partitioning in `intellect.protocol.groups`; this module only runs one attempt for a fixed, agreed member
+list and either returns the average (`ReducedVector`) or raises `AllReduceError`.
 
 Protocol (see `intellect.protocol.averaging_messages`): every member opens one connection to every other
 member and proves its peer ID there (signed hello over the receiver's fresh nonce, domain ALLREDUCE).
@@ -15,13 +16,15 @@ the owner included, uses the *decoded* bytes, so all members end with bit-identi
 
 Any failure (a member that stalls past the stall timeout, disconnects, sends a malformed or non-finite
 part, or saw a different member list) aborts the attempt for everyone: a member either returns the full
-average of all members or raises; no member ever returns a partial average.
+average of all members or raises; no member ever returns a partial average. Why an attempt failed is an
+`averaging_messages.AbortReason`; why the data plane refused a connection is a `RefusedConnection`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import hashlib
 import logging
 import math
@@ -38,8 +41,10 @@ from intellect.crypto import domains
 from intellect.crypto.identity import Identity, verify
 from intellect.node.engine.robust import REDUCERS, reduce_partition
 from intellect.protocol import averaging_messages as am
+from intellect.protocol.averaging_messages import AbortReason, HandshakeRefusal
 from intellect.protocol.codec import decode, encode, packb_canonical
 from intellect.protocol.errors import ProtocolError
+from intellect.protocol.groups import GroupMember, GroupSpec, partition_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -50,9 +55,13 @@ T = TypeVar("T")
 class AllReduceError(Exception):
     """One all-reduce attempt failed; nobody may use a result. `culprit` names a misbehaving member."""
 
-    def __init__(self, reason: str, culprit: str = "", detail: str = "") -> None:
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
+    def __init__(
+        self, failure: AbortReason, culprit: str = "", detail: str = "", *, peer_reason: str | None = None
+    ) -> None:
+        #: The failure's value; for ABORTED_BY_PEER, "aborted-by-peer:<the reason the peer sent>".
+        self.reason: str = failure if peer_reason is None else f"{failure}:{peer_reason}"
+        super().__init__(f"{self.reason}: {detail}" if detail else self.reason)
+        self.failure = failure
         self.culprit = culprit
         self.detail = detail
 
@@ -91,14 +100,6 @@ def unflatten(flat: torch.Tensor, like: Mapping[str, torch.Tensor]) -> dict[str,
     if offset != flat.numel():
         raise ValueError(f"flat vector has {flat.numel()} values, tensors need {offset}")
     return out
-
-
-def partition_sizes(numel: int, n: int) -> list[int]:
-    """Split `numel` values into `n` contiguous partitions whose sizes differ by at most one."""
-    if n < 1:
-        raise ValueError("a group has at least one member")
-    base, extra = divmod(numel, n)
-    return [base + (1 if i < extra else 0) for i in range(n)]
 
 
 class PayloadCodec(Protocol):
@@ -181,56 +182,6 @@ def get_payload_codec(name: str) -> PayloadCodec:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Groups
-
-
-@dataclass(frozen=True)
-class GroupMember:
-    """A member's peer ID and the data-plane address it published (signed) in its group record."""
-
-    peer_id: str
-    host: str
-    port: int
-
-
-@dataclass(frozen=True)
-class GroupSpec:
-    """An agreed group: one all-reduce attempt of (run, round, attempt) between sorted members."""
-
-    run_id: str
-    round: int
-    attempt: int
-    schema_hash: str
-    members: tuple[GroupMember, ...]
-
-    def __post_init__(self) -> None:
-        ids = [m.peer_id for m in self.members]
-        if ids != sorted(ids) or len(set(ids)) != len(ids):
-            raise ValueError("group members must be sorted by peer ID and distinct")
-
-    @property
-    def group_id(self) -> bytes:
-        return am.group_id_of(
-            self.run_id,
-            self.round,
-            self.attempt,
-            self.schema_hash,
-            tuple((m.peer_id, m.host, m.port) for m in self.members),
-        )
-
-    @property
-    def key(self) -> tuple[str, int, int]:
-        return (self.run_id, self.round, self.attempt)
-
-    @property
-    def peer_ids(self) -> tuple[str, ...]:
-        return tuple(m.peer_id for m in self.members)
-
-    def index(self, peer_id: str) -> int:
-        return self.peer_ids.index(peer_id)
-
-
-# --------------------------------------------------------------------------------------------------------
 # Connections
 
 
@@ -296,6 +247,25 @@ class _Slot:
             self.failure.set_result(err)
 
 
+class RefusedConnection(enum.StrEnum):
+    """Why the data plane refused an incoming connection: the keys of `DataPlane.rejected` (metrics).
+
+    A handshake that fails outright (timeout, broken connection, malformed frame) is counted under the
+    class name of its exception instead (e.g. "TimeoutError").
+    """
+
+    #: The hello names another peer as its receiver.
+    WRONG_RECEIVER = "wrong-receiver"
+    #: The sender's signature over the hello and our nonce does not verify.
+    BAD_PROOF = "bad-proof"
+    #: The hello is for an older attempt of the round than the latest one we opened.
+    STALE_ATTEMPT = "stale-attempt"
+    #: A member of our group for this attempt agreed on another member list (our attempt fails too).
+    MEMBER_MISMATCH = "member-mismatch"
+    #: The sender is not a member of the group it names, or is already connected in it.
+    NOT_MEMBER = "not-member"
+
+
 class DataPlane:
     """The TCP listener of a node's all-reduce data plane and the routing of incoming connections.
 
@@ -319,7 +289,7 @@ class DataPlane:
         self._tasks: set[asyncio.Task[None]] = set()
         self._accept_task: asyncio.Task[None] | None = None
         self._slot_added = asyncio.Event()
-        #: Counters of refused connections by reason (observability; the averager exports them).
+        #: Refused connections by `RefusedConnection` or exception class name (the averager exports them).
         self.rejected: dict[str, int] = {}
 
     async def __aenter__(self) -> DataPlane:
@@ -383,8 +353,14 @@ class DataPlane:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _reject(self, reason: str) -> None:
-        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+    def _count_rejected(self, key: str) -> None:
+        self.rejected[key] = self.rejected.get(key, 0) + 1
+
+    async def _refuse(self, conn: _Conn, reason: HandshakeRefusal, counted_as: RefusedConnection) -> bool:
+        """Tell the sender why we refuse it and count it; False: the connection is not handed over."""
+        await conn.send_frame(am.Reject(reason.value))
+        self._count_rejected(counted_as)
+        return False
 
     async def _serve(self, conn: _Conn) -> None:
         handed_over = False
@@ -393,7 +369,7 @@ class DataPlane:
                 handed_over = await self._handshake(conn)
         except (TimeoutError, ConnectionError, OSError, ProtocolError, struct.error) as e:
             logger.debug("allreduce handshake failed: %s", e)
-            self._reject(type(e).__name__)
+            self._count_rejected(type(e).__name__)
         finally:
             if not handed_over:
                 conn.close()
@@ -403,18 +379,14 @@ class DataPlane:
         if not isinstance(hello, am.Hello):
             raise ProtocolError(f"expected Hello, got {type(hello).__name__}")
         if hello.receiver != self.identity.peer_id:
-            await conn.send_frame(am.Reject("wrong receiver"))
-            self._reject("wrong-receiver")
-            return False
+            return await self._refuse(conn, HandshakeRefusal.WRONG_RECEIVER, RefusedConnection.WRONG_RECEIVER)
         nonce = os.urandom(32)
         await conn.send_frame(am.Challenge(nonce))
         proof = await conn.recv_frame()
         if not isinstance(proof, am.Proof):
             raise ProtocolError(f"expected Proof, got {type(proof).__name__}")
         if not verify(hello.sender, domains.ALLREDUCE, hello.proof_bytes(nonce), proof.sig):
-            await conn.send_frame(am.Reject("bad proof"))
-            self._reject("bad-proof")
-            return False
+            return await self._refuse(conn, HandshakeRefusal.BAD_PROOF, RefusedConnection.BAD_PROOF)
         # The sender is who it says. Find our slot for its group id; a peer may be a little ahead of us.
         key = (hello.run_id, hello.round, hello.attempt)
         while True:
@@ -423,22 +395,22 @@ class DataPlane:
                 break
             other = self._by_key.get(key)
             if hello.attempt < self._latest_attempt.get((hello.run_id, hello.round), -1):
-                await conn.send_frame(am.Reject("stale attempt"))
-                self._reject("stale-attempt")
-                return False
+                return await self._refuse(
+                    conn, HandshakeRefusal.STALE_ATTEMPT, RefusedConnection.STALE_ATTEMPT
+                )
             if other is not None:
                 if hello.sender in other.incoming:
                     # A member of our group agreed on a different member list: our attempt cannot succeed.
-                    other.fail(AllReduceError("member-mismatch", detail=f"{hello.sender} saw another group"))
-                await conn.send_frame(am.Reject("member list mismatch"))
-                self._reject("member-mismatch")
-                return False
+                    detail = f"{hello.sender} saw another group"
+                    other.fail(AllReduceError(AbortReason.MEMBER_MISMATCH, detail=detail))
+                return await self._refuse(
+                    conn, HandshakeRefusal.MEMBER_MISMATCH, RefusedConnection.MEMBER_MISMATCH
+                )
             await self._slot_added.wait()
         fut = slot.incoming.get(hello.sender)
         if fut is None or fut.done():
-            await conn.send_frame(am.Reject("not a member" if fut is None else "duplicate connection"))
-            self._reject("not-member")
-            return False
+            reason = HandshakeRefusal.NOT_A_MEMBER if fut is None else HandshakeRefusal.DUPLICATE_CONNECTION
+            return await self._refuse(conn, reason, RefusedConnection.NOT_MEMBER)
         await conn.send_frame(am.Accept(len(slot.spec.members)))
         fut.set_result(conn)
         return True
@@ -459,26 +431,26 @@ class DataPlane:
             await conn.send_frame(hello)
             challenge = await conn.recv_frame()
             if isinstance(challenge, am.Reject):
-                raise AllReduceError("rejected", detail=f"{member.peer_id}: {challenge.reason}")
+                raise AllReduceError(AbortReason.REJECTED, detail=f"{member.peer_id}: {challenge.reason}")
             if not isinstance(challenge, am.Challenge) or len(challenge.nonce) != 32:
                 raise AllReduceError(
-                    "protocol", culprit=member.peer_id, detail="expected a 32-byte challenge"
+                    AbortReason.PROTOCOL, culprit=member.peer_id, detail="expected a 32-byte challenge"
                 )
             await conn.send_frame(
                 am.Proof(self.identity.sign(domains.ALLREDUCE, hello.proof_bytes(challenge.nonce)))
             )
             answer = await conn.recv_frame()
             if isinstance(answer, am.Reject):
-                raise AllReduceError("rejected", detail=f"{member.peer_id}: {answer.reason}")
+                raise AllReduceError(AbortReason.REJECTED, detail=f"{member.peer_id}: {answer.reason}")
             if not isinstance(answer, am.Accept):
-                raise AllReduceError("protocol", culprit=member.peer_id, detail="expected Accept")
+                raise AllReduceError(AbortReason.PROTOCOL, culprit=member.peer_id, detail="expected Accept")
             return conn
         except (OSError, ConnectionError, ProtocolError, struct.error) as e:
             conn.close()
             # Named as the culprit so that the retry goes on without it: a member nobody can reach (or
             # that never connects, below) would otherwise fail every attempt of the round.
             raise AllReduceError(
-                "unreachable", culprit=member.peer_id, detail=f"{member.peer_id}: {e}"
+                AbortReason.UNREACHABLE, culprit=member.peer_id, detail=f"{member.peer_id}: {e}"
             ) from e
         except BaseException:
             conn.close()
@@ -490,7 +462,7 @@ class DataPlane:
 
 
 @dataclass
-class AllReduceOutcome:
+class ReducedVector:
     """A completed all-reduce: the averaged flat vector (bit-identical on all members) and what it cost."""
 
     flat: torch.Tensor
@@ -551,7 +523,7 @@ async def butterfly_allreduce(
     validate_local: bool = True,
     fault: Callable[[str], Awaitable[None]] | None = None,
     reducer: str = "mean",
-) -> AllReduceOutcome:
+) -> ReducedVector:
     """Average `flat` (fp32, 1-D) with the members of `spec`, weighted; raise AllReduceError on any failure.
 
     `stall_timeout` bounds every single network wait (connect, handshake, each partition); the caller
@@ -562,197 +534,292 @@ async def butterfly_allreduce(
     if reducer not in REDUCERS:
         raise ValueError(f"unknown reducer {reducer!r}")
     me = plane.identity.peer_id
-    n = len(spec.members)
-    my_index = spec.index(me)
+    spec.index(me)  # ValueError when we are not a member
     weight = _check_weight(weight, max_weight)
     flat = flat.detach().to(torch.float32).contiguous()
     if validate_local and not all_finite(flat):
-        raise AllReduceError("non-finite-local", culprit=me, detail="our own tensors are not finite")
-    start = time.perf_counter()
-    sizes = partition_sizes(flat.numel(), n)
-    offsets = [sum(sizes[:i]) for i in range(n)]
-    big = flat.numel() >= (1 << 20)
-    timings: dict[str, float] = {}
-    if n == 1:
-        return AllReduceOutcome(flat.clone(), weight, 0, 0, 0.0, timings)
-
-    def part(i: int) -> torch.Tensor:
-        return flat[offsets[i] : offsets[i] + sizes[i]]
-
-    others = [m for m in spec.members if m.peer_id != me]
+        raise AllReduceError(
+            AbortReason.NON_FINITE_LOCAL, culprit=me, detail="our own tensors are not finite"
+        )
+    if len(spec.members) == 1:
+        return ReducedVector(flat.clone(), weight, 0, 0, 0.0, {})
     slot = plane.open_slot(spec)
-    outgoing: dict[str, _Conn] = {}
-    sent = received = 0
+    try:
+        attempt = _Attempt(
+            plane, slot, flat, weight, codec, max_weight, stall_timeout, validate_local, fault, reducer
+        )
+        return await attempt.run()
+    finally:
+        plane.close_slot(slot)
 
-    async def guarded(aw: Awaitable[T]) -> T:
+
+class _Attempt:
+    """One butterfly all-reduce of `flat` between the members of `slot.spec`, and the state its phases share.
+
+    The phases, each timed: `_connect` (one connection each way to every other member), `_reduce_scatter`
+    (send every member its partition of our vector, receive everyone's contribution to ours), `_reduce`
+    (reduce our partition and encode it once) and `_all_gather` (send it to everyone, receive theirs).
+    Every network wait goes through `_guarded`, which also fails when the slot learns that a member saw
+    another group. On any failure the others are told (`Abort`) and every connection is closed.
+    """
+
+    def __init__(
+        self,
+        plane: DataPlane,
+        slot: _Slot,
+        flat: torch.Tensor,
+        weight: float,
+        codec: PayloadCodec,
+        max_weight: float,
+        stall_timeout: float,
+        validate_local: bool,
+        fault: Callable[[str], Awaitable[None]] | None,
+        reducer: str,
+    ) -> None:
+        self.plane = plane
+        self.slot = slot
+        self.spec = slot.spec
+        self.flat = flat
+        self.weight = weight
+        self.codec = codec
+        self.max_weight = max_weight
+        self.stall_timeout = stall_timeout
+        self.validate_local = validate_local
+        self.fault = fault
+        self.reducer = reducer
+        self.me = plane.identity.peer_id
+        self.my_index = self.spec.index(self.me)
+        self.others = [m for m in self.spec.members if m.peer_id != self.me]
+        self.sizes = partition_sizes(flat.numel(), len(self.spec.members))
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        #: Large vectors have their encoding, decoding and reduction run in a worker thread.
+        self.big = flat.numel() >= (1 << 20)
+        #: Raw fp32 parts are read straight into their destination tensor.
+        self.raw = isinstance(codec, RawFp32Codec)
+        self.outgoing: dict[str, _Conn] = {}
+        self.incoming: dict[str, _Conn] = {}
+        self.sent = self.received = 0
+        self.timings: dict[str, float] = {}
+        self.start = time.perf_counter()
+
+    async def run(self) -> ReducedVector:
+        try:
+            await self._timed("connect", self._connect())
+            contributions = await self._timed("scatter", self._reduce_scatter())
+            result, total, my_payload = await self._timed("reduce", self._reduce(contributions))
+            await self._timed("gather", self._all_gather(result, total, my_payload))
+            seconds = time.perf_counter() - self.start
+            return ReducedVector(result, total, self.sent, self.received, seconds, self.timings)
+        except AllReduceError as e:
+            # Tell whoever still listens, so they fail fast instead of waiting for the stall timeout.
+            abort = am.Abort(e.reason[:100], e.culprit)
+            await asyncio.gather(
+                *(asyncio.wait_for(c.send_frame(abort), 1.0) for c in self.outgoing.values()),
+                return_exceptions=True,
+            )
+            raise
+        finally:
+            for c in (*self.outgoing.values(), *self.incoming.values()):
+                c.close()
+
+    async def _timed(self, phase: str, aw: Awaitable[T]) -> T:
+        t0 = time.perf_counter()
+        result = await aw
+        self.timings[phase] = time.perf_counter() - t0
+        return result
+
+    def _part(self, i: int, of: torch.Tensor | None = None) -> torch.Tensor:
+        """Partition `i` of our vector (or of `of`, a vector of the same length)."""
+        vector = self.flat if of is None else of
+        return vector[self.offsets[i] : self.offsets[i] + self.sizes[i]]
+
+    async def _guarded(self, aw: Awaitable[T]) -> T:
         """Wait for `aw` unless the slot fails first (a member saw another group) or it stalls."""
         task = asyncio.ensure_future(aw)
         try:
-            waiting: set[asyncio.Future[Any]] = {task, slot.failure}
-            done, _ = await asyncio.wait(waiting, timeout=stall_timeout, return_when=asyncio.FIRST_COMPLETED)
+            waiting: set[asyncio.Future[Any]] = {task, self.slot.failure}
+            done, _ = await asyncio.wait(
+                waiting, timeout=self.stall_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
             if task in done:
                 return task.result()
-            if slot.failure.done():
-                raise slot.failure.result()
-            raise AllReduceError("stalled", detail=f"no progress within {stall_timeout:.1f}s")
+            if self.slot.failure.done():
+                raise self.slot.failure.result()
+            raise AllReduceError(AbortReason.STALLED, detail=f"no progress within {self.stall_timeout:.1f}s")
         finally:
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
 
-    async def open_out(m: GroupMember) -> None:
-        outgoing[m.peer_id] = await guarded(plane.connect(spec, m))
+    # -- connections ---------------------------------------------------------------------------------------
 
-    async def accept_in(m: GroupMember) -> _Conn:
+    async def _connect(self) -> None:
+        others = self.others
+        conns = await _all([self._open_out(m) for m in others] + [self._accept_in(m) for m in others])
+        self.incoming = {m.peer_id: c for m, c in zip(others, conns[len(others) :], strict=True)}
+
+    async def _open_out(self, m: GroupMember) -> None:
+        self.outgoing[m.peer_id] = await self._guarded(self.plane.connect(self.spec, m))
+
+    async def _accept_in(self, m: GroupMember) -> _Conn:
         try:
-            return await guarded(asyncio.shield(slot.incoming[m.peer_id]))
+            return await self._guarded(asyncio.shield(self.slot.incoming[m.peer_id]))
         except AllReduceError as e:
-            if e.reason == "stalled":
+            if e.failure is AbortReason.STALLED:
                 raise AllReduceError(
-                    "stalled", culprit=m.peer_id, detail=f"{m.peer_id} never connected"
+                    AbortReason.STALLED, culprit=m.peer_id, detail=f"{m.peer_id} never connected"
                 ) from None
             raise
 
-    async def recv_part(
-        m: GroupMember, conn: _Conn, kind: am.PartKind, part_index: int, out: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, float]:
-        """Receive, check and decode one part; raw fp32 parts are read straight into `out` when given."""
-        nonlocal received
+    # -- parts ---------------------------------------------------------------------------------------------
+
+    async def _send_part(
+        self, m: GroupMember, kind: am.PartKind, part_index: int, w: float, payload: bytes | memoryview
+    ) -> None:
+        numel = self.sizes[part_index]
+        header = encode(am.PartHeader(int(kind), part_index, w, self.codec.name, numel, len(payload)))
         try:
-            header = await guarded(conn.recv_frame())
+            await self._guarded(self.outgoing[m.peer_id].send(_LEN.pack(len(header)) + header, payload))
+        except (ConnectionError, OSError) as e:
+            raise AllReduceError(AbortReason.PEER_FAILED, detail=str(e)) from e
+        self.sent += len(header) + _LEN.size + len(payload)
+
+    async def _recv_part(
+        self, m: GroupMember, kind: am.PartKind, part_index: int, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, float]:
+        """Receive, check and decode one part from `m`; raw fp32 parts are read straight into `out` when
+        given. Returns the values and the weight (a sender's weight is capped at `max_weight`)."""
+        conn = self.incoming[m.peer_id]
+        header = await self._recv_header(m, conn, kind, part_index)
+        value = await self._recv_values(m, conn, header, out)
+        if not all_finite(value):
+            raise AllReduceError(
+                AbortReason.NON_FINITE_PART, culprit=m.peer_id, detail=f"{kind.name} part {part_index}"
+            )
+        w = header.weight
+        if kind == am.PartKind.SCATTER:
+            if not math.isfinite(w) or w < 0:
+                raise AllReduceError(AbortReason.BAD_WEIGHT, culprit=m.peer_id, detail=str(w))
+            w = min(w, self.max_weight)
+        return value, w
+
+    async def _recv_header(
+        self, m: GroupMember, conn: _Conn, kind: am.PartKind, part_index: int
+    ) -> am.PartHeader:
+        """The next part header from `m`, checked against what we expect before any payload is read."""
+        try:
+            header = await self._guarded(conn.recv_frame())
         except (ConnectionError, OSError, ProtocolError, struct.error) as e:
-            raise AllReduceError("peer-failed", detail=f"{m.peer_id}: {e}") from e
+            raise AllReduceError(AbortReason.PEER_FAILED, detail=f"{m.peer_id}: {e}") from e
         if isinstance(header, am.Abort):
             raise AllReduceError(
-                f"aborted-by-peer:{header.reason}", culprit=header.culprit, detail=f"{m.peer_id} aborted"
+                AbortReason.ABORTED_BY_PEER,
+                culprit=header.culprit,
+                detail=f"{m.peer_id} aborted",
+                peer_reason=header.reason,
             )
-        numel = sizes[part_index]
+        numel = self.sizes[part_index]
         if (
             not isinstance(header, am.PartHeader)
             or header.kind != kind
             or header.part != part_index
             or header.numel != numel
-            or header.codec != codec.name
-            or not 0 <= header.nbytes <= codec.max_bytes(numel)
+            or header.codec != self.codec.name
+            or not 0 <= header.nbytes <= self.codec.max_bytes(numel)
         ):
-            raise AllReduceError("malformed-part", culprit=m.peer_id, detail=repr(header)[:200])
-        raw = isinstance(codec, RawFp32Codec)
-        if raw and header.nbytes != 4 * numel:
-            raise AllReduceError("malformed-part", culprit=m.peer_id, detail=f"{header.nbytes} bytes")
+            raise AllReduceError(AbortReason.MALFORMED_PART, culprit=m.peer_id, detail=repr(header)[:200])
+        if self.raw and header.nbytes != 4 * numel:
+            detail = f"{header.nbytes} bytes"
+            raise AllReduceError(AbortReason.MALFORMED_PART, culprit=m.peer_id, detail=detail)
+        return header
+
+    async def _recv_values(
+        self, m: GroupMember, conn: _Conn, header: am.PartHeader, out: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The payload announced by `header`, decoded to fp32 values."""
+        numel = header.numel
         try:
-            if raw:
+            if self.raw:
                 # Read straight into the tensor that will hold the values: no intermediate buffer.
                 value = torch.empty(numel, dtype=torch.float32) if out is None else out
                 if numel:
-                    await guarded(conn.recv_into(value.numpy().data.cast("B")))
+                    await self._guarded(conn.recv_into(value.numpy().data.cast("B")))
             else:
-                payload = await guarded(conn.recv_exactly(header.nbytes))
+                payload = await self._guarded(conn.recv_exactly(header.nbytes))
         except (ConnectionError, OSError) as e:
-            raise AllReduceError("peer-failed", detail=f"{m.peer_id}: {e}") from e
-        received += header.nbytes + _LEN.size
-        if not raw:
-            try:
-                value = await _offload(codec.decode, payload, numel, big=big)
-            except (ValueError, RuntimeError, ProtocolError) as e:
-                raise AllReduceError("undecodable-part", culprit=m.peer_id, detail=str(e)) from e
-        if not all_finite(value):
-            raise AllReduceError(
-                "non-finite-part", culprit=m.peer_id, detail=f"{kind.name} part {part_index}"
-            )
-        w = header.weight
-        if kind == am.PartKind.SCATTER:
-            if not math.isfinite(w) or w < 0:
-                raise AllReduceError("bad-weight", culprit=m.peer_id, detail=str(w))
-            w = min(w, max_weight)
-        return value, w
-
-    async def send_part(
-        conn: _Conn, kind: am.PartKind, part_index: int, w: float, payload: bytes | memoryview
-    ) -> None:
-        nonlocal sent
-        header = encode(am.PartHeader(int(kind), part_index, w, codec.name, sizes[part_index], len(payload)))
+            raise AllReduceError(AbortReason.PEER_FAILED, detail=f"{m.peer_id}: {e}") from e
+        self.received += header.nbytes + _LEN.size
+        if self.raw:
+            return value
         try:
-            await guarded(conn.send(_LEN.pack(len(header)) + header, payload))
-        except (ConnectionError, OSError) as e:
-            raise AllReduceError("peer-failed", detail=str(e)) from e
-        sent += len(header) + _LEN.size + len(payload)
+            decoded: torch.Tensor = await _offload(self.codec.decode, payload, numel, big=self.big)
+        except (ValueError, RuntimeError, ProtocolError) as e:
+            raise AllReduceError(AbortReason.UNDECODABLE_PART, culprit=m.peer_id, detail=str(e)) from e
+        return decoded
 
-    incoming: dict[str, _Conn] = {}
-    try:
-        t0 = time.perf_counter()
-        conns_in = await _all([open_out(m) for m in others] + [accept_in(m) for m in others])
-        incoming = {m.peer_id: c for m, c in zip(others, conns_in[len(others) :], strict=True)}
-        timings["connect"] = time.perf_counter() - t0
+    # -- phases --------------------------------------------------------------------------------------------
 
-        # Reduce-scatter: send every member its partition, receive ours from everyone.
-        t0 = time.perf_counter()
-
-        async def scatter_to(m: GroupMember) -> None:
-            j = spec.index(m.peer_id)
-            payload = await _offload(codec.encode, part(j), big=big)
-            if fault is not None:
-                await fault(f"scatter:{m.peer_id}")
-            await send_part(outgoing[m.peer_id], am.PartKind.SCATTER, j, weight, payload)
-
-        async def gather_from(m: GroupMember) -> tuple[torch.Tensor, float]:
-            return await recv_part(m, incoming[m.peer_id], am.PartKind.SCATTER, my_index)
-
-        results = await _all([scatter_to(m) for m in others] + [gather_from(m) for m in others])
-        own = part(my_index)
-        if not validate_local and not all_finite(own):
+    async def _reduce_scatter(self) -> list[tuple[torch.Tensor, float]]:
+        """Send every member its partition, receive ours from everyone: the contributions to our partition
+        with their weights, our own first, then the others in group order."""
+        others = self.others
+        results = await _all(
+            [self._scatter_to(m) for m in others]
+            + [self._recv_part(m, am.PartKind.SCATTER, self.my_index) for m in others]
+        )
+        own = self._part(self.my_index)
+        if not self.validate_local and not all_finite(own):
             # Only reachable with fault injection: we are the peer that sent non-finite values.
-            raise AllReduceError("non-finite-part", culprit=me, detail="our own partition is not finite")
-        contributions: list[tuple[torch.Tensor, float]] = [(own, weight)]
-        contributions[len(contributions) :] = results[len(others) :]
-        timings["scatter"] = time.perf_counter() - t0
+            raise AllReduceError(
+                AbortReason.NON_FINITE_PART, culprit=self.me, detail="our own partition is not finite"
+            )
+        return [(own, self.weight), *results[len(others) :]]
 
-        t0 = time.perf_counter()
+    async def _scatter_to(self, m: GroupMember) -> None:
+        j = self.spec.index(m.peer_id)
+        payload = await _offload(self.codec.encode, self._part(j), big=self.big)
+        if self.fault is not None:
+            await self.fault(f"scatter:{m.peer_id}")
+        await self._send_part(m, am.PartKind.SCATTER, j, self.weight, payload)
+
+    async def _reduce(
+        self, contributions: list[tuple[torch.Tensor, float]]
+    ) -> tuple[torch.Tensor, float, bytes | memoryview]:
+        """Reduce our partition into a new result vector and encode it once: (result, total weight, the
+        bytes every member decodes our partition from)."""
         total = sum(w for _, w in contributions)
         if total <= 0:
-            raise AllReduceError("zero-weight", detail="no member contributed any weight")
+            raise AllReduceError(AbortReason.ZERO_WEIGHT, detail="no member contributed any weight")
 
         # The averaged vector; our reduced partition is computed straight into its slot.
-        result = torch.empty_like(flat)
-        mine = result[offsets[my_index] : offsets[my_index] + sizes[my_index]]
+        result = torch.empty_like(self.flat)
+        mine = self._part(self.my_index, of=result)
 
         def reduce_and_encode() -> tuple[bytes | memoryview, torch.Tensor]:
             # Our own contribution first, then the others in group order: deterministic on the owner,
             # which alone computes this partition (everyone else receives its bytes).
-            reduce_partition(reducer, [v for v, _ in contributions], [w for _, w in contributions], mine)
-            return codec.roundtrip(mine)
+            values, weights = [v for v, _ in contributions], [w for _, w in contributions]
+            reduce_partition(self.reducer, values, weights, mine)
+            return self.codec.roundtrip(mine)
 
-        my_payload, my_reduced = await _offload(reduce_and_encode, big=big)
+        my_payload, my_reduced = await _offload(reduce_and_encode, big=self.big)
         if my_reduced.data_ptr() != mine.data_ptr():  # a lossy codec: keep what everyone else decodes
             mine.copy_(my_reduced)
         if not all_finite(mine):
-            raise AllReduceError("non-finite-result", detail="our reduced partition is not finite")
-        timings["reduce"] = time.perf_counter() - t0
+            raise AllReduceError(AbortReason.NON_FINITE_RESULT, detail="our reduced partition is not finite")
+        return result, total, my_payload
 
-        # All-gather: everyone gets the same bytes of every reduced partition.
-        t0 = time.perf_counter()
-
-        async def broadcast_to(m: GroupMember) -> None:
-            await send_part(outgoing[m.peer_id], am.PartKind.GATHER, my_index, total, my_payload)
-
-        async def collect_from(m: GroupMember) -> None:
-            j = spec.index(m.peer_id)
-            dest = result[offsets[j] : offsets[j] + sizes[j]]
-            value, _ = await recv_part(m, incoming[m.peer_id], am.PartKind.GATHER, j, out=dest)
-            if value.data_ptr() != dest.data_ptr():
-                dest.copy_(value)
-
-        await _all([broadcast_to(m) for m in others] + [collect_from(m) for m in others])
-        timings["gather"] = time.perf_counter() - t0
-        seconds = time.perf_counter() - start
-        return AllReduceOutcome(result, total, sent, received, seconds, timings)
-    except AllReduceError as e:
-        # Tell whoever still listens, so they fail fast instead of waiting for the stall timeout.
-        abort = am.Abort(e.reason[:100], e.culprit)
-        await asyncio.gather(
-            *(asyncio.wait_for(c.send_frame(abort), 1.0) for c in outgoing.values()), return_exceptions=True
+    async def _all_gather(self, result: torch.Tensor, total: float, my_payload: bytes | memoryview) -> None:
+        """Everyone gets the same bytes of every reduced partition; theirs are written into `result`."""
+        others = self.others
+        await _all(
+            [self._send_part(m, am.PartKind.GATHER, self.my_index, total, my_payload) for m in others]
+            + [self._collect_from(m, result) for m in others]
         )
-        raise
-    finally:
-        for c in (*outgoing.values(), *incoming.values()):
-            c.close()
-        plane.close_slot(slot)
+
+    async def _collect_from(self, m: GroupMember, result: torch.Tensor) -> None:
+        j = self.spec.index(m.peer_id)
+        dest = self._part(j, of=result)
+        value, _ = await self._recv_part(m, am.PartKind.GATHER, j, out=dest)
+        if value.data_ptr() != dest.data_ptr():
+            dest.copy_(value)

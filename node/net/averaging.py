@@ -3,7 +3,7 @@
 `Averager.average(round, tensors, weight, deadline)` is what the round loop calls once per round:
 
 1. **Matchmaking.** The peer stores a signed `GroupRecord` (its data-plane address) in the DHT under
-   `intellect/<run>/avg/<round>/<attempt>/<schema hash>`, subkey = its peer ID, then polls that key until
+   `keys.group_key(run, round, attempt, schema hash)`, subkey = its peer ID, then polls that key until
    it sees `target_group_size` peers or `matchmaking_time` has passed. The group is the sorted set of valid
    records seen (signature, key fields and expiry checked; excluded peers dropped). Peers with different
    tensors (names, shapes, dtypes) use different keys and never meet. Two peers that saw different sets
@@ -16,16 +16,18 @@
    leaves time for it. Stall timeouts derive from the measured throughput of earlier rounds and the size of
    the tensors, never from a fixed constant. The result is `ok=False` with the reason when the deadline
    passes: the caller must then keep its global weights untouched (outer step only on a completed average).
+   Why a round failed is an `AverageFailure`, or the last attempt's `averaging_messages.AbortReason`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -33,20 +35,21 @@ from intellect.crypto.identity import Identity
 from intellect.node.net.allreduce import (
     AllReduceError,
     DataPlane,
-    GroupMember,
-    GroupSpec,
     PayloadCodec,
+    ReducedVector,
     all_finite,
     butterfly_allreduce,
     flatten,
     get_payload_codec,
-    partition_sizes,
     schema_hash,
     unflatten,
 )
 from intellect.protocol import averaging_messages as am
+from intellect.protocol.averaging_messages import AbortReason
 from intellect.protocol.codec import decode, encode
 from intellect.protocol.errors import ProtocolError
+from intellect.protocol.groups import GroupMember, GroupSpec, partition_sizes
+from intellect.protocol.keys import group_key
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +106,27 @@ class AveragerConfig:
             raise ValueError("initial_bandwidth, stall_slack (>= 1) and min_stall_timeout must be positive")
 
 
+class AverageFailure(enum.StrEnum):
+    """Why a round gave no average (`AverageResult.reason`), unless an attempt's `AbortReason` says it.
+
+    Values are stable strings (logs and metrics carry them); two take a suffix: "invalid weight <weight>"
+    and "we were excluded: <the AbortReason that named us>".
+    """
+
+    #: The caller passed no tensors.
+    NO_TENSORS = "no tensors"
+    #: The caller's weight is negative or not finite.
+    INVALID_WEIGHT = "invalid weight"
+    #: Fewer than `min_group_size` peers turned up before the deadline or the matchmaking time.
+    TOO_FEW_PEERS = "too few peers"
+    #: Peers already finished this round without us (they announced a later state): catch up instead.
+    OVERTAKEN = "overtaken"
+    #: The round's deadline passed (or `max_attempts` ran out) before an attempt completed.
+    DEADLINE = "deadline"
+    #: An attempt failed naming us as the culprit: we must not retry with the same input.
+    EXCLUDED = "we were excluded"
+
+
 @dataclass(frozen=True)
 class AverageResult:
     """What one round of averaging gave. Apply the outer step only when `ok`."""
@@ -112,7 +136,7 @@ class AverageResult:
     tensors: dict[str, torch.Tensor] | None
     #: Peer IDs of the group that averaged (sorted), or of the last group tried.
     group: list[str]
-    #: Empty on success; otherwise why not (the last attempt's failure, or "deadline").
+    #: Empty on success; otherwise why not: an `AverageFailure` or the last attempt's `AbortReason`.
     reason: str = ""
     #: Sum of the members' (capped) weights.
     total_weight: float = 0.0
@@ -176,9 +200,54 @@ def contribution_error(
     return err
 
 
-def group_key(run_id: str, round: int, attempt: int, schema: str) -> str:
-    """The DHT key where peers of one (run, round, attempt, tensor schema) meet."""
-    return f"intellect/{run_id}/avg/{round}/{attempt}/{schema}"
+def _valid_members(
+    raw: Mapping[str, bytes],
+    wanted: tuple[str, int, int, str],
+    now: float,
+    excluded: set[str],
+    admitted: Callable[[str], bool] | None,
+) -> dict[str, GroupMember]:
+    """The members offered by the group records `raw` (subkey → record bytes) read under one group key.
+
+    A record counts when it decodes, sits under its own peer ID's subkey, is for exactly `wanted` (run,
+    round, attempt, schema hash), has not expired at `now` and is signed by its peer; records of `excluded`
+    peers, and of peers the run does not admit (`admitted`), are dropped.
+    """
+    out: dict[str, GroupMember] = {}
+    for subkey, value in raw.items():
+        try:
+            rec = decode(value, expected=am.GroupRecord)
+        except ProtocolError as e:
+            logger.debug("undecodable group record from %s: %s", subkey, e)
+            continue
+        if (
+            rec.peer_id != subkey
+            or (rec.run_id, rec.round, rec.attempt, rec.schema_hash) != wanted
+            or rec.expires < now
+            or not rec.verify()
+        ):
+            logger.debug("invalid group record under subkey %s", subkey)
+            continue
+        if rec.peer_id in excluded:
+            continue
+        if admitted is not None and not admitted(rec.peer_id):
+            logger.debug("group record of %s, who is not admitted to the run, ignored", rec.peer_id)
+            continue
+        out[rec.peer_id] = GroupMember(rec.peer_id, rec.host, rec.port)
+    return out
+
+
+@dataclass
+class _RoundState:
+    """Where one round of `Averager.average` stands between its attempts."""
+
+    #: Peer IDs of the group tried last (just us before the first group forms).
+    group: list[str]
+    attempt: int = 0
+    #: Why the round has no average so far (the last failure).
+    reason: str = AverageFailure.DEADLINE
+    #: Peers dropped this round for misbehaviour.
+    excluded: set[str] = field(default_factory=set)
 
 
 class Averager:
@@ -285,30 +354,8 @@ class Averager:
         self, key: str, round: int, attempt: int, schema: str, excluded: set[str]
     ) -> dict[str, GroupMember]:
         raw = await self.board.read(key)
-        now = time.time()
-        out: dict[str, GroupMember] = {}
-        for subkey, value in raw.items():
-            try:
-                rec = decode(value, expected=am.GroupRecord)
-            except ProtocolError as e:
-                logger.debug("undecodable group record from %s: %s", subkey, e)
-                continue
-            if (
-                rec.peer_id != subkey
-                or (rec.run_id, rec.round, rec.attempt, rec.schema_hash)
-                != (self.run_id, round, attempt, schema)
-                or rec.expires < now
-                or not rec.verify()
-            ):
-                logger.debug("invalid group record under subkey %s", subkey)
-                continue
-            if rec.peer_id in excluded:
-                continue
-            if self.admitted is not None and not self.admitted(rec.peer_id):
-                logger.debug("group record of %s, who is not admitted to the run, ignored", rec.peer_id)
-                continue
-            out[rec.peer_id] = GroupMember(rec.peer_id, rec.host, rec.port)
-        return out
+        wanted = (self.run_id, round, attempt, schema)
+        return _valid_members(raw, wanted, time.time(), excluded, self.admitted)
 
     # -- timeouts from measured throughput ------------------------------------------------------------------
 
@@ -345,102 +392,112 @@ class Averager:
         start = time.time()
         me = self.peer_id
         if not tensors:
-            return self._finish(AverageResult(False, None, [me], "no tensors"), start)
+            return self._finish(AverageResult(False, None, [me], AverageFailure.NO_TENSORS), start)
         schema = schema_hash(tensors)
         flat = await asyncio.to_thread(flatten, tensors)
         if self._validate_local and not all_finite(flat):
             logger.warning("round %s: our own tensors are not finite; not averaging", round)
-            return self._finish(AverageResult(False, None, [me], "non-finite-local"), start)
+            return self._finish(AverageResult(False, None, [me], AbortReason.NON_FINITE_LOCAL), start)
         if not math.isfinite(weight) or weight < 0:
-            return self._finish(AverageResult(False, None, [me], f"invalid weight {weight}"), start)
+            invalid = f"{AverageFailure.INVALID_WEIGHT} {weight}"
+            return self._finish(AverageResult(False, None, [me], invalid), start)
         weight = min(weight, self.config.max_weight)
-        excluded: set[str] = set()
-        attempt = 0
-        group: list[str] = [me]
-        reason = "deadline"
-        while time.time() < deadline and attempt < self.config.max_attempts:
-            spec = await self._form_group(round, attempt, schema, deadline, excluded, overtaken)
+        state = _RoundState(group=[me])
+        while time.time() < deadline and state.attempt < self.config.max_attempts:
+            spec = await self._form_group(round, state.attempt, schema, deadline, state.excluded, overtaken)
             if spec is None:
-                reason = "overtaken" if overtaken is not None and overtaken() else "too few peers"
+                overtook = overtaken is not None and overtaken()
+                state.reason = AverageFailure.OVERTAKEN if overtook else AverageFailure.TOO_FEW_PEERS
                 break
-            group = list(spec.peer_ids)
-            stall = self.stall_timeout(flat.numel(), len(group))
+            state.group = list(spec.peer_ids)
             remaining = deadline - time.time()
             if remaining <= 0:
                 break
             try:
                 async with asyncio.timeout(remaining):
-                    outcome = await butterfly_allreduce(
-                        self.plane,
-                        spec,
-                        flat,
-                        weight,
-                        self.codec,
-                        max_weight=self.config.max_weight,
-                        stall_timeout=stall,
-                        validate_local=self._validate_local,
-                        fault=self._fault,
-                        reducer=self.config.reducer,
-                    )
+                    reduced = await self._allreduce(spec, flat, weight)
             except AllReduceError as e:
-                reason = e.reason
-                logger.warning(
-                    "round %s attempt %s with %d peers failed: %s (culprit %s)",
-                    round,
-                    attempt,
-                    len(group),
-                    e,
-                    e.culprit or "-",
-                )
-                if e.culprit == me:
-                    return self._finish(
-                        AverageResult(
-                            False, None, group, f"we were excluded: {e.reason}", attempts=attempt + 1
-                        ),
-                        start,
-                    )
-                if e.culprit and e.culprit in group:
-                    excluded.add(e.culprit)
-                attempt += 1
+                given_up = self._failed_attempt(round, state, e)
+                if given_up is not None:
+                    return self._finish(given_up, start)
                 continue
             except TimeoutError:
-                reason = "deadline"
+                state.reason = AverageFailure.DEADLINE
                 break
-            moved = (outcome.bytes_sent + outcome.bytes_received) / 2
-            self._record_throughput(
-                moved, outcome.timings.get("scatter", 0.0) + outcome.timings.get("gather", 0.0)
-            )
-            averaged = await asyncio.to_thread(unflatten, outcome.flat, tensors)
-            logger.info(
-                "round %s averaged with %d peers (attempt %d) in %.2fs, total weight %.0f",
-                round,
-                len(group),
-                attempt,
-                outcome.seconds,
-                outcome.total_weight,
-            )
-            return self._finish(
-                AverageResult(
-                    True,
-                    averaged,
-                    group,
-                    "",
-                    outcome.total_weight,
-                    attempt + 1,
-                    excluded=tuple(sorted(excluded)),
-                    bytes_sent=outcome.bytes_sent,
-                    bytes_received=outcome.bytes_received,
-                ),
-                start,
-            )
+            return self._finish(await self._completed(round, state, reduced, tensors), start)
         logger.warning(
             "round %s: no completed average (last failure: %s); keeping global weights untouched",
             round,
-            reason,
+            state.reason,
         )
+        excluded = tuple(sorted(state.excluded))
         return self._finish(
-            AverageResult(False, None, group, reason, attempts=attempt, excluded=tuple(sorted(excluded))),
+            AverageResult(False, None, state.group, state.reason, attempts=state.attempt, excluded=excluded),
             start,
+        )
+
+    async def _allreduce(self, spec: GroupSpec, flat: torch.Tensor, weight: float) -> ReducedVector:
+        """One all-reduce attempt with the group `spec`, its stall timeout from the measured throughput."""
+        return await butterfly_allreduce(
+            self.plane,
+            spec,
+            flat,
+            weight,
+            self.codec,
+            max_weight=self.config.max_weight,
+            stall_timeout=self.stall_timeout(flat.numel(), len(spec.members)),
+            validate_local=self._validate_local,
+            fault=self._fault,
+            reducer=self.config.reducer,
+        )
+
+    def _failed_attempt(self, round: int, state: _RoundState, e: AllReduceError) -> AverageResult | None:
+        """Record a failed attempt so the next one goes on without its culprit; the round's result instead
+        when the culprit is us (a retry with the same input would fail the same way)."""
+        state.reason = e.reason
+        logger.warning(
+            "round %s attempt %s with %d peers failed: %s (culprit %s)",
+            round,
+            state.attempt,
+            len(state.group),
+            e,
+            e.culprit or "-",
+        )
+        if e.culprit == self.peer_id:
+            excluded = f"{AverageFailure.EXCLUDED}: {e.reason}"
+            return AverageResult(False, None, state.group, excluded, attempts=state.attempt + 1)
+        if e.culprit and e.culprit in state.group:
+            state.excluded.add(e.culprit)
+        state.attempt += 1
+        return None
+
+    async def _completed(
+        self, round: int, state: _RoundState, reduced: ReducedVector, tensors: Mapping[str, torch.Tensor]
+    ) -> AverageResult:
+        """The result of the attempt that completed; its transfer rate updates the measured throughput."""
+        moved = (reduced.bytes_sent + reduced.bytes_received) / 2
+        self._record_throughput(
+            moved, reduced.timings.get("scatter", 0.0) + reduced.timings.get("gather", 0.0)
+        )
+        averaged = await asyncio.to_thread(unflatten, reduced.flat, tensors)
+        logger.info(
+            "round %s averaged with %d peers (attempt %d) in %.2fs, total weight %.0f",
+            round,
+            len(state.group),
+            state.attempt,
+            reduced.seconds,
+            reduced.total_weight,
+        )
+        return AverageResult(
+            True,
+            averaged,
+            state.group,
+            "",
+            reduced.total_weight,
+            state.attempt + 1,
+            excluded=tuple(sorted(state.excluded)),
+            bytes_sent=reduced.bytes_sent,
+            bytes_received=reduced.bytes_received,
         )
 
     def _finish(self, result: AverageResult, start: float) -> AverageResult:
@@ -473,4 +530,4 @@ class Averager:
         }
 
 
-__all__ = ["AverageResult", "Averager", "AveragerConfig", "GroupBoard", "HivemindBoard", "group_key"]
+__all__ = ["AverageFailure", "AverageResult", "Averager", "AveragerConfig", "GroupBoard", "HivemindBoard"]

@@ -8,8 +8,9 @@ validator refuses any record whose DHT expiry differs from the signed one, so no
 node listed. Each refresh also re-stores the run's researcher-signed manifest (it is self-authenticating),
 so a run stays discoverable after its researcher goes offline.
 
-Admission (`admits`) follows the manifest: open, an allowlist of peer IDs, or researcher tickets carried in
-membership records.
+Admission (`admits`, and the filter in `members`) is the manifest's policy,
+`intellect.protocol.admission.is_admitted`; under the tickets policy a peer's ticket is the one carried in
+its membership record.
 """
 
 from __future__ import annotations
@@ -22,19 +23,10 @@ from dataclasses import replace
 from intellect.crypto.identity import Identity
 from intellect.node.net.dht import DhtService
 from intellect.protocol import records
+from intellect.protocol.admission import is_admitted
 from intellect.protocol.manifest import SignedManifest
 
 logger = logging.getLogger(__name__)
-
-
-def is_admitted(signed: SignedManifest, rec: records.MembershipRecord, now: float | None = None) -> bool:
-    """Whether the run's admission policy lets the member of `rec` train (the researcher always may)."""
-    policy = signed.manifest.admission
-    if rec.peer_id == signed.researcher or policy.policy == "open":
-        return True
-    if policy.policy == "allowlist":
-        return rec.peer_id in policy.peers
-    return records.ticket_valid(rec.ticket, signed.researcher, signed.run_id, rec.peer_id, now=now)
 
 
 class MembershipService:
@@ -149,9 +141,10 @@ class MembershipService:
 
     async def members(self, latest: bool = True) -> list[records.MembershipRecord]:
         """Live members of the run that its admission policy admits (also cached for `admits`)."""
-        now = time.time()
+        now, signed = time.time(), self.signed_manifest
+        manifest, researcher = signed.manifest, signed.researcher
         found = await self.dht.get_members(self.run_id, latest=latest)
-        admitted = [r for r in found if is_admitted(self.signed_manifest, r, now)]
+        admitted = [r for r in found if is_admitted(manifest, researcher, r.peer_id, r.ticket, now)]
         if len(admitted) != len(found):
             logger.info(
                 "ignored %d members not admitted to run %s", len(found) - len(admitted), self.run_id[:12]
@@ -160,11 +153,8 @@ class MembershipService:
         return admitted
 
     def admits(self, peer_id: str) -> bool:
-        """Admission check for the envelope verifier: policy first, then tickets seen in member records."""
-        policy = self.signed_manifest.manifest.admission
-        if peer_id == self.signed_manifest.researcher or policy.policy == "open":
-            return True
-        if policy.policy == "allowlist":
-            return peer_id in policy.peers
+        """Admission check for the envelope verifier; under the tickets policy, with the ticket of the
+        peer's member record as last seen by `members` (none: not admitted)."""
         rec = self._members.get(peer_id)
-        return rec is not None and is_admitted(self.signed_manifest, rec)
+        signed = self.signed_manifest
+        return is_admitted(signed.manifest, signed.researcher, peer_id, b"" if rec is None else rec.ticket)

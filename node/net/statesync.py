@@ -13,14 +13,16 @@ arrive on a hivemind P2P binary stream handler, one request per stream, framed a
 concurrency is bounded (excess requests get ``BUSY`` at once rather than queueing); malformed requests are
 logged at debug, counted and dropped.
 
-Fetching (`fetch_state`): `pick_target` chooses the (round, hash) that the most distinct peers vouch for
-(ties: higher round). The chunk list is fetched from one of those peers and accepted only if its Merkle root
-is the announced hash. Chunks are then downloaded from every vouching peer in parallel; each is checked
-against its digest and the server's signature. A peer that serves a wrong chunk is dropped and recorded
-in the `SyncReport` (with a `BadChunkEvidence` when its signature makes it transferable proof) and the
-chunk goes back in the queue for another peer. The assembled blob is verified as a whole before it is
-parsed (safetensors, no pickle) and handed back. If no honest peer can supply the state, `StateSyncError`
-is raised and nothing is returned.
+Fetching (`fetch_state`): `pick_target` (`intellect.protocol.vouching`, with the other pure rules of
+sync) chooses the (round, hash) that the most distinct peers vouch for (ties: higher round). The chunk
+list is fetched from one of those peers and accepted only if its Merkle root is the announced hash. Chunks
+are then downloaded from every vouching peer in parallel; each is checked against its digest and the
+server's signature. A peer that serves a wrong chunk is dropped and recorded in the `SyncReport` (with a
+`BadChunkEvidence` when its signature makes it transferable proof) and the chunk goes back in the queue
+for another peer; how a request failed (`ServerFault`) decides whether a server is dropped as bad, as
+unavailable, or asked again. The assembled blob is verified as a whole before it is parsed (safetensors,
+no pickle) and handed back. If no honest peer can supply the state, `StateSyncError` is raised and
+nothing is returned.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import hashlib
 import logging
 import random
@@ -42,8 +45,7 @@ from intellect.crypto.identity import Identity, verify
 from intellect.node.engine import statehash
 from intellect.protocol.codec import decode, encode
 from intellect.protocol.errors import ProtocolError
-from intellect.protocol.gossip_messages import CheckpointAnnounce, Misbehaviour
-from intellect.protocol.records import MembershipRecord
+from intellect.protocol.merkle import merkle_root
 from intellect.protocol.sync_messages import (
     CHUNK_DOMAIN,
     MAX_CHUNK_SIZE,
@@ -56,12 +58,12 @@ from intellect.protocol.sync_messages import (
     StateAnnounce,
     SyncError,
     SyncErrorCode,
-    check_evidence,
     chunk_signed_bytes,
     expected_chunks,
     sign_announcement,
     sign_chunk,
 )
+from intellect.protocol.vouching import SyncTarget, Vouch, pick_target
 
 log = logging.getLogger(__name__)
 
@@ -85,100 +87,6 @@ class StateSnapshot:
     round: int
     state_hash: str
     tensors: Mapping[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Vouch:
-    """One authenticated claim "`peer_id` holds state `state_hash` after `round`", whatever its source.
-
-    Sources authenticate differently: a `StateAnnounce` carries its own signature; a gossip
-    `CheckpointAnnounce` was authenticated by its envelope; a DHT `MembershipRecord` by its record signature.
-    `chunk_size`/`total_bytes` are hints (0 when the source does not say: membership records don't); the
-    state hash alone commits to the content and the chunking, and the chunk list is checked against it.
-    """
-
-    peer_id: str
-    round: int
-    state_hash: str
-    chunk_size: int = 0
-    total_bytes: int = 0
-
-    @classmethod
-    def from_announce(cls, ann: StateAnnounce, run_id: str) -> Vouch | None:
-        """The vouch of a self-signed announcement; None if it is for another run or does not verify."""
-        if ann.run_id != run_id or not ann.verify():
-            return None
-        return cls(ann.peer_id, ann.round, ann.state_hash, ann.chunk_size, ann.total_bytes)
-
-    @classmethod
-    def from_checkpoint(cls, sender: str, msg: CheckpointAnnounce) -> Vouch | None:
-        """The vouch of a gossip `CheckpointAnnounce` whose envelope verified as coming from `sender`."""
-        if not _valid_hash(msg.state_hash) or msg.round < 0:
-            return None
-        size_ok = 0 < msg.chunk_size <= MAX_CHUNK_SIZE and 0 < msg.num_bytes <= MAX_TOTAL_BYTES
-        if not size_ok:
-            return cls(sender, msg.round, msg.state_hash)
-        return cls(sender, msg.round, msg.state_hash, msg.chunk_size, msg.num_bytes)
-
-    @classmethod
-    def from_membership(cls, rec: MembershipRecord) -> Vouch | None:
-        """The vouch of a verified DHT membership record; None when it names no state hash."""
-        if not _valid_hash(rec.state_hash):
-            return None
-        return cls(rec.peer_id, rec.round, rec.state_hash)
-
-
-def _valid_hash(h: str) -> bool:
-    return len(h) == 64 and all(c in "0123456789abcdef" for c in h)
-
-
-def checkpoint_announce(ann: StateAnnounce) -> CheckpointAnnounce:
-    """The gossip payload (topic `checkpoint`) that tells the same thing as `ann`."""
-    return CheckpointAnnounce(ann.round, ann.state_hash, ann.total_bytes, ann.chunk_size)
-
-
-@dataclass(frozen=True)
-class SyncTarget:
-    """The state a downloader goes for, and the distinct peers that vouched for it.
-
-    `chunk_size`/`total_bytes` are what most of those peers claimed (0 when none said).
-    """
-
-    round: int
-    state_hash: str
-    chunk_size: int
-    total_bytes: int
-    peers: tuple[str, ...]
-
-
-def pick_target(vouches: Iterable[Vouch | StateAnnounce], run_id: str) -> SyncTarget | None:
-    """The (round, hash) vouched for by the most distinct peers; ties go to the higher round.
-
-    `StateAnnounce`s count only with a valid signature for `run_id`; `Vouch`es are taken as authenticated
-    by their source. Each peer counts once, for its highest round (a peer that announced twice has moved
-    on). Further ties break on the hash, so every node picks the same target from the same input. None when
-    there is nothing valid to pick.
-    """
-    latest: dict[str, Vouch] = {}
-    for item in vouches:
-        vouch = Vouch.from_announce(item, run_id) if isinstance(item, StateAnnounce) else item
-        if vouch is None or not _valid_hash(vouch.state_hash):
-            continue
-        prev = latest.get(vouch.peer_id)
-        if prev is None or vouch.round > prev.round:
-            latest[vouch.peer_id] = vouch
-    votes: dict[tuple[int, str], list[Vouch]] = collections.defaultdict(list)
-    for vouch in latest.values():
-        votes[(vouch.round, vouch.state_hash)].append(vouch)
-    if not votes:
-        return None
-    key = max(votes, key=lambda k: (len(votes[k]), k[0], k[1]))
-    # Size hints count only when every hinting voucher agrees: with a majority rule one peer repeating a
-    # state with a bogus chunk size could outvote an honest one, whose true chunk list would then fail
-    # the hint check and get it marked bad. Unhinted, the chunk list is checked against the hash alone.
-    sizes = {(v.chunk_size, v.total_bytes) for v in votes[key] if v.chunk_size}
-    chunk_size, total = next(iter(sizes)) if len(sizes) == 1 else (0, 0)
-    return SyncTarget(key[0], key[1], chunk_size, total, tuple(sorted(v.peer_id for v in votes[key])))
 
 
 @dataclass
@@ -233,7 +141,7 @@ class _Prepared:
 def _prepare(snapshot: StateSnapshot, chunk_size: int) -> _Prepared:
     blob = statehash.serialize_state(snapshot.tensors)
     hashes = tuple(statehash.chunk_hashes(blob, chunk_size))
-    root = statehash.merkle_root(hashes).hex()
+    root = merkle_root(hashes).hex()
     if root != snapshot.state_hash:
         raise ValueError(f"snapshot of round {snapshot.round} claims hash {snapshot.state_hash}, is {root}")
     return _Prepared(snapshot.round, root, blob, chunk_size, hashes)
@@ -401,25 +309,51 @@ class StateServer:
 # ---------------------------------------------------------------------------------------------- client
 
 
-class _PeerFailed(Exception):
-    """A request to one peer failed; `bad` when the peer misbehaved rather than being unavailable."""
+class ServerFault(enum.StrEnum):
+    """How one request to a state server failed; it decides what becomes of that server in the sync."""
 
-    def __init__(
-        self,
-        reason: str,
-        bad: bool = False,
-        evidence: BadChunkEvidence | None = None,
-        fatal: bool = False,
-        busy: bool = False,
-    ) -> None:
+    #: No reply within the request timeout (transient: the server is retried, up to a limit).
+    TIMEOUT = "timeout"
+    #: The stream failed: refused, reset, or hivemind's p2p daemon could not reach the peer (transient).
+    TRANSPORT = "transport"
+    #: The server is at its concurrency limit (back off and retry; never counted against it).
+    BUSY = "busy"
+    #: The server refused: it no longer holds the state, does not admit us, or sent an unknown code.
+    REFUSED = "refused"
+    #: The reply does not decode as one of our messages (misbehaviour).
+    MALFORMED_REPLY = "malformed-reply"
+    #: A well-formed reply of the wrong type, or for another state or chunk (misbehaviour).
+    UNEXPECTED_REPLY = "unexpected-reply"
+    #: A chunk list that does not hash to the announced state, or exceeds its limits (misbehaviour).
+    BAD_CHUNK_LIST = "bad-chunk-list"
+    #: A chunk whose digest is not the chunk list's (misbehaviour; evidence when its signature holds).
+    BAD_CHUNK = "bad-chunk"
+    #: A chunk whose signature does not verify (misbehaviour).
+    BAD_SIGNATURE = "bad-signature"
+    #: A chunk list whose chunk size or length is not the state's, found once all its chunks matched.
+    MISSTATED_CHUNKING = "misstated-chunking"
+
+    @property
+    def misbehaviour(self) -> bool:
+        """The server lied or broke the protocol (rather than being unavailable)."""
+        transient = (ServerFault.TIMEOUT, ServerFault.TRANSPORT, ServerFault.BUSY, ServerFault.REFUSED)
+        return self not in transient
+
+
+class _PeerFailed(Exception):
+    """A request to one peer failed: `fault` says how, `reason` says it for logs and the `SyncReport`."""
+
+    def __init__(self, fault: ServerFault, reason: str, evidence: BadChunkEvidence | None = None) -> None:
         super().__init__(reason)
+        self.fault = fault
         self.reason = reason
-        self.bad = bad
         self.evidence = evidence
-        #: Asking this peer again is pointless (it no longer holds the state, or refuses us).
-        self.fatal = fatal or bad
+        #: The peer misbehaved rather than being unavailable: it goes in `SyncReport.bad_peers`.
+        self.bad = fault.misbehaviour
+        #: Asking this peer again is pointless (it no longer holds the state, refuses us, or lied).
+        self.fatal = self.bad or fault is ServerFault.REFUSED
         #: The peer is at its concurrency limit: back off and retry.
-        self.busy = busy
+        self.busy = fault is ServerFault.BUSY
 
 
 async def _request(p2p: P2P, peer: str, request: ChunkListRequest | ChunkRequest, timeout: float) -> object:
@@ -433,14 +367,14 @@ async def _request(p2p: P2P, peer: str, request: ChunkListRequest | ChunkRequest
             finally:
                 writer.close()
     except TimeoutError:
-        raise _PeerFailed(f"no reply within {timeout:.1f}s") from None
+        raise _PeerFailed(ServerFault.TIMEOUT, f"no reply within {timeout:.1f}s") from None
     except ProtocolError as e:
-        raise _PeerFailed(f"malformed reply: {e}", bad=True) from None
+        raise _PeerFailed(ServerFault.MALFORMED_REPLY, f"malformed reply: {e}") from None
     except (OSError, asyncio.IncompleteReadError, ConnectionError) as e:
-        raise _PeerFailed(f"transport: {type(e).__name__}: {e}") from None
+        raise _PeerFailed(ServerFault.TRANSPORT, f"transport: {type(e).__name__}: {e}") from None
     except Exception as e:  # hivemind's p2pd client raises its own error types for unreachable peers
         if type(e).__module__.startswith("hivemind"):
-            raise _PeerFailed(f"p2p: {type(e).__name__}: {e}") from None
+            raise _PeerFailed(ServerFault.TRANSPORT, f"p2p: {type(e).__name__}: {e}") from None
         raise
 
 
@@ -449,9 +383,9 @@ def _refusal(reply: object) -> _PeerFailed | None:
         try:
             code = SyncErrorCode(reply.code)
         except ValueError:
-            return _PeerFailed(f"refused with unknown code {reply.code}", fatal=True)
-        busy = code is SyncErrorCode.BUSY
-        return _PeerFailed(f"refused: {code.name} {reply.detail[:80]!r}", fatal=not busy, busy=busy)
+            return _PeerFailed(ServerFault.REFUSED, f"refused with unknown code {reply.code}")
+        fault = ServerFault.BUSY if code is SyncErrorCode.BUSY else ServerFault.REFUSED
+        return _PeerFailed(fault, f"refused: {code.name} {reply.detail[:80]!r}")
     return None
 
 
@@ -463,7 +397,8 @@ async def _fetch_chunk_list(
     if refusal is not None:
         raise refusal
     if not isinstance(reply, ChunkList):
-        raise _PeerFailed(f"answered a chunk-list request with {type(reply).__name__}", bad=True)
+        reason = f"answered a chunk-list request with {type(reply).__name__}"
+        raise _PeerFailed(ServerFault.UNEXPECTED_REPLY, reason)
     hinted = target.chunk_size > 0
     if (
         reply.state_hash != target.state_hash
@@ -471,9 +406,10 @@ async def _fetch_chunk_list(
         or not 0 < reply.total_bytes <= max_bytes
         or (hinted and (reply.chunk_size, reply.total_bytes) != (target.chunk_size, target.total_bytes))
         or len(reply.hashes) != expected_chunks(reply.total_bytes, reply.chunk_size)
-        or statehash.merkle_root(reply.hashes).hex() != target.state_hash
+        or merkle_root(reply.hashes).hex() != target.state_hash
     ):
-        raise _PeerFailed("chunk list does not hash to the announced state (or exceeds its limits)", bad=True)
+        reason = "chunk list does not hash to the announced state (or exceeds its limits)"
+        raise _PeerFailed(ServerFault.BAD_CHUNK_LIST, reason)
     return reply
 
 
@@ -491,7 +427,7 @@ async def _fetch_chunk(
     if refusal is not None:
         raise refusal
     if not isinstance(reply, ChunkResponse) or reply.index != index or reply.state_hash != target.state_hash:
-        raise _PeerFailed("answered a chunk request with something else", bad=True)
+        raise _PeerFailed(ServerFault.UNEXPECTED_REPLY, "answered a chunk request with something else")
     digest = hashlib.sha256(reply.data).digest()
     signed = chunk_signed_bytes(run_id, target.state_hash, index, digest)
     signed_ok = verify(peer, CHUNK_DOMAIN, signed, reply.sig)
@@ -499,9 +435,9 @@ async def _fetch_chunk(
         evidence = None
         if signed_ok:
             evidence = BadChunkEvidence(run_id, peer, target.state_hash, index, digest, reply.sig)
-        raise _PeerFailed(f"chunk {index} fails its hash", bad=True, evidence=evidence)
+        raise _PeerFailed(ServerFault.BAD_CHUNK, f"chunk {index} fails its hash", evidence=evidence)
     if not signed_ok:
-        raise _PeerFailed(f"chunk {index} carries a bad signature", bad=True)
+        raise _PeerFailed(ServerFault.BAD_SIGNATURE, f"chunk {index} carries a bad signature")
     return reply.data
 
 
@@ -539,47 +475,13 @@ async def fetch_state(
     log.info(
         "syncing state of round %d (%s…) from %d peers", target.round, target.state_hash[:12], len(peers)
     )
-
-    def drop(peer: str, failure: _PeerFailed) -> None:
-        if failure.bad:
-            if peer not in report.bad_peers:
-                log.warning("dropping state server %s: %s", peer, failure.reason)
-            report.bad_peers.setdefault(peer, failure.reason)
-            if failure.evidence is not None:
-                report.evidence.append(failure.evidence)
-        else:
-            log.info("state server %s unavailable: %s", peer, failure.reason)
-            report.unavailable.setdefault(peer, failure.reason)
-
-    blob: bytes | None = None
-    chunk_list: ChunkList | None = None
+    fetch = _StateFetch(
+        p2p, target, run_id, peers, report, max_bytes, streams_per_peer, request_timeout,
+        max_transient_failures,
+    )
     try:
         async with asyncio.timeout(timeout):
-            for list_peer in peers:
-                if list_peer in report.bad_peers or list_peer in report.unavailable:
-                    continue
-                try:
-                    chunk_list = await _fetch_chunk_list(
-                        p2p, target, run_id, list_peer, request_timeout, max_bytes
-                    )
-                except _PeerFailed as failure:
-                    if failure.fatal:
-                        drop(list_peer, failure)
-                    elif not failure.busy:  # gone or not answering: say so, the caller stops counting on it
-                        report.unavailable.setdefault(list_peer, failure.reason)
-                    continue
-                blob = await _download(
-                    p2p, target, run_id, chunk_list.hashes, peers, report, drop,
-                    streams_per_peer, request_timeout, max_transient_failures,
-                )
-                # Every chunk matched its digest, so the digests (under the announced root) are right;
-                # only the list's claimed chunking can still be wrong. Checking the whole catches it (and
-                # any assembly bug): then the list's provider lied, not the chunk servers.
-                whole = await asyncio.to_thread(statehash.blob_state_hash, blob, chunk_list.chunk_size)
-                if len(blob) == chunk_list.total_bytes and whole == target.state_hash:
-                    break
-                drop(list_peer, _PeerFailed("chunk list misstates the chunk size or length", bad=True))
-                blob = None
+            blob = await fetch.verified_blob()
     except TimeoutError:
         raise StateSyncError(f"state sync did not finish within {timeout:.0f}s") from None
     finally:
@@ -601,117 +503,164 @@ async def fetch_state(
     return StateSnapshot(target.round, target.state_hash, tensors)
 
 
-async def _download(
-    p2p: P2P,
-    target: SyncTarget,
-    run_id: str,
-    hashes: tuple[bytes, ...],
-    peers: list[str],
-    report: SyncReport,
-    drop: Callable[[str, _PeerFailed], None],
-    streams_per_peer: int,
-    request_timeout: float,
-    max_transient_failures: int,
-) -> bytes:
-    """Fetch every chunk from `peers` in parallel, re-queueing a chunk whenever a peer fails on it."""
-    n = len(hashes)
-    chunks: list[bytes | None] = [None] * n
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(n):
-        queue.put_nowait(i)
-    remaining = n
-    done = asyncio.Event()
-    if n == 0:
-        done.set()
-    dead: set[str] = set(report.bad_peers) | set(report.unavailable)
-    failures: collections.Counter[str] = collections.Counter()
+class _StateFetch:
+    """One `fetch_state` in progress: a chunk list from one peer, then its chunks from all of them.
 
-    async def worker(peer: str) -> None:
-        nonlocal remaining
-        while peer not in dead and not done.is_set():
-            index = await queue.get()
-            if chunks[index] is not None:
+    Peers that fail are dropped into the report (as bad, or as unavailable) and not asked again.
+    """
+
+    def __init__(
+        self,
+        p2p: P2P,
+        target: SyncTarget,
+        run_id: str,
+        peers: list[str],
+        report: SyncReport,
+        max_bytes: int,
+        streams_per_peer: int,
+        request_timeout: float,
+        max_transient_failures: int,
+    ) -> None:
+        self.p2p = p2p
+        self.target = target
+        self.run_id = run_id
+        self.peers = peers
+        self.report = report
+        self.max_bytes = max_bytes
+        self.streams_per_peer = streams_per_peer
+        self.request_timeout = request_timeout
+        self.max_transient_failures = max_transient_failures
+
+    def drop(self, peer: str, failure: _PeerFailed) -> None:
+        """Record that `peer` failed for good: as bad (with its evidence, if any) or as unavailable."""
+        report = self.report
+        if failure.bad:
+            if peer not in report.bad_peers:
+                log.warning("dropping state server %s: %s", peer, failure.reason)
+            report.bad_peers.setdefault(peer, failure.reason)
+            if failure.evidence is not None:
+                report.evidence.append(failure.evidence)
+        else:
+            log.info("state server %s unavailable: %s", peer, failure.reason)
+            report.unavailable.setdefault(peer, failure.reason)
+
+    async def verified_blob(self) -> bytes | None:
+        """The serialised state: the first blob, downloaded after the chunk list of one peer after another,
+        that hashes to the target as a whole; None when no peer's chunk list leads to one."""
+        report = self.report
+        for list_peer in self.peers:
+            if list_peer in report.bad_peers or list_peer in report.unavailable:
                 continue
-            if peer in dead:  # another stream of this peer got it dropped while we waited
-                queue.put_nowait(index)
+            try:
+                chunk_list = await _fetch_chunk_list(
+                    self.p2p, self.target, self.run_id, list_peer, self.request_timeout, self.max_bytes
+                )
+            except _PeerFailed as failure:
+                if failure.fatal:
+                    self.drop(list_peer, failure)
+                elif not failure.busy:  # gone or not answering: say so, the caller stops counting on it
+                    report.unavailable.setdefault(list_peer, failure.reason)
+                continue
+            blob = await _ChunkDownload(self, chunk_list.hashes).run()
+            # Every chunk matched its digest, so the digests (under the announced root) are right; only
+            # the list's claimed chunking can still be wrong. Checking the whole catches it (and any
+            # assembly bug): then the list's provider lied, not the chunk servers.
+            whole = await asyncio.to_thread(statehash.blob_state_hash, blob, chunk_list.chunk_size)
+            if len(blob) == chunk_list.total_bytes and whole == self.target.state_hash:
+                return blob
+            misstated = "chunk list misstates the chunk size or length"
+            self.drop(list_peer, _PeerFailed(ServerFault.MISSTATED_CHUNKING, misstated))
+        return None
+
+
+class _ChunkDownload:
+    """Every chunk of one chunk list, fetched from all of a `_StateFetch`'s peers in parallel
+    (`streams_per_peer` streams each); a chunk a peer fails on goes back in the queue for another."""
+
+    def __init__(self, fetch: _StateFetch, hashes: tuple[bytes, ...]) -> None:
+        self.fetch = fetch
+        self.hashes = hashes
+        self.chunks: list[bytes | None] = [None] * len(hashes)
+        self.queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(len(hashes)):
+            self.queue.put_nowait(i)
+        self.remaining = len(hashes)
+        self.done = asyncio.Event()
+        if not hashes:
+            self.done.set()
+        report = fetch.report
+        #: Peers no stream asks any more (bad or unavailable, before or during this download).
+        self.dead: set[str] = set(report.bad_peers) | set(report.unavailable)
+        #: Consecutive transient failures per peer.
+        self.failures: collections.Counter[str] = collections.Counter()
+
+    async def run(self) -> bytes:
+        """The chunks joined; `StateSyncError` once no live peer is left to ask for the missing ones."""
+        report = self.fetch.report
+        workers = [
+            asyncio.create_task(self._worker(peer), name=f"statesync-{peer[-6:]}-{k}")
+            for peer in self.fetch.peers
+            if peer not in self.dead
+            for k in range(self.fetch.streams_per_peer)
+        ]
+        waiter = asyncio.create_task(self.done.wait())
+        try:
+            pending: set[asyncio.Task[Any]] = {*workers, waiter}
+            while not self.done.is_set():
+                finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for task in finished:
+                    if task is not waiter and not task.cancelled() and task.exception() is not None:
+                        raise task.exception()  # type: ignore[misc]
+                if not self.done.is_set() and pending == {waiter}:
+                    raise StateSyncError(
+                        f"{self.remaining} of {len(self.hashes)} chunks could not be obtained from an honest "
+                        f"peer (bad: {sorted(report.bad_peers)}, unavailable: {sorted(report.unavailable)})"
+                    )
+        finally:
+            for task in (*workers, waiter):
+                task.cancel()
+            for task in (*workers, waiter):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        return b"".join(c for c in self.chunks if c is not None)
+
+    async def _worker(self, peer: str) -> None:
+        """One stream to `peer`: take chunk indices off the queue until it is done or the peer is dropped."""
+        fetch = self.fetch
+        while peer not in self.dead and not self.done.is_set():
+            index = await self.queue.get()
+            if self.chunks[index] is not None:
+                continue
+            if peer in self.dead:  # another stream of this peer got it dropped while we waited
+                self.queue.put_nowait(index)
                 return
             try:
-                data = await _fetch_chunk(p2p, target, run_id, hashes, peer, index, request_timeout)
-            except _PeerFailed as failure:
-                queue.put_nowait(index)
-                report.refetched += 1
-                if failure.busy:
-                    await asyncio.sleep(random.uniform(0.05, 0.25))
-                    continue
-                failures[peer] += 1
-                if failure.fatal or failures[peer] >= max_transient_failures:
-                    dead.add(peer)
-                    drop(peer, failure)
-                continue
-            failures[peer] = 0
-            if chunks[index] is None:
-                chunks[index] = data
-                report.bytes_from[peer] = report.bytes_from.get(peer, 0) + len(data)
-                remaining -= 1
-                if remaining == 0:
-                    done.set()
-
-    workers = [
-        asyncio.create_task(worker(peer), name=f"statesync-{peer[-6:]}-{k}")
-        for peer in peers
-        if peer not in dead
-        for k in range(streams_per_peer)
-    ]
-    waiter = asyncio.create_task(done.wait())
-    try:
-        pending: set[asyncio.Task[Any]] = {*workers, waiter}
-        while not done.is_set():
-            finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for task in finished:
-                if task is not waiter and not task.cancelled() and task.exception() is not None:
-                    raise task.exception()  # type: ignore[misc]
-            if not done.is_set() and pending == {waiter}:
-                raise StateSyncError(
-                    f"{remaining} of {n} chunks could not be obtained from an honest peer "
-                    f"(bad: {sorted(report.bad_peers)}, unavailable: {sorted(report.unavailable)})"
+                data = await _fetch_chunk(
+                    fetch.p2p, fetch.target, fetch.run_id, self.hashes, peer, index, fetch.request_timeout
                 )
-    finally:
-        for task in (*workers, waiter):
-            task.cancel()
-        for task in (*workers, waiter):
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    return b"".join(c for c in chunks if c is not None)
+            except _PeerFailed as failure:
+                await self._failed(peer, index, failure)
+                continue
+            self.failures[peer] = 0
+            self._store(peer, index, data)
 
+    async def _failed(self, peer: str, index: int, failure: _PeerFailed) -> None:
+        """Put the chunk back for another stream; drop the peer when asking it again is pointless."""
+        self.queue.put_nowait(index)
+        self.fetch.report.refetched += 1
+        if failure.busy:
+            await asyncio.sleep(random.uniform(0.05, 0.25))
+            return
+        self.failures[peer] += 1
+        if failure.fatal or self.failures[peer] >= self.fetch.max_transient_failures:
+            self.dead.add(peer)
+            self.fetch.drop(peer, failure)
 
-#: `Misbehaviour.kind` of a gossiped `BadChunkEvidence`.
-BAD_CHUNK = "bad-chunk"
-
-
-def bad_chunk_report(evidence: BadChunkEvidence, round_: int) -> Misbehaviour:
-    """The gossip message that tells the run about `evidence` (the accused server's own signature)."""
-    return Misbehaviour(accused=evidence.server, round=round_, kind=BAD_CHUNK, evidence=encode(evidence))
-
-
-def judge_report(
-    report: Misbehaviour, run_id: str, chunk_list: Callable[[str], Iterable[bytes] | None]
-) -> bool | None:
-    """Whether a gossiped misbehaviour report proves what it says, checked without trusting the reporter.
-
-    True: the accused signed a chunk digest that is not the one in the state's chunk list.
-    False: the report is malformed, about another run or another peer, or its evidence does not hold.
-    None: we hold no copy of that state (`chunk_list(state_hash)` is None), so cannot check it.
-    """
-    if report.kind != BAD_CHUNK:
-        return False
-    try:
-        evidence = decode(report.evidence, BadChunkEvidence)
-    except ProtocolError:
-        return False
-    if evidence.run_id != run_id or evidence.server != report.accused:
-        return False
-    held = chunk_list(evidence.state_hash)
-    if held is None:
-        return None
-    hashes = tuple(held)
-    return check_evidence(evidence, hashes, statehash.merkle_root(hashes))
+    def _store(self, peer: str, index: int, data: bytes) -> None:
+        if self.chunks[index] is None:
+            self.chunks[index] = data
+            bytes_from = self.fetch.report.bytes_from
+            bytes_from[peer] = bytes_from.get(peer, 0) + len(data)
+            self.remaining -= 1
+            if self.remaining == 0:
+                self.done.set()
