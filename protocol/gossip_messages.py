@@ -18,13 +18,8 @@ from dataclasses import dataclass
 
 from intellect.protocol.codec import message
 
-# Topics are named in `intellect.protocol.keys`. The names other than TopicKind (used below) are
-# re-exported for callers that still import them from here (node/net/gossip.py, gossip_child.py); new
-# code imports them from `intellect.protocol.keys`.
-from intellect.protocol.keys import TOPIC_PREFIX as TOPIC_PREFIX
+# Topics are named in `intellect.protocol.keys`.
 from intellect.protocol.keys import TopicKind
-from intellect.protocol.keys import parse_topic as parse_topic
-from intellect.protocol.keys import topic_name as topic_name
 
 # --------------------------------------------------------------------------------------------------------
 # Gossip payloads (the body of a signed envelope)

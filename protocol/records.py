@@ -29,11 +29,6 @@ from intellect.crypto.identity import Identity, public_key_from_peer_id, verify
 from intellect.protocol.codec import decode, encode, message, unpackb_limited
 from intellect.protocol.errors import MalformedMessage, ProtocolError
 
-# The DHT key names live in `intellect.protocol.keys`; re-exported for callers that still import them
-# from here (node/net/dht.py); new code imports `intellect.protocol.keys`.
-from intellect.protocol.keys import RUNS_KEY as RUNS_KEY
-from intellect.protocol.keys import members_key as members_key
-
 #: Type ids of the records (used to recognise our values cheaply under keys we do not know).
 SIGNED_MANIFEST_TYPE = 100
 MEMBERSHIP_TYPE = 101

@@ -2,26 +2,62 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 from intellect.crypto.identity import Identity
+from intellect.node.app.body import load_run_manifest
 from intellect.node.app.config import NodeConfig
-from intellect.node.app.daemon import NodeDaemon, RunService, load_run_manifest
+from intellect.node.app.roundlog import EventRecorder
+from intellect.node.app.status import NodeStatus
+from intellect.node.run.peerbook import PeerBook
+from intellect.node.run.service import data_root
+from intellect.node.run.state import GlobalState
+from intellect.node.run.training import Engine, EngineSettings, build_engine
 from intellect.protocol.manifest import Manifest, SignedManifest
 
-OfflineRun = Callable[..., RunService]
+
+@dataclass
+class OfflineRun:
+    """A run's engine, global state and peer book as `RunService.run` builds them, with no network."""
+
+    config: NodeConfig
+    identity: Identity
+    signed: SignedManifest
+    engine: Engine
+    state: GlobalState
+    book: PeerBook
+    status: NodeStatus
+
+    @property
+    def run_id(self) -> str:
+        return self.signed.run_id
+
+
+MakeOfflineRun = Callable[..., OfflineRun]
 
 
 @pytest.fixture
-def offline_run() -> OfflineRun:
-    """Builds the daemon's run service with no network (no DHT, no gossip): for tests of its round-0
-    setup, checkpoints and message handlers. `offline_run(config, manifest=None)`; the manifest defaults
-    to the built-in tiny run, signed by a fresh researcher key."""
+def offline_run() -> MakeOfflineRun:
+    """`offline_run(config, manifest=None)`: the run's real engine and global state (started: resumed or
+    round 0, as the run service starts it), its peer book, and a status fed by the real event recorder.
+    The manifest defaults to the built-in tiny run, signed by a fresh researcher key."""
 
-    def make(config: NodeConfig, manifest: Manifest | None = None) -> RunService:
+    def make(config: NodeConfig, manifest: Manifest | None = None) -> OfflineRun:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         signed = SignedManifest.sign(manifest or load_run_manifest(), Identity.generate())
-        return RunService(NodeDaemon(config), Identity.generate(), None, None, signed, {}, b"")  # type: ignore[arg-type]
+        me = Identity.generate()
+        status = NodeStatus()
+        events = EventRecorder(status, config.data_dir)
+        engine = build_engine(
+            signed.manifest, EngineSettings(config.data_dir, config.device, config.local_ranks)
+        )
+        root = data_root(config.data_dir, signed.run_id)
+        state = GlobalState(signed.run_id, engine.model, engine.outer, engine.trainer.trainer, root, events)
+        asyncio.run(state.start(config.data_dir, signed.manifest.init.sha256))
+        book = PeerBook(me.peer_id, signed.run_id, events)
+        return OfflineRun(config, me, signed, engine, state, book, status)
 
     return make

@@ -14,9 +14,11 @@ from pathlib import Path
 
 import pytest
 from intellect.node.app.config import NodeConfig
-from intellect.node.app.daemon import EXIT_ERROR, EXIT_OK, DaemonOptions, NodeDaemon, is_admitted
+from intellect.node.app.daemon import EXIT_ERROR, EXIT_OK, DaemonOptions, NodeDaemon
 from intellect.node.app.status import fetch_status
 from intellect.node.cli.swarm import group_pids
+from intellect.node.run.phase import Phase
+from intellect.protocol.admission import is_admitted
 
 
 def _config(tmp_path: Path) -> NodeConfig:
@@ -27,7 +29,7 @@ async def test_tree_serves_status_and_stops_in_order(tmp_path: Path) -> None:
     events: list[str] = []
 
     async def body(daemon: NodeDaemon) -> None:
-        daemon.status.phase = "training"
+        daemon.phases.enter(Phase.JOINING)
         events.append("body started")
         try:
             await asyncio.Event().wait()
@@ -42,7 +44,7 @@ async def test_tree_serves_status_and_stops_in_order(tmp_path: Path) -> None:
     async with asyncio.timeout(10):
         await daemon.ready.wait()
     got = await asyncio.to_thread(fetch_status, daemon.config.data_dir)
-    assert got["phase"] == "training"
+    assert got["phase"] == "joining"
     assert (daemon.config.data_dir / "daemon.pid").read_text().strip() == str(os.getpid())
     daemon.request_stop()
     async with asyncio.timeout(10):
@@ -69,7 +71,7 @@ async def test_body_failure_is_exit_code_1_and_finished_body_is_0(tmp_path: Path
 
 def test_admission_policies() -> None:
     from intellect.crypto.identity import Identity
-    from intellect.node.app.daemon import load_run_manifest
+    from intellect.node.app.body import load_run_manifest
     from intellect.protocol.records import issue_ticket
 
     researcher, alice, bob = Identity.generate(), Identity.generate(), Identity.generate()
@@ -89,7 +91,7 @@ def test_admission_policies() -> None:
 def test_ticket_command_issues_what_the_node_loads_and_admits(tmp_path: Path) -> None:
     from click.testing import CliRunner
     from intellect.crypto.identity import Identity
-    from intellect.node.app.daemon import _ticket_loader, load_run_manifest
+    from intellect.node.app.body import load_run_manifest, ticket_loader
     from intellect.node.cli.main import cli
 
     researcher_dir, volunteer_dir = tmp_path / "researcher", tmp_path / "volunteer"
@@ -104,7 +106,7 @@ def test_ticket_command_issues_what_the_node_loads_and_admits(tmp_path: Path) ->
     args = ["ticket", tick.run_id, volunteer.peer_id, "--data-dir", str(researcher_dir), "--out", str(out)]
     done = runner.invoke(cli, [*args, "--days", "2"])
     assert done.exit_code == 0, done.output
-    loaded = _ticket_loader(NodeConfig(data_dir=volunteer_dir))(tick.run_id)
+    loaded = ticket_loader(NodeConfig(data_dir=volunteer_dir))(tick.run_id)
     assert is_admitted(tick, researcher.peer_id, volunteer.peer_id, loaded)
     assert not is_admitted(tick, Identity.generate().peer_id, volunteer.peer_id, loaded)  # other researcher
     bad = runner.invoke(

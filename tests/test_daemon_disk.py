@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING
 import pytest
 import torch
 from intellect.node.app.config import NodeConfig
-from intellect.node.app.daemon import append_round_log
+from intellect.node.app.roundlog import append_round_log
+from intellect.node.net.allreduce import get_payload_codec
+from intellect.node.run.training import plan_round
 
 if TYPE_CHECKING:  # the fixture's type; conftest is pytest's to import, not ours
-    from conftest import OfflineRun
+    from conftest import MakeOfflineRun
 
 
 @contextlib.contextmanager
@@ -54,42 +56,44 @@ def fill(path: Path) -> Path:
 
 
 def test_full_disk_during_checkpoint_keeps_training_and_the_last_good_checkpoint(
-    tmp_path: Path, offline_run: OfflineRun
+    tmp_path: Path, offline_run: MakeOfflineRun
 ) -> None:
     with tmpfs(tmp_path / "disk", "48m") as disk:
         config = NodeConfig(data_dir=disk / "node", listen=("/ip4/127.0.0.1/tcp/0",))
         run = offline_run(config)
-        daemon = run.daemon
-        run._build()
+        state, me, status = run.state, run.identity.peer_id, run.status
+        codec = get_payload_codec("none")
 
         def commit(r: int) -> None:
-            run.trainer.stream = run._stream_for(r)
-            stats = asyncio.run(run.trainer.run_inner(2))
-            delta = run.outer.pseudo_gradient(run.model)
-            run._commit(r, {k: v.clone() for k, v in delta.items()}, stats)
-            run.round = r
+            async def go() -> None:
+                await run.engine.trainer.begin_round(plan_round(run.run_id, r, me, [me], run.engine.shards))
+                await run.engine.trainer.steps(2)
+                delta = await state.pseudo_gradient()
+                await state.commit(r, {k: v.clone() for k, v in delta.items()}, delta, [me], me, codec)
+
+            asyncio.run(go())
 
         commit(1)
-        first = run.global_store.load_latest()
+        first = state.global_store.load_latest()
         assert first is not None and first.meta["round"] == 1
-        assert daemon.status.checkpoint_errors == 0
+        assert status.checkpoint_errors == 0
 
         filler = fill(disk)
         commit(2)  # must not raise: the disk is full
-        assert daemon.status.checkpoint_errors == 1
+        assert status.checkpoint_errors == 1
         append_round_log(config.data_dir, {"round": 2})  # dropped and logged, no exception
         # The last good checkpoint is intact and verifies; no half-written file is taken for a checkpoint.
-        latest = run.global_store.load_latest()
+        latest = state.global_store.load_latest()
         assert latest is not None and latest.meta["round"] == 1
         assert latest.state_hash == first.state_hash
         # The state in memory moved on (round 2 was applied) and is what we hold.
-        assert run.state_hash != first.state_hash
-        held = run.state_hash
+        assert state.state_hash != first.state_hash
+        held = state.state_hash
 
         filler.unlink()
         commit(3)
-        latest = run.global_store.load_latest()
+        latest = state.global_store.load_latest()
         assert latest is not None and latest.meta["round"] == 3
-        assert daemon.status.checkpoint_errors == 1
-        assert latest.state_hash == run.state_hash != held
+        assert status.checkpoint_errors == 1
+        assert latest.state_hash == state.state_hash != held
         assert all(torch.isfinite(t).all() for t in latest.tensors.values())

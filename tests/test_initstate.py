@@ -1,6 +1,7 @@
 """A run's pinned initial state (`init.sha256`): `data init-state` writes it, the node verifies and loads it.
 
-Real files, the real CLI and the daemon's own round-0 setup (`RunService._build` and `_initial_state`).
+Real files, the real CLI and the run's own round-0 setup (`build_engine`, `GlobalState.start`), and the
+round machine's refusal to train round 1 from another origin.
 """
 
 from __future__ import annotations
@@ -15,17 +16,20 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch
 from click.testing import CliRunner
+from intellect.node.app.body import load_run_manifest
 from intellect.node.app.config import NodeConfig
-from intellect.node.app.daemon import RunService, load_run_manifest
 from intellect.node.cli.main import cli
 from intellect.node.engine.initstate import InitStateError, init_state_path, load_init_state, write_init_state
 from intellect.node.engine.model import Llama, ModelConfig
 from intellect.node.engine.outer import OuterOptimizer
 from intellect.node.engine.statehash import blob_state_hash, serialize_state
+from intellect.node.run.events import discard
+from intellect.node.run.machine import Limits, RoundMachine
+from intellect.node.run.phase import Phase, PhaseTracker
 from intellect.protocol.manifest import InitSpec
 
 if TYPE_CHECKING:  # the fixture's type; conftest is pytest's to import, not ours
-    from conftest import OfflineRun
+    from conftest import MakeOfflineRun, OfflineRun
 
 TINY = Path(__file__).resolve().parent.parent / "node" / "runs" / "tiny-run.toml"
 
@@ -39,29 +43,26 @@ def _init_state(args: list[str]) -> str:
     return found.group(1)
 
 
-def _run(offline_run: OfflineRun, tmp_path: Path, sha256: str) -> RunService:
-    """The daemon's run service for the tiny run pinned to `sha256`, built as `RunService.run` builds it."""
+def _run(offline_run: MakeOfflineRun, tmp_path: Path, sha256: str) -> OfflineRun:
+    """The tiny run pinned to `sha256`, built and started as `RunService.run` does."""
     manifest = load_run_manifest()
     manifest = dataclasses.replace(manifest, init=InitSpec(seed=manifest.init.seed, sha256=sha256))
-    run = offline_run(NodeConfig(data_dir=tmp_path / "node", listen=("/ip4/127.0.0.1/tcp/0",)), manifest)
-    run._build()
-    run._initial_state()
-    return run
+    return offline_run(NodeConfig(data_dir=tmp_path / "node", listen=("/ip4/127.0.0.1/tcp/0",)), manifest)
 
 
-def _weights(run: RunService) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in run.model.named_parameters()}
+def _weights(run: OfflineRun) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in run.engine.model.named_parameters()}
 
 
-def test_pinning_the_seeded_init_changes_nothing(tmp_path: Path, offline_run: OfflineRun) -> None:
+def test_pinning_the_seeded_init_changes_nothing(tmp_path: Path, offline_run: MakeOfflineRun) -> None:
     sha = _init_state([str(TINY), "--out", str(tmp_path / "init.safetensors")])
     run = _run(offline_run, tmp_path, sha)
-    assert run.init_error is None
-    assert run.state_hash == sha  # the file's hash is the round-0 state hash the node announces
+    assert run.state.init_error is None
+    assert run.state.state_hash == sha  # the file's hash is the round-0 state hash the node announces
 
 
 def test_pretrained_weights_are_packed_then_verified_and_loaded(
-    tmp_path: Path, offline_run: OfflineRun
+    tmp_path: Path, offline_run: MakeOfflineRun
 ) -> None:
     manifest = load_run_manifest()
     pretrained = Llama(ModelConfig.from_dict(manifest.model.to_dict()), seed=1234)
@@ -72,35 +73,50 @@ def test_pretrained_weights_are_packed_then_verified_and_loaded(
     target.parent.mkdir(parents=True)
     shutil.copy(out, target)
     run = _run(offline_run, tmp_path, sha)
-    assert run.init_error is None and run.state_hash == sha
+    assert run.state.init_error is None and run.state.state_hash == sha
     for name, p in pretrained.named_parameters():
-        assert torch.equal(run.model.get_parameter(name), p), name
-        assert torch.equal(run.outer.global_params[name], p), name
+        assert torch.equal(run.engine.model.get_parameter(name), p), name
+        assert torch.equal(run.engine.outer.global_params[name], p), name
 
 
 def test_a_missing_file_is_kept_as_the_reason_and_round_0_refuses_to_train(
-    tmp_path: Path, offline_run: OfflineRun
+    tmp_path: Path, offline_run: MakeOfflineRun
 ) -> None:
     pinned = "ab" * 32
     run = _run(offline_run, tmp_path, pinned)
-    seeded = run.state_hash
-    assert isinstance(run.init_error, InitStateError)
-    assert "does not exist" in str(run.init_error) and pinned in str(run.init_error)
-    assert run.state_hash != pinned  # we hold the seeded state and say so
+    seeded = run.state.state_hash
+    assert isinstance(run.state.init_error, InitStateError)
+    assert "does not exist" in str(run.state.init_error) and pinned in str(run.state.init_error)
+    assert seeded != pinned  # we hold the seeded state and say so
 
-    async def no_peers() -> None:  # nobody is past round 0: there is nothing to sync instead
-        return None
+    class NoPeers:  # nobody is past round 0: there is nothing to sync instead
+        shards = run.engine.shards
 
-    run._catch_up = no_peers  # type: ignore[method-assign]
-    trained: list[int] = []
+        async def refresh_members(self) -> None:
+            return None
 
-    async def would_train() -> None:
-        trained.append(run.round)
+        async def state(self, *args: Any) -> Any:
+            raise AssertionError("nothing to sync")
 
-    run._round = would_train  # type: ignore[method-assign]
+    class NeverTrains:
+        trainer = run.engine.trainer.trainer
+
+        async def begin_round(self, plan: Any) -> None:
+            raise AssertionError("trained round 1 without the run's initial state")
+
+    machine = RoundMachine(
+        run.identity.peer_id,
+        run.run_id,
+        run.signed.manifest,
+        (run.book, run.state, NeverTrains(), None, None),  # type: ignore[arg-type]
+        NoPeers(),
+        PhaseTracker(discard, Phase.LOADING),
+        discard,
+        Limits(max_rounds=3),
+    )
     with pytest.raises(InitStateError, match="does not exist"):
-        asyncio.run(run._rounds())
-    assert trained == [] and run.state_hash == seeded
+        asyncio.run(machine.run())
+    assert run.state.state_hash == seeded
 
 
 def _cfg() -> ModelConfig:

@@ -10,7 +10,6 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pytest
 import torch
@@ -19,9 +18,6 @@ from intellect.node.engine.localgroup import LocalGroup, LocalGroupError, local_
 from intellect.node.engine.model import CONFIGS, Llama
 from intellect.node.engine.tokenizer import ByteTokenizer
 from intellect.node.engine.trainer import InnerTrainer, TrainerConfig
-
-if TYPE_CHECKING:  # the fixture's type; conftest is pytest's to import, not ours
-    from conftest import OfflineRun
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -115,15 +111,16 @@ def test_a_batch_that_does_not_split_is_refused() -> None:
 
 
 def test_automatic_ranks_use_the_gpus_that_split_the_batch(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offline_run: OfflineRun
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from intellect.node.app.config import NodeConfig
+    from intellect.node.app.body import load_run_manifest
+    from intellect.node.run.training import EngineSettings, local_ranks
 
-    def ranks(device: str, local_ranks: int, gpus: int) -> int:  # the tiny run's batch_size is 8
+    manifest = load_run_manifest()
+
+    def ranks(device: str, ranks: int, gpus: int) -> int:  # the tiny run's batch_size is 8
         monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)  # no GPU here: only the count matters
-        return offline_run(
-            NodeConfig(data_dir=tmp_path, device=device, local_ranks=local_ranks)
-        )._local_ranks()
+        return local_ranks(manifest, EngineSettings(tmp_path, device, ranks))
 
     assert ranks("cuda", 0, 4) == 4
     assert ranks("cuda", 0, 3) == 2  # 3 does not divide 8: two of the three GPUs

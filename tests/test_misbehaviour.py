@@ -1,7 +1,7 @@
 """Gossiped misbehaviour reports: a bad-chunk proof convinces every holder of the state, a forgery nobody.
 
-The daemon's own handler (`RunService._on_misbehaviour`) judges reports against the chunk lists of the
-states its real `StateServer` serves; the evidence is a real server signature over a wrong chunk digest.
+The peer book (`PeerBook.on_misbehaviour`, the daemon's handler) judges reports against the chunk lists of
+the states a real `StateServer` serves; the evidence is a real server signature over a wrong chunk digest.
 """
 
 from __future__ import annotations
@@ -14,49 +14,49 @@ from typing import TYPE_CHECKING
 
 from intellect.crypto.identity import Identity
 from intellect.node.app.config import NodeConfig
-from intellect.node.app.daemon import RunService
-from intellect.node.net.statesync import StateServer, StateSnapshot, bad_chunk_report, judge_report
+from intellect.node.net.statesync import StateServer, StateSnapshot
+from intellect.node.run.announcer import Announcer
 from intellect.protocol.codec import decode, encode
 from intellect.protocol.gossip_messages import Misbehaviour
 from intellect.protocol.sync_messages import BadChunkEvidence, sign_chunk
+from intellect.protocol.vouching import bad_chunk_report, judge_report
 
 if TYPE_CHECKING:  # the fixture's type; conftest is pytest's to import, not ours
-    from conftest import OfflineRun
+    from conftest import MakeOfflineRun, OfflineRun
 
 
-def _run(offline_run: OfflineRun, tmp_path: Path) -> RunService:
+def _run(offline_run: MakeOfflineRun, tmp_path: Path) -> tuple[OfflineRun, StateServer]:
     run = offline_run(NodeConfig(data_dir=tmp_path / "node", listen=("/ip4/127.0.0.1/tcp/0",)))
-    run._build()
-    run._initial_state()
     # The state server as the daemon uses it, serving our round-0 state (no network needed to publish).
-    run.server = StateServer(None, run.identity, run.run_id)  # type: ignore[arg-type]
-    asyncio.run(run.server.publish(StateSnapshot(0, run.state_hash, run.outer.state_dict())))
-    return run
+    server = StateServer(None, run.identity, run.run_id)  # type: ignore[arg-type]
+    asyncio.run(server.publish(StateSnapshot(0, run.state.state_hash, run.state.outer_state())))
+    return run, server
 
 
-def _evidence(run: RunService, liar: Identity, index: int = 1) -> BadChunkEvidence:
+def _evidence(run: OfflineRun, liar: Identity, index: int = 1) -> BadChunkEvidence:
     """What a syncing peer keeps when `liar` serves and signs garbage for chunk `index` of our state."""
-    response = sign_chunk(liar, run.run_id, run.state_hash, index, b"\x00" * 1000)
+    h = run.state.state_hash
+    response = sign_chunk(liar, run.run_id, h, index, b"\x00" * 1000)
     return BadChunkEvidence(
-        run.run_id, liar.peer_id, run.state_hash, index, hashlib.sha256(b"\x00" * 1000).digest(), response.sig
+        run.run_id, liar.peer_id, h, index, hashlib.sha256(b"\x00" * 1000).digest(), response.sig
     )
 
 
-def test_a_proved_bad_chunk_makes_the_server_distrusted(tmp_path: Path, offline_run: OfflineRun) -> None:
-    run = _run(offline_run, tmp_path)
+def test_a_proved_bad_chunk_makes_the_server_distrusted(tmp_path: Path, offline_run: MakeOfflineRun) -> None:
+    run, server = _run(offline_run, tmp_path)
     liar, reporter = Identity.generate(), Identity.generate()
     report = bad_chunk_report(_evidence(run, liar), 0)
     assert decode(encode(report), Misbehaviour) == report  # fits the gossip payload type and its limits
-    run._on_misbehaviour(reporter.peer_id, report)
-    assert liar.peer_id in run.distrusted
+    run.book.on_misbehaviour(reporter.peer_id, report, server.chunk_list)
+    assert liar.peer_id in run.book.distrusted
     assert run.status.rejected["bad_state_chunk_reported"] == 1
-    assert not run._counts(liar.peer_id)  # its vouches no longer pick sync targets
-    run._on_misbehaviour(reporter.peer_id, report)  # a repeat is counted once
+    assert not run.book.counts(liar.peer_id)  # its vouches no longer pick sync targets
+    run.book.on_misbehaviour(reporter.peer_id, report, server.chunk_list)  # a repeat is counted once
     assert run.status.rejected["bad_state_chunk_reported"] == 1
 
 
-def test_forged_or_malformed_reports_change_nothing(tmp_path: Path, offline_run: OfflineRun) -> None:
-    run = _run(offline_run, tmp_path)
+def test_forged_or_malformed_reports_change_nothing(tmp_path: Path, offline_run: MakeOfflineRun) -> None:
+    run, server = _run(offline_run, tmp_path)
     liar, honest, reporter = Identity.generate(), Identity.generate(), Identity.generate()
     ev = _evidence(run, liar)
     forged = [
@@ -66,7 +66,7 @@ def test_forged_or_malformed_reports_change_nothing(tmp_path: Path, offline_run:
         dataclasses.replace(bad_chunk_report(ev, 0), accused=honest.peer_id),
         # A digest that is the right one proves nothing.
         bad_chunk_report(
-            dataclasses.replace(ev, digest=run.server.chunk_list(run.state_hash)[1]),  # type: ignore[index]
+            dataclasses.replace(ev, digest=server.chunk_list(run.state.state_hash)[1]),  # type: ignore[index]
             0,
         ),
         # Another run's evidence, an unknown kind, undecodable evidence.
@@ -75,30 +75,30 @@ def test_forged_or_malformed_reports_change_nothing(tmp_path: Path, offline_run:
         Misbehaviour(liar.peer_id, 0, "bad-chunk", b"\x93\x01\x02"),
     ]
     for report in forged:
-        run._on_misbehaviour(reporter.peer_id, report)
-    assert not run.distrusted
+        run.book.on_misbehaviour(reporter.peer_id, report, server.chunk_list)
+    assert not run.book.distrusted
     assert run.status.rejected["false_misbehaviour_report"] == len(forged)
     # About a state we do not hold: cannot be checked, so neither believed nor counted as false.
     other = dataclasses.replace(ev, state_hash="ef" * 32)
-    assert judge_report(bad_chunk_report(other, 3), run.run_id, run.server.chunk_list) is None
-    run._on_misbehaviour(reporter.peer_id, bad_chunk_report(other, 3))
-    assert not run.distrusted and run.status.rejected["false_misbehaviour_report"] == len(forged)
+    assert judge_report(bad_chunk_report(other, 3), run.run_id, server.chunk_list) is None
+    run.book.on_misbehaviour(reporter.peer_id, bad_chunk_report(other, 3), server.chunk_list)
+    assert not run.book.distrusted and run.status.rejected["false_misbehaviour_report"] == len(forged)
 
 
-def test_a_sync_gossips_one_checkable_report_per_liar(tmp_path: Path, offline_run: OfflineRun) -> None:
-    from intellect.protocol.gossip_messages import TopicKind
+def test_a_sync_gossips_one_checkable_report_per_liar(tmp_path: Path, offline_run: MakeOfflineRun) -> None:
+    from intellect.protocol.keys import TopicKind
 
-    run = _run(offline_run, tmp_path)
+    run, server = _run(offline_run, tmp_path)
     published: list[tuple[TopicKind, Misbehaviour]] = []
 
     class Recorder:  # stands in for the gossip child: records what the daemon would publish
         async def publish(self, topic: TopicKind, message: Misbehaviour) -> None:
             published.append((topic, message))
 
-    run.gossip = Recorder()  # type: ignore[assignment]
+    announcer = Announcer(Recorder(), None, server)  # type: ignore[arg-type]
     a, b = Identity.generate(), Identity.generate()
     evidence = [_evidence(run, a, 0), _evidence(run, a, 1), _evidence(run, a, 2), _evidence(run, b, 3)]
-    asyncio.run(run._report_misbehaviour(evidence, 0))
+    asyncio.run(announcer.misbehaviour(evidence, 0))
     assert sorted(m.accused for _, m in published) == sorted([a.peer_id, b.peer_id])
     assert all(t == TopicKind.MISBEHAVIOUR for t, _ in published)
-    assert all(judge_report(m, run.run_id, run.server.chunk_list) is True for _, m in published)
+    assert all(judge_report(m, run.run_id, server.chunk_list) is True for _, m in published)

@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 from intellect.node.app.logs import JsonFormatter, LoopLagCanary
-from intellect.node.app.status import AllReduceOutcome, NodeStatus, StatusServer, fetch_status, read_port
+from intellect.node.app.status import AveragingOutcome, NodeStatus, StatusServer, fetch_status, read_port
 
 
 async def _serve(status: NodeStatus, tmp_path: Path) -> tuple[StatusServer, asyncio.Task[None]]:
@@ -26,7 +26,7 @@ async def test_status_metrics_dashboard(tmp_path: Path) -> None:
     status.tokens = 1234
     status.bytes_sent = 999
     status.rejected["BAD_SIGNATURE"] += 2
-    status.last_allreduce = AllReduceOutcome(round=3, ok=True, seconds=0.5, group_size=3, at=1.0)
+    status.last_allreduce = AveragingOutcome(round=3, ok=True, seconds=0.5, group_size=3, at=1.0)
     status.loss_history.append((3, 4.25))
     server, task = await _serve(status, tmp_path)
     try:

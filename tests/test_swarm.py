@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from intellect.node.app.daemon import load_run_manifest
+from intellect.node.app.body import load_run_manifest
 from intellect.node.cli.swarm import Peer, Swarm, group_pids, run_swarm
 
 pytestmark = pytest.mark.swarm

@@ -1,9 +1,10 @@
 """The node's local control API: JSON status, Prometheus metrics and a tiny dashboard, on 127.0.0.1 only.
 
-`NodeStatus` is the one mutable record of what the daemon is doing; the round loop writes it, and the HTTP
-handlers and the terminal panel only read it. Metrics are produced from the same record at scrape time by a
-custom collector in a per-node `CollectorRegistry` (never prometheus_client's global one, so two nodes in
-one test process do not collide and no metric is double-counted).
+`NodeStatus` is the one mutable record of what the daemon is doing. The round machine never writes it: it
+emits typed events (`intellect.node.run.events`) and `NodeStatus.apply` folds them in; the HTTP handlers,
+the metrics collector and the terminal panel only read it. Metrics are produced from the same record at
+scrape time by a custom collector in a per-node `CollectorRegistry` (never prometheus_client's global one,
+so two nodes in one test process do not collide and no metric is double-counted).
 
 `StatusServer` is a service (`run()`, `ready`): it binds 127.0.0.1 (port 0 picks a free one), writes the
 port to `<data dir>/http.port` so `intellect-node status` can find it, and removes that file on exit.
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from intellect.node.run import events as ev
+from intellect.node.run.events import Event
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -36,7 +39,7 @@ HTTP_PORT_FILE = "http.port"
 
 
 @dataclass
-class AllReduceOutcome:
+class AveragingOutcome:
     """The last averaging attempt: whether it completed, how long it took, with whom, and why not."""
 
     round: int = 0
@@ -77,11 +80,16 @@ class NodeStatus:
     state_hash: str = ""
     rounds_ok: int = 0
     rounds_failed: int = 0
-    last_allreduce: AllReduceOutcome = field(default_factory=AllReduceOutcome)
+    last_allreduce: AveragingOutcome = field(default_factory=AveragingOutcome)
     last_sync: SyncOutcome = field(default_factory=SyncOutcome)
     bytes_sent: int = 0
     bytes_received: int = 0
+    #: Peer input this node's run dropped, by reason (only ever counts up).
     rejected: Counter[str] = field(default_factory=Counter)
+    #: The gossip child's own cumulative rejection counters (its latest snapshot; each only counts up).
+    gossip_rejected: dict[str, int] = field(default_factory=dict)
+    #: Part of `bytes_sent` that our state server sent to syncing peers.
+    served_bytes: int = 0
     #: Checkpoints that could not be written (full or failing disk); training went on.
     checkpoint_errors: int = 0
     loop_lag_s: float = 0.0
@@ -90,12 +98,93 @@ class NodeStatus:
     #: (round, loss) of recent rounds, for the dashboard's loss curve.
     loss_history: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=500))
 
+    def all_rejected(self) -> Counter[str]:
+        """Every dropped input by reason: the run's own counts plus the gossip child's."""
+        return self.rejected + Counter(self.gossip_rejected)
+
+    def apply(self, event: Event) -> None:
+        """Fold one event of the round machine into the record."""
+        handler = _FOLD.get(type(event))
+        if handler is not None:
+            handler(self, event)
+
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
-        out["rejected"] = dict(self.rejected)
+        out["rejected"] = dict(self.all_rejected())
+        del out["gossip_rejected"]
         out["loss_history"] = [list(p) for p in self.loss_history]
         out["uptime_s"] = round(time.time() - self.started_at, 3)
         return out
+
+
+def _on_state(s: NodeStatus, e: ev.StateChanged) -> None:
+    s.round, s.state_hash = e.round, e.state_hash
+
+
+def _on_trained(s: NodeStatus, e: ev.Trained) -> None:
+    s.tokens += e.tokens
+    s.loss = e.mean_loss
+    s.tokens_per_s = e.tokens_per_s
+
+
+def _on_averaged(s: NodeStatus, e: ev.Averaged) -> None:
+    s.bytes_sent += e.bytes_sent
+    s.bytes_received += e.bytes_received
+    s.last_allreduce = AveragingOutcome(e.round, e.ok, e.seconds, e.group_size, e.reason, time.time())
+    if not e.ok:
+        s.rounds_failed += 1
+
+
+def _on_committed(s: NodeStatus, e: ev.Committed) -> None:
+    s.rounds_ok += 1
+    s.loss_history.append((e.round, e.loss))
+
+
+def _on_synced(s: NodeStatus, e: ev.Synced) -> None:
+    s.bytes_received += e.bytes_received
+    s.last_sync = SyncOutcome(e.round, e.source, e.state_hash, e.seconds, time.time())
+
+
+def _on_sync_failed(s: NodeStatus, e: ev.SyncFailed) -> None:
+    s.bytes_received += e.bytes_received
+
+
+def _on_members(s: NodeStatus, e: ev.MembersChanged) -> None:
+    s.peers, s.peer_ids = len(e.peers), list(e.peers)
+
+
+def _on_served(s: NodeStatus, e: ev.StateServed) -> None:
+    s.bytes_sent += max(0, e.bytes_sent - s.served_bytes)
+    s.served_bytes = max(s.served_bytes, e.bytes_sent)
+
+
+def _on_checkpoint_failed(s: NodeStatus, e: ev.CheckpointFailed) -> None:
+    s.checkpoint_errors += 1
+
+
+def _on_rejected(s: NodeStatus, e: ev.Rejected) -> None:
+    s.rejected[e.reason.value] += 1
+
+
+def _on_gossip(s: NodeStatus, e: ev.GossipCounters) -> None:
+    s.gossip_rejected = dict(e.rejected)
+
+
+_FOLD: dict[type, Any] = {
+    ev.PhaseChanged: lambda s, e: setattr(s, "phase", e.phase),
+    ev.StateChanged: _on_state,
+    ev.TrainingProgress: lambda s, e: setattr(s, "tokens_per_s", e.tokens_per_s),
+    ev.Trained: _on_trained,
+    ev.Averaged: _on_averaged,
+    ev.Committed: _on_committed,
+    ev.Synced: _on_synced,
+    ev.SyncFailed: _on_sync_failed,
+    ev.MembersChanged: _on_members,
+    ev.StateServed: _on_served,
+    ev.CheckpointFailed: _on_checkpoint_failed,
+    ev.Rejected: _on_rejected,
+    ev.GossipCounters: _on_gossip,
+}
 
 
 class _StatusCollector(Collector):
@@ -135,13 +224,14 @@ class _StatusCollector(Collector):
         yield gauge("allreduce_ok", "1 if the last all-reduce completed, else 0.", float(s.last_allreduce.ok))
         yield gauge("loop_lag_seconds", "Last measured event-loop lag.", s.loop_lag_s)
         yield counter(
-            "checkpoint_errors", "Checkpoints that could not be written (disk full or failing).",
+            "checkpoint_errors",
+            "Checkpoints that could not be written (disk full or failing).",
             s.checkpoint_errors,
         )
         rej = CounterMetricFamily(
             "intellect_rejected_messages", "Peer messages dropped, by reason.", labels=["run", "reason"]
         )
-        for reason, count in sorted(s.rejected.items()):
+        for reason, count in sorted(s.all_rejected().items()):
             rej.add_metric([*run, reason], count)
         yield rej
 

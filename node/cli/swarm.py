@@ -31,6 +31,7 @@ from typing import Any
 
 from intellect.crypto.identity import Identity
 from intellect.node.app.config import NodeConfig
+from intellect.node.app.roundlog import ROUNDS_LOG
 
 logger = logging.getLogger("intellect.node.cli.swarm")
 
@@ -41,7 +42,6 @@ _PEER_ENV = {
     "MKL_NUM_THREADS": "1",
     "PYTHONUNBUFFERED": "1",
 }
-ROUNDS_LOG = "rounds.jsonl"
 
 
 @dataclass
@@ -136,7 +136,7 @@ class Swarm:
 
     async def seed(self) -> str:
         """Sign the run's manifest with a fresh researcher key and publish it; return the run id."""
-        from intellect.node.app.daemon import load_run_manifest
+        from intellect.node.app.body import load_run_manifest
         from intellect.protocol.manifest import SignedManifest
 
         researcher = Identity.generate()

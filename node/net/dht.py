@@ -31,7 +31,7 @@ from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import CompositeValidator, DHTRecord, RecordValidatorBase
 from hivemind.p2p import P2P
 from intellect.crypto.identity import Identity
-from intellect.protocol import records
+from intellect.protocol import keys, records
 from intellect.protocol.errors import ProtocolError
 from intellect.protocol.manifest import SignedManifest
 
@@ -71,11 +71,11 @@ def _key_id(key: str) -> bytes:
     return DHTID.generate(source=key).to_bytes()
 
 
-RUNS_KEY_ID = _key_id(records.RUNS_KEY)
+RUNS_KEY_ID = _key_id(keys.RUNS_KEY)
 
 
 def members_key_id(run_id: str) -> bytes:
-    return _key_id(records.members_key(run_id))
+    return _key_id(keys.members_key(run_id))
 
 
 @dataclass
@@ -383,13 +383,13 @@ class DhtService:
         self._published[signed.run_id] = (signed, ttl, time.monotonic())
         return bool(
             await self.node.store(
-                records.RUNS_KEY, signed.to_bytes(), time.time() + ttl, subkey=signed.run_id
+                keys.RUNS_KEY, signed.to_bytes(), time.time() + ttl, subkey=signed.run_id
             )
         )
 
     async def get_manifests(self, latest: bool = True) -> tuple[list[SignedManifest], int]:
         """All verifiable runs in the DHT and the number of entries that failed verification here."""
-        found = await self.node.get(records.RUNS_KEY, latest=latest)
+        found = await self.node.get(keys.RUNS_KEY, latest=latest)
         out: list[SignedManifest] = []
         invalid = 0
         if found is None or not isinstance(found.value, dict):
@@ -422,7 +422,7 @@ class DhtService:
         self.validator.watch_run(rec.run_id)
         ok = bool(
             await self.node.store(
-                records.members_key(rec.run_id), signed_record, rec.expires_at, subkey=rec.peer_id
+                keys.members_key(rec.run_id), signed_record, rec.expires_at, subkey=rec.peer_id
             )
         )
         published = self._published.get(rec.run_id)
@@ -434,7 +434,7 @@ class DhtService:
     async def get_members(self, run_id: str, latest: bool = True) -> list[records.MembershipRecord]:
         """Live, verified members of a run (expired and unverifiable entries dropped and logged)."""
         self.validator.watch_run(run_id)
-        found = await self.node.get(records.members_key(run_id), latest=latest)
+        found = await self.node.get(keys.members_key(run_id), latest=latest)
         if found is None or not isinstance(found.value, dict):
             return []
         now = time.time()

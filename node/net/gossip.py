@@ -50,11 +50,9 @@ from intellect.protocol.gossip_messages import (
     BridgeReject,
     BridgeStatus,
     BridgeStop,
-    TopicKind,
     frame,
-    parse_topic,
-    topic_name,
 )
+from intellect.protocol.keys import TopicKind, parse_topic, topic_name
 
 log = logging.getLogger("intellect.gossip")
 

@@ -53,10 +53,9 @@ from intellect.protocol.gossip_messages import (
     BridgeReject,
     BridgeStatus,
     BridgeStop,
-    TopicKind,
     frame,
-    topic_name,
 )
+from intellect.protocol.keys import TopicKind, topic_name
 from libp2p import new_host
 from libp2p.crypto.ed25519 import Ed25519PrivateKey as Libp2pEd25519PrivateKey
 from libp2p.crypto.keys import KeyPair

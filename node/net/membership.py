@@ -5,8 +5,10 @@ The DHT is the source of truth for who is in a run (DESIGN §7): every node trai
 TTL, and re-signs and re-stores it every `period` seconds with its latest round, throughput and state hash.
 A node that stops simply stops refreshing, and its record expires: hivemind's DHT cannot delete, and the
 validator refuses any record whose DHT expiry differs from the signed one, so nobody else can keep a dead
-node listed. Each refresh also re-stores the run's researcher-signed manifest (it is self-authenticating),
-so a run stays discoverable after its researcher goes offline.
+node listed. The first refresh stores the run's researcher-signed manifest (it is self-authenticating), and
+the DHT service re-stores it with later records once a third of its TTL has passed, so a run stays
+discoverable after its researcher goes offline. This is the daemon's one membership implementation
+(the run's `Announcer` calls `update` + `refresh`).
 
 Admission (`admits`, and the filter in `members`) is the manifest's policy,
 `intellect.protocol.admission.is_admitted`; under the tickets policy a peer's ticket is the one carried in
@@ -77,6 +79,7 @@ class MembershipService:
         )
         self._members: dict[str, records.MembershipRecord] = {}
         self.refreshes = 0
+        self._manifest_stored = False
         self.failed_refreshes = 0
 
     def update(
@@ -105,24 +108,31 @@ class MembershipService:
         now = time.time() if now is None else now
         return replace(
             self._record,
-            maddrs=tuple(self.dht.visible_maddrs[:16]),
+            # Others must be able to dial an address and know whom they reach: every one names our peer ID.
+            maddrs=tuple(
+                m if "/p2p/" in m else f"{m}/p2p/{self.identity.peer_id}" for m in self.dht.visible_maddrs
+            )[:16],
             issued_at=now,
             expires_at=now + self.ttl,
         )
 
     async def refresh(self) -> bool:
-        """Sign and store our record now, and re-store the manifest; True when the DHT accepted the record."""
+        """Sign and store our record now (and the manifest, the first time); True when the DHT accepted it."""
+        if not self._manifest_stored:
+            try:
+                self._manifest_stored = await self.dht.publish_manifest(
+                    self.signed_manifest, ttl=self.manifest_ttl
+                )
+            except (TimeoutError, OSError) as e:
+                logger.warning("storing the manifest of run %s failed: %s", self.run_id[:12], e)
         signed = records.seal_membership(self.identity, self.current_record())
         ok = await self.dht.store_membership(signed)
-        try:
-            await self.dht.publish_manifest(self.signed_manifest, ttl=self.manifest_ttl)
-        except (TimeoutError, OSError) as e:
-            logger.warning("re-storing the manifest of run %s failed: %s", self.run_id[:12], e)
         if ok:
             self.refreshes += 1
         else:
+            # Alone in the DHT nobody can accept it; the next refresh tries again.
             self.failed_refreshes += 1
-            logger.warning("membership refresh for run %s was not accepted by any DHT node", self.run_id[:12])
+            logger.debug("membership refresh for run %s was not accepted by any DHT node", self.run_id[:12])
         return ok
 
     async def run(self) -> None:

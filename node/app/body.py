@@ -1,0 +1,146 @@
+"""The daemon's body: join the DHT, pick and verify a run, start gossip and membership, run the run.
+
+`run_body` is what `NodeDaemon` runs by default; it owns, in this order, the DHT (and its p2p daemon), the
+gossip service (and its child process) and the run service, so cancelling it unwinds them in reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from intellect.crypto.identity import Identity
+from intellect.node.app.config import NodeConfig, hosts
+from intellect.node.net.dht import DhtService
+from intellect.node.net.gossip import GossipConfig, GossipService
+from intellect.node.net.membership import MembershipService
+from intellect.node.run.machine import Limits
+from intellect.node.run.phase import Phase
+from intellect.node.run.service import RunService, RunSettings
+from intellect.node.run.training import EngineSettings
+from intellect.protocol.admission import is_admitted
+from intellect.protocol.manifest import Manifest, SignedManifest, load_manifest_toml
+
+if TYPE_CHECKING:
+    from intellect.node.app.daemon import NodeDaemon
+
+logger = logging.getLogger(__name__)
+
+#: How long `start --run RUN_ID` keeps looking for the run's manifest in the DHT before giving up.
+RUN_LOOKUP_TIMEOUT_S = 60.0
+#: Membership record lifetime (the run service refreshes it at a third of this).
+MEMBER_TTL_S = 60.0
+
+
+def load_run_manifest(path: Path | None = None) -> Manifest:
+    """The run manifest at `path`, or the built-in tiny demo run (`examples/tiny-run.toml`, shipped inside
+    the package so that the demo works from a plain, non-editable install too)."""
+    if path is None:
+        path = Path(__file__).resolve().parent.parent / "runs" / "tiny-run.toml"
+    return load_manifest_toml(path)
+
+
+def load_identity(config: NodeConfig) -> Identity:
+    """The node's identity, created on first start (as `intellect-node init` would)."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    return Identity.load_or_create(config.identity_path)
+
+
+def ticket_loader(config: NodeConfig) -> Callable[[str], bytes]:
+    """Admission tickets a researcher gave this node live in `<data dir>/tickets/<run_id>`."""
+
+    def load(run_id: str) -> bytes:
+        path = config.data_dir / "tickets" / run_id
+        return path.read_bytes() if path.is_file() else b""
+
+    return load
+
+
+async def pick_run(
+    dht: DhtService,
+    wanted: str,
+    peer_id: str,
+    ticket_for: Callable[[str], bytes],
+    timeout_s: float = RUN_LOOKUP_TIMEOUT_S,
+) -> SignedManifest:
+    """The run to join: `wanted` when given (waiting for it to appear), else the verifiable run we are
+    admitted to that has the most live members (ties: name). Unverifiable manifests are never returned."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.5
+    while True:
+        runs, invalid = await dht.get_manifests()
+        if invalid:
+            logger.warning("ignored %d run records that failed verification", invalid)
+        candidates = [
+            r
+            for r in runs
+            if (not wanted or r.run_id == wanted)
+            and is_admitted(r.manifest, r.researcher, peer_id, ticket_for(r.run_id))
+        ]
+        if candidates:
+            if len(candidates) == 1:
+                return candidates[0]
+            sizes = {r.run_id: len(await dht.get_members(r.run_id)) for r in candidates}
+            return max(candidates, key=lambda r: (sizes[r.run_id], r.manifest.name))
+        if time.monotonic() > deadline:
+            what = f"run {wanted}" if wanted else "any run this node is admitted to"
+            raise RuntimeError(f"found no verifiable manifest for {what} in the DHT within {timeout_s:.0f} s")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
+def run_settings(daemon: NodeDaemon, visible_maddrs: list[str]) -> RunSettings:
+    """The run layer's settings, from the node's config and the daemon's options."""
+    config, opts = daemon.config, daemon.options
+    listen_host, public_host = hosts(config, visible_maddrs)
+    return RunSettings(
+        engine=EngineSettings(config.data_dir, config.device, config.local_ranks),
+        listen_host=listen_host,
+        public_host=public_host,
+        averaging_port=config.averaging_port,
+        limits=Limits(opts.max_rounds, opts.min_peers, opts.min_peers_timeout_s),
+    )
+
+
+async def run_body(daemon: NodeDaemon) -> None:
+    config = daemon.config
+    identity = load_identity(config)
+    daemon.status.peer_id = identity.peer_id
+    daemon.phases.enter(Phase.JOINING)
+    tickets = ticket_loader(config)
+    async with DhtService(config, config.identity_path) as dht:
+        daemon.children.add(lambda: dht.daemon_pid)
+        signed = await pick_run(dht, config.run, identity.peer_id, tickets)
+        if not signed.verify():  # pick_run only returns verified ones; checked again before training
+            raise RuntimeError(f"manifest of run {signed.run_id} does not verify")
+        daemon.status.run_id, daemon.status.run_name = signed.run_id, signed.manifest.name
+        logger.info(
+            "joining run %s (%s) of researcher %s", signed.manifest.name, signed.run_id, signed.researcher
+        )
+        # Any node training a run keeps its self-authenticating manifest alive in the DHT.
+        await dht.publish_manifest(signed)
+        membership = MembershipService(dht, identity, signed, ticket=tickets(signed.run_id), ttl=MEMBER_TTL_S)
+        settings = run_settings(daemon, dht.visible_maddrs)
+        gossip_cfg = GossipConfig(listen_host=settings.listen_host, listen_port=config.gossip_port)
+        async with GossipService(
+            config.identity_path, signed.run_id, membership.admits, config=gossip_cfg
+        ) as gossip:
+            daemon.children.add(lambda: gossip.child_pid)
+            # The gossip child reports what it bound (0.0.0.0 when listening everywhere): others must be
+            # told an address they can dial.
+            addr = next(iter(gossip.listen_maddrs), "")
+            membership.update(gossip_addr=addr.replace("/ip4/0.0.0.0/", f"/ip4/{settings.public_host}/"))
+            run = RunService(
+                settings,
+                identity,
+                signed,
+                (dht, gossip, membership),
+                daemon.phases,
+                daemon.events,
+                on_child_pids=daemon.children.add_pids,
+            )
+            await run.run()

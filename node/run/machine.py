@@ -1,0 +1,306 @@
+"""The round machine: catch up, train, average, commit, announce; one explicit phase at a time.
+
+A round r = (rounds held) + 1 passes frozen values from phase to phase (docs/architecture.md):
+
+    decide (pure) ─> RoundPlan ─> train H inner steps ─> Δ with error feedback
+      ─> all-reduce Δ weighted by tokens ─ failed ─> keep θ, reset the local copy (never step on it)
+                                         ─ ok ─────> outer step, round and hash together, checkpoint, announce
+
+Rounds need no coordinator: the round number is the global state's step count, which every member
+announces (gossip, and the DHT records that repair lost gossip); a peer that sees others ahead waits a
+bounded time for a fresh announcement, syncs the state most live peers vouch for and joins the next round.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from intellect.node.engine.trainer import InnerStats
+from intellect.node.net.averaging import Averager, AverageResult
+from intellect.node.net.statesync import StateSnapshot, StateSyncError, SyncReport
+from intellect.node.run import decide as rules
+from intellect.node.run.announcer import Announcer
+from intellect.node.run.events import Averaged, Committed, EventSink, SyncFailed, Trained
+from intellect.node.run.peerbook import PeerBook
+from intellect.node.run.phase import Phase, PhaseTracker
+from intellect.node.run.state import GlobalState
+from intellect.node.run.training import Pacer, RoundTrainer, plan_round, train_round
+from intellect.protocol.manifest import Manifest, ShardSpec
+from intellect.protocol.vouching import SyncTarget
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainedRound:
+    """The inner steps of round `round` are done; `delta` is what we contribute to its average."""
+
+    round: int
+    stats: InnerStats
+    delta: dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class AveragedRound:
+    """A completed average of round `round`, ready to commit."""
+
+    trained: TrainedRound
+    result: AverageResult
+    seconds: float
+
+
+class Network(Protocol):
+    """What the machine needs from the run's networking (implemented by `RunService`)."""
+
+    shards: tuple[ShardSpec, ...]
+
+    async def refresh_members(self) -> None:
+        """Read the run's member records from the DHT into the peer book."""
+
+    async def state(
+        self, target: SyncTarget, distrusted: frozenset[str], report: SyncReport
+    ) -> StateSnapshot:
+        """Download and verify `target` from the peers that vouch for it (not from `distrusted`)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Limits:
+    """When the machine stops, and how long it waits for company before round 1."""
+
+    max_rounds: int | None = None
+    min_peers: int = 1
+    min_peers_timeout_s: float = 60.0
+
+
+class RoundMachine:
+    """Drives rounds until `limits.max_rounds` (or forever); every collaborator is injected."""
+
+    def __init__(
+        self,
+        me: str,
+        run_id: str,
+        manifest: Manifest,
+        parts: tuple[PeerBook, GlobalState, RoundTrainer, Averager, Announcer],
+        net: Network,
+        phases: PhaseTracker,
+        emit: EventSink,
+        limits: Limits,
+    ) -> None:
+        self.me, self.run_id, self.manifest = me, run_id, manifest
+        self.book, self.state, self.trainer, self.averager, self.announcer = parts
+        self.net = net
+        self.phases = phases
+        self._emit = emit
+        self.limits = limits
+        self._pacer = Pacer()
+        #: Throughput of our last round (what our membership record says).
+        self.tokens_per_s = 0.0
+        self.tokens = 0
+
+    async def run(self) -> None:
+        lim = self.limits
+        if self.state.round == 0 and lim.min_peers > 1:
+            await self.wait_for_peers(lim.min_peers, lim.min_peers_timeout_s)
+        while lim.max_rounds is None or self.state.round < lim.max_rounds:
+            await self.catch_up()
+            if lim.max_rounds is not None and self.state.round >= lim.max_rounds:
+                break
+            if self.state.round == 0 and self.state.init_error is not None:
+                raise self.state.init_error  # training from another origin would poison everyone's average
+            await self.round()
+        logger.info("reached round %d: done", self.state.round)
+
+    async def wait_for_peers(self, n: int, timeout_s: float) -> None:
+        self.phases.enter(Phase.WAITING_FOR_PEERS)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            await self.net.refresh_members()
+            if len(self.book.members) >= n:
+                logger.info("%d members present; starting", len(self.book.members))
+                return
+            await asyncio.sleep(0.5)
+        logger.warning(
+            "only %d of %d peers after %.0f s; starting anyway", len(self.book.members), n, timeout_s
+        )
+
+    # ---- catching up ---------------------------------------------------------------------------------
+
+    def _view(self) -> rules.View:
+        found = self.book.target()
+        target, heard = found if found is not None else (None, 0.0)
+        ahead = max(self.book.peer_rounds().values(), default=0)
+        return rules.View(self.state.round, ahead, target, heard, time.time())
+
+    async def catch_up(self) -> None:
+        """Sync from peers when they are at a later round than ours (newcomer, laggard, failed round)."""
+        await self.net.refresh_members()
+        fresh_s = rules.fresh_window_s(self.manifest.averaging.matchmaking_s)
+        decision = rules.decide(self._view(), fresh_s)
+        if decision.action is rules.Action.WAIT:
+            await self._wait_for_announcement(decision.ahead)
+            await self.net.refresh_members()
+            decision = rules.decide(self._view(), fresh_s, waited=True)
+            if decision.action is rules.Action.TRAIN:
+                logger.warning("no usable state announcement from peers ahead of us; training on")
+        if decision.action is rules.Action.SYNC and decision.target is not None:
+            await self.sync(decision.target)
+
+    async def _wait_for_announcement(self, ahead: int) -> None:
+        self.phases.enter(Phase.WAITING_FOR_ROUND)
+        logger.info(
+            "peers are at round %d, we are at %d: waiting for their next announcement",
+            ahead,
+            self.state.round,
+        )
+        a = self.manifest.averaging
+        wait_s = rules.catch_up_wait_s(
+            self.book.round_period,
+            self.book.throughputs(),
+            self.manifest.max_tokens_per_round(),
+            a.matchmaking_s,
+            a.round_deadline_s,
+        )
+        self.book.new_announcement.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait_s):
+                while True:
+                    await self.book.new_announcement.wait()
+                    self.book.new_announcement.clear()
+                    found = self.book.target()
+                    if found is not None and rules.wait_is_over(found[0], found[1], ahead, time.time()):
+                        return
+
+    async def sync(self, target: SyncTarget) -> None:
+        """Fetch, verify and adopt `target`; gossip any proof that a server lied, whether or not it worked."""
+        self.phases.enter(Phase.SYNCING)
+        report = SyncReport()
+        await self._fetch_and_adopt(target, report)
+        if report.evidence:
+            await self.announcer.misbehaviour(report.evidence, target.round)
+
+    async def _fetch_and_adopt(self, target: SyncTarget, report: SyncReport) -> None:
+        t0 = time.monotonic()
+        try:
+            snap = await self.net.state(target, self.book.distrusted, report)
+        except StateSyncError as e:
+            logger.warning("state sync of round %d failed: %s", target.round, e)
+            self._emit(SyncFailed(target.round, str(e), sum(report.bytes_from.values())))
+            await asyncio.sleep(1.0)
+            return
+        finally:
+            self.book.unreachable(p for p in report.unavailable if p in target.peers)
+            self.book.caught_serving_bad_chunks(report.bad_peers)
+        steps = self.state.step_count(snap.tensors)
+        if steps != snap.round:
+            # The bytes match the announced hash, but the state is not of the announced round: whoever
+            # vouched for (round, hash) misstated it. Do not adopt it, and stop believing them.
+            logger.warning(
+                "state announced as round %d holds %s outer steps; not used, its %d vouchers distrusted",
+                snap.round,
+                steps,
+                len(target.peers),
+            )
+            self._emit(SyncFailed(target.round, "round mismatch", sum(report.bytes_from.values())))
+            self.book.misstated_round(target.peers)
+            return
+        seconds = time.monotonic() - t0
+        got = sum(report.bytes_from.values())
+        await self.state.adopt(
+            snap.round, snap.state_hash, snap.tensors, f"{len(target.peers)} peers", seconds, got
+        )
+        logger.info("synced state of round %d (%s) in %.2f s", snap.round, snap.state_hash[:12], seconds)
+        await self.announcer.state(self.state.view(), self.state.outer_state(), self.tokens_per_s)
+
+    # ---- a round -------------------------------------------------------------------------------------
+
+    async def round(self) -> None:
+        trained = await self.train(self.state.round + 1)
+        averaged = await self.average(trained)
+        if averaged is not None:
+            await self.commit(averaged)
+
+    async def train(self, r: int) -> TrainedRound:
+        plan = plan_round(self.run_id, r, self.me, self.book.members, self.net.shards)
+        await self.trainer.begin_round(plan)
+        self.phases.enter(Phase.TRAINING)
+        stats = await train_round(self.trainer, self.manifest.diloco.inner_steps, self._emit, self._pacer)
+        self.tokens += stats.tokens
+        self.tokens_per_s = stats.tokens_per_s
+        self._emit(Trained(r, stats.steps, stats.tokens, stats.mean_loss, stats.tokens_per_s))
+        return TrainedRound(r, stats, await self.state.pseudo_gradient())
+
+    async def average(self, trained: TrainedRound) -> AveragedRound | None:
+        """All-reduce our Δ; None (θ kept, local copy reset) unless the average completed."""
+        self.phases.enter(Phase.AVERAGING)
+        r = trained.round
+        t0 = time.monotonic()
+
+        def overtaken() -> bool:
+            # Someone still here holds a state past round r - 1: round r was averaged without us.
+            return any(rr >= r for rr in self.book.peer_rounds().values())
+
+        result = await self.averager.average(
+            r,
+            trained.delta,
+            weight=float(trained.stats.tokens),
+            deadline=time.time() + self.manifest.averaging.round_deadline_s,
+            overtaken=overtaken,
+        )
+        seconds = time.monotonic() - t0
+        self._emit(
+            Averaged(
+                r,
+                result.ok,
+                seconds,
+                len(result.group),
+                result.reason or "",
+                result.bytes_sent,
+                result.bytes_received,
+            )
+        )
+        if not result.ok or result.tensors is None:
+            # STYLE 11: never step on a failed average. Keep θ, reset the local copy, catch up next round.
+            logger.warning("round %d: average failed (%s); keeping the global weights", r, result.reason)
+            await self.state.discard_local()
+            return None
+        return AveragedRound(trained, result, seconds)
+
+    async def commit(self, averaged: AveragedRound) -> None:
+        self.phases.enter(Phase.CHECKPOINTING)
+        t, res = averaged.trained, averaged.result
+        assert res.tensors is not None
+        await self.state.commit(t.round, res.tensors, t.delta, list(res.group), self.me, self.averager.codec)
+        view = self.state.view()
+        stats = t.stats
+        logger.info(
+            "round %d done: loss %.4f, %d tokens, %.0f tok/s, group %d, all-reduce %.2f s, state %s",
+            t.round,
+            stats.mean_loss,
+            stats.tokens,
+            stats.tokens_per_s,
+            len(res.group),
+            averaged.seconds,
+            view.state_hash[:12],
+            extra={
+                "event": "round",
+                "round": t.round,
+                "loss": stats.mean_loss,
+                "state_hash": view.state_hash,
+            },
+        )
+        self._emit(
+            Committed(
+                t.round, view.state_hash, stats.mean_loss, stats.tokens, len(res.group), averaged.seconds
+            )
+        )
+        await self.announcer.state(view, self.state.outer_state(), self.tokens_per_s)
+        await self.announcer.progress(
+            view, self.trainer.trainer.step, self.tokens, stats.mean_loss, stats.tokens_per_s
+        )

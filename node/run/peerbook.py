@@ -1,0 +1,169 @@
+"""The peer book: everything this node believes about the other members of its run, with one writer.
+
+Gossip listeners, the membership refresh and the state sync report what they saw; the book decides what
+counts (admitted, not distrusted, not departed) and answers the round machine's questions: who is in the
+run, how far the others are, which state most of them vouch for, how long their rounds take. Nothing else
+writes these facts, so a claim can never be half-updated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from intellect.node.run.events import EventSink, MembersChanged, Rejected, RunReject
+from intellect.protocol.gossip_messages import CheckpointAnnounce, Misbehaviour
+from intellect.protocol.records import MembershipRecord
+from intellect.protocol.vouching import SyncTarget, Vouch, judge_report, pick_target
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Heard:
+    """The latest state a peer announced by gossip, and when we heard it."""
+
+    vouch: Vouch
+    received_at: float
+
+
+class PeerBook:
+    """What we know of other peers. `me` never counts as a holder of state we could fetch."""
+
+    def __init__(self, me: str, run_id: str, emit: EventSink, clock: Callable[[], float] = time.time) -> None:
+        self.me = me
+        self.run_id = run_id
+        self._emit = emit
+        self._clock = clock
+        #: Each peer's latest gossip CHECKPOINT announcement.
+        self._heard: dict[str, Heard] = {}
+        #: Each member's latest verified (and admitted) DHT membership record.
+        self._records: dict[str, MembershipRecord] = {}
+        self._members: tuple[str, ...] = (me,)
+        #: Peers caught serving state that does not match its hash: their vouches no longer count.
+        self._distrusted: set[str] = set()
+        #: Peers that said they are leaving, or could not be reached, until they announce a state again:
+        #: their DHT records outlive them by up to the record TTL.
+        self._departed: set[str] = set()
+        #: Seconds between one peer's announcements of consecutive rounds (moving average): how long a
+        #: round of the others takes; bounds how long a laggard waits for their next one.
+        self.round_period: float | None = None
+        self.new_announcement = asyncio.Event()
+
+    # ---- what others said ----------------------------------------------------------------------------
+
+    def on_checkpoint(self, sender: str, msg: CheckpointAnnounce) -> bool:
+        """A gossiped announcement (envelope already verified as `sender`'s); False if it was dropped."""
+        if sender == self.me:
+            return True
+        vouch = Vouch.from_checkpoint(sender, msg)  # a malformed hash is no claim; bad sizes no hint
+        if vouch is None:
+            self._emit(Rejected(RunReject.BAD_CHECKPOINT_ANNOUNCE, sender))
+            return False
+        now = self._clock()
+        self._departed.discard(sender)
+        prev = self._heard.get(sender)
+        if prev is not None and vouch.round == prev.vouch.round + 1:
+            gap = now - prev.received_at
+            p = self.round_period
+            self.round_period = gap if p is None else 0.7 * p + 0.3 * gap
+        self._heard[sender] = Heard(vouch, now)
+        self.new_announcement.set()
+        return True
+
+    def on_leaving(self, sender: str) -> None:
+        logger.info("peer %s is leaving", sender)
+        self._heard.pop(sender, None)
+        self._departed.add(sender)
+        self._set_members(p for p in self._members if p != sender)
+
+    def on_members(self, records: Iterable[MembershipRecord]) -> None:
+        """The admitted members' records from a DHT refresh (admission is checked by the caller)."""
+        found = [self.me]
+        for rec in records:
+            found.append(rec.peer_id)
+            self._records[rec.peer_id] = rec
+        self._set_members(found)
+
+    def on_misbehaviour(self, sender: str, msg: Misbehaviour, chunk_list: Callable[[str], object]) -> None:
+        """Act on a gossiped report only if its evidence proves it against a state we hold ourselves."""
+        verdict = judge_report(msg, self.run_id, chunk_list)  # type: ignore[arg-type]
+        accused = msg.accused
+        if verdict is None:
+            logger.debug("report on %s from %s: we hold no copy of that state to check", accused, sender)
+        elif not verdict:
+            logger.warning("peer %s reported %s with evidence that does not hold; dropped", sender, accused)
+            self._emit(Rejected(RunReject.FALSE_MISBEHAVIOUR_REPORT, sender))
+        elif accused != self.me and accused not in self._distrusted:
+            logger.warning("peer %s proved that %s served a wrong chunk; no longer trusted", sender, accused)
+            self._emit(Rejected(RunReject.BAD_STATE_CHUNK_REPORTED, accused))
+            self._distrusted.add(accused)
+
+    # ---- what we found out ourselves -----------------------------------------------------------------
+
+    def caught_serving_bad_chunks(self, peers: Iterable[str]) -> None:
+        for bad in peers:
+            logger.warning("peer %s served state that does not match its hash; no longer trusted", bad)
+            self._emit(Rejected(RunReject.BAD_STATE_CHUNK, bad))
+            self._distrusted.add(bad)
+
+    def misstated_round(self, vouchers: Iterable[str]) -> None:
+        """These peers vouched for (round, hash) where the state's step count says another round."""
+        self._emit(Rejected(RunReject.STATE_ROUND_MISMATCH))
+        self._distrusted.update(vouchers)
+
+    def unreachable(self, peers: Iterable[str]) -> None:
+        """Holders we could not reach count as gone until they announce again (their DHT records linger)."""
+        self._departed.update(peers)
+
+    # ---- questions -----------------------------------------------------------------------------------
+
+    @property
+    def members(self) -> tuple[str, ...]:
+        """Sorted live members, us included."""
+        return self._members
+
+    @property
+    def distrusted(self) -> frozenset[str]:
+        return frozenset(self._distrusted)
+
+    def counts(self, peer: str) -> bool:
+        """Whether `peer`'s claims about the state it holds count (not us, not distrusted, not gone)."""
+        return peer != self.me and peer not in self._distrusted and peer not in self._departed
+
+    def peer_rounds(self) -> dict[str, int]:
+        """The latest round each other counted peer claims to hold, from gossip and the DHT together."""
+        out = {p: rec.round for p, rec in self._records.items() if self.counts(p)}
+        for p, h in self._heard.items():
+            if self.counts(p):
+                out[p] = max(out.get(p, 0), h.vouch.round)
+        return out
+
+    def target(self) -> tuple[SyncTarget, float] | None:
+        """The state most distinct counted peers vouch for (ties: higher round), from gossip and DHT
+        together, with when we last heard a gossip announcement of it (0.0 when only the DHT vouches)."""
+        vouches = [h.vouch for p, h in self._heard.items() if self.counts(p)]
+        from_dht = (Vouch.from_membership(rec) for p, rec in self._records.items() if self.counts(p))
+        vouches += [v for v in from_dht if v is not None]
+        target = pick_target(vouches, self.run_id)
+        if target is None:
+            return None
+        heard = [
+            h.received_at
+            for h in self._heard.values()
+            if (h.vouch.round, h.vouch.state_hash) == (target.round, target.state_hash)
+        ]
+        return target, max(heard, default=0.0)
+
+    def throughputs(self) -> list[float]:
+        """Tokens/s that counted peers put in their signed membership records."""
+        return [rec.throughput for p, rec in self._records.items() if rec.throughput > 0 and self.counts(p)]
+
+    def _set_members(self, peers: Iterable[str]) -> None:
+        members = tuple(sorted({*peers, self.me}))
+        if members != self._members:
+            self._members = members
+        self._emit(MembersChanged(members))

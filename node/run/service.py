@@ -1,0 +1,210 @@
+"""One run on this node: builds the engine and the run's services, then hands the rounds to the machine.
+
+`RunService.run()` owns, in order: the engine (model, trainer, local ranks), the global state (resumed or
+initial), the state server and the averager, the gossip listeners and the membership refresh, and the
+`RoundMachine`; on the way out it lets a commit in flight finish and tells the run it is leaving.
+docs/architecture.md shows where it sits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from intellect.crypto.identity import Identity
+from intellect.node.net.averaging import Averager, AveragerConfig
+from intellect.node.net.dht import DhtService
+from intellect.node.net.gossip import GossipService
+from intellect.node.net.membership import MembershipService
+from intellect.node.net.statesync import StateServer, StateSnapshot, SyncReport, fetch_state
+from intellect.node.run.announcer import Announcer
+from intellect.node.run.events import EventSink, GossipCounters, StateServed
+from intellect.node.run.machine import Limits, RoundMachine
+from intellect.node.run.peerbook import PeerBook
+from intellect.node.run.phase import Phase, PhaseTracker
+from intellect.node.run.state import GlobalState
+from intellect.node.run.training import Engine, EngineSettings, build_engine
+from intellect.protocol.keys import TopicKind
+from intellect.protocol.manifest import ShardSpec, SignedManifest
+from intellect.protocol.vouching import SyncTarget
+
+logger = logging.getLogger(__name__)
+
+#: Membership refresh period while others are present (a third of the record TTL survives lost refreshes);
+#: alone, every 2 s, so that a newcomer is noticed quickly.
+MEMBER_REFRESH_S = 20.0
+ALONE_REFRESH_S = 2.0
+#: How long shutdown waits for a commit in flight before leaving.
+SETTLE_TIMEOUT_S = 10.0
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What the run needs from the node's configuration (built by the app layer)."""
+
+    engine: EngineSettings
+    #: Host the data plane listens on, and the one others are told to dial.
+    listen_host: str = "127.0.0.1"
+    public_host: str = "127.0.0.1"
+    averaging_port: int = 0
+    limits: Limits = field(default_factory=Limits)
+
+
+class RunService:
+    """Runs one verified run until the machine's limits or cancellation (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: RunSettings,
+        identity: Identity,
+        signed: SignedManifest,
+        net: tuple[DhtService, GossipService, MembershipService],
+        phases: PhaseTracker,
+        emit: EventSink,
+        on_child_pids: Callable[[Sequence[int]], None] = lambda pids: None,
+    ) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.signed = signed
+        self.run_id = signed.run_id
+        self.dht, self.gossip, self.membership = net
+        self.phases = phases
+        self._emit = emit
+        self._on_child_pids = on_child_pids
+        self.book = PeerBook(identity.peer_id, self.run_id, emit)
+        self.shards: tuple[ShardSpec, ...] = tuple(signed.manifest.shards)
+
+    async def run(self) -> None:
+        self.phases.enter(Phase.LOADING)
+        engine = await asyncio.to_thread(build_engine, self.signed.manifest, self.settings.engine)
+        self._on_child_pids(engine.pids)
+        try:
+            state = self.global_state(engine)
+            await state.start(self.settings.engine.data_dir, self.signed.manifest.init.sha256)
+            await self._serve(engine, state)
+        finally:
+            await engine.trainer.close()
+
+    def global_state(self, engine: Engine) -> GlobalState:
+        root = data_root(self.settings.engine.data_dir, self.run_id)
+        return GlobalState(self.run_id, engine.model, engine.outer, engine.trainer.trainer, root, self._emit)
+
+    async def _serve(self, engine: Engine, state: GlobalState) -> None:
+        admits = self.membership.admits
+        async with (
+            StateServer(self.dht.p2p, self.identity, self.run_id, admitted=admits) as server,
+            self._averager() as averager,
+        ):
+            announcer = Announcer(self.gossip, self.membership, server)
+            parts = (self.book, state, engine.trainer, averager, announcer)
+            machine = RoundMachine(
+                self.identity.peer_id,
+                self.run_id,
+                self.signed.manifest,
+                parts,
+                self,
+                self.phases,
+                self._emit,
+                self.settings.limits,
+            )
+            await announcer.state(state.view(), state.outer_state(), 0.0)
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(
+                        self._listen(TopicKind.CHECKPOINT, self.book.on_checkpoint), name="checkpoints"
+                    ),
+                    tg.create_task(self._listen(TopicKind.PROGRESS, _log_progress), name="progress"),
+                    tg.create_task(
+                        self._listen(TopicKind.LEAVING, lambda s, m: self.book.on_leaving(s)), name="leaving"
+                    ),
+                    tg.create_task(
+                        self._listen(
+                            TopicKind.MISBEHAVIOUR,
+                            lambda s, m: self.book.on_misbehaviour(s, m, server.chunk_list),
+                        ),
+                        name="misbehaviour",
+                    ),
+                    tg.create_task(
+                        self._membership_loop(announcer, state, machine, server), name="membership"
+                    ),
+                ]
+                try:
+                    await machine.run()
+                finally:
+                    self.phases.enter(Phase.STOPPING)
+                    await state.settle(SETTLE_TIMEOUT_S)
+                    await announcer.leaving(state.round)
+                    for t in tasks:
+                        t.cancel()
+
+    def _averager(self) -> Averager:
+        m = self.signed.manifest
+        a = m.averaging
+        cfg = AveragerConfig(
+            min_group_size=a.min_group,
+            target_group_size=a.group_size,
+            matchmaking_time=a.matchmaking_s,
+            compression=a.compression,
+            max_weight=float(m.max_tokens_per_round()),
+            reducer=a.reducer,
+        )
+        s = self.settings
+        return Averager(
+            self.dht,
+            self.identity,
+            self.run_id,
+            cfg,
+            listen_host=s.listen_host,
+            listen_port=s.averaging_port,
+            announce_host=s.public_host,
+            admitted=self.membership.admits,
+        )
+
+    async def _listen(self, kind: TopicKind, handle: Callable[[str, Any], object]) -> None:
+        with self.gossip.subscribe(kind) as sub:
+            async for sender, msg in sub:
+                handle(sender, msg)
+
+    async def _membership_loop(
+        self, announcer: Announcer, state: GlobalState, machine: RoundMachine, server: StateServer
+    ) -> None:
+        while True:
+            await announcer.membership_record(state.view(), machine.tokens_per_s)
+            await self.refresh_members()
+            self._emit(GossipCounters(dict(self.gossip.rejections)))
+            self._emit(StateServed(server.stats.bytes_sent))
+            await asyncio.sleep(MEMBER_REFRESH_S if len(self.book.members) > 1 else ALONE_REFRESH_S)
+
+    # ---- the machine's `Network` ---------------------------------------------------------------------
+
+    async def refresh_members(self) -> None:
+        records = await self.membership.members()
+        self.book.on_members(records)
+        me = self.identity.peer_id
+        self.gossip.add_peers([r.gossip_addr for r in records if r.gossip_addr and r.peer_id != me])
+
+    async def state(
+        self, target: SyncTarget, distrusted: frozenset[str], report: SyncReport
+    ) -> StateSnapshot:
+        return await fetch_state(
+            self.dht.p2p,
+            (),
+            self.run_id,
+            target=target,
+            exclude=(self.identity.peer_id, *sorted(distrusted)),
+            report=report,
+            timeout=self.signed.manifest.averaging.round_deadline_s + 60,
+        )
+
+
+def _log_progress(sender: str, msg: Any) -> None:
+    logger.debug("progress of %s: round %d loss %.4f", sender, msg.round, msg.loss)
+
+
+def data_root(data_dir: Path, run_id: str) -> Path:
+    """Where a run's checkpoints live under the data dir."""
+    return data_dir / "runs" / run_id[:16]

@@ -1,0 +1,263 @@
+"""The global state a node holds: weights, outer optimizer, error-feedback residual and checkpoints.
+
+`GlobalState` is the one writer of the round and the state hash, and it changes them together, on the
+event loop, after the torch work in a worker thread is done. A membership record or announcement built from
+`view()` therefore always pairs a round with that round's hash (never the old round with a new hash, which
+would make a newcomer distrust every honest peer that vouched for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from intellect.node.engine.checkpoint import CheckpointError, CheckpointStore
+from intellect.node.engine.initstate import InitStateError, init_state_path, load_init_state
+from intellect.node.engine.model import Llama
+from intellect.node.engine.outer import STEP_KEY, OuterOptimizer
+from intellect.node.engine.statehash import state_hash
+from intellect.node.engine.trainer import InnerTrainer
+from intellect.node.net.allreduce import PayloadCodec, flatten, unflatten
+from intellect.node.net.averaging import contribution_error
+from intellect.node.run.events import CheckpointFailed, EventSink, StateChanged, Synced
+
+logger = logging.getLogger(__name__)
+
+#: Name of the error-feedback residual in the trainer checkpoint (next to the optimizer state).
+RESIDUAL_TENSOR = "error_feedback.residual"
+Tensors = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StateView:
+    """A consistent (round, hash) pair of the global state."""
+
+    round: int
+    state_hash: str
+
+
+class GlobalState:
+    """θ (in `outer` and copied into `model` for training), the round, the hash and the checkpoints."""
+
+    def __init__(
+        self,
+        run_id: str,
+        model: Llama,
+        outer: OuterOptimizer,
+        trainer: InnerTrainer,
+        root: Path,
+        emit: EventSink,
+    ) -> None:
+        self.run_id = run_id
+        self.model = model
+        self.outer = outer
+        self.trainer = trainer
+        self.global_store = CheckpointStore(root / "global", keep=3)
+        self.trainer_store = CheckpointStore(root / "trainer", keep=3)
+        self._emit = emit
+        self._view = StateView(0, "")
+        #: Error feedback: what earlier all-reduces lost of our pseudo-gradients to compression (flat fp32,
+        #: in `allreduce.flatten` order), added to the next one. Kept in the trainer checkpoint.
+        self.residual: torch.Tensor | None = None
+        #: Why we lack the run's pinned initial state; fatal only if we must train round 0.
+        self.init_error: InitStateError | None = None
+        self._inflight: asyncio.Task[None] | None = None
+
+    # ---- reading ---------------------------------------------------------------------------------------
+
+    def view(self) -> StateView:
+        return self._view
+
+    @property
+    def round(self) -> int:
+        return self._view.round
+
+    @property
+    def state_hash(self) -> str:
+        return self._view.state_hash
+
+    def outer_state(self) -> dict[str, torch.Tensor]:
+        return self.outer.state_dict()
+
+    def _set(self, round_: int, hash_: str) -> None:
+        """The only place round and hash change: together, on the event loop."""
+        self._view = StateView(round_, hash_)
+        self._emit(StateChanged(round_, hash_))
+
+    # ---- start -----------------------------------------------------------------------------------------
+
+    async def start(self, data_dir: Path, pinned: str) -> None:
+        """Resume from our own checkpoint of this run, else set up round 0 (`initial`)."""
+        if await self.resume():
+            return
+        await self.initial(data_dir, pinned)
+
+    async def resume(self) -> bool:
+        """Restore the last verified checkpoint of this run from our data dir; True if one was used."""
+        got = await asyncio.to_thread(self._load_own)
+        if got is None:
+            return False
+        self._set(*got)
+        logger.info("resumed from our checkpoint of round %d (%s)", got[0], got[1][:12])
+        self._emit(Synced(got[0], got[1], "own checkpoint", 0.0, from_peers=False))
+        return True
+
+    def _load_own(self) -> tuple[int, str] | None:
+        ckpt = self.global_store.load_latest()
+        if ckpt is None or ckpt.meta.get("run_id") != self.run_id:
+            return None
+        self.outer.load_state_dict(ckpt.tensors)
+        self.outer.copy_to(self.model)
+        round_ = int(ckpt.meta["round"])
+        tr = self.trainer_store.load_latest()
+        if tr is not None and tr.meta.get("round") == round_:
+            # Each round builds a fresh data stream (its shards follow the live membership), so the saved
+            # cursor belongs to a round that is over: restore the optimizer and step, not the stream.
+            self.residual = tr.tensors.get(RESIDUAL_TENSOR)
+            try:
+                self.trainer.import_state(tr.tensors, tr.meta["trainer"], stream=False)
+            except (ValueError, KeyError) as e:
+                logger.warning("our trainer checkpoint does not fit (%s); inner optimizer starts afresh", e)
+        return round_, ckpt.state_hash
+
+    async def initial(self, data_dir: Path, pinned: str) -> None:
+        """Round 0's global state: the seeded init, or the file that the manifest's `init.sha256` pins.
+
+        If the pinned file is missing or bad, the error is kept in `init_error`, not raised: a node that
+        finds peers past round 0 syncs their state and never needs the file."""
+        self._set(0, await asyncio.to_thread(self._hash_now))
+        if not pinned or self.state_hash == pinned:
+            return
+        try:
+            await asyncio.to_thread(load_init_state, init_state_path(data_dir, pinned), pinned, self.outer)
+        except (InitStateError, OSError) as e:
+            self.init_error = InitStateError(str(e))
+            logger.warning("%s; starting only if peers are past round 0 and we sync their state", e)
+            return
+        await asyncio.to_thread(self.outer.copy_to, self.model)
+        self._set(0, await asyncio.to_thread(self._hash_now))
+        logger.info("loaded the run's initial state %s", self.state_hash[:12])
+
+    def _hash_now(self) -> str:
+        return state_hash(self.outer.state_dict())
+
+    # ---- a round -------------------------------------------------------------------------------------
+
+    async def pseudo_gradient(self) -> dict[str, torch.Tensor]:
+        """Δ = θ_global − θ_local, plus what compression lost of earlier rounds' Δ (error feedback)."""
+        return await asyncio.to_thread(self._pseudo_gradient)
+
+    def _pseudo_gradient(self) -> dict[str, torch.Tensor]:
+        delta = self.outer.pseudo_gradient(self.model)
+        if self.residual is None:
+            return delta
+        flat = flatten(delta)
+        if flat.numel() != self.residual.numel():
+            logger.warning("dropping an error-feedback residual of the wrong size")
+            self.residual = None
+            return delta
+        flat.add_(self.residual)
+        return unflatten(flat, delta)
+
+    async def discard_local(self) -> None:
+        """A failed average: keep θ, reset the local copy to it."""
+        await asyncio.to_thread(self.outer.copy_to, self.model)
+
+    async def commit(
+        self, round_: int, avg: Tensors, sent: Tensors, group: list[str], me: str, codec: PayloadCodec
+    ) -> None:
+        """Apply a completed average as round `round_`: residual, outer step, hash, checkpoint.
+
+        It runs to completion even if the caller is cancelled meanwhile (a half-applied step must never be
+        announced or checkpointed under the wrong round); `settle` waits for it at shutdown."""
+        self._inflight = asyncio.ensure_future(self._commit(round_, avg, sent, group, me, codec))
+        try:
+            await asyncio.shield(self._inflight)
+        finally:
+            if self._inflight.done():
+                self._inflight = None
+
+    async def _commit(
+        self, round_: int, avg: Tensors, sent: Tensors, group: list[str], me: str, codec: PayloadCodec
+    ) -> None:
+        new_hash = await asyncio.to_thread(self._apply_step, avg, sent, group, me, codec)
+        self._set(round_, new_hash)
+        await self.checkpoint()
+
+    def _apply_step(self, avg: Tensors, sent: Tensors, group: list[str], me: str, codec: PayloadCodec) -> str:
+        # What the all-reduce lost of our contribution becomes the next round's residual.
+        if codec.name == "none" or me not in group:
+            self.residual = None
+        else:
+            err = contribution_error(flatten(sent), len(group), sorted(group).index(me), codec)
+            self.residual = err if bool(err.any()) else None
+        self.outer.step(avg)
+        self.outer.copy_to(self.model)
+        return self._hash_now()
+
+    async def settle(self, timeout: float) -> None:
+        """Shutdown: let a commit in flight finish (bounded), so the state we flush and announce is whole."""
+        pending = self._inflight
+        if pending is not None and not pending.done():
+            with contextlib.suppress(TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(pending), timeout)
+
+    # ---- a state from peers ------------------------------------------------------------------------
+
+    @staticmethod
+    def step_count(tensors: Tensors) -> int | None:
+        """The outer step count a state holds (its round), or None when it has no well-formed one."""
+        step = tensors.get(STEP_KEY)
+        return None if step is None or step.numel() != 1 else int(step)
+
+    async def adopt(
+        self, round_: int, hash_: str, tensors: Tensors, source: str, seconds: float, bytes_received: int
+    ) -> None:
+        """Load a verified state from peers as our global state, then checkpoint it."""
+        await asyncio.to_thread(self._load_synced, tensors)
+        self._set(round_, hash_)
+        self._emit(Synced(round_, hash_, source, seconds, from_peers=True, bytes_received=bytes_received))
+        await self.checkpoint()
+
+    def _load_synced(self, tensors: Tensors) -> None:
+        # A new global state from peers: what compression owed our old trajectory no longer applies.
+        self.residual = None
+        self.outer.load_state_dict(tensors)
+        self.outer.copy_to(self.model)
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+
+    async def checkpoint(self) -> bool:
+        """Write the checkpoint of the current view; on a full or failing disk log it, emit it and train on.
+
+        The state is still in memory (and served to peers), the previous checkpoint on disk is intact
+        (writes are atomic), and the next round's checkpoint tries again."""
+        view = self._view
+        try:
+            await asyncio.to_thread(self._write, view)
+            return True
+        except (OSError, CheckpointError) as e:
+            self._emit(CheckpointFailed(view.round, str(e)))
+            logger.error(
+                "could not write the checkpoint of round %d (%s); training on with the state in memory, "
+                "the next round retries",
+                view.round,
+                e,
+            )
+            return False
+
+    def _write(self, view: StateView) -> None:
+        meta = {"round": view.round, "run_id": self.run_id, "state_hash": view.state_hash}
+        self.global_store.save(self.outer.state_dict(), meta)
+        tensors, tmeta = self.trainer.export_state()
+        if self.residual is not None:
+            tensors = {**tensors, RESIDUAL_TENSOR: self.residual}
+        self.trainer_store.save(tensors, {"round": view.round, "trainer": tmeta})
+
+
+__all__ = ["RESIDUAL_TENSOR", "GlobalState", "StateView"]

@@ -1,0 +1,209 @@
+"""The round machine through its public interfaces: real engine, global state and peer book; the network
+parts (averager, announcer, DHT) are stand-ins that record what the machine asks of them.
+
+Also the regression tests of two defects of the old `RunService`: a commit published the new state hash
+with the old round, and the membership refresh erased the run's own rejection counters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import torch
+from intellect.node.app.config import NodeConfig
+from intellect.node.app.status import make_registry
+from intellect.node.net.allreduce import get_payload_codec
+from intellect.node.net.averaging import AverageResult
+from intellect.node.run.events import (
+    Averaged,
+    Committed,
+    GossipCounters,
+    PhaseChanged,
+    Recorder,
+    Rejected,
+    RunReject,
+)
+from intellect.node.run.machine import Limits, RoundMachine
+from intellect.node.run.phase import Phase, PhaseTracker
+from intellect.node.run.state import StateView
+from intellect.protocol.gossip_messages import CheckpointAnnounce
+from prometheus_client import generate_latest
+
+if TYPE_CHECKING:  # the fixture's type; conftest is pytest's to import, not ours
+    from conftest import MakeOfflineRun, OfflineRun
+
+
+class Averager:
+    """Averages with nobody: returns our own Δ (ok), or fails with a reason."""
+
+    codec = get_payload_codec("none")
+
+    def __init__(self, ok: bool = True) -> None:
+        self.ok = ok
+        self.rounds: list[int] = []
+
+    async def average(self, r: int, delta: dict[str, torch.Tensor], **kw: Any) -> AverageResult:
+        self.rounds.append(r)
+        if not self.ok:
+            return AverageResult(False, None, [], reason="deadline")
+        return AverageResult(True, {k: v.clone() for k, v in delta.items()}, ["solo"])
+
+
+class Announcer:
+    def __init__(self) -> None:
+        self.states: list[StateView] = []
+
+    async def state(self, view: StateView, tensors: Any, throughput: float) -> None:
+        self.states.append(view)
+
+    async def progress(self, *args: Any) -> None:
+        return None
+
+    async def misbehaviour(self, *args: Any) -> None:
+        return None
+
+
+class Alone:
+    def __init__(self, run: OfflineRun) -> None:
+        self.shards = run.engine.shards
+
+    async def refresh_members(self) -> None:
+        return None
+
+    async def state(self, *args: Any) -> Any:
+        raise AssertionError("alone: nothing to sync")
+
+
+def machine(
+    run: OfflineRun, averager: Averager, rounds: int, events: Recorder
+) -> tuple[RoundMachine, Announcer]:
+    announcer = Announcer()
+    parts = (run.book, run.state, run.engine.trainer, averager, announcer)
+
+    def emit(e: Any) -> None:
+        events(e)
+
+    m = RoundMachine(
+        run.identity.peer_id,
+        run.run_id,
+        run.signed.manifest,
+        parts,  # type: ignore[arg-type]
+        Alone(run),
+        PhaseTracker(emit, Phase.LOADING),
+        emit,
+        Limits(max_rounds=rounds),
+    )
+    return m, announcer
+
+
+@pytest.fixture
+def run(tmp_path: Path, offline_run: MakeOfflineRun) -> OfflineRun:
+    return offline_run(NodeConfig(data_dir=tmp_path / "node", listen=("/ip4/127.0.0.1/tcp/0",)))
+
+
+def test_rounds_commit_in_order_and_announce_each_state(run: OfflineRun) -> None:
+    events = Recorder()
+    m, announcer = machine(run, Averager(), 2, events)
+    start = run.state.state_hash
+    asyncio.run(m.run())
+    assert run.state.round == 2 and run.state.state_hash != start
+    assert [s.round for s in announcer.states] == [1, 2]
+    assert announcer.states[-1] == run.state.view()
+    phases = [e.phase for e in events.of(PhaseChanged)]  # type: ignore[attr-defined]
+    assert phases == ["training", "averaging", "checkpointing"] * 2
+    assert [e.round for e in events.of(Committed)] == [1, 2]  # type: ignore[attr-defined]
+    # The checkpoint on disk is the state in memory.
+    ckpt = run.state.global_store.load_latest()
+    assert ckpt is not None and ckpt.meta["round"] == 2 and ckpt.state_hash == run.state.state_hash
+
+
+def test_a_failed_average_keeps_the_global_weights_and_resets_the_local_copy(run: OfflineRun) -> None:
+    events = Recorder()
+    m, announcer = machine(run, Averager(ok=False), 1, events)
+    before = {k: v.clone() for k, v in run.state.outer_state().items()}
+    view = run.state.view()
+
+    async def one_round() -> None:
+        await m.round()
+
+    asyncio.run(one_round())
+    assert run.state.view() == view and not announcer.states
+    after = run.state.outer_state()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    for name, p in run.engine.model.named_parameters():  # local copy is θ again
+        assert torch.equal(p.detach().cpu(), run.engine.outer.global_params[name].cpu()), name
+    (averaged,) = events.of(Averaged)
+    assert averaged == Averaged(1, False, averaged.seconds, 0, "deadline", 0, 0)  # type: ignore[attr-defined]
+    assert not events.of(Committed)
+
+
+def test_round_and_hash_change_together_while_a_commit_runs(run: OfflineRun) -> None:
+    """Regression: the old `_commit` set the new hash on a worker thread, and the round only later on the
+    loop; a membership record signed in between paired the old round with the new hash, and a newcomer
+    syncing from it distrusted every honest peer that vouched for it. Here the commit's checkpoint write is
+    held open while the loop keeps sampling the view, as the membership refresh would."""
+    state = run.state
+    old = state.view()
+    release = threading.Event()
+    writing = threading.Event()
+    real_save = state.global_store.save
+
+    def slow_save(*args: Any, **kw: Any) -> Any:
+        writing.set()
+        release.wait(10)
+        return real_save(*args, **kw)
+
+    state.global_store.save = slow_save  # type: ignore[method-assign]
+    seen: set[StateView] = set()
+
+    async def go() -> None:
+        delta = {k: torch.full_like(v, 0.01) for k, v in run.engine.outer.global_params.items()}
+        me = run.identity.peer_id
+        commit = asyncio.create_task(state.commit(1, delta, delta, [me], me, get_payload_codec("none")))
+        while not writing.is_set():
+            seen.add(state.view())
+            await asyncio.sleep(0)
+        for _ in range(50):  # the checkpoint is being written: what would a record say now?
+            seen.add(state.view())
+            await asyncio.sleep(0.001)
+        release.set()
+        await commit
+
+    asyncio.run(go())
+    new = state.view()
+    assert new.round == 1 and new.state_hash != old.state_hash
+    assert seen <= {old, new}, f"a view paired a round with another round's hash: {seen - {old, new}}"
+    assert (run.status.round, run.status.state_hash) == (new.round, new.state_hash)
+
+
+def test_rejection_counters_never_go_backwards(run: OfflineRun) -> None:
+    """Regression: the old membership loop cleared `status.rejected` and copied the gossip child's counters
+    over it every refresh, erasing the run's own (bad chunk, round mismatch, …): the Prometheus counter
+    `intellect_rejected_messages` went backwards. The status now keeps both and reports their sum."""
+    from intellect.node.app.roundlog import EventRecorder
+
+    status = run.status
+    sink = EventRecorder(status, run.config.data_dir)
+    registry = make_registry(status)
+
+    def scraped() -> dict[str, float]:
+        out = {}
+        for line in generate_latest(registry).decode().splitlines():
+            if line.startswith("intellect_rejected_messages_total{"):
+                reason = line.split('reason="')[1].split('"')[0]
+                out[reason] = float(line.rsplit(" ", 1)[1])
+        return out
+
+    run.book.on_checkpoint("12D3KooWbad", CheckpointAnnounce(1, "not-a-hash", 10, 10))  # the book's own
+    sink(Rejected(RunReject.STATE_ROUND_MISMATCH))
+    sink(GossipCounters({"BAD_SIGNATURE": 2}))
+    first = scraped()
+    assert first == {"bad_checkpoint_announce": 1.0, "state_round_mismatch": 1.0, "BAD_SIGNATURE": 2.0}
+    sink(GossipCounters({"BAD_SIGNATURE": 3, "REPLAY": 1}))  # the next membership refresh
+    second = scraped()
+    assert all(second[k] >= v for k, v in first.items()), (first, second)
+    assert second == {**first, "BAD_SIGNATURE": 3.0, "REPLAY": 1.0}
