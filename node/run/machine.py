@@ -17,21 +17,23 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from intellect.node.engine.trainer import InnerStats
-from intellect.node.net.averaging import Averager, AverageResult
+from intellect.node.net.allreduce import PayloadCodec
+from intellect.node.net.averaging import AverageResult
 from intellect.node.net.statesync import StateSnapshot, StateSyncError, SyncReport
 from intellect.node.run import decide as rules
-from intellect.node.run.announcer import Announcer
 from intellect.node.run.events import Averaged, Committed, EventSink, SyncFailed, Trained
 from intellect.node.run.peerbook import PeerBook
 from intellect.node.run.phase import Phase, PhaseTracker
-from intellect.node.run.state import GlobalState
+from intellect.node.run.state import GlobalState, StateView
 from intellect.node.run.training import Pacer, RoundTrainer, plan_round, train_round
 from intellect.protocol.manifest import Manifest, ShardSpec
+from intellect.protocol.sync_messages import BadChunkEvidence
 from intellect.protocol.vouching import SyncTarget
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,35 @@ class AveragedRound:
     trained: TrainedRound
     result: AverageResult
     seconds: float
+
+
+class Averaging(Protocol):
+    """The averager as the machine uses it (`net.averaging.Averager`)."""
+
+    codec: PayloadCodec
+
+    async def average(
+        self,
+        round: int,
+        tensors: Mapping[str, torch.Tensor],
+        weight: float,
+        deadline: float,
+        overtaken: Callable[[], bool] | None = None,
+    ) -> AverageResult: ...
+
+
+class Publishing(Protocol):
+    """What the machine announces (`run.announcer.Announcer`)."""
+
+    async def state(
+        self, view: StateView, tensors: Mapping[str, torch.Tensor], throughput: float
+    ) -> None: ...
+
+    async def progress(
+        self, view: StateView, step: int, tokens: int, loss: float, tokens_per_s: float
+    ) -> None: ...
+
+    async def misbehaviour(self, evidence: Sequence[BadChunkEvidence], round_: int) -> None: ...
 
 
 class Network(Protocol):
@@ -87,7 +118,7 @@ class RoundMachine:
         me: str,
         run_id: str,
         manifest: Manifest,
-        parts: tuple[PeerBook, GlobalState, RoundTrainer, Averager, Announcer],
+        parts: tuple[PeerBook, GlobalState, RoundTrainer, Averaging, Publishing],
         net: Network,
         phases: PhaseTracker,
         emit: EventSink,

@@ -88,9 +88,11 @@ class PeerBook:
             self._records[rec.peer_id] = rec
         self._set_members(found)
 
-    def on_misbehaviour(self, sender: str, msg: Misbehaviour, chunk_list: Callable[[str], object]) -> None:
+    def on_misbehaviour(
+        self, sender: str, msg: Misbehaviour, chunk_list: Callable[[str], Iterable[bytes] | None]
+    ) -> None:
         """Act on a gossiped report only if its evidence proves it against a state we hold ourselves."""
-        verdict = judge_report(msg, self.run_id, chunk_list)  # type: ignore[arg-type]
+        verdict = judge_report(msg, self.run_id, chunk_list)
         accused = msg.accused
         if verdict is None:
             logger.debug("report on %s from %s: we hold no copy of that state to check", accused, sender)
