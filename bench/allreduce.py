@@ -6,7 +6,9 @@ one), all on 127.0.0.1, all with the same inputs (peer i holds N(0, 1) values fr
 - `ours`: `intellect.node.net.allreduce.butterfly_allreduce` over a known group (the data plane alone, as
   tests/test_allreduce.py runs it: TCP connect + signed handshake, reduce-scatter, reduce, all-gather),
   fp32 payloads ("none"), like for like with gloo. `ours_int8`: the same with the node's default payload
-  compression (AveragerConfig.compression, int8 blockwise). `ours_int8_with_matchmaking`: a whole
+  compression (AveragerConfig.compression, int8 blockwise). `ours_libp2p`, `ours_libp2p_int8`: the same
+  over the transport the daemon uses, libp2p streams through each peer's own p2p daemon (keyed with the
+  peer's identity; Noise/TLS on every byte). `ours_int8_with_matchmaking`: a whole
   `Averager.average` with the default config (signed group records in a real hivemind DHTNode per peer,
   polled every 0.25 s, flatten, all-reduce, unflatten), so the matchmaking cost shows by difference.
 - `hivemind`: `hivemind.averaging.DecentralizedAverager` (fp32, `NoCompression`, default part size), one
@@ -309,9 +311,17 @@ def loopback_gbps(trials: int = 5, total: int = _LOOPBACK_BYTES) -> list[float]:
 
 
 #: Result names, in the order of the first round (later rounds rotate it).
-NAMES = ("gloo", "ours", "ours_int8", "ours_int8_with_matchmaking", "hivemind")
+NAMES = (
+    "gloo",
+    "ours",
+    "ours_int8",
+    "ours_libp2p",
+    "ours_libp2p_int8",
+    "ours_int8_with_matchmaking",
+    "hivemind",
+)
 #: Payload compression of each result.
-COMPRESSION = {"ours_int8": "int8", "ours_int8_with_matchmaking": "int8"}
+COMPRESSION = {"ours_int8": "int8", "ours_libp2p_int8": "int8", "ours_int8_with_matchmaking": "int8"}
 _HOST = ["/ip4/127.0.0.1/tcp/0"]
 
 
@@ -338,6 +348,10 @@ class Peer:
         self.averager: Any = None
         self.plane: Any = None
         self.members: tuple[Any, ...] = ()
+        self.p2p: Any = None
+        self.p2p_plane: Any = None
+        self.p2p_members: tuple[Any, ...] = ()
+        self._keydir: Any = None
         self.dht_node: Any = None
         self.our_averager: Any = None
         self.gloo = False
@@ -364,6 +378,8 @@ class Peer:
             self.thread.start()
             if self._setup_ours():
                 available += [name for name in ("ours", "ours_int8") if name in wanted]
+                if wanted & {"ours_libp2p", "ours_libp2p_int8"} and self._setup_libp2p():
+                    available += [name for name in ("ours_libp2p", "ours_libp2p_int8") if name in wanted]
                 if "ours_int8_with_matchmaking" in wanted and self._setup_matchmaking():
                     available.append("ours_int8_with_matchmaking")
         return [name for name in NAMES if name in available]
@@ -440,6 +456,49 @@ class Peer:
             self.members = tuple(sorted(members, key=lambda m: m.peer_id))
         return self._agree(error or next((e for e, _ in found if e), ""))
 
+    def _setup_libp2p(self) -> bool:
+        """The data plane as the daemon runs it: libp2p streams through a p2p daemon whose key is ours."""
+        import tempfile
+
+        from hivemind.p2p import P2P
+        from intellect.node.net.allreduce import DataPlane
+        from intellect.node.net.transport import Libp2pTransport
+        from intellect.protocol.groups import GroupMember
+
+        ident = _identity(self.rank)
+        error, maddrs = "", []
+        try:
+            self._keydir = tempfile.TemporaryDirectory(prefix="bench-p2p-")
+            key = f"{self._keydir.name}/id.key"
+            ident.save(key)
+            if self.rank == 0:
+                self.p2p = self._run(
+                    P2P.create(host_maddrs=_HOST, identity_path=key, check_if_identity_free=False)
+                )
+                maddrs = [str(m) for m in self._run(self.p2p.get_visible_maddrs())]
+        except Exception:
+            error = traceback.format_exc()
+        found = self.link.allgather((error, maddrs))
+        error = error or next((e for e, _ in found if e), "")
+        try:
+            if not error:
+                if self.p2p is None:
+                    self.p2p = self._run(
+                        P2P.create(
+                            initial_peers=found[0][1],
+                            host_maddrs=_HOST,
+                            identity_path=f"{self._keydir.name}/id.key",
+                            check_if_identity_free=False,
+                        )
+                    )
+                self.p2p_plane = DataPlane(ident, transport=Libp2pTransport(self.p2p))
+                self._run(self.p2p_plane.__aenter__())
+        except Exception:
+            error = traceback.format_exc()
+        ids = self.link.allgather(ident.peer_id)
+        self.p2p_members = tuple(GroupMember(pid, "", 0) for pid in sorted(ids))
+        return self._agree(error)
+
     def _setup_matchmaking(self) -> bool:
         from hivemind.dht.node import DHTNode
         from intellect.node.net.averaging import Averager, AveragerConfig
@@ -497,13 +556,15 @@ class Peer:
         from intellect.protocol.groups import GroupSpec
 
         codec = get_payload_codec(COMPRESSION.get(name, "none"))
-        spec = GroupSpec("bench", r, NAMES.index(name), "bench", self.members)
+        libp2p = name.startswith("ours_libp2p")
+        plane = self.p2p_plane if libp2p else self.plane
+        spec = GroupSpec("bench", r, NAMES.index(name), "bench", self.p2p_members if libp2p else self.members)
         cpu = tree_cpu()
         # The barrier in a thread: this loop keeps accepting peers that left the barrier before us.
         await asyncio.to_thread(self.link.barrier)
         t0 = time.perf_counter()
         try:
-            outcome = await butterfly_allreduce(self.plane, spec, self.x, 1.0, codec, stall_timeout=60.0)
+            outcome = await butterfly_allreduce(plane, spec, self.x, 1.0, codec, stall_timeout=60.0)
         except Exception as e:
             return Sample(t0, time.perf_counter(), tree_cpu() - cpu, error=repr(e))
         t1 = time.perf_counter()
@@ -569,6 +630,10 @@ class Peer:
                     await self.dht_node.shutdown()
                 if self.plane is not None:
                     await self.plane.close()
+                if self.p2p_plane is not None:
+                    await self.p2p_plane.close()
+                if self.p2p is not None:
+                    await self.p2p.shutdown()
 
             with contextlib.suppress(Exception):
                 self._run(stop(), timeout=30)

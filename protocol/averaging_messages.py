@@ -100,7 +100,10 @@ class PartKind(enum.IntEnum):
 @message(300, max_size=2048)
 @dataclass(frozen=True)
 class GroupRecord:
-    """A peer's offer to average: where its data plane listens, for which (run, round, attempt, schema)."""
+    """A peer's offer to average for (run, round, attempt, schema), and where its data plane listens.
+
+    `host` "" and `port` 0 say "dial me by peer ID over libp2p" (what the daemon publishes); a host and a
+    port name a plain TCP listener (tests and benchmarks)."""
 
     run_id: str
     round: int
@@ -135,7 +138,8 @@ class GroupRecord:
 
     def verify(self) -> bool:
         """True when the record is signed by the peer it names and its address is plausible."""
-        if not 0 < self.port < 65536 or not self.host or len(self.host) > 255:
+        by_peer_id = self.host == "" and self.port == 0
+        if not by_peer_id and (not 0 < self.port < 65536 or not self.host or len(self.host) > 255):
             return False
         return verify(self.peer_id, domains.ALLREDUCE, self.signing_bytes(), self.sig)
 

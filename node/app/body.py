@@ -93,15 +93,11 @@ async def pick_run(
         delay = min(delay * 2, 5.0)
 
 
-def run_settings(daemon: NodeDaemon, visible_maddrs: list[str]) -> RunSettings:
+def run_settings(daemon: NodeDaemon) -> RunSettings:
     """The run layer's settings, from the node's config and the daemon's options."""
     config, opts = daemon.config, daemon.options
-    listen_host, public_host = hosts(config, visible_maddrs)
     return RunSettings(
         engine=EngineSettings(config.data_dir, config.device, config.local_ranks),
-        listen_host=listen_host,
-        public_host=public_host,
-        averaging_port=config.averaging_port,
         limits=Limits(opts.max_rounds, opts.min_peers, opts.min_peers_timeout_s),
     )
 
@@ -124,8 +120,9 @@ async def run_body(daemon: NodeDaemon) -> None:
         # Any node training a run keeps its self-authenticating manifest alive in the DHT.
         await dht.publish_manifest(signed)
         membership = MembershipService(dht, identity, signed, ticket=tickets(signed.run_id), ttl=MEMBER_TTL_S)
-        settings = run_settings(daemon, dht.visible_maddrs)
-        gossip_cfg = GossipConfig(listen_host=settings.listen_host, listen_port=config.gossip_port)
+        settings = run_settings(daemon)
+        listen_host, public_host = hosts(config, dht.visible_maddrs)
+        gossip_cfg = GossipConfig(listen_host=listen_host, listen_port=config.gossip_port)
         async with GossipService(
             config.identity_path, signed.run_id, membership.admits, config=gossip_cfg
         ) as gossip:
@@ -133,7 +130,7 @@ async def run_body(daemon: NodeDaemon) -> None:
             # The gossip child reports what it bound (0.0.0.0 when listening everywhere): others must be
             # told an address they can dial.
             addr = next(iter(gossip.listen_maddrs), "")
-            membership.update(gossip_addr=addr.replace("/ip4/0.0.0.0/", f"/ip4/{settings.public_host}/"))
+            membership.update(gossip_addr=addr.replace("/ip4/0.0.0.0/", f"/ip4/{public_host}/"))
             run = RunService(
                 settings,
                 identity,

@@ -60,9 +60,6 @@ class NodeConfig:
     http_port: int = 0
     #: Gossip TCP port, on the host the p2p daemon listens on (0 picks a free one).
     gossip_port: int = 0
-    #: All-reduce data-plane TCP port, on the same host (0 picks a free one). Behind a NAT, forward it
-    #: together with the p2p and gossip ports: group members connect to each other directly.
-    averaging_port: int = 0
     #: Log format: "text" (rich on a terminal) or "json" (one object per line).
     log_format: str = "text"
     #: Log level name.
@@ -77,7 +74,7 @@ class NodeConfig:
             raise ConfigError(f"log_level: must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
         if not 0 <= self.local_ranks <= 64:
             raise ConfigError(f"local_ranks: must be 0 (one per GPU) to 64, got {self.local_ranks}")
-        for name in ("http_port", "gossip_port", "averaging_port"):
+        for name in ("http_port", "gossip_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise ConfigError(f"{name}: must be a port number 0..65535, got {port}")
@@ -207,10 +204,9 @@ local_ranks = 0
 
 # Local control API on 127.0.0.1 (0 = any free port, written to <data dir>/http.port).
 http_port = 0
-# Gossip and all-reduce TCP ports on the listen host (0 = any free port). Behind a NAT, fix them and
-# forward them with the p2p port; they are announced at the public address of `announce`.
+# Gossip TCP port on the listen host (0 = any free port), announced at the public address of
+# `announce`. Averaging needs no port of its own: it runs over the p2p daemon's connections.
 gossip_port = 0
-averaging_port = 0
 
 # "text" or "json" log lines; level DEBUG, INFO, WARNING or ERROR.
 log_format = "text"
@@ -219,7 +215,7 @@ log_level = "INFO"
 
 
 def hosts(config: NodeConfig, visible_maddrs: Sequence[str] = ()) -> tuple[str, str]:
-    """(listen host, public host) for the node's own TCP services (gossip, all-reduce data plane), derived
+    """(listen host, public host) for the node's own TCP service (the gossip child), derived
     from the p2p daemon's settings so that one `listen`/`announce` pair configures every port.
 
     Listen: everywhere when the p2p daemon listens on 0.0.0.0, on that address when it listens on a

@@ -23,13 +23,11 @@ average of all members or raises; no member ever returns a partial average. Why 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import hashlib
 import logging
 import math
 import os
-import socket
 import struct
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -40,9 +38,10 @@ import torch
 from intellect.crypto import domains
 from intellect.crypto.identity import Identity, verify
 from intellect.node.engine.robust import REDUCERS, reduce_partition
+from intellect.node.net.transport import Conn, TcpTransport, Transport, recv_exactly, recv_frame, send_frame
 from intellect.protocol import averaging_messages as am
 from intellect.protocol.averaging_messages import AbortReason, HandshakeRefusal
-from intellect.protocol.codec import decode, encode, packb_canonical
+from intellect.protocol.codec import encode, packb_canonical
 from intellect.protocol.errors import ProtocolError
 from intellect.protocol.groups import GroupMember, GroupSpec, partition_sizes
 
@@ -185,50 +184,6 @@ def get_payload_codec(name: str) -> PayloadCodec:
 # Connections
 
 
-class _Conn:
-    """A non-blocking TCP socket with exact reads into caller buffers and length-prefixed control frames."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock = sock
-        self.loop = asyncio.get_running_loop()
-        self.write_lock = asyncio.Lock()
-
-    async def send(self, *buffers: bytes | bytearray | memoryview) -> None:
-        async with self.write_lock:
-            for buf in buffers:
-                await self.loop.sock_sendall(self.sock, buf)
-
-    async def recv_into(self, view: memoryview) -> None:
-        filled, total = 0, len(view)
-        while filled < total:
-            got = await self.loop.sock_recv_into(self.sock, view[filled:])
-            if got == 0:
-                raise ConnectionError("peer closed the connection")
-            filled += got
-
-    async def recv_exactly(self, n: int) -> bytearray:
-        buf = bytearray(n)
-        await self.recv_into(memoryview(buf))
-        return buf
-
-    async def send_frame(self, msg: object) -> None:
-        data = encode(msg)
-        await self.send(_LEN.pack(len(data)) + data)
-
-    async def recv_frame(self) -> object:
-        (n,) = _LEN.unpack(await self.recv_exactly(_LEN.size))
-        if n > am.MAX_CONTROL_FRAME:
-            raise ProtocolError(f"control frame of {n} bytes exceeds {am.MAX_CONTROL_FRAME}")
-        return decode(bytes(await self.recv_exactly(n)))
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.close()
-
-
 class _Slot:
     """Incoming connections of one local group attempt, keyed by the (authenticated) sender."""
 
@@ -236,7 +191,7 @@ class _Slot:
         self.spec = spec
         self.me = me
         loop = asyncio.get_running_loop()
-        self.incoming: dict[str, asyncio.Future[_Conn]] = {
+        self.incoming: dict[str, asyncio.Future[Conn]] = {
             pid: loop.create_future() for pid in spec.peer_ids if pid != me
         }
         #: Set when a member proved it is in a different group for the same (run, round, attempt).
@@ -267,55 +222,50 @@ class RefusedConnection(enum.StrEnum):
 
 
 class DataPlane:
-    """The TCP listener of a node's all-reduce data plane and the routing of incoming connections.
+    """A node's all-reduce data plane: accepts connections through its `Transport` and routes each one to
+    the local group attempt whose group id it names, after the sender proved its peer ID.
 
-    Use as an async context manager; `port` is known once entered. Connections are routed to the local
-    group attempt whose group id they name, after the sender proved its peer ID.
+    Use as an async context manager. The default transport is plain TCP on (host, port) for tests and
+    benchmarks; the daemon passes a `Libp2pTransport` (docs/decisions.md, "All-reduce over libp2p streams").
     """
 
     def __init__(
-        self, identity: Identity, host: str = "127.0.0.1", port: int = 0, *, handshake_timeout: float = 10.0
+        self,
+        identity: Identity,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        handshake_timeout: float = 10.0,
+        transport: Transport | None = None,
     ) -> None:
         self.identity = identity
-        self.host = host
-        self._requested_port = port
-        self.port = 0
+        self.transport: Transport = transport if transport is not None else TcpTransport(host, port)
         self.handshake_timeout = handshake_timeout
-        self._sock: socket.socket | None = None
         self._slots: dict[bytes, _Slot] = {}
         self._by_key: dict[tuple[str, int, int], _Slot] = {}
         #: Highest attempt opened per (run, round): hellos for older attempts are refused at once.
         self._latest_attempt: dict[tuple[str, int], int] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._accept_task: asyncio.Task[None] | None = None
         self._slot_added = asyncio.Event()
         #: Refused connections by `RefusedConnection` or exception class name (the averager exports them).
         self.rejected: dict[str, int] = {}
 
+    @property
+    def host(self) -> str:
+        return self.transport.host
+
+    @property
+    def port(self) -> int:
+        return self.transport.port
+
     async def __aenter__(self) -> DataPlane:
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((self.host, self._requested_port))
-        sock.listen(128)
-        sock.setblocking(False)
-        self._sock = sock
-        self.port = sock.getsockname()[1]
-        self._accept_task = asyncio.create_task(self._accept_loop(), name="allreduce-accept")
+        await self.transport.start(self._serve)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
     async def close(self) -> None:
-        tasks = [t for t in (self._accept_task, *self._tasks) if t is not None]
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._tasks.clear()
-        self._accept_task = None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        await self.transport.stop()
 
     # -- slots -------------------------------------------------------------------------------------------
 
@@ -344,25 +294,16 @@ class DataPlane:
 
     # -- server side ---------------------------------------------------------------------------------------
 
-    async def _accept_loop(self) -> None:
-        assert self._sock is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            client, _addr = await loop.sock_accept(self._sock)
-            task = asyncio.create_task(self._serve(_Conn(client)), name="allreduce-handshake")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
     def _count_rejected(self, key: str) -> None:
         self.rejected[key] = self.rejected.get(key, 0) + 1
 
-    async def _refuse(self, conn: _Conn, reason: HandshakeRefusal, counted_as: RefusedConnection) -> bool:
+    async def _refuse(self, conn: Conn, reason: HandshakeRefusal, counted_as: RefusedConnection) -> bool:
         """Tell the sender why we refuse it and count it; False: the connection is not handed over."""
-        await conn.send_frame(am.Reject(reason.value))
+        await send_frame(conn, am.Reject(reason.value))
         self._count_rejected(counted_as)
         return False
 
-    async def _serve(self, conn: _Conn) -> None:
+    async def _serve(self, conn: Conn) -> None:
         handed_over = False
         try:
             async with asyncio.timeout(self.handshake_timeout):
@@ -374,18 +315,20 @@ class DataPlane:
             if not handed_over:
                 conn.close()
 
-    async def _handshake(self, conn: _Conn) -> bool:
-        hello = await conn.recv_frame()
+    async def _handshake(self, conn: Conn) -> bool:
+        hello = await recv_frame(conn)
         if not isinstance(hello, am.Hello):
             raise ProtocolError(f"expected Hello, got {type(hello).__name__}")
         if hello.receiver != self.identity.peer_id:
             return await self._refuse(conn, HandshakeRefusal.WRONG_RECEIVER, RefusedConnection.WRONG_RECEIVER)
         nonce = os.urandom(32)
-        await conn.send_frame(am.Challenge(nonce))
-        proof = await conn.recv_frame()
+        await send_frame(conn, am.Challenge(nonce))
+        proof = await recv_frame(conn)
         if not isinstance(proof, am.Proof):
             raise ProtocolError(f"expected Proof, got {type(proof).__name__}")
-        if not verify(hello.sender, domains.ALLREDUCE, hello.proof_bytes(nonce), proof.sig):
+        # On an authenticated channel (libp2p) the hello must also name the peer the channel proved.
+        impostor = bool(conn.remote) and conn.remote != hello.sender
+        if impostor or not verify(hello.sender, domains.ALLREDUCE, hello.proof_bytes(nonce), proof.sig):
             return await self._refuse(conn, HandshakeRefusal.BAD_PROOF, RefusedConnection.BAD_PROOF)
         # The sender is who it says. Find our slot for its group id; a peer may be a little ahead of us.
         key = (hello.run_id, hello.round, hello.attempt)
@@ -411,49 +354,47 @@ class DataPlane:
         if fut is None or fut.done():
             reason = HandshakeRefusal.NOT_A_MEMBER if fut is None else HandshakeRefusal.DUPLICATE_CONNECTION
             return await self._refuse(conn, reason, RefusedConnection.NOT_MEMBER)
-        await conn.send_frame(am.Accept(len(slot.spec.members)))
+        await send_frame(conn, am.Accept(len(slot.spec.members)))
         fut.set_result(conn)
         return True
 
     # -- client side ---------------------------------------------------------------------------------------
 
-    async def connect(self, spec: GroupSpec, member: GroupMember) -> _Conn:
+    async def connect(self, spec: GroupSpec, member: GroupMember) -> Conn:
         """Open our sending connection to `member` and prove our peer ID; raises AllReduceError."""
-        loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        conn = _Conn(sock)
+        conn: Conn | None = None
         try:
-            await loop.sock_connect(sock, (member.host, member.port))
+            conn = await self.transport.dial(member)
             hello = am.Hello(
                 spec.run_id, spec.round, spec.attempt, spec.group_id, self.identity.peer_id, member.peer_id
             )
-            await conn.send_frame(hello)
-            challenge = await conn.recv_frame()
+            await send_frame(conn, hello)
+            challenge = await recv_frame(conn)
             if isinstance(challenge, am.Reject):
                 raise AllReduceError(AbortReason.REJECTED, detail=f"{member.peer_id}: {challenge.reason}")
             if not isinstance(challenge, am.Challenge) or len(challenge.nonce) != 32:
                 raise AllReduceError(
                     AbortReason.PROTOCOL, culprit=member.peer_id, detail="expected a 32-byte challenge"
                 )
-            await conn.send_frame(
-                am.Proof(self.identity.sign(domains.ALLREDUCE, hello.proof_bytes(challenge.nonce)))
-            )
-            answer = await conn.recv_frame()
+            sig = self.identity.sign(domains.ALLREDUCE, hello.proof_bytes(challenge.nonce))
+            await send_frame(conn, am.Proof(sig))
+            answer = await recv_frame(conn)
             if isinstance(answer, am.Reject):
                 raise AllReduceError(AbortReason.REJECTED, detail=f"{member.peer_id}: {answer.reason}")
             if not isinstance(answer, am.Accept):
                 raise AllReduceError(AbortReason.PROTOCOL, culprit=member.peer_id, detail="expected Accept")
             return conn
         except (OSError, ConnectionError, ProtocolError, struct.error) as e:
-            conn.close()
+            if conn is not None:
+                conn.close()
             # Named as the culprit so that the retry goes on without it: a member nobody can reach (or
             # that never connects, below) would otherwise fail every attempt of the round.
             raise AllReduceError(
                 AbortReason.UNREACHABLE, culprit=member.peer_id, detail=f"{member.peer_id}: {e}"
             ) from e
         except BaseException:
-            conn.close()
+            if conn is not None:
+                conn.close()
             raise
 
 
@@ -596,8 +537,8 @@ class _Attempt:
         self.big = flat.numel() >= (1 << 20)
         #: Raw fp32 parts are read straight into their destination tensor.
         self.raw = isinstance(codec, RawFp32Codec)
-        self.outgoing: dict[str, _Conn] = {}
-        self.incoming: dict[str, _Conn] = {}
+        self.outgoing: dict[str, Conn] = {}
+        self.incoming: dict[str, Conn] = {}
         self.sent = self.received = 0
         self.timings: dict[str, float] = {}
         self.start = time.perf_counter()
@@ -614,7 +555,7 @@ class _Attempt:
             # Tell whoever still listens, so they fail fast instead of waiting for the stall timeout.
             abort = am.Abort(e.reason[:100], e.culprit)
             await asyncio.gather(
-                *(asyncio.wait_for(c.send_frame(abort), 1.0) for c in self.outgoing.values()),
+                *(asyncio.wait_for(send_frame(c, abort), 1.0) for c in self.outgoing.values()),
                 return_exceptions=True,
             )
             raise
@@ -661,7 +602,7 @@ class _Attempt:
     async def _open_out(self, m: GroupMember) -> None:
         self.outgoing[m.peer_id] = await self._guarded(self.plane.connect(self.spec, m))
 
-    async def _accept_in(self, m: GroupMember) -> _Conn:
+    async def _accept_in(self, m: GroupMember) -> Conn:
         try:
             return await self._guarded(asyncio.shield(self.slot.incoming[m.peer_id]))
         except AllReduceError as e:
@@ -704,11 +645,11 @@ class _Attempt:
         return value, w
 
     async def _recv_header(
-        self, m: GroupMember, conn: _Conn, kind: am.PartKind, part_index: int
+        self, m: GroupMember, conn: Conn, kind: am.PartKind, part_index: int
     ) -> am.PartHeader:
         """The next part header from `m`, checked against what we expect before any payload is read."""
         try:
-            header = await self._guarded(conn.recv_frame())
+            header = await self._guarded(recv_frame(conn))
         except (ConnectionError, OSError, ProtocolError, struct.error) as e:
             raise AllReduceError(AbortReason.PEER_FAILED, detail=f"{m.peer_id}: {e}") from e
         if isinstance(header, am.Abort):
@@ -734,7 +675,7 @@ class _Attempt:
         return header
 
     async def _recv_values(
-        self, m: GroupMember, conn: _Conn, header: am.PartHeader, out: torch.Tensor | None
+        self, m: GroupMember, conn: Conn, header: am.PartHeader, out: torch.Tensor | None
     ) -> torch.Tensor:
         """The payload announced by `header`, decoded to fp32 values."""
         numel = header.numel
@@ -745,7 +686,7 @@ class _Attempt:
                 if numel:
                     await self._guarded(conn.recv_into(value.numpy().data.cast("B")))
             else:
-                payload = await self._guarded(conn.recv_exactly(header.nbytes))
+                payload = await self._guarded(recv_exactly(conn, header.nbytes))
         except (ConnectionError, OSError) as e:
             raise AllReduceError(AbortReason.PEER_FAILED, detail=f"{m.peer_id}: {e}") from e
         self.received += header.nbytes + _LEN.size

@@ -44,6 +44,7 @@ from intellect.node.net.allreduce import (
     schema_hash,
     unflatten,
 )
+from intellect.node.net.transport import Transport
 from intellect.protocol import averaging_messages as am
 from intellect.protocol.averaging_messages import AbortReason
 from intellect.protocol.codec import decode, encode
@@ -254,7 +255,9 @@ class Averager:
     """One node's averaging service. Use as an async context manager (it owns the data-plane listener).
 
     `dht` is a hivemind `DHTNode`, anything with a `.node` attribute holding one (the node's
-    `DhtService`), or a `GroupBoard`. `announce_host` is the address other members connect to.
+    `DhtService`), or a `GroupBoard`. `transport` is how members reach each other: the daemon passes a
+    `Libp2pTransport` over its own p2p daemon; without one, plain TCP on `listen_host:listen_port`, with
+    `announce_host` the address other members connect to (tests and benchmarks).
     """
 
     def __init__(
@@ -268,6 +271,7 @@ class Averager:
         listen_port: int = 0,
         announce_host: str | None = None,
         admitted: Callable[[str], bool] | None = None,
+        transport: Transport | None = None,
     ) -> None:
         if hasattr(dht, "publish") and hasattr(dht, "read"):
             self.board: GroupBoard = dht
@@ -281,7 +285,9 @@ class Averager:
         #: The run's admission policy: group records of peers it does not admit are ignored (allowlist or
         #: ticket runs), so an outsider cannot join a group and contribute to the average.
         self.admitted = admitted
-        self.plane = DataPlane(identity, listen_host, listen_port)
+        self.plane = DataPlane(identity, listen_host, listen_port, transport=transport)
+        if transport is not None and not transport.port:
+            self.announce_host = ""  # members dial us by peer ID (libp2p), not by a published address
         #: Measured all-reduce throughput (bytes per second per peer, both directions averaged): an EWMA.
         self.bandwidth = self.config.initial_bandwidth
         self.rounds_ok = 0

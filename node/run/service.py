@@ -21,6 +21,7 @@ from intellect.node.net.dht import DhtService
 from intellect.node.net.gossip import GossipService
 from intellect.node.net.membership import MembershipService
 from intellect.node.net.statesync import StateServer, StateSnapshot, SyncReport, fetch_state
+from intellect.node.net.transport import Libp2pTransport
 from intellect.node.run.announcer import Announcer
 from intellect.node.run.events import EventSink, GossipCounters, StateServed
 from intellect.node.run.machine import Limits, RoundMachine
@@ -47,10 +48,6 @@ class RunSettings:
     """What the run needs from the node's configuration (built by the app layer)."""
 
     engine: EngineSettings
-    #: Host the data plane listens on, and the one others are told to dial.
-    listen_host: str = "127.0.0.1"
-    public_host: str = "127.0.0.1"
-    averaging_port: int = 0
     limits: Limits = field(default_factory=Limits)
 
 
@@ -152,16 +149,14 @@ class RunService:
             max_weight=float(m.max_tokens_per_round()),
             reducer=a.reducer,
         )
-        s = self.settings
+        # Members reach each other's data plane by peer ID over the node's libp2p connections.
         return Averager(
             self.dht,
             self.identity,
             self.run_id,
             cfg,
-            listen_host=s.listen_host,
-            listen_port=s.averaging_port,
-            announce_host=s.public_host,
             admitted=self.membership.admits,
+            transport=Libp2pTransport(self.dht.p2p),
         )
 
     async def _listen(self, kind: TopicKind, handle: Callable[[str, Any], object]) -> None:
