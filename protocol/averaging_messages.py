@@ -86,6 +86,8 @@ class AbortReason(enum.StrEnum):
     NON_FINITE_LOCAL = "non-finite-local"
     #: A member of our attempt agreed on a different member list.
     MEMBER_MISMATCH = "member-mismatch"
+    #: No member of the group can be dialled (all behind NATs): nobody can own a partition.
+    NO_OWNER = "no-owner"
 
 
 class PartKind(enum.IntEnum):
@@ -97,7 +99,7 @@ class PartKind(enum.IntEnum):
     GATHER = 1
 
 
-@message(300, max_size=2048)
+@message(300, version=2, max_size=2048)
 @dataclass(frozen=True)
 class GroupRecord:
     """A peer's offer to average for (run, round, attempt, schema), and where its data plane listens.
@@ -114,12 +116,14 @@ class GroupRecord:
     port: int
     #: Unix time after which the record is void.
     expires: float
+    #: Whether the peer reduces a partition (it can be dialled); False for a peer behind a NAT.
+    owner: bool = True
     sig: bytes = b""
 
     def signing_bytes(self) -> bytes:
         return packb_canonical(
             [
-                "group-record",
+                "group-record-v2",
                 self.run_id,
                 self.round,
                 self.attempt,
@@ -128,6 +132,7 @@ class GroupRecord:
                 self.host,
                 self.port,
                 self.expires,
+                self.owner,
             ]
         )
 
@@ -231,7 +236,11 @@ class Abort:
 
 
 def group_id_of(
-    run_id: str, round: int, attempt: int, schema_hash: str, members: tuple[tuple[str, str, int], ...]
+    run_id: str,
+    round: int,
+    attempt: int,
+    schema_hash: str,
+    members: tuple[tuple[str, str, int] | tuple[str, str, int, str], ...],
 ) -> bytes:
     """Hash of everything members must agree on: run, round, attempt, schema and the sorted member list."""
     plain = ["group", run_id, round, attempt, schema_hash, [list(m) for m in sorted(members)]]

@@ -4,7 +4,9 @@ A `GroupSpec` is what every member of one all-reduce attempt must agree on: (run
 schema) and the sorted member list with each member's data-plane address; its `group_id`
 (`averaging_messages.group_id_of`) hashes all of it, so members that saw different groups refuse each
 other. `partition_sizes` cuts the flat vector into one contiguous partition per member (the butterfly
-all-reduce in node/net/allreduce.py gives partition j to member j).
+all-reduce in node/net/allreduce.py gives partition j to member j); `GroupSpec.part_sizes` gives partitions
+only to members that own one: a member behind a NAT (`owner=False`) contributes and receives the average
+but reduces nothing, so every byte it exchanges travels on connections it opened itself, to owners.
 
 Pure: no torch, no sockets.
 """
@@ -23,6 +25,17 @@ class GroupMember:
     peer_id: str
     host: str
     port: int
+    #: Whether it reduces a partition (others can open connections to it); False behind a NAT.
+    owner: bool = True
+
+    @property
+    def wire(self) -> tuple[str, str, int] | tuple[str, str, int, str]:
+        """What the group id binds of this member (an owner's entry is unchanged from version 1)."""
+        return (
+            (self.peer_id, self.host, self.port)
+            if self.owner
+            else (self.peer_id, self.host, self.port, "client")
+        )
 
 
 @dataclass(frozen=True)
@@ -47,8 +60,24 @@ class GroupSpec:
             self.round,
             self.attempt,
             self.schema_hash,
-            tuple((m.peer_id, m.host, m.port) for m in self.members),
+            tuple(m.wire for m in self.members),
         )
+
+    @property
+    def owners(self) -> tuple[GroupMember, ...]:
+        return tuple(m for m in self.members if m.owner)
+
+    def part_sizes(self, numel: int) -> list[int]:
+        """Partition sizes in member order: owners split `numel` (`partition_sizes`), others get 0."""
+        owners = self.owners
+        if not owners:
+            raise ValueError("a group needs at least one member that owns a partition")
+        split = iter(partition_sizes(numel, len(owners)))
+        return [next(split) if m.owner else 0 for m in self.members]
+
+    def exchanges(self, a: GroupMember, b: GroupMember) -> bool:
+        """Whether data flows between `a` and `b`: only when one of them owns a partition."""
+        return a.owner or b.owner
 
     @property
     def key(self) -> tuple[str, int, int]:

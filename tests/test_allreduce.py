@@ -298,3 +298,58 @@ def test_all_finite_agrees_with_isfinite(values: list[float], finite: bool) -> N
     t = torch.tensor(values, dtype=torch.float32)
     assert all_finite(t) is finite
     assert bool(torch.isfinite(t).all()) is finite
+
+
+@pytest.mark.parametrize("owners", [(True, False, False), (False, True, True, False)])
+async def test_members_behind_nat_own_nothing_and_still_get_the_exact_average(
+    owners: tuple[bool, ...],
+) -> None:
+    """A member that cannot be dialled (owner=False) sends its parts to the owners and receives the average
+    from them on connections it opened; two such members never exchange anything."""
+    n = len(owners)
+    async with _Planes(n) as planes:
+        members = tuple(
+            sorted(
+                (
+                    GroupMember(p.identity.peer_id, "127.0.0.1", p.port, own)
+                    for p, own in zip(planes, owners, strict=True)
+                ),
+                key=lambda m: m.peer_id,
+            )
+        )
+        spec = GroupSpec("run", 7, 0, "s", members)
+        assert spec.group_id != _spec(planes).group_id  # who owns a part is part of what members agree on
+        xs = [torch.randn(10_001) for _ in range(n)]
+        ws = [float(i + 1) for i in range(n)]
+        codec = get_payload_codec("none")
+        outs = await asyncio.wait_for(
+            asyncio.gather(
+                *(butterfly_allreduce(p, spec, x, w, codec) for p, x, w in zip(planes, xs, ws, strict=True))
+            ),
+            30,
+        )
+        exact = _exact(xs, ws)
+        for out in outs:
+            assert torch.equal(out.flat, outs[0].flat)
+            assert float((out.flat.double() - exact).abs().max()) < 1e-6
+            assert out.total_weight == sum(ws)
+            assert out.part_sizes == tuple(spec.part_sizes(10_001))
+        for plane, own in zip(planes, owners, strict=True):
+            assert plane.rejected == {}, plane.rejected
+            if not own:  # nobody ever dialled a member behind a NAT: it opened every connection it used
+                assert plane.accepted == 0, plane.accepted
+        non_owner = sum(1 for o in owners if not o)
+        assert sum(spec.part_sizes(10_001)) == 10_001 and spec.part_sizes(10_001).count(0) == non_owner
+
+
+async def test_a_group_with_no_owner_fails_at_once() -> None:
+    async with _Planes(2) as planes:
+        members = tuple(
+            sorted(
+                (GroupMember(p.identity.peer_id, "127.0.0.1", p.port, False) for p in planes),
+                key=lambda m: m.peer_id,
+            )
+        )
+        spec = GroupSpec("run", 7, 0, "s", members)
+        with pytest.raises(AllReduceError, match="no-owner"):
+            await butterfly_allreduce(planes[0], spec, torch.zeros(10), 1.0, get_payload_codec("none"))

@@ -128,8 +128,10 @@ async def run_body(daemon: NodeDaemon) -> None:
         ) as gossip:
             daemon.children.add(lambda: gossip.child_pid)
             # The gossip child reports what it bound (0.0.0.0 when listening everywhere): others must be
-            # told an address they can dial.
+            # told an address they can dial, and behind a NAT there is none (we dial out to them).
             addr = next(iter(gossip.listen_maddrs), "")
+            if config.reachability == "private":
+                addr = ""
             membership.update(gossip_addr=addr.replace("/ip4/0.0.0.0/", f"/ip4/{public_host}/"))
             run = RunService(
                 settings,

@@ -49,6 +49,10 @@ class NodeConfig:
     use_relay: bool = True
     #: Look for relays automatically when we are not publicly reachable.
     use_auto_relay: bool = False
+    #: Whether others can dial us: "auto" (libp2p's AutoNAT decides), "public" (say so: e.g. a bootstrap
+    #: node, which then serves as a circuit relay), or "private" (behind a NAT with no forwarding: keep a
+    #: relay reservation on the bootstrap nodes, announce only relayed addresses, join the DHT as a client).
+    reachability: str = "auto"
     #: Run to join; empty means the best run this node can verify and is admitted to.
     run: str = ""
     #: Training device: auto (CUDA when present), cpu or cuda.
@@ -68,6 +72,8 @@ class NodeConfig:
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device: must be auto, cpu or cuda, got {self.device!r}")
+        if self.reachability not in ("auto", "public", "private"):
+            raise ConfigError(f"reachability: must be auto, public or private, got {self.reachability!r}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format: must be text or json, got {self.log_format!r}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -192,6 +198,9 @@ announce = []
 client_mode = false
 use_relay = true
 use_auto_relay = false
+# "auto", "public" (a bootstrap or forwarded node; it relays for others) or "private" (behind a NAT: reached
+# through a relay reservation on the bootstrap nodes).
+reachability = "auto"
 
 # Run to join ("" = the best run this node can verify and is admitted to).
 run = ""

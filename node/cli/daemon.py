@@ -41,6 +41,12 @@ def register(group: click.Group) -> None:
 )
 @click.option("--announce", multiple=True, help="Public multiaddr to announce (port-forwarded NAT).")
 @click.option("--client-mode/--no-client-mode", default=None, help="DHT client mode (behind NAT).")
+@click.option(
+    "--reachability",
+    type=click.Choice(["auto", "public", "private"]),
+    default=None,
+    help="Can others dial us? private: behind a NAT, reached through the bootstrap nodes' relays.",
+)
 @click.option("--http-port", type=int, default=None, help="Control API port on 127.0.0.1 (0: any).")
 @click.option("--max-rounds", type=click.IntRange(min=1), default=None, help="Exit 0 after this many rounds.")
 @click.option("--min-peers", type=click.IntRange(min=1), default=1, help="Wait for this many members first.")
@@ -55,6 +61,7 @@ def start(
     listen: tuple[str, ...],
     announce: tuple[str, ...],
     client_mode: bool | None,
+    reachability: str | None,
     http_port: int | None,
     max_rounds: int | None,
     min_peers: int,
@@ -78,6 +85,7 @@ def start(
         listen=listen,
         announce=announce,
         client_mode=client_mode,
+        reachability=reachability,
         http_port=http_port,
         log_format=log_format,
         log_level=log_level,

@@ -112,7 +112,8 @@ class Swarm:
 
     async def __aenter__(self) -> Swarm:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        await self._start_bootstrap()
+        if not self.bootstrap_maddrs:  # else an external bootstrap node (e.g. in a network namespace)
+            await self._start_bootstrap()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -149,13 +150,21 @@ class Swarm:
         return self.run_id
 
     def launch(
-        self, name: str, *, max_rounds: int | None = None, min_peers: int = 1, extra_args: Sequence[str] = ()
+        self,
+        name: str,
+        *,
+        max_rounds: int | None = None,
+        min_peers: int = 1,
+        extra_args: Sequence[str] = (),
+        netns: str | None = None,
     ) -> Peer:
-        """Start one `intellect-node start` process in its own session, logs to `<workdir>/<name>.log`."""
+        """Start one `intellect-node start` process in its own session, logs to `<workdir>/<name>.log`;
+        inside the network namespace `netns` when given (`ip netns exec` keeps the PID and session)."""
         data_dir = self.workdir / name
         data_dir.mkdir(parents=True, exist_ok=True)
         ident = Identity.load_or_create(data_dir / "identity.key")
         args = [
+            *(["ip", "netns", "exec", netns] if netns else []),
             *_start_command(),
             "--data-dir",
             str(data_dir),

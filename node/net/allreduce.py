@@ -43,7 +43,7 @@ from intellect.protocol import averaging_messages as am
 from intellect.protocol.averaging_messages import AbortReason, HandshakeRefusal
 from intellect.protocol.codec import encode, packb_canonical
 from intellect.protocol.errors import ProtocolError
-from intellect.protocol.groups import GroupMember, GroupSpec, partition_sizes
+from intellect.protocol.groups import GroupMember, GroupSpec
 
 logger = logging.getLogger(__name__)
 
@@ -248,6 +248,8 @@ class DataPlane:
         self._slot_added = asyncio.Event()
         #: Refused connections by `RefusedConnection` or exception class name (the averager exports them).
         self.rejected: dict[str, int] = {}
+        #: Connections handed to an attempt after a complete handshake.
+        self.accepted = 0
 
     @property
     def host(self) -> str:
@@ -356,6 +358,7 @@ class DataPlane:
             return await self._refuse(conn, reason, RefusedConnection.NOT_MEMBER)
         await send_frame(conn, am.Accept(len(slot.spec.members)))
         fut.set_result(conn)
+        self.accepted += 1
         return True
 
     # -- client side ---------------------------------------------------------------------------------------
@@ -412,6 +415,8 @@ class ReducedVector:
     bytes_received: int
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    #: Values of each member's partition, in member order (0 for members that own none).
+    part_sizes: tuple[int, ...] = ()
 
 
 async def _all(aws: Sequence[Awaitable[Any]]) -> list[Any]:
@@ -483,7 +488,9 @@ async def butterfly_allreduce(
             AbortReason.NON_FINITE_LOCAL, culprit=me, detail="our own tensors are not finite"
         )
     if len(spec.members) == 1:
-        return ReducedVector(flat.clone(), weight, 0, 0, 0.0, {})
+        return ReducedVector(flat.clone(), weight, 0, 0, 0.0, {}, (flat.numel(),))
+    if not spec.owners:
+        raise AllReduceError(AbortReason.NO_OWNER, detail="every member is behind a NAT")
     slot = plane.open_slot(spec)
     try:
         attempt = _Attempt(
@@ -530,8 +537,14 @@ class _Attempt:
         self.reducer = reducer
         self.me = plane.identity.peer_id
         self.my_index = self.spec.index(self.me)
-        self.others = [m for m in self.spec.members if m.peer_id != self.me]
-        self.sizes = partition_sizes(flat.numel(), len(self.spec.members))
+        self.mine = self.spec.members[self.my_index]
+        # Only pairs where data flows are connected: a member that owns no partition (behind a NAT) talks
+        # to owners only, on connections it opened, and two such members never talk.
+        self.others = [
+            m for m in self.spec.members if m.peer_id != self.me and self.spec.exchanges(self.mine, m)
+        ]
+        self.owner_peers = [m for m in self.others if m.owner]
+        self.sizes = self.spec.part_sizes(flat.numel())
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         #: Large vectors have their encoding, decoding and reduction run in a worker thread.
         self.big = flat.numel() >= (1 << 20)
@@ -548,9 +561,10 @@ class _Attempt:
             await self._timed("connect", self._connect())
             contributions = await self._timed("scatter", self._reduce_scatter())
             result, total, my_payload = await self._timed("reduce", self._reduce(contributions))
-            await self._timed("gather", self._all_gather(result, total, my_payload))
+            total = await self._timed("gather", self._all_gather(result, total, my_payload))
             seconds = time.perf_counter() - self.start
-            return ReducedVector(result, total, self.sent, self.received, seconds, self.timings)
+            sizes = tuple(self.sizes)
+            return ReducedVector(result, total, self.sent, self.received, seconds, self.timings, sizes)
         except AllReduceError as e:
             # Tell whoever still listens, so they fail fast instead of waiting for the stall timeout.
             abort = am.Abort(e.reason[:100], e.culprit)
@@ -595,9 +609,19 @@ class _Attempt:
     # -- connections ---------------------------------------------------------------------------------------
 
     async def _connect(self) -> None:
+        """One connection each way between two owners. Between an owner and a member that owns no
+        partition (behind a NAT: nobody can dial it), only that member dials, and the one connection
+        carries its contribution to the owner and the owner's reduced partition back."""
         others = self.others
-        conns = await _all([self._open_out(m) for m in others] + [self._accept_in(m) for m in others])
-        self.incoming = {m.peer_id: c for m, c in zip(others, conns[len(others) :], strict=True)}
+        dial = [m for m in others if m.owner]
+        accept = [m for m in others if self.mine.owner]
+        conns = await _all([self._open_out(m) for m in dial] + [self._accept_in(m) for m in accept])
+        self.incoming = {m.peer_id: c for m, c in zip(accept, conns[len(dial) :], strict=True)}
+        for m in others:
+            if not m.owner:
+                self.outgoing[m.peer_id] = self.incoming[m.peer_id]
+            elif not self.mine.owner:
+                self.incoming[m.peer_id] = self.outgoing[m.peer_id]
 
     async def _open_out(self, m: GroupMember) -> None:
         self.outgoing[m.peer_id] = await self._guarded(self.plane.connect(self.spec, m))
@@ -704,9 +728,10 @@ class _Attempt:
         """Send every member its partition, receive ours from everyone: the contributions to our partition
         with their weights, our own first, then the others in group order."""
         others = self.others
+        senders = others if self.mine.owner else []
         results = await _all(
-            [self._scatter_to(m) for m in others]
-            + [self._recv_part(m, am.PartKind.SCATTER, self.my_index) for m in others]
+            [self._scatter_to(m) for m in self.owner_peers]
+            + [self._recv_part(m, am.PartKind.SCATTER, self.my_index) for m in senders]
         )
         own = self._part(self.my_index)
         if not self.validate_local and not all_finite(own):
@@ -714,7 +739,7 @@ class _Attempt:
             raise AllReduceError(
                 AbortReason.NON_FINITE_PART, culprit=self.me, detail="our own partition is not finite"
             )
-        return [(own, self.weight), *results[len(others) :]]
+        return [(own, self.weight), *results[len(self.owner_peers) :]]
 
     async def _scatter_to(self, m: GroupMember) -> None:
         j = self.spec.index(m.peer_id)
@@ -727,7 +752,10 @@ class _Attempt:
         self, contributions: list[tuple[torch.Tensor, float]]
     ) -> tuple[torch.Tensor, float, bytes | memoryview]:
         """Reduce our partition into a new result vector and encode it once: (result, total weight, the
-        bytes every member decodes our partition from)."""
+        bytes every member decodes our partition from). A member that owns no partition has nothing to
+        reduce: its total weight comes with the owners' parts (`_all_gather`)."""
+        if not self.mine.owner:
+            return torch.empty_like(self.flat), 0.0, b""
         total = sum(w for _, w in contributions)
         if total <= 0:
             raise AllReduceError(AbortReason.ZERO_WEIGHT, detail="no member contributed any weight")
@@ -750,17 +778,28 @@ class _Attempt:
             raise AllReduceError(AbortReason.NON_FINITE_RESULT, detail="our reduced partition is not finite")
         return result, total, my_payload
 
-    async def _all_gather(self, result: torch.Tensor, total: float, my_payload: bytes | memoryview) -> None:
-        """Everyone gets the same bytes of every reduced partition; theirs are written into `result`."""
-        others = self.others
-        await _all(
-            [self._send_part(m, am.PartKind.GATHER, self.my_index, total, my_payload) for m in others]
-            + [self._collect_from(m, result) for m in others]
+    async def _all_gather(self, result: torch.Tensor, total: float, my_payload: bytes | memoryview) -> float:
+        """Everyone gets the same bytes of every reduced partition; theirs are written into `result`.
+        Returns the total weight: an owner's own; a non-owner's as the owners announce it (all alike)."""
+        sends = [
+            self._send_part(m, am.PartKind.GATHER, self.my_index, total, my_payload) for m in self.others
+        ]
+        totals = await _all(
+            (sends if self.mine.owner else []) + [self._collect_from(m, result) for m in self.owner_peers]
         )
+        if self.mine.owner:
+            return total
+        announced = {w for w in totals if w is not None}
+        if len(announced) != 1:
+            raise AllReduceError(
+                AbortReason.MALFORMED_PART, detail=f"owners announced total weights {announced}"
+            )
+        return announced.pop()
 
-    async def _collect_from(self, m: GroupMember, result: torch.Tensor) -> None:
+    async def _collect_from(self, m: GroupMember, result: torch.Tensor) -> float:
         j = self.spec.index(m.peer_id)
         dest = self._part(j, of=result)
-        value, _ = await self._recv_part(m, am.PartKind.GATHER, j, out=dest)
+        value, w = await self._recv_part(m, am.PartKind.GATHER, j, out=dest)
         if value.data_ptr() != dest.data_ptr():
             dest.copy_(value)
+        return w

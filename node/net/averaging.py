@@ -26,7 +26,7 @@ import enum
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -148,6 +148,8 @@ class AverageResult:
     #: Data-plane payload bytes this node sent and received in the attempt that completed (0 otherwise).
     bytes_sent: int = 0
     bytes_received: int = 0
+    #: Values of each member's partition in the completed attempt, in `group` order.
+    part_sizes: tuple[int, ...] = ()
 
 
 class GroupBoard(Protocol):
@@ -180,7 +182,11 @@ class HivemindBoard:
 
 
 def contribution_error(
-    flat: torch.Tensor, group_size: int, my_index: int, codec: PayloadCodec
+    flat: torch.Tensor,
+    group_size: int,
+    my_index: int,
+    codec: PayloadCodec,
+    sizes: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """What a completed all-reduce lost of our contribution `flat`: `flat` minus what the other members
     decoded of it. The butterfly sends partition j (`partition_sizes`) to member j through `codec`; our own
@@ -192,7 +198,8 @@ def contribution_error(
     if codec.name == "none" or group_size < 2:
         return err
     offset = 0
-    for j, size in enumerate(partition_sizes(flat.numel(), group_size)):
+    # `sizes`: the partition of the attempt that completed (members behind a NAT own none).
+    for j, size in enumerate(sizes if sizes else partition_sizes(flat.numel(), group_size)):
         if j != my_index and size:
             part = flat[offset : offset + size].to(torch.float32)
             _, decoded = codec.roundtrip(part)
@@ -234,7 +241,7 @@ def _valid_members(
         if admitted is not None and not admitted(rec.peer_id):
             logger.debug("group record of %s, who is not admitted to the run, ignored", rec.peer_id)
             continue
-        out[rec.peer_id] = GroupMember(rec.peer_id, rec.host, rec.port)
+        out[rec.peer_id] = GroupMember(rec.peer_id, rec.host, rec.port, rec.owner)
     return out
 
 
@@ -272,6 +279,7 @@ class Averager:
         announce_host: str | None = None,
         admitted: Callable[[str], bool] | None = None,
         transport: Transport | None = None,
+        owner: bool = True,
     ) -> None:
         if hasattr(dht, "publish") and hasattr(dht, "read"):
             self.board: GroupBoard = dht
@@ -286,6 +294,8 @@ class Averager:
         #: ticket runs), so an outsider cannot join a group and contribute to the average.
         self.admitted = admitted
         self.plane = DataPlane(identity, listen_host, listen_port, transport=transport)
+        #: Whether we reduce a partition: False behind a NAT, where nobody can open a connection to us.
+        self.owner = owner
         if transport is not None and not transport.port:
             self.announce_host = ""  # members dial us by peer ID (libp2p), not by a published address
         #: Measured all-reduce throughput (bytes per second per peer, both directions averaged): an EWMA.
@@ -324,7 +334,15 @@ class Averager:
         now = time.time()
         expires = min(now + self.config.record_ttl, max(deadline, now + 1.0))
         record = am.GroupRecord(
-            self.run_id, round, attempt, schema, self.peer_id, self.announce_host, self.plane.port, expires
+            self.run_id,
+            round,
+            attempt,
+            schema,
+            self.peer_id,
+            self.announce_host,
+            self.plane.port,
+            expires,
+            owner=self.owner,
         ).signed(self.identity)
         if not await self.board.publish(key, self.peer_id, encode(record), expires):
             logger.warning("could not store our group record for round %s attempt %s", round, attempt)
@@ -332,7 +350,7 @@ class Averager:
         members: dict[str, GroupMember] = {}
         while True:
             members = await self._read_members(key, round, attempt, schema, excluded)
-            members[self.peer_id] = GroupMember(self.peer_id, self.announce_host, self.plane.port)
+            members[self.peer_id] = GroupMember(self.peer_id, self.announce_host, self.plane.port, self.owner)
             target = self.config.target_group_size
             now = time.time()
             if (target and len(members) >= target) or now >= deadline:
@@ -354,6 +372,11 @@ class Averager:
             )
             return None
         ordered = tuple(members[pid] for pid in sorted(members))
+        if not any(m.owner for m in ordered):
+            logger.info(
+                "round %s attempt %s: every peer found is behind a NAT; nobody can own a part", round, attempt
+            )
+            return None
         return GroupSpec(self.run_id, round, attempt, schema, ordered)
 
     async def _read_members(
@@ -504,6 +527,7 @@ class Averager:
             excluded=tuple(sorted(state.excluded)),
             bytes_sent=reduced.bytes_sent,
             bytes_received=reduced.bytes_received,
+            part_sizes=reduced.part_sizes,
         )
 
     def _finish(self, result: AverageResult, start: float) -> AverageResult:

@@ -29,11 +29,12 @@ from typing import Any, Protocol
 from hivemind.dht.node import DHTNode
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import CompositeValidator, DHTRecord, RecordValidatorBase
-from hivemind.p2p import P2P
+from hivemind.p2p import P2P, PeerID
 from intellect.crypto.identity import Identity
 from intellect.protocol import keys, records
 from intellect.protocol.errors import ProtocolError
 from intellect.protocol.manifest import SignedManifest
+from multiaddr import Multiaddr
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +60,24 @@ class DhtSettings(Protocol):
     @property
     def use_auto_relay(self) -> bool: ...
     @property
+    def reachability(self) -> str: ...
+    @property
     def identity_path(self) -> Path: ...
+
+
+class _P2P(P2P):
+    """hivemind's `P2P`, starting its daemon with relay discovery off whenever static relays are given.
+
+    With discovery on (hivemind's only choice), go-libp2p's autorelay waits for four relay candidates or a
+    three-minute boot delay before it reserves a slot, so a node behind a NAT whose relays are the run's
+    one or two bootstrap nodes stays unreachable for three minutes; with static relays only, it reserves
+    at once (measured in network namespaces: docs/decisions.md, "Behind a NAT: static relays")."""
+
+    @staticmethod
+    def _make_process_args(*args: Any, **kwargs: Any) -> list[str]:
+        if kwargs.get("autoRelay") and kwargs.get("trustedRelays"):
+            kwargs["relayDiscovery"] = False
+        return P2P._make_process_args(*args, **kwargs)
 
 
 class DhtError(RuntimeError):
@@ -248,16 +266,45 @@ class DhtService:
         path = Path(arg) if arg is not None else self.config.identity_path
         return Identity.load(path), path
 
+    @property
+    def private(self) -> bool:
+        """Behind a NAT with no forwarding (`reachability = "private"`): reached through relays only."""
+        return self.config.reachability == "private"
+
+    async def _create_p2p_retrying(self, bootstrap: list[str] | None, key_path: Path) -> P2P:
+        """`_create_p2p`, shielded (see `start`), tried again twice when the bootstrap nodes could not be
+        reached: a freshly started node's first dial can be lost (a router still learning the route, a
+        bootstrap node restarting), and a volunteer should not have to restart the daemon for that."""
+        for attempt in range(3):
+            creating = asyncio.ensure_future(self._create_p2p(bootstrap, key_path))
+            try:
+                return await asyncio.shield(creating)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    late = await asyncio.wait_for(creating, self._startup_timeout + 5.0)
+                    await asyncio.wait_for(late.shutdown(), SHUTDOWN_TIMEOUT_S)
+                raise
+            except Exception as e:  # hivemind raises P2PDaemonError, AssertionError, ValueError…
+                if attempt == 2 or not bootstrap or "bootstrap" not in str(e):
+                    raise
+                logger.warning("could not reach the bootstrap nodes (%s); trying again", str(e)[-120:])
+                await asyncio.sleep(2.0 * (attempt + 1))
+        raise AssertionError("unreachable")
+
     async def _create_p2p(self, bootstrap: list[str] | None, key_path: Path) -> P2P:
         cfg = self.config
-        return await P2P.create(
+        private = self.private
+        return await _P2P.create(
             initial_peers=bootstrap,
             host_maddrs=list(cfg.listen),
             announce_maddrs=list(cfg.announce) or None,
             identity_path=str(key_path),
-            use_relay=cfg.use_relay,
-            use_auto_relay=cfg.use_auto_relay,
-            dht_mode="client" if cfg.client_mode else "server",
+            use_relay=cfg.use_relay or private,
+            # Behind a NAT: hold a relay reservation on the bootstrap nodes, which serve as relays.
+            use_auto_relay=cfg.use_auto_relay or private,
+            trusted_relays=list(cfg.bootstrap) if private and cfg.bootstrap else None,
+            force_reachability=None if cfg.reachability == "auto" else cfg.reachability,
+            dht_mode="client" if cfg.client_mode or private else "server",
             # hivemind's "is this identity already online" probe parses only RSA key files (it raises on
             # our Ed25519 key), so it is off; two nodes sharing a key is an operator error.
             check_if_identity_free=False,
@@ -274,13 +321,9 @@ class DhtService:
         # P2P.create spawns p2pd and then waits for it; cancelled in between (Ctrl-C while starting), it
         # would leave p2pd running with nobody holding its handle. So it runs shielded: a cancellation
         # waits (bounded by the startup timeout) for the daemon to be up, shuts it down, then propagates.
-        creating = asyncio.ensure_future(self._create_p2p(bootstrap, key_path))
         try:
-            p2p = await asyncio.shield(creating)
+            p2p = await self._create_p2p_retrying(bootstrap, key_path)
         except asyncio.CancelledError:
-            with contextlib.suppress(Exception):
-                late = await asyncio.wait_for(creating, self._startup_timeout + 5.0)
-                await asyncio.wait_for(late.shutdown(), SHUTDOWN_TIMEOUT_S)
             self._cleanup_tmp()
             raise
         except Exception as e:  # hivemind raises P2PDaemonError, AssertionError, ValueError…
@@ -294,7 +337,7 @@ class DhtService:
             self._node = await DHTNode.create(
                 p2p=self._p2p,
                 initial_peers=bootstrap,
-                client_mode=cfg.client_mode,
+                client_mode=cfg.client_mode or self.private,
                 record_validator=self._composite,
                 wait_timeout=self._wait_timeout,
                 bootstrap_timeout=self._bootstrap_timeout,
@@ -314,6 +357,35 @@ class DhtService:
             " ".join(self.visible_maddrs),
         )
         self.ready.set()
+
+    def dialable_maddrs(self) -> list[str]:
+        """The addresses others are told to dial us at (membership records), each ending in our peer ID.
+
+        The announced ones when configured; behind a NAT (`private`) only circuit addresses through our
+        relays, the bootstrap nodes (our private and NAT-mapped addresses are of no use to anyone else);
+        otherwise what the p2p daemon reports."""
+        me = self.peer_id
+        cfg = self.config
+        if cfg.announce:
+            found = list(cfg.announce)
+        elif self.private:
+            return [f"{relay}/p2p-circuit/p2p/{me}" for relay in cfg.bootstrap if "/p2p/" in relay]
+        else:
+            found = list(self.visible_maddrs)
+        return [m if "/p2p/" in m else f"{m}/p2p/{me}" for m in found]
+
+    async def connect(self, peer_id: str, maddrs: Sequence[str]) -> bool:
+        """Make sure the p2p daemon has a connection to `peer_id`, dialling `maddrs` (e.g. its circuit
+        addresses) if it has none; False when that failed. A stream opened by peer ID alone can only use
+        addresses the daemon already knows, which for a peer behind a NAT are none that work."""
+        try:
+            addrs = [Multiaddr(m.split(f"/p2p/{peer_id}")[0]) for m in maddrs]
+            # hivemind's P2P exposes no connect; its daemon client does (hivemind uses it the same way).
+            await self.p2p._client.connect(PeerID.from_base58(peer_id), addrs)
+            return True
+        except Exception as e:  # ControlFailure for a failed dial; ValueError for a malformed address
+            logger.debug("could not connect to %s via %s: %s", peer_id, maddrs, e)
+            return False
 
     async def stop(self) -> None:
         """Leave the DHT and stop the p2p daemon; waits for the daemon to exit (kills it after a timeout)."""
@@ -382,9 +454,7 @@ class DhtService:
         self.validator.watch_run(signed.run_id)
         self._published[signed.run_id] = (signed, ttl, time.monotonic())
         return bool(
-            await self.node.store(
-                keys.RUNS_KEY, signed.to_bytes(), time.time() + ttl, subkey=signed.run_id
-            )
+            await self.node.store(keys.RUNS_KEY, signed.to_bytes(), time.time() + ttl, subkey=signed.run_id)
         )
 
     async def get_manifests(self, latest: bool = True) -> tuple[list[SignedManifest], int]:

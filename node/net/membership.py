@@ -108,10 +108,8 @@ class MembershipService:
         now = time.time() if now is None else now
         return replace(
             self._record,
-            # Others must be able to dial an address and know whom they reach: every one names our peer ID.
-            maddrs=tuple(
-                m if "/p2p/" in m else f"{m}/p2p/{self.identity.peer_id}" for m in self.dht.visible_maddrs
-            )[:16],
+            # Only addresses others can dial, each naming our peer ID (circuit addresses behind a NAT).
+            maddrs=tuple(self.dht.dialable_maddrs())[:16],
             issued_at=now,
             expires_at=now + self.ttl,
         )

@@ -203,9 +203,17 @@ class Libp2pTransport:
     host = ""
     port = 0
 
-    def __init__(self, p2p: Any, protocol: str = ALLREDUCE_PROTOCOL) -> None:
+    def __init__(
+        self,
+        p2p: Any,
+        protocol: str = ALLREDUCE_PROTOCOL,
+        connect: Callable[[str], Coroutine[Any, Any, object]] | None = None,
+    ) -> None:
         self.p2p = p2p
         self.protocol = protocol
+        #: Makes sure the daemon is connected to a peer before a stream is opened by its peer ID (through
+        #: the addresses the peer announced, e.g. its circuit addresses behind a NAT).
+        self.connect = connect
         self._on_conn: OnConn | None = None
         self._open: set[StreamConn] = set()
 
@@ -233,6 +241,8 @@ class Libp2pTransport:
             await self.p2p.remove_binary_stream_handler(self.protocol)
 
     async def dial(self, member: GroupMember) -> Conn:
+        if self.connect is not None:
+            await self.connect(member.peer_id)
         try:
             _info, reader, writer = await self.p2p.call_binary_stream_handler(
                 PeerID.from_base58(member.peer_id), self.protocol

@@ -307,7 +307,8 @@ class RoundMachine:
         self.phases.enter(Phase.CHECKPOINTING)
         t, res = averaged.trained, averaged.result
         assert res.tensors is not None
-        await self.state.commit(t.round, res.tensors, t.delta, list(res.group), self.me, self.averager.codec)
+        group, codec = list(res.group), self.averager.codec
+        await self.state.commit(t.round, res.tensors, t.delta, group, self.me, codec, res.part_sizes)
         view = self.state.view()
         stats = t.stats
         logger.info(

@@ -160,6 +160,11 @@ class PeerBook:
         ]
         return target, max(heard, default=0.0)
 
+    def addresses(self, peer: str) -> tuple[str, ...]:
+        """The addresses `peer` announced in its signed membership record (none if we have no record)."""
+        rec = self._records.get(peer)
+        return rec.maddrs if rec is not None else ()
+
     def throughputs(self) -> list[float]:
         """Tokens/s that counted peers put in their signed membership records."""
         return [rec.throughput for p, rec in self._records.items() if rec.throughput > 0 and self.counts(p)]

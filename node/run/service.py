@@ -156,8 +156,14 @@ class RunService:
             self.run_id,
             cfg,
             admitted=self.membership.admits,
-            transport=Libp2pTransport(self.dht.p2p),
+            transport=Libp2pTransport(self.dht.p2p, connect=self._connect),
+            # Behind a NAT nobody can open a connection to us: we contribute and receive, owners reduce.
+            owner=not self.dht.private,
         )
+
+    async def _connect(self, peer: str) -> bool:
+        """Reach `peer` through the addresses of its membership record (circuit addresses behind a NAT)."""
+        return await self.dht.connect(peer, self.book.addresses(peer))
 
     async def _listen(self, kind: TopicKind, handle: Callable[[str, Any], object]) -> None:
         with self.gossip.subscribe(kind) as sub:

@@ -169,13 +169,22 @@ class GlobalState:
         await asyncio.to_thread(self.outer.copy_to, self.model)
 
     async def commit(
-        self, round_: int, avg: Tensors, sent: Tensors, group: list[str], me: str, codec: PayloadCodec
+        self,
+        round_: int,
+        avg: Tensors,
+        sent: Tensors,
+        group: list[str],
+        me: str,
+        codec: PayloadCodec,
+        part_sizes: tuple[int, ...] = (),
     ) -> None:
         """Apply a completed average as round `round_`: residual, outer step, hash, checkpoint.
 
         It runs to completion even if the caller is cancelled meanwhile (a half-applied step must never be
         announced or checkpointed under the wrong round); `settle` waits for it at shutdown."""
-        self._inflight = asyncio.ensure_future(self._commit(round_, avg, sent, group, me, codec))
+        self._inflight = asyncio.ensure_future(
+            self._commit(round_, avg, sent, (group, part_sizes), me, codec)
+        )
         try:
             await asyncio.shield(self._inflight)
         finally:
@@ -183,18 +192,32 @@ class GlobalState:
                 self._inflight = None
 
     async def _commit(
-        self, round_: int, avg: Tensors, sent: Tensors, group: list[str], me: str, codec: PayloadCodec
+        self,
+        round_: int,
+        avg: Tensors,
+        sent: Tensors,
+        layout: tuple[list[str], tuple[int, ...]],
+        me: str,
+        codec: PayloadCodec,
     ) -> None:
-        new_hash = await asyncio.to_thread(self._apply_step, avg, sent, group, me, codec)
+        new_hash = await asyncio.to_thread(self._apply_step, avg, sent, layout, me, codec)
         self._set(round_, new_hash)
         await self.checkpoint()
 
-    def _apply_step(self, avg: Tensors, sent: Tensors, group: list[str], me: str, codec: PayloadCodec) -> str:
+    def _apply_step(
+        self,
+        avg: Tensors,
+        sent: Tensors,
+        layout: tuple[list[str], tuple[int, ...]],
+        me: str,
+        codec: PayloadCodec,
+    ) -> str:
         # What the all-reduce lost of our contribution becomes the next round's residual.
+        group, sizes = layout
         if codec.name == "none" or me not in group:
             self.residual = None
         else:
-            err = contribution_error(flatten(sent), len(group), sorted(group).index(me), codec)
+            err = contribution_error(flatten(sent), len(group), sorted(group).index(me), codec, sizes)
             self.residual = err if bool(err.any()) else None
         self.outer.step(avg)
         self.outer.copy_to(self.model)
