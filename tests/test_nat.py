@@ -146,3 +146,51 @@ def test_two_volunteers_behind_nats_and_a_public_one_average_every_round(lab: La
         assert len({p["state_hash"] for p in peers.values()}) == 1, r
         # Averaged by all three (not synced from someone else afterwards).
         assert all(p["group_size"] == 3 and not p["synced"] for p in peers.values()), r
+
+
+async def _late_joiner(lab: Lab, workdir: Path, bootstrap: str, run_id: str) -> dict[str, object]:
+    async with Swarm(workdir / "swarm", bootstrap_maddrs=[bootstrap]) as swarm:
+        swarm.run_id = run_id
+        public = ["--listen", f"/ip4/{PUB_IP}/tcp/0", "--reachability", "public"]
+        private = ["--listen", "/ip4/0.0.0.0/tcp/0", "--reachability", "private"]
+        first = [
+            swarm.launch(
+                "public", max_rounds=LATE_ROUNDS, min_peers=2, extra_args=public, netns=lab.ns("pub")
+            ),
+            swarm.launch("nat1", max_rounds=LATE_ROUNDS, min_peers=2, extra_args=private, netns=lab.ns("h1")),
+        ]
+        deadline = time.monotonic() + 240
+        while first[0].last_round() < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        late = swarm.launch("nat2", max_rounds=LATE_ROUNDS, extra_args=private, netns=lab.ns("h2"))
+        peers = [*first, late]
+        codes = await asyncio.gather(*(swarm.wait(p, 360) for p in peers))
+        return {"codes": codes, "rounds": {p.name: p.rounds() for p in peers}}
+
+
+LATE_ROUNDS = 5
+
+
+@pytest.mark.timeout(600)
+def test_a_late_joiner_behind_a_nat_syncs_the_state_and_joins(lab: Lab, tmp_path: Path) -> None:
+    boot, bootstrap = _bootstrap(lab, tmp_path)
+    try:
+        run_id = _seed(lab, tmp_path, bootstrap)
+        got = asyncio.run(_late_joiner(lab, tmp_path, bootstrap, run_id))
+    finally:
+        boot.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            boot.wait(20)
+        _kill_group(boot)
+    assert got["codes"] == [0, 0, 0], got
+    rounds: dict[str, list[dict[str, object]]] = got["rounds"]  # type: ignore[assignment]
+    late = rounds["nat2"]
+    synced = [r for r in late if r["synced"]]
+    assert synced and int(synced[0]["round"]) >= 2, late  # type: ignore[call-overload]
+    averaged = [r for r in late if not r["synced"]]
+    assert averaged and averaged[-1]["round"] == LATE_ROUNDS, late
+    by_round = {int(r["round"]): r["state_hash"] for r in rounds["public"]}  # type: ignore[call-overload]
+    for r in late:  # every state the newcomer held is the one the others committed for that round
+        assert r["state_hash"] == by_round[int(r["round"])], (r, by_round)  # type: ignore[call-overload]
+    for r in averaged:
+        assert r["group_size"] == 3, r

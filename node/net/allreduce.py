@@ -609,9 +609,8 @@ class _Attempt:
     # -- connections ---------------------------------------------------------------------------------------
 
     async def _connect(self) -> None:
-        """One connection each way between two owners. Between an owner and a member that owns no
-        partition (behind a NAT: nobody can dial it), only that member dials, and the one connection
-        carries its contribution to the owner and the owner's reduced partition back."""
+        """One connection each way between owners; a non-owner (behind a NAT) alone dials each owner, and
+        that connection carries its parts to the owner and the owner's reduced partition back."""
         others = self.others
         dial = [m for m in others if m.owner]
         accept = [m for m in others if self.mine.owner]
@@ -752,8 +751,7 @@ class _Attempt:
         self, contributions: list[tuple[torch.Tensor, float]]
     ) -> tuple[torch.Tensor, float, bytes | memoryview]:
         """Reduce our partition into a new result vector and encode it once: (result, total weight, the
-        bytes every member decodes our partition from). A member that owns no partition has nothing to
-        reduce: its total weight comes with the owners' parts (`_all_gather`)."""
+        bytes every member decodes our partition from); a non-owner has nothing to reduce."""
         if not self.mine.owner:
             return torch.empty_like(self.flat), 0.0, b""
         total = sum(w for _, w in contributions)

@@ -200,6 +200,51 @@ def _daemon_alive(p2p: P2P) -> bool:
     return child is not None and child.returncode is None
 
 
+async def start_p2p(
+    cfg: DhtSettings, bootstrap: list[str] | None, key_path: Path, startup_timeout: float
+) -> P2P:
+    """The node's p2p daemon, shielded (see `DhtService.start`), tried again twice when the bootstrap
+    nodes could not be reached: a freshly started node's first dial can be lost (a router still learning
+    the route, a bootstrap node restarting), and a volunteer should not have to restart the daemon for it."""
+    for attempt in range(3):
+        creating = asyncio.ensure_future(_create_p2p(cfg, bootstrap, key_path, startup_timeout))
+        try:
+            return await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                late = await asyncio.wait_for(creating, startup_timeout + 5.0)
+                await asyncio.wait_for(late.shutdown(), SHUTDOWN_TIMEOUT_S)
+            raise
+        except Exception as e:  # hivemind raises P2PDaemonError, AssertionError, ValueError…
+            if attempt == 2 or not bootstrap or "bootstrap" not in str(e):
+                raise
+            logger.warning("could not reach the bootstrap nodes (%s); trying again", str(e)[-120:])
+            await asyncio.sleep(2.0 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+async def _create_p2p(
+    cfg: DhtSettings, bootstrap: list[str] | None, key_path: Path, startup_timeout: float
+) -> P2P:
+    private = cfg.reachability == "private"
+    return await _P2P.create(
+        initial_peers=bootstrap,
+        host_maddrs=list(cfg.listen),
+        announce_maddrs=list(cfg.announce) or None,
+        identity_path=str(key_path),
+        use_relay=cfg.use_relay or private,
+        # Behind a NAT: hold a relay reservation on the bootstrap nodes, which serve as relays.
+        use_auto_relay=cfg.use_auto_relay or private,
+        trusted_relays=list(cfg.bootstrap) if private and cfg.bootstrap else None,
+        force_reachability=None if cfg.reachability == "auto" else cfg.reachability,
+        dht_mode="client" if cfg.client_mode or private else "server",
+        # hivemind's "is this identity already online" probe parses only RSA key files (it raises on
+        # our Ed25519 key), so it is off; two nodes sharing a key is an operator error.
+        check_if_identity_free=False,
+        startup_timeout=startup_timeout,
+    )
+
+
 class DhtService:
     """One node's DHT membership: start with `async with DhtService(config) as dht:` or `await run()`.
 
@@ -271,46 +316,6 @@ class DhtService:
         """Behind a NAT with no forwarding (`reachability = "private"`): reached through relays only."""
         return self.config.reachability == "private"
 
-    async def _create_p2p_retrying(self, bootstrap: list[str] | None, key_path: Path) -> P2P:
-        """`_create_p2p`, shielded (see `start`), tried again twice when the bootstrap nodes could not be
-        reached: a freshly started node's first dial can be lost (a router still learning the route, a
-        bootstrap node restarting), and a volunteer should not have to restart the daemon for that."""
-        for attempt in range(3):
-            creating = asyncio.ensure_future(self._create_p2p(bootstrap, key_path))
-            try:
-                return await asyncio.shield(creating)
-            except asyncio.CancelledError:
-                with contextlib.suppress(Exception):
-                    late = await asyncio.wait_for(creating, self._startup_timeout + 5.0)
-                    await asyncio.wait_for(late.shutdown(), SHUTDOWN_TIMEOUT_S)
-                raise
-            except Exception as e:  # hivemind raises P2PDaemonError, AssertionError, ValueError…
-                if attempt == 2 or not bootstrap or "bootstrap" not in str(e):
-                    raise
-                logger.warning("could not reach the bootstrap nodes (%s); trying again", str(e)[-120:])
-                await asyncio.sleep(2.0 * (attempt + 1))
-        raise AssertionError("unreachable")
-
-    async def _create_p2p(self, bootstrap: list[str] | None, key_path: Path) -> P2P:
-        cfg = self.config
-        private = self.private
-        return await _P2P.create(
-            initial_peers=bootstrap,
-            host_maddrs=list(cfg.listen),
-            announce_maddrs=list(cfg.announce) or None,
-            identity_path=str(key_path),
-            use_relay=cfg.use_relay or private,
-            # Behind a NAT: hold a relay reservation on the bootstrap nodes, which serve as relays.
-            use_auto_relay=cfg.use_auto_relay or private,
-            trusted_relays=list(cfg.bootstrap) if private and cfg.bootstrap else None,
-            force_reachability=None if cfg.reachability == "auto" else cfg.reachability,
-            dht_mode="client" if cfg.client_mode or private else "server",
-            # hivemind's "is this identity already online" probe parses only RSA key files (it raises on
-            # our Ed25519 key), so it is off; two nodes sharing a key is an operator error.
-            check_if_identity_free=False,
-            startup_timeout=self._startup_timeout,
-        )
-
     async def start(self) -> None:
         """Start p2pd with our key, join the DHT through `config.bootstrap`, learn our visible addresses."""
         identity, key_path = self._identity_file()
@@ -322,7 +327,7 @@ class DhtService:
         # would leave p2pd running with nobody holding its handle. So it runs shielded: a cancellation
         # waits (bounded by the startup timeout) for the daemon to be up, shuts it down, then propagates.
         try:
-            p2p = await self._create_p2p_retrying(bootstrap, key_path)
+            p2p = await start_p2p(cfg, bootstrap, key_path, self._startup_timeout)
         except asyncio.CancelledError:
             self._cleanup_tmp()
             raise
