@@ -23,6 +23,7 @@ from intellect.node.engine.initstate import InitStateError, init_state_path, loa
 from intellect.node.engine.model import Llama, ModelConfig
 from intellect.node.engine.outer import OuterOptimizer
 from intellect.node.engine.statehash import blob_state_hash, serialize_state
+from intellect.node.net.allreduce import get_payload_codec
 from intellect.node.run.events import discard
 from intellect.node.run.machine import Limits, RoundMachine
 from intellect.node.run.phase import Phase, PhaseTracker
@@ -104,11 +105,17 @@ def test_a_missing_file_is_kept_as_the_reason_and_round_0_refuses_to_train(
         async def begin_round(self, plan: Any) -> None:
             raise AssertionError("trained round 1 without the run's initial state")
 
+    class Unused:  # the averager and the announcer: round 1 must never get that far
+        codec = get_payload_codec("none")
+
+        def __getattr__(self, name: str) -> Any:
+            raise AssertionError(f"{name} used before round 0's state was there")
+
     machine = RoundMachine(
         run.identity.peer_id,
         run.run_id,
         run.signed.manifest,
-        (run.book, run.state, NeverTrains(), None, None),  # type: ignore[arg-type]
+        (run.book, run.state, NeverTrains(), Unused(), Unused()),  # type: ignore[arg-type]
         NoPeers(),
         PhaseTracker(discard, Phase.LOADING),
         discard,

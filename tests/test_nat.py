@@ -42,6 +42,20 @@ def lab() -> Iterator[Lab]:
         yield built
 
 
+@pytest.fixture
+def seeded(lab: Lab, tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """The public bootstrap node running and the tiny run seeded through it: (bootstrap address, run id).
+    The bootstrap node is stopped (and its process group killed) afterwards."""
+    boot, bootstrap = _bootstrap(lab, tmp_path)
+    try:
+        yield bootstrap, _seed(lab, tmp_path, bootstrap)
+    finally:
+        boot.send_signal(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            boot.wait(20)
+        _kill_group(boot)
+
+
 def _bootstrap(lab: Lab, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     """`intellect-node bootstrap` on the public host, as a relay (reachability public); its address."""
     out = workdir / "bootstrap.out"
@@ -126,16 +140,10 @@ async def _train(lab: Lab, workdir: Path, bootstrap: str, run_id: str) -> dict[s
 
 
 @pytest.mark.timeout(600)
-def test_two_volunteers_behind_nats_and_a_public_one_average_every_round(lab: Lab, tmp_path: Path) -> None:
-    boot, bootstrap = _bootstrap(lab, tmp_path)
-    try:
-        run_id = _seed(lab, tmp_path, bootstrap)
-        summary = asyncio.run(_train(lab, tmp_path, bootstrap, run_id))
-    finally:
-        boot.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            boot.wait(20)
-        _kill_group(boot)
+def test_two_volunteers_behind_nats_and_a_public_one_average_every_round(
+    lab: Lab, tmp_path: Path, seeded: tuple[str, str]
+) -> None:
+    summary = asyncio.run(_train(lab, tmp_path, *seeded))
     assert summary["codes"] == [0, 0, 0], summary
     assert summary["ok"], summary["problems"]
     rounds = summary["rounds"]
@@ -172,16 +180,10 @@ LATE_ROUNDS = 5
 
 
 @pytest.mark.timeout(600)
-def test_a_late_joiner_behind_a_nat_syncs_the_state_and_joins(lab: Lab, tmp_path: Path) -> None:
-    boot, bootstrap = _bootstrap(lab, tmp_path)
-    try:
-        run_id = _seed(lab, tmp_path, bootstrap)
-        got = asyncio.run(_late_joiner(lab, tmp_path, bootstrap, run_id))
-    finally:
-        boot.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            boot.wait(20)
-        _kill_group(boot)
+def test_a_late_joiner_behind_a_nat_syncs_the_state_and_joins(
+    lab: Lab, tmp_path: Path, seeded: tuple[str, str]
+) -> None:
+    got = asyncio.run(_late_joiner(lab, tmp_path, *seeded))
     assert got["codes"] == [0, 0, 0], got
     rounds: dict[str, list[dict[str, object]]] = got["rounds"]  # type: ignore[assignment]
     late = rounds["nat2"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from intellect.node.app.config import NodeConfig
 from intellect.node.app.status import make_registry
 from intellect.node.net.allreduce import get_payload_codec
 from intellect.node.net.averaging import AverageResult
+from intellect.node.net.statesync import StateSnapshot, SyncReport
 from intellect.node.run.events import (
     Averaged,
     Committed,
@@ -31,6 +33,8 @@ from intellect.node.run.machine import Limits, RoundMachine
 from intellect.node.run.phase import Phase, PhaseTracker
 from intellect.node.run.state import StateView
 from intellect.protocol.gossip_messages import CheckpointAnnounce
+from intellect.protocol.sync_messages import BadChunkEvidence
+from intellect.protocol.vouching import SyncTarget
 from prometheus_client import generate_latest
 
 if TYPE_CHECKING:  # the fixture's type; conftest is pytest's to import, not ours
@@ -46,24 +50,33 @@ class Averager:
         self.ok = ok
         self.rounds: list[int] = []
 
-    async def average(self, r: int, delta: dict[str, torch.Tensor], **kw: Any) -> AverageResult:
-        self.rounds.append(r)
+    async def average(
+        self,
+        round: int,
+        tensors: Mapping[str, torch.Tensor],
+        weight: float,
+        deadline: float,
+        overtaken: Callable[[], bool] | None = None,
+    ) -> AverageResult:
+        self.rounds.append(round)
         if not self.ok:
             return AverageResult(False, None, [], reason="deadline")
-        return AverageResult(True, {k: v.clone() for k, v in delta.items()}, ["solo"])
+        return AverageResult(True, {k: v.clone() for k, v in tensors.items()}, ["solo"])
 
 
 class Announcer:
     def __init__(self) -> None:
         self.states: list[StateView] = []
 
-    async def state(self, view: StateView, tensors: Any, throughput: float) -> None:
+    async def state(self, view: StateView, tensors: Mapping[str, torch.Tensor], throughput: float) -> None:
         self.states.append(view)
 
-    async def progress(self, *args: Any) -> None:
+    async def progress(
+        self, view: StateView, step: int, tokens: int, loss: float, tokens_per_s: float
+    ) -> None:
         return None
 
-    async def misbehaviour(self, *args: Any) -> None:
+    async def misbehaviour(self, evidence: Sequence[BadChunkEvidence], round_: int) -> None:
         return None
 
 
@@ -74,7 +87,9 @@ class Alone:
     async def refresh_members(self) -> None:
         return None
 
-    async def state(self, *args: Any) -> Any:
+    async def state(
+        self, target: SyncTarget, distrusted: frozenset[str], report: SyncReport
+    ) -> StateSnapshot:
         raise AssertionError("alone: nothing to sync")
 
 
@@ -91,7 +106,7 @@ def machine(
         run.identity.peer_id,
         run.run_id,
         run.signed.manifest,
-        parts,  # type: ignore[arg-type]
+        parts,
         Alone(run),
         PhaseTracker(emit, Phase.LOADING),
         emit,
@@ -113,9 +128,9 @@ def test_rounds_commit_in_order_and_announce_each_state(run: OfflineRun) -> None
     assert run.state.round == 2 and run.state.state_hash != start
     assert [s.round for s in announcer.states] == [1, 2]
     assert announcer.states[-1] == run.state.view()
-    phases = [e.phase for e in events.of(PhaseChanged)]  # type: ignore[attr-defined]
+    phases = [e.phase for e in events.of(PhaseChanged)]
     assert phases == ["training", "averaging", "checkpointing"] * 2
-    assert [e.round for e in events.of(Committed)] == [1, 2]  # type: ignore[attr-defined]
+    assert [e.round for e in events.of(Committed)] == [1, 2]
     # The checkpoint on disk is the state in memory.
     ckpt = run.state.global_store.load_latest()
     assert ckpt is not None and ckpt.meta["round"] == 2 and ckpt.state_hash == run.state.state_hash
@@ -137,7 +152,7 @@ def test_a_failed_average_keeps_the_global_weights_and_resets_the_local_copy(run
     for name, p in run.engine.model.named_parameters():  # local copy is θ again
         assert torch.equal(p.detach().cpu(), run.engine.outer.global_params[name].cpu()), name
     (averaged,) = events.of(Averaged)
-    assert averaged == Averaged(1, False, averaged.seconds, 0, "deadline", 0, 0)  # type: ignore[attr-defined]
+    assert averaged == Averaged(1, False, averaged.seconds, 0, "deadline", 0, 0)
     assert not events.of(Committed)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TypeVar
 
 
 class RunReject(StrEnum):
@@ -153,6 +154,7 @@ Event = (
     | CheckpointFailed
 )
 EventSink = Callable[[Event], None]
+E = TypeVar("E")
 
 
 def discard(event: Event) -> None:
@@ -168,5 +170,5 @@ class Recorder:
     def __call__(self, event: Event) -> None:
         self.events.append(event)
 
-    def of(self, kind: type) -> list[Event]:
+    def of(self, kind: type[E]) -> list[E]:
         return [e for e in self.events if isinstance(e, kind)]
