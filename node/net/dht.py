@@ -65,7 +65,11 @@ class DhtSettings(Protocol):
     def identity_path(self) -> Path: ...
 
 
-class _P2P(P2P):
+def _loopback(maddr: str) -> bool:
+    return maddr.startswith(("/ip4/127.", "/ip6/::1/"))
+
+
+class NodeP2P(P2P):
     """hivemind's `P2P`, starting its daemon with relay discovery off whenever static relays are given.
 
     With discovery on (hivemind's only choice), go-libp2p's autorelay waits for four relay candidates or a
@@ -227,7 +231,7 @@ async def _create_p2p(
     cfg: DhtSettings, bootstrap: list[str] | None, key_path: Path, startup_timeout: float
 ) -> P2P:
     private = cfg.reachability == "private"
-    return await _P2P.create(
+    return await NodeP2P.create(
         initial_peers=bootstrap,
         host_maddrs=list(cfg.listen),
         announce_maddrs=list(cfg.announce) or None,
@@ -376,7 +380,8 @@ class DhtService:
         elif self.private:
             return [f"{relay}/p2p-circuit/p2p/{me}" for relay in cfg.bootstrap if "/p2p/" in relay]
         else:
-            found = list(self.visible_maddrs)
+            # Loopback addresses reach only this machine: announced only in a swarm that lives there.
+            found = [m for m in self.visible_maddrs if not _loopback(m)] or list(self.visible_maddrs)
         return [m if "/p2p/" in m else f"{m}/p2p/{me}" for m in found]
 
     async def connect(self, peer_id: str, maddrs: Sequence[str]) -> bool:
