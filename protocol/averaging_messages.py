@@ -235,6 +235,18 @@ class Abort:
     culprit: str = ""
 
 
+@message(308, max_size=64)
+@dataclass(frozen=True)
+class Done:
+    """The sender has read every part it expected on this connection: the other end may now close it.
+
+    Closing a libp2p stream through the p2p daemon resets it, which can drop bytes still in flight; so a
+    member closes a connection it sent on only after the receiver said `Done` (or after the stall timeout).
+    """
+
+    parts: int = 0
+
+
 def group_id_of(
     run_id: str,
     round: int,

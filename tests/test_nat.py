@@ -43,12 +43,11 @@ def lab() -> Iterator[Lab]:
 
 
 @pytest.fixture
-def seeded(lab: Lab, tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """The public bootstrap node running and the tiny run seeded through it: (bootstrap address, run id).
-    The bootstrap node is stopped (and its process group killed) afterwards."""
+def bootstrapped(lab: Lab, tmp_path: Path) -> Iterator[str]:
+    """The public bootstrap node running (its address); stopped and its process group killed afterwards."""
     boot, bootstrap = _bootstrap(lab, tmp_path)
     try:
-        yield bootstrap, _seed(lab, tmp_path, bootstrap)
+        yield bootstrap
     finally:
         boot.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -196,3 +195,49 @@ def test_a_late_joiner_behind_a_nat_syncs_the_state_and_joins(
         assert r["state_hash"] == by_round[int(r["round"])], (r, by_round)  # type: ignore[call-overload]
     for r in averaged:
         assert r["group_size"] == 3, r
+
+
+def _doctor(lab: Lab, tmp_path: Path, ns: str, bootstrap: str, *args: str) -> str:
+    data = tmp_path / f"doctor-{ns}-{len(args)}"
+    data.mkdir()
+    done = subprocess.run(
+        [
+            "ip",
+            "netns",
+            "exec",
+            lab.ns(ns),
+            *CLI,
+            "doctor",
+            "--bootstrap",
+            bootstrap,
+            "--data-dir",
+            str(data),
+            "--upload-mb",
+            "2",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+@pytest.mark.timeout(300)
+def test_doctor_tells_public_from_natted_and_measures_the_upload(
+    lab: Lab, tmp_path: Path, bootstrapped: str
+) -> None:
+    public = _doctor(lab, tmp_path, "pub", bootstrapped, "--listen", f"/ip4/{PUB_IP}/tcp/0")
+    assert "reachable: public" in public and f"connected to {PUB_IP}" in public, public
+    assert "MB/s" in public and "to do:" not in public, public
+    natted = _doctor(lab, tmp_path, "h1", bootstrapped, "--listen", "/ip4/0.0.0.0/tcp/0")
+    # The bootstrap node saw the router's address, and nothing there accepted a connection.
+    assert "reachable: NO" in natted and "10.77.0.11" in natted and "to do:" in natted, natted
+    assert "--reachability private" in natted, natted
+    private = _doctor(
+        lab, tmp_path, "h1", bootstrapped, "--listen", "/ip4/0.0.0.0/tcp/0", "--reachability", "private"
+    )
+    assert "through relays only" in private and "/p2p-circuit/p2p/" in private, private
+    assert "MB/s" in private, private

@@ -18,6 +18,7 @@ from intellect.node.app.config import NodeConfig, hosts
 from intellect.node.net.dht import DhtService
 from intellect.node.net.gossip import GossipConfig, GossipService
 from intellect.node.net.membership import MembershipService
+from intellect.node.net.probe import probe, summary, tcp_ports
 from intellect.node.run.machine import Limits
 from intellect.node.run.phase import Phase
 from intellect.node.run.service import RunService, RunSettings
@@ -102,6 +103,21 @@ def run_settings(daemon: NodeDaemon) -> RunSettings:
     )
 
 
+async def log_reachability(dht: DhtService, timeout_s: float = 15.0) -> None:
+    """Log what `intellect-node doctor` would say, asking the first bootstrap node (bounded, never fatal)."""
+    peers = [m.rsplit("/p2p/", 1)[1] for m in dht.config.bootstrap if "/p2p/" in m]
+    if not peers:
+        return
+    ports = tcp_ports(dht.visible_maddrs)
+    try:
+        report = await asyncio.wait_for(probe(dht.p2p, peers[0], ports, sink_bytes=1 << 20), timeout_s)
+    except TimeoutError:
+        logger.info("reachability: the bootstrap node did not answer our probe within %.0f s", timeout_s)
+        return
+    for line in summary(dht.config.reachability, [report], dht.dialable_maddrs()):
+        logger.info("%s", line, extra={"event": "reachability"})
+
+
 async def run_body(daemon: NodeDaemon) -> None:
     config = daemon.config
     identity = load_identity(config)
@@ -110,6 +126,7 @@ async def run_body(daemon: NodeDaemon) -> None:
     tickets = ticket_loader(config)
     async with DhtService(config, config.identity_path) as dht:
         daemon.children.add(lambda: dht.daemon_pid)
+        await log_reachability(dht)
         signed = await pick_run(dht, config.run, identity.peer_id, tickets)
         if not signed.verify():  # pick_run only returns verified ones; checked again before training
             raise RuntimeError(f"manifest of run {signed.run_id} does not verify")

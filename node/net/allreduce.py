@@ -501,6 +501,31 @@ async def butterfly_allreduce(
         plane.close_slot(slot)
 
 
+async def _say_done(
+    incoming: Mapping[str, Conn],
+    outgoing: Mapping[str, Conn],
+    guarded: Callable[[Awaitable[Any]], Awaitable[Any]],
+) -> None:
+    """Say `Done` on every connection we received on, and wait for it on every one we sent on, so that no
+    connection is closed while the other end still reads (a closed p2p-daemon stream is reset)."""
+    received = {id(c): c for c in incoming.values()}
+    sent = {id(c): (pid, c) for pid, c in outgoing.items()}
+
+    async def await_done(peer: str, conn: Conn) -> None:
+        try:
+            msg = await guarded(recv_frame(conn))
+        except (ConnectionError, OSError, ProtocolError, struct.error, AllReduceError) as e:
+            # The average is complete on our side; a member that fails now only misses its own result.
+            logger.debug("no Done from %s: %s", peer, e)
+            return
+        if not isinstance(msg, am.Done):
+            logger.debug("expected Done from %s, got %s", peer, type(msg).__name__)
+
+    await _all(
+        [send_frame(c, am.Done(2)) for c in received.values()] + [await_done(p, c) for p, c in sent.values()]
+    )
+
+
 class _Attempt:
     """One butterfly all-reduce of `flat` between the members of `slot.spec`, and the state its phases share.
 
@@ -562,6 +587,7 @@ class _Attempt:
             contributions = await self._timed("scatter", self._reduce_scatter())
             result, total, my_payload = await self._timed("reduce", self._reduce(contributions))
             total = await self._timed("gather", self._all_gather(result, total, my_payload))
+            await self._timed("done", _say_done(self.incoming, self.outgoing, self._guarded))
             seconds = time.perf_counter() - self.start
             sizes = tuple(self.sizes)
             return ReducedVector(result, total, self.sent, self.received, seconds, self.timings, sizes)
@@ -779,12 +805,9 @@ class _Attempt:
     async def _all_gather(self, result: torch.Tensor, total: float, my_payload: bytes | memoryview) -> float:
         """Everyone gets the same bytes of every reduced partition; theirs are written into `result`.
         Returns the total weight: an owner's own; a non-owner's as the owners announce it (all alike)."""
-        sends = [
-            self._send_part(m, am.PartKind.GATHER, self.my_index, total, my_payload) for m in self.others
-        ]
-        totals = await _all(
-            (sends if self.mine.owner else []) + [self._collect_from(m, result) for m in self.owner_peers]
-        )
+        senders = self.others if self.mine.owner else []
+        sends = [self._send_part(m, am.PartKind.GATHER, self.my_index, total, my_payload) for m in senders]
+        totals = await _all(sends + [self._collect_from(m, result) for m in self.owner_peers])
         if self.mine.owner:
             return total
         announced = {w for w in totals if w is not None}

@@ -31,6 +31,7 @@ from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import CompositeValidator, DHTRecord, RecordValidatorBase
 from hivemind.p2p import P2P, PeerID
 from intellect.crypto.identity import Identity
+from intellect.node.net.probe import ProbeServer
 from intellect.protocol import keys, records
 from intellect.protocol.errors import ProtocolError
 from intellect.protocol.manifest import SignedManifest
@@ -352,6 +353,7 @@ class DhtService:
                 bootstrap_timeout=self._bootstrap_timeout,
             )
             self.visible_maddrs = [str(m) for m in await p2p.get_visible_maddrs(latest=True)]
+            await ProbeServer(p2p).start()  # every node answers `doctor`'s dial-back and throughput probes
         except BaseException as e:
             await self._shutdown_p2p()
             self._cleanup_tmp()
@@ -362,7 +364,7 @@ class DhtService:
             "DHT up in %.1fs as %s (%s mode), listening on %s",
             time.monotonic() - t0,
             identity.peer_id,
-            "client" if cfg.client_mode else "server",
+            "client" if cfg.client_mode or self.private else "server",
             " ".join(self.visible_maddrs),
         )
         self.ready.set()
