@@ -55,6 +55,12 @@ def bootstrapped(lab: Lab, tmp_path: Path) -> Iterator[str]:
         _kill_group(boot)
 
 
+@pytest.fixture
+def seeded(lab: Lab, tmp_path: Path, bootstrapped: str) -> tuple[str, str]:
+    """The tiny run seeded through the bootstrap node: (bootstrap address, run id)."""
+    return bootstrapped, _seed(lab, tmp_path, bootstrapped)
+
+
 def _bootstrap(lab: Lab, workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     """`intellect-node bootstrap` on the public host, as a relay (reachability public); its address."""
     out = workdir / "bootstrap.out"
