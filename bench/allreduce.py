@@ -39,6 +39,11 @@ loopback byte, so `optimal_seconds_shared` = 2·(N−1) · 4·M / loopback (all 
 stream's throughput) is the tighter bound for N > 2 here; ratios are given against both.
 
     python bench/allreduce.py --peers N --numel M [--repeat R] [--warmup W] [--threads T] [--json]
+                              [--shaped-mbit MBIT]
+
+With `--shaped-mbit` (root, iproute2) every peer runs in its own network namespace on a bridge, its link
+shaped by tbf to MBIT Mbit/s in each direction (both veth ends), and the optimal time is computed from that
+rate instead of loopback (`hivemind` is best left out with `--skip hivemind`: it binds loopback only).
 
 The last line printed is one JSON object with `ours`, `ours_int8`, `hivemind`, `gloo` (each: seconds,
 gbps_per_peer, ratio_to_gloo, ratio_to_optimal, max_abs_err, rel_l2_err, ok, ...), `loopback_gbps`,
@@ -57,6 +62,7 @@ import multiprocessing as mp
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -167,6 +173,9 @@ Worker = Callable[[int, int, Link, Inputs], dict[str, list[Sample]]]
 
 
 def _peer_main(worker: Worker, rank: int, n: int, conn: Connection, inputs: Inputs) -> None:
+    _RANK[0] = rank
+    if _NETNS:
+        _enter_netns(_NETNS[rank])
     torch.set_num_threads(inputs.threads)
     logging.basicConfig(level=logging.WARNING, format=f"peer{rank} %(levelname)s %(name)s: %(message)s")
     try:
@@ -322,7 +331,85 @@ NAMES = (
 )
 #: Payload compression of each result.
 COMPRESSION = {"ours_int8": "int8", "ours_libp2p_int8": "int8", "ours_int8_with_matchmaking": "int8"}
-_HOST = ["/ip4/127.0.0.1/tcp/0"]
+#: With --shaped-mbit: each peer's network namespace and address (set before the peers fork).
+_NETNS: list[str] = []
+_IPS: list[str] = []
+_RANK = [0]
+
+
+def _ip(rank: int | None = None) -> str:
+    """A peer's address: its namespace address when shaped, else loopback."""
+    r = _RANK[0] if rank is None else rank
+    return _IPS[r] if _IPS else "127.0.0.1"
+
+
+def _host() -> list[str]:
+    return [f"/ip4/{_ip()}/tcp/0"]
+
+
+def _enter_netns(name: str) -> None:
+    """Move this (forked) process into the named network namespace (Python 3.11 has no os.setns)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/var/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+            raise OSError(ctypes.get_errno(), f"setns {name}")
+    finally:
+        os.close(fd)
+
+
+def _sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, timeout=30)
+
+
+def make_shaped_net(n: int, mbit: int) -> list[str]:
+    """N namespaces on one bridge, each peer's link shaped with tbf to `mbit` in both directions."""
+    tag = f"ib{os.getpid() % 100000}"
+    names = [f"{tag}-{i}" for i in range(n)]
+    bridge = f"{tag}-br"
+    _sh("ip", "netns", "add", bridge)
+    _sh("ip", "-n", bridge, "link", "add", "br0", "type", "bridge")
+    _sh("ip", "-n", bridge, "link", "set", "br0", "up")
+    for i, ns in enumerate(names):
+        _sh("ip", "netns", "add", ns)
+        inside, outside = f"{tag}p{i}", f"{tag}b{i}"
+        _sh("ip", "link", "add", inside, "type", "veth", "peer", "name", outside)
+        _sh("ip", "link", "set", inside, "netns", ns)
+        _sh("ip", "link", "set", outside, "netns", bridge)
+        _sh("ip", "-n", bridge, "link", "set", outside, "master", "br0", "up")
+        _sh("ip", "-n", ns, "addr", "add", f"10.91.0.{i + 1}/24", "dev", inside)
+        _sh("ip", "-n", ns, "link", "set", inside, "up")
+        _sh("ip", "-n", ns, "link", "set", "lo", "up")
+        for where, dev in ((ns, inside), (bridge, outside)):  # egress of both ends: up and down
+            _sh(
+                "ip",
+                "netns",
+                "exec",
+                where,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                dev,
+                "root",
+                "tbf",
+                "rate",
+                f"{mbit}mbit",
+                "burst",
+                "256kb",
+                "latency",
+                "100ms",
+            )
+        _IPS.append(f"10.91.0.{i + 1}")
+    _NETNS.extend(names)
+    return [*names, bridge]
+
+
+def remove_net(names: list[str]) -> None:
+    for ns in names:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
 
 
 def _identity(rank: int) -> Any:
@@ -395,7 +482,7 @@ class Peer:
             import hivemind
 
             if self.rank == 0:
-                self.dht = hivemind.DHT(start=True, host_maddrs=_HOST)
+                self.dht = hivemind.DHT(start=True, host_maddrs=_host())
                 maddrs = [str(m) for m in self.dht.get_visible_maddrs()]
         except Exception:
             error = traceback.format_exc()
@@ -406,7 +493,7 @@ class Peer:
                 from hivemind.averaging import DecentralizedAverager
 
                 if self.dht is None:
-                    self.dht = hivemind.DHT(start=True, host_maddrs=_HOST, initial_peers=found[0][1])
+                    self.dht = hivemind.DHT(start=True, host_maddrs=_host(), initial_peers=found[0][1])
                 self.averager = DecentralizedAverager(
                     [self.x.clone()],
                     self.dht,
@@ -425,10 +512,13 @@ class Peer:
         try:
             import torch.distributed as dist
 
-            os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
+            # Loopback only, or the peer's own link in its namespace when shaped.
+            os.environ["GLOO_SOCKET_IFNAME"] = (
+                f"{_NETNS[self.rank].split('-')[0]}p{self.rank}" if _NETNS else "lo"
+            )
             dist.init_process_group(
                 "gloo",
-                init_method=f"tcp://127.0.0.1:{self.gloo_port}",
+                init_method=f"tcp://{_ip(0)}:{self.gloo_port}",
                 rank=self.rank,
                 world_size=self.n,
                 timeout=timedelta(seconds=60),
@@ -442,17 +532,17 @@ class Peer:
         from intellect.node.net.allreduce import DataPlane
         from intellect.protocol.groups import GroupMember
 
-        error, addr = "", ("", 0)
+        error, addr = "", ("", "", 0)
         try:
             ident = _identity(self.rank)
-            self.plane = DataPlane(ident, "127.0.0.1")
+            self.plane = DataPlane(ident, _ip())
             self._run(self.plane.__aenter__())
-            addr = (ident.peer_id, self.plane.port)
+            addr = (ident.peer_id, _ip(), self.plane.port)
         except Exception:
             error = traceback.format_exc()
         found = self.link.allgather((error, addr))
         if not error and not any(e for e, _ in found):
-            members = (GroupMember(pid, "127.0.0.1", port) for _, (pid, port) in found)
+            members = (GroupMember(pid, ip, port) for _, (pid, ip, port) in found)
             self.members = tuple(sorted(members, key=lambda m: m.peer_id))
         return self._agree(error or next((e for e, _ in found if e), ""))
 
@@ -473,7 +563,7 @@ class Peer:
             ident.save(key)
             if self.rank == 0:
                 self.p2p = self._run(
-                    P2P.create(host_maddrs=_HOST, identity_path=key, check_if_identity_free=False)
+                    P2P.create(host_maddrs=_host(), identity_path=key, check_if_identity_free=False)
                 )
                 maddrs = [str(m) for m in self._run(self.p2p.get_visible_maddrs())]
         except Exception:
@@ -486,7 +576,7 @@ class Peer:
                     self.p2p = self._run(
                         P2P.create(
                             initial_peers=found[0][1],
-                            host_maddrs=_HOST,
+                            host_maddrs=_host(),
                             identity_path=f"{self._keydir.name}/id.key",
                             check_if_identity_free=False,
                         )
@@ -506,7 +596,7 @@ class Peer:
         error, maddrs = "", []
         try:
             if self.rank == 0:
-                self.dht_node = self._run(DHTNode.create(host_maddrs=_HOST))
+                self.dht_node = self._run(DHTNode.create(host_maddrs=_host()))
                 maddrs = [str(m) for m in self._run(self.dht_node.protocol.p2p.get_visible_maddrs())]
         except Exception:
             error = traceback.format_exc()
@@ -515,7 +605,7 @@ class Peer:
         try:
             if not error:
                 if self.dht_node is None:
-                    self.dht_node = self._run(DHTNode.create(initial_peers=found[0][1], host_maddrs=_HOST))
+                    self.dht_node = self._run(DHTNode.create(initial_peers=found[0][1], host_maddrs=_host()))
                 # The node's default config (int8, poll every 0.25 s) but a group of exactly N.
                 n = self.n
                 config = AveragerConfig(target_group_size=n, min_group_size=n, matchmaking_time=30.0)
@@ -749,6 +839,13 @@ def main() -> None:
     )
     parser.add_argument("--timeout", type=float, default=420.0, help="seconds for all rounds together")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of results")
+    parser.add_argument(
+        "--shaped-mbit",
+        type=int,
+        default=0,
+        help="put each peer in its own network namespace with its link shaped by tbf to this many Mbit/s "
+        "each way (root, iproute2); the optimal time then comes from that rate",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.peers < 2:
@@ -768,7 +865,9 @@ def main() -> None:
         flush=True,
     )
 
-    trials = loopback_gbps(3)
+    shaped = args.shaped_mbit
+    netns = make_shaped_net(n, shaped) if shaped else []
+    trials = [] if shaped else loopback_gbps(3)
 
     wanted = {name for name in NAMES if not any(name.startswith(skip) for skip in args.skip)}
     if "matchmaking" in args.skip:
@@ -781,21 +880,30 @@ def main() -> None:
         print(f"  FAILED: {e}", file=sys.stderr, flush=True)
         by_name = {}
         results = {name: {"ok": False, "seconds": None, "failure": str(e)[-500:]} for name in sorted(wanted)}
+    finally:
+        remove_net(netns)
     for name in NAMES:
         if name in by_name:
             results[name] = summarize(by_name[name], n, inputs, COMPRESSION.get(name, "none"))
         elif name in wanted and name not in results:
             results[name] = {"ok": False, "seconds": None, "failure": "could not be set up (see the log)"}
     print(f"  (all rounds took {time.perf_counter() - t:.0f} s)", flush=True)
-    trials += loopback_gbps(3)
-    loop_gbps = statistics.median(trials)
-    optimal = 2 * (n - 1) / n * nbytes / (loop_gbps * 1e9)
-    optimal_shared = 2 * (n - 1) * nbytes / (loop_gbps * 1e9)
-    print(
-        f"  loopback TCP, one stream: {loop_gbps:.2f} GB/s (median of {len(trials)}, before and after; best "
-        f"{max(trials):.2f}); optimal {optimal:.4f} s, all peers through one stream {optimal_shared:.4f} s",
-        flush=True,
-    )
+    if shaped:
+        # Each peer has its own link of `shaped` Mbit/s each way: nothing is shared, the rate is the bound.
+        loop_gbps = shaped / 8 / 1000
+        optimal = optimal_shared = 2 * (n - 1) / n * nbytes / (loop_gbps * 1e9)
+        print(f"  links shaped to {shaped} Mbit/s each way: optimal {optimal:.3f} s", flush=True)
+    else:
+        trials += loopback_gbps(3)
+        loop_gbps = statistics.median(trials)
+        optimal = 2 * (n - 1) / n * nbytes / (loop_gbps * 1e9)
+        optimal_shared = 2 * (n - 1) * nbytes / (loop_gbps * 1e9)
+        print(
+            f"  loopback TCP, one stream: {loop_gbps:.2f} GB/s (median of {len(trials)}, before and after; "
+            f"best {max(trials):.2f}); optimal {optimal:.4f} s, all peers through one stream "
+            f"{optimal_shared:.4f} s",
+            flush=True,
+        )
 
     gloo_s = results.get("gloo", {}).get("seconds")
     for name, res in results.items():
@@ -828,7 +936,8 @@ def main() -> None:
         "load_avg_start": [round(v, 2) for v in load_start],
         "load_avg_end": [round(v, 2) for v in os.getloadavg()],
         "default_compression": AveragerConfig().compression,
-        "loopback_gbps": loop_gbps,
+        "shaped_mbit": shaped or None,
+        "loopback_gbps": None if shaped else loop_gbps,
         "loopback_gbps_trials": trials,
         "optimal_seconds": optimal,
         "optimal_seconds_shared": optimal_shared,
