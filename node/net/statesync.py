@@ -250,6 +250,10 @@ class StateServer:
             if self._active >= self._slots:
                 # Refuse at once: a queue here would let a slow or hostile peer hold every requester up.
                 self.stats.busy += 1
+                # Read the request first: bytes arriving after we closed make the p2p daemon reset the
+                # stream, which can lose our answer, and the requester would take BUSY for a dead peer.
+                async with asyncio.timeout(self._request_timeout):
+                    await _read_frame(reader, MAX_REQUEST_BYTES)
                 await _write_frame(writer, encode(SyncError(int(SyncErrorCode.BUSY), "busy")))
                 return
             self._active += 1
