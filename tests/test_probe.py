@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator
 
 import pytest
 from hivemind.p2p import P2P
-from intellect.node.net.probe import ProbeServer, probe, summary, tcp_ports
+from intellect.node.net.probe import DIALBACK_PROTOCOL, ProbeServer, probe, summary, tcp_ports
 from intellect.protocol.probe_messages import MAX_DIALBACK_PORTS, DialbackRequest
+
+SERVERS: list[ProbeServer] = []
 
 
 @pytest.fixture
 async def pair() -> AsyncIterator[tuple[P2P, P2P]]:
     server = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
-    await ProbeServer(server).start()
+    SERVERS.clear()
+    SERVERS.append(ProbeServer(server))
+    await SERVERS[0].start()
     client = await P2P.create(
         initial_peers=[str(m) for m in await server.get_visible_maddrs()],
         host_maddrs=["/ip4/127.0.0.1/tcp/0"],
@@ -40,6 +45,24 @@ async def test_a_listening_port_is_reported_open_and_the_upload_measured(pair: t
     assert report.throughput_mb_s is not None and report.throughput_mb_s > 0, report.errors
     lines = summary("auto", [report], ["/ip4/127.0.0.1/tcp/1/p2p/x"])
     assert lines[0].startswith("reachable: public") and not any(line.startswith("to do") for line in lines)
+
+
+async def test_a_malformed_request_is_dropped_and_counted(pair: tuple[P2P, P2P]) -> None:
+    server, client = pair
+    _, reader, writer = await client.call_binary_stream_handler(server.peer_id, DIALBACK_PROTOCOL)
+    writer.write((1 << 20).to_bytes(4, "big") + b"x" * 16)  # announces 1 MiB: over the limit, never read
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # closed without an answer
+    writer.close()
+    assert SERVERS[0].dropped == 1 and SERVERS[0].answered == 0
+
+
+async def test_start_probes_reachability_without_uploading(pair: tuple[P2P, P2P]) -> None:
+    server, client = pair
+    ports = tcp_ports([str(m) for m in await client.get_visible_maddrs()])
+    report = await probe(client, server.peer_id.to_base58(), ports, sink_bytes=0)
+    assert report.reachable and report.throughput_mb_s is None and not report.errors
+    assert not any(line.startswith("upload") for line in summary("auto", [report], []))
 
 
 def test_requests_are_bounded() -> None:

@@ -104,13 +104,14 @@ def run_settings(daemon: NodeDaemon) -> RunSettings:
 
 
 async def log_reachability(dht: DhtService, timeout_s: float = 15.0) -> None:
-    """Log what `intellect-node doctor` would say, asking the first bootstrap node (bounded, never fatal)."""
+    """Log whether others can reach us, asking the first bootstrap node (bounded, never fatal). Only the
+    dial-back: every start uploading to the bootstrap node would load it for nothing (`doctor` measures)."""
     peers = [m.rsplit("/p2p/", 1)[1] for m in dht.config.bootstrap if "/p2p/" in m]
     if not peers:
         return
     ports = tcp_ports(dht.visible_maddrs)
     try:
-        report = await asyncio.wait_for(probe(dht.p2p, peers[0], ports, sink_bytes=1 << 20), timeout_s)
+        report = await asyncio.wait_for(probe(dht.p2p, peers[0], ports, sink_bytes=0), timeout_s)
     except TimeoutError:
         logger.info("reachability: the bootstrap node did not answer our probe within %.0f s", timeout_s)
         return

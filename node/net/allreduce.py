@@ -501,6 +501,10 @@ async def butterfly_allreduce(
         plane.close_slot(slot)
 
 
+#: Longest wait for a member's `Done` after our average is complete.
+DONE_TIMEOUT_S = 5.0
+
+
 async def _say_done(
     incoming: Mapping[str, Conn],
     outgoing: Mapping[str, Conn],
@@ -513,8 +517,10 @@ async def _say_done(
 
     async def await_done(peer: str, conn: Conn) -> None:
         try:
-            msg = await guarded(recv_frame(conn))
-        except (ConnectionError, OSError, ProtocolError, struct.error, AllReduceError) as e:
+            # Bounded apart from the stall timeout: a member that withholds Done delays only our close.
+            async with asyncio.timeout(DONE_TIMEOUT_S):
+                msg = await guarded(recv_frame(conn))
+        except (ConnectionError, OSError, ProtocolError, struct.error, AllReduceError, TimeoutError) as e:
             # The average is complete on our side; a member that fails now only misses its own result.
             logger.debug("no Done from %s: %s", peer, e)
             return

@@ -64,7 +64,10 @@ class ProbeServer:
     def __init__(self, p2p: Any) -> None:
         self.p2p = p2p
         self._sink_busy = asyncio.Lock()
+        self._dialback_busy = asyncio.Lock()
         self.answered = 0
+        #: Probe requests dropped (malformed, timed out, or while one was already being answered).
+        self.dropped = 0
 
     async def start(self) -> None:
         await self.p2p.add_binary_stream_handler(DIALBACK_PROTOCOL, self._dialback)
@@ -74,23 +77,36 @@ class ProbeServer:
         try:
             req = await asyncio.wait_for(_recv_msg(reader, DialbackRequest, 256), 10)
             ip = _ip_of(info.addr)
-            if not req.valid() or ip is None or "p2p-circuit" in str(info.addr):
-                # A relayed asker has no address of its own that we could dial.
+            if self._dialback_busy.locked():
+                # One dial-back at a time: a flood of requests costs us at most four connects at once.
+                self.dropped += 1
                 await _send_msg(writer, DialbackReply(ip or "", ()))
                 return
-            ports = req.ports[:MAX_DIALBACK_PORTS]
-            results = await asyncio.gather(*(_tcp_open(ip, port) for port in ports))
-            self.answered += 1
-            opened = tuple(p for p, ok in zip(ports, results, strict=True) if ok)
-            await _send_msg(writer, DialbackReply(ip, opened))
+            async with self._dialback_busy:
+                await self._answer_dialback(req, info, ip, writer)
         except (ProtocolError, OSError, TimeoutError, asyncio.IncompleteReadError) as e:
+            self.dropped += 1
             logger.debug("dial-back request from %s dropped: %s", info.peer_id, e)
         finally:
             writer.close()
 
+    async def _answer_dialback(
+        self, req: DialbackRequest, info: Any, ip: str | None, writer: asyncio.StreamWriter
+    ) -> None:
+        if not req.valid() or ip is None or "p2p-circuit" in str(info.addr):
+            # A relayed asker has no address of its own that we could dial.
+            await _send_msg(writer, DialbackReply(ip or "", ()))
+            return
+        ports = req.ports[:MAX_DIALBACK_PORTS]
+        results = await asyncio.gather(*(_tcp_open(ip, port) for port in ports))
+        self.answered += 1
+        opened = tuple(p for p, ok in zip(ports, results, strict=True) if ok)
+        await _send_msg(writer, DialbackReply(ip, opened))
+
     async def _sink(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             if self._sink_busy.locked():
+                self.dropped += 1
                 return  # one measurement at a time: a flood of probes costs us one stream's worth
             async with self._sink_busy:
                 # The asker says how much it will send (a half-closed stream would close our answer too).
@@ -138,7 +154,7 @@ class ProbeReport:
 
 
 async def probe(p2p: Any, peer: str, ports: tuple[int, ...], sink_bytes: int = 8 << 20) -> ProbeReport:
-    """Ask `peer` to dial our `ports` back, then measure our upload to it."""
+    """Ask `peer` to dial our `ports` back, then measure our upload to it (not when `sink_bytes` is 0)."""
     report = ProbeReport(peer, ports=ports)
     pid = PeerID.from_base58(peer)
     try:
@@ -151,6 +167,8 @@ async def probe(p2p: Any, peer: str, ports: tuple[int, ...], sink_bytes: int = 8
             writer.close()
     except Exception as e:  # a daemon error, a timeout, a malformed reply: reported, not raised
         report.errors.append(f"dial-back: {e}")
+    if sink_bytes <= 0:
+        return report
     try:
         report.throughput_mb_s = await _upload(p2p, pid, min(sink_bytes, MAX_SINK_BYTES))
     except Exception as e:
@@ -206,6 +224,8 @@ def summary(reachability: str, reports: list[ProbeReport], announced: list[str])
         lines.append(f"reachable: NO: nobody could open a connection to you{f' at {seen}' if seen else ''}")
     lines.append("announced: " + (" ".join(announced) if announced else "(nothing)"))
     for r in reports:
+        if r.throughput_mb_s is None and not r.errors:
+            continue  # not measured (the line `start` logs)
         speed = "-" if r.throughput_mb_s is None else f"{r.throughput_mb_s:.1f} MB/s"
         lines.append(f"upload to {r.peer[:16]}…: {speed}" + (f" ({'; '.join(r.errors)})" if r.errors else ""))
     if not ok and reachability != "private":
