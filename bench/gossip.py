@@ -1,48 +1,52 @@
-"""Gossip delivery and latency among N real gossip nodes on loopback.
+"""Gossip delivery and latency among N real nodes, each its own process with its own p2p daemon.
 
-Each node is a `GossipService` with its own gossip child process (`python -m intellect.node.net.gossip_child`,
-a py-libp2p host running gossipsub), so N nodes are N separate libp2p processes talking TCP over
-127.0.0.1; only their asyncio halves (sealing, the bridge socket, the subscriptions) share this process,
-as the harness. Every node dials every other one, as daemons do with the gossip addresses of all members
-they find in the DHT (`--dial K`: each node dials K earlier ones instead, a sparser random graph); then
-every node publishes signed `Progress` messages at R messages per second for a bounded duration, for each
-rate R.
+Every node is a worker process (`bench/gossip.py --worker`) running what a daemon runs for gossip: a
+hivemind p2p daemon (`p2pd`, go-libp2p, Noise) with the node's own identity and a `GossipService` on it,
+listening on 127.0.0.1. The harness (this process) only tells the workers whom to link to, when to publish
+and collects their receipts over stdin/stdout, so the nodes' work really runs in 2 N processes, as in a
+swarm of daemons on one machine. Every node is told every member, as daemons are through the DHT, and the
+overlay picks its neighbours (`GossipConfig.degree`).
 
-A message counts as delivered when it reaches the application of another node (verified by that node's
-topic validator) before the grace period after the last publication ends; every publication the
-application asked for counts, including any that failed to go out. The latency is the receiving daemon's
-clock minus the envelope timestamp set when the sender sealed it (one machine, one clock), so it covers
-the whole path: parent -> child -> network -> child -> parent, first delivery per receiver only.
-Each rate also reports the CPU seconds the gossip child processes used during it and the load average
-before and after, because on a small shared machine the load decides the latency.
+`--private K` makes the last K nodes behave as volunteers behind a NAT: they announce only circuit
+addresses through node 0, so nobody dials them and they dial only the public nodes (the topology a NAT
+imposes, on loopback: the real masquerading NAT is exercised by tests/test_nat.py).
 
-    python bench/gossip.py --peers 8 --json
-    python bench/gossip.py --peers 8 --rate-limit 10      # py-libp2p's default per-neighbour limit
+`--hogs H` starts H busy processes (`while True: pass`) for the measured rates; unless `--no-quiet` the
+same rates are measured first without them, as the baseline of the same run (`quiet`).
 
-The last line is one JSON object:
-`{"peers": N, "rates": [{"msgs_per_s_per_peer": R, "delivery": d, "p50_s": t, "p99_s": t, ...}, ...]}`.
+Then every node publishes signed `Progress` messages at R messages per second for a bounded duration, for
+each rate R. A message counts as delivered when it reaches the application of another node (verified by
+that node) before the grace period after the last publication ends; every publication the harness asked
+for counts. The latency is the receiver's clock minus the envelope timestamp set when the sender sealed it
+(one machine, one clock), first delivery per receiver only. Each rate also reports the CPU seconds the
+nodes (workers and their p2p daemons) used per delivery and the load before and after.
+
+    python bench/gossip.py --peers 8 --hogs 2 --json
+    python bench/gossip.py --peers 8 --hogs 2 --private 3 --rates 1
+
+The last line is one JSON object: `{"peers": N, "rates": [{"msgs_per_s_per_peer": R, "delivery": d,
+"p50_s": t, "p99_s": t, ...}, ...], "quiet": [...same without hogs...], ...}`.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import random
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-from intellect.crypto.identity import Identity
-from intellect.node.net.gossip import GossipConfig, GossipError, GossipService, Subscription
-from intellect.protocol.gossip_messages import Progress
-from intellect.protocol.keys import TopicKind
 
 log = logging.getLogger("bench.gossip")
 RUN = "be" * 32
@@ -81,66 +85,160 @@ def _cpu_pressure() -> float:
         return float("nan")
 
 
-async def _collect(
-    sub: Subscription, tag: int, sink: dict[tuple[str, int], float], dup: Counter[str]
-) -> None:
-    """Record the first latency of every Progress of this rate's round tag, keyed by (sender, step)."""
-    while True:
-        m = await sub.get()
-        if m.message.round != tag:
-            continue
-        key = (m.sender, m.message.inner_step)
-        if key in sink:
-            dup["n"] += 1
-        else:
-            sink[key] = m.received_at - m.ts
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
-async def _publish(
-    node: GossipService, rate: float, duration: float, tag: int, sent: list[int], errors: list[str]
-) -> None:
+# ---------------------------------------------------------------------------------------------------------
+# worker: one node
+
+
+async def _worker(key: Path, port: int, private: bool) -> None:
+    from hivemind.p2p import P2P, PeerID
+    from intellect.crypto.identity import Identity
+    from intellect.node.net.gossip import GossipService
+    from intellect.protocol.keys import TopicKind
+    from multiaddr import Multiaddr
+
+    ident = Identity.load(key)
+    p2p = await P2P.create(
+        host_maddrs=[f"/ip4/127.0.0.1/tcp/{port}"], identity_path=str(key), check_if_identity_free=False
+    )
+
+    async def connect(peer: str, maddrs: Sequence[str]) -> bool:
+        await p2p._client.connect(PeerID.from_base58(peer), [Multiaddr(m) for m in maddrs])
+        return True
+
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    def say(obj: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(obj) + "\n")
+        sys.stdout.flush()
+
+    daemon_pid = p2p._child.pid if getattr(p2p, "_child", None) is not None else None
+    try:
+        async with GossipService(p2p, ident, RUN, lambda _: True, connect=connect, private=private) as g:
+            say({"ready": ident.peer_id, "daemon_pid": daemon_pid})
+            sub = g.subscribe(TopicKind.PROGRESS)
+            while line := await reader.readline():
+                cmd = json.loads(line)
+                if "peers" in cmd:
+                    g.add_peers((p, tuple(m)) for p, m in cmd["peers"])
+                elif "wait" in cmd:
+                    with contextlib.suppress(TimeoutError):
+                        await g.wait_peers(cmd["wait"], cmd["timeout"])
+                    say({"linked": len(g.peers)})
+                elif "rate" in cmd:
+                    say(await _measure(g, sub, cmd))
+                elif "stop" in cmd:
+                    break
+    finally:
+        await p2p.shutdown()
+
+
+async def _measure(g: Any, sub: Any, cmd: dict[str, Any]) -> dict[str, Any]:
+    """Publish at the commanded rate from `start_at` for `duration`; record first-delivery latencies."""
+    from intellect.protocol.gossip_messages import Progress
+    from intellect.protocol.keys import TopicKind
+
+    tag, rate = cmd["tag"], cmd["rate"]
+    got: dict[str, dict[int, float]] = {}
+    dup = 0
+
+    async def collect() -> None:
+        nonlocal dup
+        while True:
+            m = await sub.get()
+            if m.message.round != tag:
+                continue
+            seen = got.setdefault(m.sender, {})
+            if m.message.inner_step in seen:
+                dup += 1
+            else:
+                seen[m.message.inner_step] = m.received_at - m.ts
+
+    collector = asyncio.create_task(collect())
     interval = 1.0 / rate
-    start = time.monotonic() + random.random() * interval  # spread the nodes' phases
-    step = 0
-    while (t := start + step * interval) < start + duration:
-        await asyncio.sleep(max(0.0, t - time.monotonic()))
+    end = cmd["start_at"] + cmd["duration"]
+    start = cmd["start_at"] + random.random() * interval  # spread the nodes' phases
+    step, errors = 0, 0
+    while (t := start + step * interval) < end:
+        await asyncio.sleep(max(0.0, t - time.time()))
         try:
-            await node.publish(TopicKind.PROGRESS, Progress(tag, step, 0, 0.0, 0.0))
-        except GossipError as exc:  # counted as sent and never delivered
-            errors.append(str(exc))
+            await g.publish(TopicKind.PROGRESS, Progress(tag, step, 0, 0.0, 0.0))
+        except Exception:  # counted as sent and never delivered
+            errors += 1
         step += 1
-    sent.append(step)
+    await asyncio.sleep(max(0.0, end + cmd["grace"] - time.time()))
+    collector.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await collector
+    return {
+        "sent": step, "errors": errors, "dup": dup, "drops": sub.dropped,
+        "lat": [x for by in got.values() for x in by.values()],
+        "rejections": dict(g.rejections), "link_drops": g.dropped, "links": len(g.peers),
+    }  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------------
+# harness
+
+
+class _Proc:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.peer_id = ""
+        self.daemon_pid: int | None = None
+
+    async def say(self, obj: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write((json.dumps(obj) + "\n").encode())
+        await self.proc.stdin.drain()
+
+    async def hear(self, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        if not line:
+            raise RuntimeError(f"worker {self.proc.pid} exited ({self.proc.returncode})")
+        return dict(json.loads(line))
+
+    def cpu_s(self) -> float:
+        return _cpu_s(self.proc.pid) + _cpu_s(self.daemon_pid)
+
+
+async def _spawn(key: Path, port: int, private: bool, log_level: str) -> _Proc:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, __file__, "--worker", str(key), str(port), str(int(private)), log_level,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True, limit=1 << 26,
+    )  # fmt: skip
+    w = _Proc(proc)
+    hello = await w.hear(90)
+    w.peer_id, w.daemon_pid = hello["ready"], hello["daemon_pid"]
+    return w
 
 
 async def run_rate(
-    nodes: list[GossipService], rate: float, duration: float, tag: int, grace: float
+    nodes: list[_Proc], rate: float, duration: float, tag: int, grace: float
 ) -> dict[str, Any]:
-    sinks: list[dict[tuple[str, int], float]] = [{} for _ in nodes]
-    dup: Counter[str] = Counter()
-    subs = [n.subscribe(TopicKind.PROGRESS) for n in nodes]
-    collectors = [
-        asyncio.create_task(_collect(s, tag, sink, dup)) for s, sink in zip(subs, sinks, strict=True)
-    ]
-    sent: list[int] = []
-    errors: list[str] = []
     load_before = _load()
-    cpu_before = sum(_cpu_s(n.child_pid) for n in nodes)
-    harness_before = time.process_time()
-    try:
-        await asyncio.gather(*(_publish(n, rate, duration, tag, sent, errors) for n in nodes))
-        await asyncio.sleep(grace)  # messages still in flight; later ones count as lost
-    finally:
-        for task in collectors:
-            task.cancel()
-        await asyncio.gather(*collectors, return_exceptions=True)
-        for s in subs:
-            s.close()
-    cpu = sum(_cpu_s(n.child_pid) for n in nodes) - cpu_before
-    harness_cpu = time.process_time() - harness_before
-    published = sum(sent)
+    cpu_before = sum(n.cpu_s() for n in nodes)
+    start_at = time.time() + 1.0
+    for n in nodes:
+        await n.say({"rate": rate, "duration": duration, "tag": tag, "start_at": start_at, "grace": grace})
+    reports = [await n.hear(duration + grace + 60) for n in nodes]
+    cpu = sum(n.cpu_s() for n in nodes) - cpu_before
+    published = sum(r["sent"] for r in reports)
     expected = published * (len(nodes) - 1)
-    latencies = [lat for sink in sinks for lat in sink.values()]
+    latencies = [x for r in reports for x in r["lat"]]
     delivered = len(latencies)
+    rejections: dict[str, int] = {}
+    for r in reports:
+        for k, v in r["rejections"].items():
+            rejections[k] = rejections.get(k, 0) + v
     return {
         "msgs_per_s_per_peer": rate,
         "delivery": delivered / expected if expected else float("nan"),
@@ -149,101 +247,143 @@ async def run_rate(
         "max_s": max(latencies, default=float("nan")),
         "mean_s": statistics.fmean(latencies) if latencies else float("nan"),
         "published": published,
-        "publish_errors": len(errors),
+        "publish_errors": sum(r["errors"] for r in reports),
         "expected_deliveries": expected,
         "deliveries": delivered,
-        "duplicates": dup["n"],
-        "consumer_drops": sum(s.dropped for s in subs),
+        "duplicates": sum(r["dup"] for r in reports),
+        "consumer_drops": sum(r["drops"] for r in reports),
+        "link_drops": sum(r["link_drops"] for r in reports),
+        "links_per_node": [r["links"] for r in reports],
+        "rejections": rejections,
         "duration_s": duration,
         "grace_s": grace,
-        "child_cpu_s": cpu,
-        "harness_cpu_s": harness_cpu,
+        "node_cpu_s": cpu,
+        "node_cpu_ms_per_delivery": 1000 * cpu / max(1, delivered),
         "load_before": load_before,
         "load_after": _load(),
         "cpu_pressure_avg10_after": _cpu_pressure(),
     }
 
 
+def _start_hogs(n: int) -> list[subprocess.Popen[bytes]]:
+    return [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(n)
+    ]
+
+
+def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+
+def _summary(label: str, res: dict[str, Any]) -> None:
+    log.info(
+        "%-6s %5.1f msg/s/peer: delivery %.4f (%d/%d), p50 %.3fs, p99 %.3fs, max %.3fs, "
+        "node CPU %.2f ms per delivery, load %.1f -> %.1f, CPU pressure %.0f%%",
+        label, res["msgs_per_s_per_peer"], res["delivery"], res["deliveries"], res["expected_deliveries"],
+        res["p50_s"], res["p99_s"], res["max_s"], res["node_cpu_ms_per_delivery"],
+        res["load_before"], res["load_after"], res["cpu_pressure_avg10_after"],
+    )  # fmt: skip
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    from intellect.crypto.identity import Identity
+
     random.seed(args.seed)
-    config = GossipConfig(rate_limit=args.rate_limit, child_log_level=args.child_log_level)
-    results: list[dict[str, Any]] = []
+    quiet: list[dict[str, Any]] = []
+    loaded: list[dict[str, Any]] = []
+    nodes: list[_Proc] = []
     with tempfile.TemporaryDirectory(prefix="gossip-bench-") as tmp:
-        keys = []
-        for i in range(args.peers):
-            path = Path(tmp) / f"node{i}.key"
-            Identity.generate().save(path)
-            keys.append(path)
-        nodes = [GossipService(k, RUN, lambda _: True, config=config) for k in keys]
-        started: list[GossipService] = []
         try:
             t0 = time.monotonic()
-            # One at a time: eight interpreters importing py-libp2p at once on a small shared machine can
-            # exceed the readiness timeout, and start-up is not what this benchmark measures.
-            for node in nodes:
-                await node.__aenter__()
-                started.append(node)
-            pids = {n.child_pid for n in nodes}
-            assert len(pids) == len(nodes) and os.getpid() not in pids, "one gossip process per node"
-            log.info("%d gossip nodes up in %.1fs (child PIDs %s)", len(nodes), time.monotonic() - t0, pids)
-            # Node i dials `dial` earlier nodes (all of them by default: every daemon dials every member it
-            # finds in the DHT); with fewer, a connected random graph.
-            dial = args.peers if args.dial is None else args.dial
-            for i, node in enumerate(nodes[1:], start=1):
-                targets = random.sample(range(i), min(i, dial))
-                node.add_peers([nodes[j].listen_maddrs[0] for j in targets])
-            await asyncio.gather(*(n.wait_peers(1, 60) for n in nodes))
+            ports = [_free_port() for _ in range(args.peers)]
+            keys = []
+            for i in range(args.peers):
+                keys.append(Path(tmp) / f"node{i}.key")
+                Identity.generate().save(keys[-1])
+            private = [i >= args.peers - args.private for i in range(args.peers)]
+            # One at a time: start-up is not what this benchmark measures.
+            for key, port, priv in zip(keys, ports, private, strict=True):
+                nodes.append(await _spawn(key, port, priv, args.log_level))
+            up_s = time.monotonic() - t0
+            log.info("%d nodes up in %.1fs (%d behind a NAT)", len(nodes), up_s, args.private)
+            relay = f"/ip4/127.0.0.1/tcp/{ports[0]}/p2p/{nodes[0].peer_id}/p2p-circuit"
+            entries = [
+                [n.peer_id, [f"{relay if priv else f'/ip4/127.0.0.1/tcp/{port}'}/p2p/{n.peer_id}"]]
+                for n, port, priv in zip(nodes, ports, private, strict=True)
+            ]
+            for n in nodes:
+                await n.say({"peers": entries})
+            for n in nodes:
+                await n.say({"wait": 1, "timeout": 60})
+            linked = [(await n.hear(90))["linked"] for n in nodes]
             await asyncio.sleep(args.settle)
-            log.info(
-                "mesh settled: connected peers per node %s, progress mesh sizes %s",
-                [len(n.peers) for n in nodes],
-                [n.mesh_sizes.get(TopicKind.PROGRESS) for n in nodes],
-            )
-            for tag, rate in enumerate(args.rates, start=1):
-                res = await run_rate(nodes, rate, args.duration, tag, args.grace)
-                cpu_ms = 1000 * res["child_cpu_s"] / max(1, res["deliveries"])
-                log.info(
-                    "%5.1f msg/s/peer: delivery %.4f (%d/%d), p50 %.3fs, p99 %.3fs, max %.3fs, "
-                    "child CPU %.1f ms per delivery, load %.1f -> %.1f, CPU pressure %.0f%%",
-                    rate, res["delivery"], res["deliveries"], res["expected_deliveries"],
-                    res["p50_s"], res["p99_s"], res["max_s"], cpu_ms,
-                    res["load_before"], res["load_after"], res["cpu_pressure_avg10_after"],
-                )  # fmt: skip
-                results.append(res)
-            restarts = sum(n.restarts for n in nodes)
-            rejections: Counter[str] = sum((n.rejections for n in nodes), Counter())
+            log.info("links per node after %.0fs: %s", args.settle, linked)
+            tag = 0
+            for rate in args.rates:
+                if args.hogs and args.quiet:
+                    tag += 1
+                    quiet.append(await run_rate(nodes, rate, args.duration, tag, args.grace))
+                    _summary("quiet", quiet[-1])
+                hogs = _start_hogs(args.hogs)
+                try:
+                    tag += 1
+                    loaded.append(await run_rate(nodes, rate, args.duration, tag, args.grace))
+                finally:
+                    _stop(hogs)
+                _summary(f"{args.hogs} hogs", loaded[-1])
+            for n in nodes:
+                await n.say({"stop": True})
+            for n in nodes:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(n.proc.wait(), 20)
         finally:
-            await asyncio.gather(*(n.stop() for n in started))
+            for n in nodes:  # every worker and its p2p daemon (same session), whatever happened
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(n.proc.pid, signal.SIGKILL)
+                await n.proc.wait()
     return {
         "peers": args.peers,
-        "rates": results,
-        "rate_limit": args.rate_limit,
-        "child_restarts": restarts,
-        "rejections": dict(rejections),
+        "private": args.private,
+        "hogs": args.hogs,
+        "rates": loaded,
+        "quiet": quiet,
+        "transport": "p2pd streams (GossipService)",
         "cpus": os.cpu_count(),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker"]:
+        key, port, private, level = argv[1:5]
+        logging.basicConfig(level=level, format="%(asctime)s worker %(name)s: %(message)s", stream=sys.stderr)
+        asyncio.run(_worker(Path(key), int(port), private == "1"))
+        return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--peers", type=int, default=8)
     p.add_argument("--rates", type=lambda s: [float(x) for x in s.split(",")], default=[1.0, 10.0])
     p.add_argument("--duration", type=float, default=20.0, help="publishing seconds per rate")
     p.add_argument("--grace", type=float, default=3.0, help="seconds after the last publication")
-    p.add_argument("--dial", type=int, default=None, help="how many earlier nodes each node dials (all)")
-    p.add_argument("--settle", type=float, default=3.0, help="seconds for the mesh to form")
-    p.add_argument("--rate-limit", type=float, default=GossipConfig().rate_limit)
+    p.add_argument("--settle", type=float, default=3.0, help="seconds for the overlay to form")
+    p.add_argument("--hogs", type=int, default=0, help="busy processes competing during the measured rates")
+    p.add_argument("--no-quiet", dest="quiet", action="store_false", help="skip the baseline without hogs")
+    p.add_argument("--private", type=int, default=0, help="how many nodes are behind a NAT (topology)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--child-log-level", default="ERROR")
+    p.add_argument("--log-level", default="ERROR", help="log level of the worker processes")
     p.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
     args = p.parse_args(argv)
     if args.peers < 2:
         p.error("--peers must be at least 2")
+    if not 0 <= args.private < args.peers:
+        p.error("--private must leave at least one public node")
     if any(r <= 0 for r in args.rates):
         p.error("--rates must be positive")
-    if args.dial is not None and args.dial < 1:
-        p.error("--dial must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the workers and their daemons are killed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     result = asyncio.run(main_async(args))
     print(json.dumps(result))
     return 0

@@ -1,8 +1,8 @@
 """One Ed25519 identity per node, stored in libp2p's protobuf key format, and its peer ID.
 
-The same key file is handed to hivemind's go-libp2p daemon (`identity_path`) and to the py-libp2p gossip
-host, so the peer ID (`12D3KooW…`: the identity multihash of the protobuf-encoded public key) is one and
-the same everywhere, and any signature can be checked from the peer ID alone.
+The same key file is handed to hivemind's go-libp2p daemon (`identity_path`), which carries every
+connection of the node, so the peer ID (`12D3KooW…`: the identity multihash of the protobuf-encoded public
+key) is one and the same everywhere, and any signature can be checked from the peer ID alone.
 
 Wire formats (libp2p spec `peer-ids/peer-ids.md`):
 - PrivateKey = protobuf {1: KeyType Type = Ed25519 (1); 2: bytes Data = seed(32) || public(32)}
@@ -107,7 +107,7 @@ class Identity:
         return peer_id_from_public_key(self.public_key_raw)
 
     def to_protobuf(self) -> bytes:
-        """libp2p's PrivateKey protobuf: what go-libp2p, hivemind's p2pd and py-libp2p read."""
+        """libp2p's PrivateKey protobuf: what go-libp2p and hivemind's p2pd read."""
         seed = self.private_key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
         return _PROTO_PREFIX_PRIV + seed + self.public_key_raw
 

@@ -1,7 +1,7 @@
 """Names in shared namespaces: the DHT keys and the gossip topics a node reads and writes.
 
 Every node of every run must build the same names, so they are defined once, here (pure strings; no
-hivemind, no py-libp2p). hivemind hashes each DHT key into a DHTID; a subkey makes a key a dictionary:
+hivemind). hivemind hashes each DHT key into a DHTID; a subkey makes a key a dictionary:
 
     RUNS_KEY = "intellect/runs"                               subkey run_id   → signed manifest
     members_key(run_id)   intellect/run/<run_id>/members      subkey peer id  → signed membership record

@@ -77,7 +77,8 @@ class MembershipRecord:
     peer_id: str
     #: Full multiaddrs of the node's p2p daemon (ending in /p2p/<peer_id>).
     maddrs: tuple[str, ...]
-    #: Multiaddr of the node's gossip host ("" when it does not gossip).
+    #: Unused, always "": gossip runs over the p2p daemon's streams (`maddrs`). Kept in the record so that
+    #: its encoding stays the same; once the separate gossip host's multiaddr.
     gossip_addr: str
     #: Last completed outer round.
     round: int

@@ -194,33 +194,12 @@ def test_installed_console_script(tmp_path: Path) -> None:
     assert version.stdout.strip() == f"intellect-node, version {intellect.node.__version__}"
 
 
-@pytest.mark.parametrize(
-    ("listen", "announce", "visible", "expected"),
-    [
-        # A local swarm: loopback only.
-        (["/ip4/127.0.0.1/tcp/0"], [], ["/ip4/127.0.0.1/tcp/4001"], ("127.0.0.1", "127.0.0.1")),
-        # Everywhere, reachable at an interface address the p2p daemon sees.
-        (
-            ["/ip4/0.0.0.0/tcp/4001"],
-            [],
-            ["/ip4/127.0.0.1/tcp/4001", "/ip4/10.1.2.3/tcp/4001"],
-            ("0.0.0.0", "10.1.2.3"),
-        ),
-        # Behind a NAT: the announced public address wins.
-        (
-            ["/ip4/0.0.0.0/tcp/4001"],
-            ["/ip4/203.0.113.7/tcp/4001"],
-            ["/ip4/10.1.2.3/tcp/4001"],
-            ("0.0.0.0", "203.0.113.7"),
-        ),
-        # One specific address: bind it and tell it.
-        (["/ip4/10.0.0.5/tcp/4001"], [], [], ("10.0.0.5", "10.0.0.5")),
-    ],
-)
-def test_gossip_and_averaging_hosts_follow_the_p2p_settings(
-    listen: list[str], announce: list[str], visible: list[str], expected: tuple[str, str]
-) -> None:
-    from intellect.node.app.config import hosts
-
-    config = NodeConfig(listen=tuple(listen), announce=tuple(announce))
-    assert hosts(config, visible) == expected
+def test_a_removed_setting_is_named_with_what_to_do(tmp_path: Path) -> None:
+    """`gossip_port` is gone (gossip runs over the p2p daemon): an old config file or environment that
+    still sets it gets an error that says so, not "unknown key"."""
+    (tmp_path / "config.toml").write_text("gossip_port = 4003\n")
+    with pytest.raises(ConfigError, match=r"gossip_port is no longer a setting.*p2p daemon"):
+        load_config(tmp_path, environ={})
+    (tmp_path / "config.toml").write_text("")
+    with pytest.raises(ConfigError, match="INTELLECT_NODE_GOSSIP_PORT: gossip_port is no longer"):
+        load_config(tmp_path, environ={"INTELLECT_NODE_GOSSIP_PORT": "4003"})

@@ -1,16 +1,11 @@
 """Identity: key file round trip and permissions, peer IDs, domain-separated signatures, and the same
-peer ID from hivemind's go-libp2p daemon and from py-libp2p (in a subprocess: it cannot share a process
-with hivemind) for a key file written by `intellect-node init`."""
+peer ID from hivemind's go-libp2p daemon for a key file written by `intellect-node init`."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import base58
@@ -176,7 +171,7 @@ def test_public_key_from_peer_id_raises_only_invalid_peer_id(text: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# one key file, one peer ID: intellect-node, hivemind's p2pd, py-libp2p
+# one key file, one peer ID: intellect-node and hivemind's p2pd
 
 
 def _init(tmp_path: Path) -> tuple[Path, str]:
@@ -211,41 +206,3 @@ async def test_hivemind_p2pd_reports_our_peer_id(tmp_path: Path) -> None:
     finally:
         await asyncio.wait_for(p2p.shutdown(), timeout=30)
     assert Identity.load(key_path).peer_id == peer_id  # p2pd did not rewrite our key file
-
-
-_PY_LIBP2P_CHECK = textwrap.dedent(
-    """
-    import json, sys
-    from libp2p.crypto.ed25519 import Ed25519PrivateKey
-    from libp2p.crypto.serialization import deserialize_private_key
-    from libp2p.peer.id import ID
-    data = open(sys.argv[1], "rb").read()
-    out = {"hivemind_loaded": "hivemind" in sys.modules}
-    try:
-        deserialize_private_key(data)
-        out["deserialize"] = "ok"
-    except ValueError as e:  # py-libp2p 0.8.1 expects a 32-byte seed, not libp2p's 64-byte key data
-        out["deserialize"] = str(e)
-    key = Ed25519PrivateKey.from_bytes(data[4:36])  # the seed: what the gossip child does
-    out["peer_id"] = ID.from_pubkey(key.get_public_key()).to_base58()
-    out["sig"] = key.sign(b"raw message").hex()
-    print(json.dumps(out))
-    """
-)
-
-
-def test_py_libp2p_derives_the_same_peer_id(tmp_path: Path) -> None:
-    key_path, peer_id = _init(tmp_path)
-    proc = subprocess.run(
-        [sys.executable, "-c", _PY_LIBP2P_CHECK, str(key_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["hivemind_loaded"] is False
-    assert out["peer_id"] == peer_id
-    # A raw Ed25519 signature made by py-libp2p with that key verifies against the key in our peer ID.
-    public_key_from_peer_id(peer_id).verify(bytes.fromhex(out["sig"]), b"raw message")

@@ -1,8 +1,8 @@
-"""`intellect.crypto` and `intellect.protocol` import neither hivemind, nor torch, nor py-libp2p.
+"""`intellect.crypto` and `intellect.protocol` import neither hivemind nor torch.
 
-hivemind and py-libp2p cannot be imported in one process (duplicate protobuf symbol `crypto.pb.KeyType`),
-and both the daemon (hivemind) and the gossip child (py-libp2p) import these two packages. Checked in a
-fresh interpreter, because this pytest process has long since imported hivemind and torch.
+They are the pure layers: wire formats, signatures and rules, usable by tools that verify a run's records
+without a p2p daemon or a GPU stack. Checked in a fresh interpreter, because this pytest process has long
+since imported hivemind and torch.
 """
 
 from __future__ import annotations

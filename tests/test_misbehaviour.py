@@ -91,7 +91,7 @@ def test_a_sync_gossips_one_checkable_report_per_liar(tmp_path: Path, offline_ru
     run, server = _run(offline_run, tmp_path)
     published: list[tuple[TopicKind, Misbehaviour]] = []
 
-    class Recorder:  # stands in for the gossip child: records what the daemon would publish
+    class Recorder:  # stands in for the gossip service: records what the daemon would publish
         async def publish(self, topic: TopicKind, message: Misbehaviour) -> None:
             published.append((topic, message))
 

@@ -159,6 +159,10 @@ def test_two_volunteers_behind_nats_and_a_public_one_average_every_round(
         assert len({p["state_hash"] for p in peers.values()}) == 1, r
         # Averaged by all three (not synced from someone else afterwards).
         assert all(p["group_size"] == 3 and not p["synced"] for p in peers.values()), r
+    # Gossip crosses the NATs too: by the last round every node has verified messages of both others
+    # (the two NAT'd ones hear each other through the public node, the only one they can dial).
+    last = rounds[-1]["peers"]  # type: ignore[index]
+    assert all(p["gossip_authors"] == 2 for p in last.values()), last
 
 
 async def _late_joiner(lab: Lab, workdir: Path, bootstrap: str, run_id: str) -> dict[str, object]:

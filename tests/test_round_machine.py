@@ -196,7 +196,7 @@ def test_round_and_hash_change_together_while_a_commit_runs(run: OfflineRun) -> 
 
 
 def test_rejection_counters_never_go_backwards(run: OfflineRun) -> None:
-    """Regression: the old membership loop cleared `status.rejected` and copied the gossip child's counters
+    """Regression: the old membership loop cleared `status.rejected` and copied the gossip service's counters
     over it every refresh, erasing the run's own (bad chunk, round mismatch, …): the Prometheus counter
     `intellect_rejected_messages` went backwards. The status now keeps both and reports their sum."""
     from intellect.node.app.roundlog import EventRecorder

@@ -1,7 +1,7 @@
 """The daemon's body: join the DHT, pick and verify a run, start gossip and membership, run the run.
 
 `run_body` is what `NodeDaemon` runs by default; it owns, in this order, the DHT (and its p2p daemon), the
-gossip service (and its child process) and the run service, so cancelling it unwinds them in reverse.
+gossip service (on that p2p daemon) and the run service, so cancelling it unwinds them in reverse.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from intellect.crypto.identity import Identity
-from intellect.node.app.config import NodeConfig, hosts
+from intellect.node.app.config import NodeConfig
 from intellect.node.net.dht import DhtService
-from intellect.node.net.gossip import GossipConfig, GossipService
+from intellect.node.net.gossip import GossipService
 from intellect.node.net.membership import MembershipService
 from intellect.node.net.probe import probe, summary, tcp_ports
 from intellect.node.run.machine import Limits
@@ -139,18 +139,11 @@ async def run_body(daemon: NodeDaemon) -> None:
         await dht.publish_manifest(signed)
         membership = MembershipService(dht, identity, signed, ticket=tickets(signed.run_id), ttl=MEMBER_TTL_S)
         settings = run_settings(daemon)
-        listen_host, public_host = hosts(config, dht.visible_maddrs)
-        gossip_cfg = GossipConfig(listen_host=listen_host, listen_port=config.gossip_port)
+        # Gossip links are streams of the p2p daemon: members find us by the peer ID and addresses of our
+        # membership record, and behind a NAT we dial out to public members (nobody dials us).
         async with GossipService(
-            config.identity_path, signed.run_id, membership.admits, config=gossip_cfg
+            dht.p2p, identity, signed.run_id, membership.admits, connect=dht.connect, private=dht.private
         ) as gossip:
-            daemon.children.add(lambda: gossip.child_pid)
-            # The gossip child reports what it bound (0.0.0.0 when listening everywhere): others must be
-            # told an address they can dial, and behind a NAT there is none (we dial out to them).
-            addr = next(iter(gossip.listen_maddrs), "")
-            if config.reachability == "private":
-                addr = ""
-            membership.update(gossip_addr=addr.replace("/ip4/0.0.0.0/", f"/ip4/{public_host}/"))
             run = RunService(
                 settings,
                 identity,

@@ -1,4 +1,4 @@
-"""The child processes a daemon started (p2p daemon, gossip child, local ranks), for the last-resort kill.
+"""The child processes a daemon started (p2p daemon, local ranks), for the last-resort kill.
 
 An orderly shutdown stops each child through its own service; this registry is for the watchdog and the
 second Ctrl-C, when no orderly path is left.
@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 
 
 class ChildRegistry:
-    """Where to find the PIDs of the child processes we started (p2pd, gossip child) for the last-resort
+    """Where to find the PIDs of the child processes we started (p2pd, local ranks) for the last-resort
     kill. A child may be restarted, so we keep getters rather than PIDs, and remember the last PID each
     getter gave: a service that is shutting down forgets its child's handle before the child has exited,
     which is exactly when a second Ctrl-C arrives."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,8 +62,6 @@ class NodeConfig:
     local_ranks: int = 0
     #: Port of the local control API on 127.0.0.1 (0 picks a free port and writes it to the data dir).
     http_port: int = 0
-    #: Gossip TCP port, on the host the p2p daemon listens on (0 picks a free one).
-    gossip_port: int = 0
     #: Log format: "text" (rich on a terminal) or "json" (one object per line).
     log_format: str = "text"
     #: Log level name.
@@ -80,10 +78,8 @@ class NodeConfig:
             raise ConfigError(f"log_level: must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
         if not 0 <= self.local_ranks <= 64:
             raise ConfigError(f"local_ranks: must be 0 (one per GPU) to 64, got {self.local_ranks}")
-        for name in ("http_port", "gossip_port"):
-            port = getattr(self, name)
-            if not 0 <= port <= 65535:
-                raise ConfigError(f"{name}: must be a port number 0..65535, got {port}")
+        if not 0 <= self.http_port <= 65535:
+            raise ConfigError(f"http_port: must be a port number 0..65535, got {self.http_port}")
 
     @property
     def identity_path(self) -> Path:
@@ -95,6 +91,18 @@ class NodeConfig:
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
+#: Settings that existed once, and why they are gone: named in the error instead of "unknown".
+_REMOVED = {
+    "gossip_port": "gossip runs over the p2p daemon's connections since 0.1 and has no port of its own; "
+    "delete this setting (forward only the p2p port)",
+}
+
+
+def _known(name: str, where: str) -> None:
+    if name in _REMOVED:
+        raise ConfigError(f"{where}: {name} is no longer a setting: {_REMOVED[name]}")
+
+
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -135,6 +143,7 @@ def _from_env(environ: Mapping[str, str]) -> dict[str, Any]:
         if not key.startswith(ENV_PREFIX):
             continue
         name = key[len(ENV_PREFIX) :].lower()
+        _known(name, f"environment {key}")
         if name not in _FIELDS:
             known = ", ".join(ENV_PREFIX + n.upper() for n in _FIELDS)
             raise ConfigError(f"unknown environment variable {key}; known: {known}")
@@ -151,6 +160,7 @@ def _from_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     out: dict[str, Any] = {}
     for name, value in raw.items():
+        _known(name, str(path))
         if name not in _FIELDS:
             raise ConfigError(f"{path}: unknown key {name!r}")
         if name == "data_dir":
@@ -212,35 +222,10 @@ device = "auto"
 local_ranks = 0
 
 # Local control API on 127.0.0.1 (0 = any free port, written to <data dir>/http.port).
+# Gossip, state sync and averaging need no port of their own: they run over the p2p daemon's connections.
 http_port = 0
-# Gossip TCP port on the listen host (0 = any free port), announced at the public address of
-# `announce`. Averaging needs no port of its own: it runs over the p2p daemon's connections.
-gossip_port = 0
 
 # "text" or "json" log lines; level DEBUG, INFO, WARNING or ERROR.
 log_format = "text"
 log_level = "INFO"
 """
-
-
-def hosts(config: NodeConfig, visible_maddrs: Sequence[str] = ()) -> tuple[str, str]:
-    """(listen host, public host) for the node's own TCP service (the gossip child), derived
-    from the p2p daemon's settings so that one `listen`/`announce` pair configures every port.
-
-    Listen: everywhere when the p2p daemon listens on 0.0.0.0, on that address when it listens on a
-    specific IPv4 address, else loopback. Public (what others dial): the first announced IPv4 address,
-    else a specific listen address, else a visible non-loopback address, else loopback (a local swarm).
-    """
-
-    def ip4(maddr: str) -> str | None:
-        parts = maddr.split("/")
-        return parts[2] if len(parts) > 2 and parts[1] == "ip4" else None
-
-    listen_ips = [ip for ip in map(ip4, config.listen) if ip]
-    if "0.0.0.0" in listen_ips:
-        listen = "0.0.0.0"
-    else:
-        listen = next((ip for ip in listen_ips if ip != "127.0.0.1"), "127.0.0.1")
-    candidates = [*map(ip4, config.announce), listen, *map(ip4, visible_maddrs)]
-    public = next((ip for ip in candidates if ip and ip not in ("0.0.0.0", "127.0.0.1")), "127.0.0.1")
-    return listen, public

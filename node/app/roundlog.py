@@ -43,8 +43,13 @@ class EventRecorder:
         self.status.apply(event)
         entry = self._entry(event)
         if entry is not None:
+            s = self.status
             entry.update(
-                bytes_sent=self.status.bytes_sent, bytes_received=self.status.bytes_received, ts=time.time()
+                bytes_sent=s.bytes_sent,
+                bytes_received=s.bytes_received,
+                gossip_delivered=s.gossip_delivered,
+                gossip_authors=s.gossip_authors,
+                ts=time.time(),
             )
             append_round_log(self.data_dir, entry)
 

@@ -86,8 +86,12 @@ class NodeStatus:
     bytes_received: int = 0
     #: Peer input this node's run dropped, by reason (only ever counts up).
     rejected: Counter[str] = field(default_factory=Counter)
-    #: The gossip child's own cumulative rejection counters (its latest snapshot; each only counts up).
+    #: The gossip service's own cumulative rejection counters (its latest snapshot; each only counts up).
     gossip_rejected: dict[str, int] = field(default_factory=dict)
+    #: Verified gossip messages delivered, neighbours linked now, distinct authors heard.
+    gossip_delivered: int = 0
+    gossip_neighbours: int = 0
+    gossip_authors: int = 0
     #: Part of `bytes_sent` that our state server sent to syncing peers.
     served_bytes: int = 0
     #: Checkpoints that could not be written (full or failing disk); training went on.
@@ -99,7 +103,7 @@ class NodeStatus:
     loss_history: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=500))
 
     def all_rejected(self) -> Counter[str]:
-        """Every dropped input by reason: the run's own counts plus the gossip child's."""
+        """Every dropped input by reason: the run's own counts plus the gossip service's."""
         return self.rejected + Counter(self.gossip_rejected)
 
     def apply(self, event: Event) -> None:
@@ -168,6 +172,7 @@ def _on_rejected(s: NodeStatus, e: ev.Rejected) -> None:
 
 def _on_gossip(s: NodeStatus, e: ev.GossipCounters) -> None:
     s.gossip_rejected = dict(e.rejected)
+    s.gossip_delivered, s.gossip_neighbours, s.gossip_authors = e.delivered, e.neighbours, e.authors
 
 
 _FOLD: dict[type, Any] = {

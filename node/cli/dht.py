@@ -178,7 +178,6 @@ async def _peers(config: Any, run_id: str) -> list[dict[str, Any]]:
                 "throughput": m.throughput,
                 "state_hash": m.state_hash,
                 "maddrs": list(m.maddrs),
-                "gossip_addr": m.gossip_addr,
                 "expires_in_s": round(m.expires_at - now, 1),
             }
             for m in await svc.get_members(run_id, latest=True)

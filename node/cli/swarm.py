@@ -3,7 +3,7 @@
 `Swarm` hosts a bootstrap DHT node in this process, seeds a run through it (signed by a throw-away
 researcher key), and launches `intellect-node start` as separate processes, each with its own data
 directory under the swarm's work directory and its own process group, so that everything a peer started
-(its p2p daemon, its gossip child) can be found and reaped even after the peer itself was SIGKILLed.
+(its p2p daemon, its local-rank workers) can be found and reaped even after the peer itself was SIGKILLed.
 
 Each daemon appends one JSON line per completed round to `<data dir>/rounds.jsonl`; the swarm reads those
 to show progress and to build the summary:
@@ -256,6 +256,7 @@ class Swarm:
                     "bytes_received": entry.get("bytes_received", 0),
                     "group_size": entry.get("group_size", 0),
                     "synced": entry.get("synced", False),
+                    "gossip_authors": entry.get("gossip_authors", 0),
                 }
         problems = []
         for r in range(1, rounds + 1):

@@ -1,115 +1,136 @@
-"""Signed gossip for a run, as seen from the daemon: an asyncio service over a supervised child process.
+"""Signed gossip for a run over the node's one libp2p identity: validated flooding on a sparse overlay.
 
-The daemon imports hivemind, and hivemind and py-libp2p cannot share a process (duplicate protobuf
-symbol), so gossipsub runs in `intellect.node.net.gossip_child`. `GossipService`, through its
-`_ChildSupervisor`, starts that child with one end of a Unix socket pair, waits for its readiness
-(`BridgeHello`), restarts it with backoff if it dies, and stops it (graceful `BridgeStop`, then SIGTERM,
-then SIGKILL, always reaped by PID).
+Every node of a run keeps long-lived, two-way streams of the protocol `intellect-node/v1/gossip/<run>`
+("links") to a few other members, through the same p2p daemon that carries the DHT, state sync and the
+all-reduce. A link is a libp2p stream, so it is authenticated and encrypted by the connection's Noise or
+TLS channel, and it runs over whatever connection libp2p has: direct, hole-punched or relayed. A node
+behind a NAT dials out to public members and they use the link it opened; nobody dials it.
 
-Outgoing messages are sealed here with A's signed envelope (`intellect.protocol.envelope.seal`) and the
-child publishes the bytes; the child verifies every incoming envelope in a gossipsub topic validator, so
-only verified messages reach `subscribe()`. Rejections come back as `BridgeReject` frames: they are
-counted by reason and lower the score of the neighbour that handed the message over (the only identity
-the transport authenticates; a forged author must not be able to frame an honest peer). A neighbour whose
-score falls below `GossipConfig.blacklist_score` is blacklisted in the child.
+What a node does with a frame it reads (`GossipService._on_frame`), in this order:
 
-No thread, socket or process outlives the `async with` block.
+1. Size and shape: a length prefix above `MAX_FRAME` closes the link; an unreadable frame is rejected.
+2. Duplicates: the message ID (BLAKE2b of the envelope bytes) was seen before -> counted, dropped. This
+   comes before any signature check, so the copies that flooding produces cost a hash, not a verify.
+3. Validation before anything else happens (`EnvelopeVerifier`): signature of the author, run,
+   admission, timestamp skew, replay window, and the payload type must be the topic's. A message that
+   fails is neither delivered nor forwarded; the rejection is counted by reason and lowers the score of
+   the neighbour that handed it over (the only identity the link authenticates, so a forged author cannot
+   frame an honest peer). A neighbour whose score falls below `blacklist_score` is disconnected and
+   refused for `blacklist_s`.
+4. Rate: each verified author may publish `author_rate` messages per second (burst `author_burst`);
+   above that, its messages are dropped and counted here and not forwarded, so a flood from one admitted
+   identity stops at its first honest hop.
+5. Delivery to local subscribers, then forwarding to every other link.
+
+The overlay: every node dials `degree` members it can reach (those announcing a direct address; members
+behind a NAT announce only circuit addresses), chosen by a hash of both peer IDs so that choices differ
+between nodes and stay stable across refreshes, and accepts up to `max_links` links in all. A node that
+knows no directly reachable member falls back to dialling through relays. Why not gossipsub: the p2p
+daemon's built-in gossipsub forwards before our code can validate, and py-libp2p's needs a second libp2p
+stack on a second port (docs/decisions.md, "Gossip over the p2p daemon's streams").
+
+No task or stream outlives `stop()` (or the `async with` block).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
-import os
-import signal
-import socket
-import sys
 import time
-from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from pathlib import Path
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
+from hivemind.p2p import PeerID
 from intellect.crypto.identity import Identity
 from intellect.protocol.codec import decode, encode
-from intellect.protocol.envelope import RejectReason, SequenceCounter, seal
-from intellect.protocol.errors import ProtocolError
+from intellect.protocol.envelope import EnvelopeVerifier, RejectReason, ReplayGuard, SequenceCounter, seal
+from intellect.protocol.errors import ProtocolError, Rejected
 from intellect.protocol.gossip_messages import (
     FRAME_HEADER,
     MAX_FRAME,
+    MAX_GOSSIP_DATA,
     TOPIC_MESSAGE,
-    BridgeAddPeers,
-    BridgeAdmitQuery,
-    BridgeAdmitReply,
-    BridgeBlacklist,
-    BridgeDeliver,
-    BridgeHello,
-    BridgePublish,
-    BridgeReject,
-    BridgeStatus,
-    BridgeStop,
+    GossipFrame,
     frame,
 )
 from intellect.protocol.keys import TopicKind, parse_topic, topic_name
 
 log = logging.getLogger("intellect.gossip")
 
-#: How much one rejection lowers the forwarder's score, by RejectReason value (others: DEFAULT_PENALTY).
-#: A bad signature can only come from a peer that forwards without validating or forges itself.
+#: The libp2p protocol of gossip links; the run ID is appended, so a node answers only for its own run.
+GOSSIP_PROTOCOL = "intellect-node/v1/gossip"
+
+#: How much one rejection lowers the forwarder's score, by reason (others: DEFAULT_PENALTY). A bad
+#: signature can only come from a peer that forwards without validating, or forges. A replayed, stale or
+#: future message can reach an honest forwarder first (an author that signs two messages with one sequence
+#: number, a slow path, a skewed clock), so it costs the forwarder little or nothing.
 PENALTIES: dict[str, float] = {
     RejectReason.FORGED_SIGNATURE.value: 10.0,
     RejectReason.NOT_ADMITTED.value: 5.0,
     RejectReason.WRONG_RUN.value: 5.0,
+    RejectReason.REPLAYED.value: 0.0,
+    RejectReason.STALE.value: 0.5,
+    RejectReason.FUTURE.value: 0.5,
 }
 DEFAULT_PENALTY = 2.0
 #: A valid first delivery raises the forwarder's score by this much, up to SCORE_CAP.
 DELIVERY_REWARD, SCORE_CAP = 0.1, 10.0
+#: Rejection reasons of this module (beyond RejectReason): the topic does not carry that payload type; the
+#: author published above its rate.
+WRONG_TOPIC, RATE_LIMITED = "wrong_topic", "rate_limited"
+#: Authors whose rate buckets are kept; beyond it the oldest half is forgotten (bounded memory in a run
+#: that admits anyone).
+MAX_AUTHORS = 65536
 
 
 class GossipError(RuntimeError):
-    """The gossip child could not be started, or is not running when a message must be published."""
+    """The gossip service is not running when a message must be published."""
 
 
 @dataclass(frozen=True)
 class GossipConfig:
     """Settings of the gossip service; each field is documented where it is declared."""
 
-    #: Interface the gossip host listens on ("0.0.0.0" to be reachable from other machines).
-    listen_host: str = "127.0.0.1"
-    #: TCP port of the gossip host; 0 picks a free one at the first start and keeps it across restarts.
-    listen_port: int = 0
-    #: Seconds to wait for the child's readiness after spawning it.
-    ready_timeout_s: float = 30.0
-    #: Seconds to wait for a graceful exit before SIGTERM, and again before SIGKILL.
-    stop_timeout_s: float = 5.0
-    #: First restart delay after the child dies; doubles on each quick death up to restart_backoff_max_s.
-    restart_backoff_s: float = 0.5
-    restart_backoff_max_s: float = 10.0
-    #: A child that ran this long before dying is restarted after the initial backoff again.
-    healthy_after_s: float = 30.0
-    #: py-libp2p's per-neighbour, per-topic message rate limit (msgs/s); see docs/decisions.md.
-    rate_limit: float = 1000.0
+    #: Links this node dials (members it can reach directly); it also accepts links dialled to it.
+    degree: int = 6
+    #: Most links (dialled and accepted together); further inbound links are refused.
+    max_links: int = 64
+    #: Seconds between two passes of the overlay upkeep (dial missing neighbours, drop dead links).
+    upkeep_s: float = 1.0
+    #: First delay before redialling a member whose dial failed; doubles up to redial_max_s.
+    redial_s: float = 2.0
+    redial_max_s: float = 60.0
+    #: Seconds a dial (connect and open the stream) may take.
+    dial_timeout_s: float = 10.0
     #: Allowed clock skew of an envelope's timestamp, in seconds.
     skew_s: float = 30.0
-    #: A neighbour whose score falls below this is blacklisted in the child.
+    #: A neighbour whose score falls below this is disconnected and refused for blacklist_s.
     blacklist_score: float = -50.0
+    blacklist_s: float = 600.0
+    #: Messages per second one author may publish (sustained), and its burst.
+    author_rate: float = 20.0
+    author_burst: float = 100.0
     #: Per-subscription queue length; when a consumer lags the oldest messages are dropped (and counted).
     queue_size: int = 1024
-    #: Log level of the child process.
-    child_log_level: str = "WARNING"
+    #: Frames waiting to be written to one link; when a neighbour reads too slowly the oldest are dropped.
+    link_queue: int = 1024
+    #: Message IDs remembered for duplicate suppression.
+    seen_ids: int = 65536
 
     def __post_init__(self) -> None:
-        if not 0 <= self.listen_port <= 65535:
-            raise ValueError(f"listen_port: must be 0..65535, got {self.listen_port}")
-        for name in ("ready_timeout_s", "stop_timeout_s", "restart_backoff_s", "rate_limit", "skew_s"):
+        positive = ("upkeep_s", "redial_s", "dial_timeout_s", "skew_s", "author_rate", "author_burst")
+        for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: must be positive, got {getattr(self, name)}")
-        if self.restart_backoff_max_s < self.restart_backoff_s:
-            raise ValueError("restart_backoff_max_s: must be at least restart_backoff_s")
-        if self.queue_size < 1:
-            raise ValueError(f"queue_size: must be at least 1, got {self.queue_size}")
+        for name in ("degree", "max_links", "queue_size", "link_queue", "seen_ids"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.redial_max_s < self.redial_s:
+            raise ValueError("redial_max_s: must be at least redial_s")
 
 
 @dataclass(frozen=True)
@@ -122,7 +143,7 @@ class GossipMessage:
     ts: float
     forwarder: str
     message: Any
-    #: Local wall-clock time at which the daemon received it (for latency measurements).
+    #: Local wall-clock time at which this node received it (for latency measurements).
     received_at: float
 
 
@@ -166,23 +187,439 @@ class Subscription:
         self.close()
 
 
-class _Child:
-    """One incarnation of the child process and its end of the bridge."""
+class _Bucket:
+    """A token bucket: `rate` tokens per second up to `burst`."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, writer: asyncio.StreamWriter) -> None:
-        self.proc = proc
-        self.writer = writer
-        self.hello: BridgeHello | None = None
-        self.ready = asyncio.Event()
-        self.reader_task: asyncio.Task[None] | None = None
-        self.started_at = time.monotonic()
-        self.write_lock = asyncio.Lock()
+    __slots__ = ("stamp", "tokens")
 
-    async def send(self, msg: Any) -> None:
-        data = frame(encode(msg))
-        async with self.write_lock:
-            self.writer.write(data)
-            await self.writer.drain()
+    def __init__(self, burst: float) -> None:
+        self.tokens = burst
+        self.stamp = time.monotonic()
+
+    def take(self, rate: float, burst: float) -> bool:
+        now = time.monotonic()
+        self.tokens = min(burst, self.tokens + (now - self.stamp) * rate)
+        self.stamp = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+@dataclass(eq=False)
+class _Link:
+    """One two-way gossip stream to a neighbour."""
+
+    peer: str
+    outbound: bool
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    queue: asyncio.Queue[bytes]
+    #: Frames dropped because the neighbour read too slowly.
+    dropped: int = 0
+    closed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def push(self, data: bytes) -> None:
+        if self.queue.full():
+            self.queue.get_nowait()
+            self.dropped += 1
+        self.queue.put_nowait(data)
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # the daemon may already have torn the stream down
+            self.writer.close()
+        self.closed.set()
+
+
+class _Seen:
+    """The most recent message IDs, for duplicate suppression (oldest forgotten first)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._ids: OrderedDict[bytes, None] = OrderedDict()
+
+    def add(self, mid: bytes) -> bool:
+        """Record a message ID; False when it was seen before."""
+        if mid in self._ids:
+            return False
+        self._ids[mid] = None
+        if len(self._ids) > self.size:
+            self._ids.popitem(last=False)
+        return True
+
+
+class _Scores:
+    """Each neighbour's score, and the neighbours refused for a while because theirs fell too low."""
+
+    def __init__(self, config: GossipConfig) -> None:
+        self.config = config
+        self.score: dict[str, float] = {}
+        self._until: dict[str, float] = {}  # peer -> monotonic time until which it is refused
+
+    def refused(self, peer: str) -> bool:
+        until = self._until.get(peer)
+        if until is None:
+            return False
+        if time.monotonic() >= until:
+            del self._until[peer]
+            self.score[peer] = 0.0
+            return False
+        return True
+
+    def reward(self, peer: str) -> None:
+        self.score[peer] = min(SCORE_CAP, self.score.get(peer, 0.0) + DELIVERY_REWARD)
+
+    def penalise(self, peer: str, reason: str) -> bool:
+        """Lower `peer`'s score; True when it has just fallen below the threshold and is now refused."""
+        score = self.score.get(peer, 0.0) - PENALTIES.get(reason, DEFAULT_PENALTY)
+        self.score[peer] = score
+        if score >= self.config.blacklist_score or self.refused(peer):
+            return False
+        log.warning(
+            "disconnecting gossip neighbour %s for %.0fs (score %.1f)", peer, self.config.blacklist_s, score
+        )
+        self._until[peer] = time.monotonic() + self.config.blacklist_s
+        return True
+
+
+def _direct(maddrs: Sequence[str]) -> bool:
+    """Whether a member announces an address that can be dialled without a relay."""
+    return any("/p2p-circuit" not in m for m in maddrs)
+
+
+def pick_neighbours(me: str, candidates: dict[str, tuple[str, ...]], private: bool) -> list[str]:
+    """Which of `candidates` (peer ID -> announced multiaddrs) to dial, best first: members with a direct
+    address, in an order given by a hash of both peer IDs (so choices differ between nodes and stay stable
+    across refreshes). Behind a NAT, members behind a NAT too (through their relays) only when nobody can
+    be dialled directly; a public node never dials them, they dial it."""
+    direct = [p for p, maddrs in candidates.items() if _direct(maddrs)]
+    pool = (direct or list(candidates)) if private else direct
+    pool.sort(key=lambda p: hashlib.blake2b(me.encode() + p.encode(), digest_size=8).digest())
+    return pool
+
+
+Connect = Callable[[str, Sequence[str]], Awaitable[bool]]
+
+
+class GossipService:
+    """Signed gossip for one run; use as `async with GossipService(p2p, identity, run, admitted) as g:`.
+
+    - `await gossip.publish(TopicKind.PROGRESS, Progress(...))`
+    - `async for sender, msg in gossip.subscribe(TopicKind.PROGRESS): ...`
+    - `gossip.add_peers([(peer_id, maddrs), ...])` (from DHT membership records)
+    - `gossip.rejections` (Counter by reason), `gossip.scores` (per neighbour), `gossip.peers` (linked),
+      `gossip.delivered`, `gossip.duplicates`, `gossip.dropped`.
+
+    `p2p` is the node's `hivemind.p2p.P2P`; `connect(peer, maddrs)` makes sure the p2p daemon has a
+    connection to a member before a stream is opened to it (`DhtService.connect`).
+    """
+
+    def __init__(
+        self,
+        p2p: Any,
+        identity: Identity,
+        run_id: str,
+        admitted: Callable[[str], bool],
+        *,
+        connect: Connect | None = None,
+        private: bool = False,
+        config: GossipConfig | None = None,
+        sequence: SequenceCounter | None = None,
+    ) -> None:
+        self.p2p = p2p
+        self.identity = identity
+        self.run_id = run_id
+        self.admitted = admitted
+        self.connect = connect
+        #: Behind a NAT: dial only members with a direct address, never expect to be dialled.
+        self.private = private
+        self.config = cfg = config or GossipConfig()
+        self.protocol = f"{GOSSIP_PROTOCOL}/{run_id}"
+        self._sequence = sequence or SequenceCounter()
+        self._verifier = EnvelopeVerifier(
+            run_id, self._is_admitted, ReplayGuard(skew_s=cfg.skew_s), max_size=MAX_GOSSIP_DATA
+        )
+        self._subscriptions: dict[TopicKind, set[Subscription]] = {k: set() for k in TopicKind}
+        self._known: dict[str, tuple[str, ...]] = {}
+        self._links: dict[str, set[_Link]] = {}
+        self._dialing: set[str] = set()
+        self._retry: dict[str, tuple[float, float]] = {}  # peer -> (not before, current backoff)
+        self._scores = _Scores(cfg)
+        self._seen = _Seen(cfg.seen_ids)
+        self._authors: dict[str, _Bucket] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._running = False
+        #: Rejected incoming messages by reason (a RejectReason value, WRONG_TOPIC or RATE_LIMITED).
+        self.rejections: Counter[str] = Counter()
+        #: Verified messages delivered, by topic kind.
+        self.delivered: Counter[str] = Counter()
+        #: Copies of messages already seen (flooding sends each message along several paths).
+        self.duplicates = 0
+        #: Score of each neighbour: rewarded for valid deliveries, penalised for rejected ones.
+        self.scores = self._scores.score
+
+    # -- public API ----------------------------------------------------------------------------------
+
+    @property
+    def peer_id(self) -> str:
+        return self.identity.peer_id
+
+    @property
+    def peers(self) -> tuple[str, ...]:
+        """Neighbours with at least one open link."""
+        return tuple(p for p, links in self._links.items() if links)
+
+    @property
+    def authors(self) -> int:
+        """Distinct authors whose messages we verified (at most `MAX_AUTHORS` remembered)."""
+        return len(self._authors)
+
+    @property
+    def dropped(self) -> int:
+        """Frames dropped on open links because the neighbour read too slowly."""
+        return sum(link.dropped for links in self._links.values() for link in links)
+
+    def topic(self, kind: TopicKind | str) -> str:
+        """The full topic name of `kind` in this run."""
+        return topic_name(self.run_id, _resolve_topic(self.run_id, kind))
+
+    async def publish(self, topic: TopicKind | str, message: Any) -> None:
+        """Seal `message` with our key and send it to every neighbour; GossipError when not running.
+
+        The message type must be the one the topic carries (`TOPIC_MESSAGE`); others are a TypeError.
+        With no neighbour yet the message reaches nobody (gossip is best effort; the DHT is the record).
+        """
+        kind = _resolve_topic(self.run_id, topic)
+        if not isinstance(message, TOPIC_MESSAGE[kind]):
+            raise TypeError(f"{kind.value} carries {TOPIC_MESSAGE[kind].__name__}, not {type(message)}")
+        if not self._running:
+            raise GossipError("the gossip service is not running")
+        data = seal(self.identity, self.run_id, message, self._sequence.next())
+        self._seen.add(_message_id(data))
+        self._send_all(frame(encode(GossipFrame(kind.value, data))), except_peer=None)
+
+    def subscribe(self, topic: TopicKind | str) -> Subscription:
+        """Verified messages of `topic` from now on (our own publications are not echoed back)."""
+        kind = _resolve_topic(self.run_id, topic)
+        sub = Subscription(self, kind, self.config.queue_size)
+        self._subscriptions[kind].add(sub)
+        return sub
+
+    def add_peers(self, peers: Iterable[tuple[str, Sequence[str]]]) -> None:
+        """Members we may link to, as (peer ID, announced multiaddrs); the upkeep dials some of them."""
+        for peer, maddrs in peers:
+            if peer != self.peer_id:
+                self._known[peer] = tuple(maddrs)
+
+    def set_peers(self, peers: Iterable[tuple[str, Sequence[str]]]) -> None:
+        """Like `add_peers`, but forget members not listed (their records expired: no more dials to them;
+        open links stay until they close)."""
+        self._known.clear()
+        self.add_peers(peers)
+
+    async def wait_peers(self, n: int, timeout: float) -> None:
+        """Wait until at least `n` neighbours are linked (TimeoutError otherwise)."""
+        async with asyncio.timeout(timeout):
+            while len(self.peers) < n:
+                await asyncio.sleep(0.05)
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.p2p.add_binary_stream_handler(self.protocol, self._on_stream)
+        self._running = True
+        self._spawn(self._upkeep(), "gossip-upkeep")
+
+    async def stop(self) -> None:
+        """Close every link and stop every task of the service."""
+        self._running = False
+        for links in list(self._links.values()):
+            for link in list(links):
+                link.close()
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._links.clear()
+        with contextlib.suppress(Exception):  # the daemon may be gone already at shutdown
+            await self.p2p.remove_binary_stream_handler(self.protocol)
+
+    async def __aenter__(self) -> GossipService:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- the overlay ---------------------------------------------------------------------------------
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _refused(self, peer: str) -> bool:
+        return self._scores.refused(peer)
+
+    def _wanted(self) -> list[str]:
+        """The members we should be linked to by our own dials, best first."""
+        ok = [p for p in self._known if not self._refused(p) and self._is_admitted(p)]
+        return pick_neighbours(self.peer_id, {p: self._known[p] for p in ok}, self.private)
+
+    async def _upkeep(self) -> None:
+        while True:
+            now = time.monotonic()
+            outbound = sum(1 for links in self._links.values() for link in links if link.outbound)
+            budget = self.config.degree - outbound - len(self._dialing)
+            for peer in self._wanted():
+                if budget <= 0:
+                    break
+                if self._links.get(peer) or peer in self._dialing:
+                    continue
+                if self._retry.get(peer, (0.0, 0.0))[0] > now:
+                    continue
+                budget -= 1
+                self._dialing.add(peer)
+                self._spawn(self._dial(peer), f"gossip-dial-{peer[-6:]}")
+            await asyncio.sleep(self.config.upkeep_s)
+
+    async def _dial(self, peer: str) -> None:
+        cfg = self.config
+        try:
+            async with asyncio.timeout(cfg.dial_timeout_s):
+                if self.connect is not None:
+                    await self.connect(peer, self._known.get(peer, ()))
+                _info, reader, writer = await self.p2p.call_binary_stream_handler(
+                    PeerID.from_base58(peer), self.protocol
+                )
+        except Exception as e:  # TimeoutError, P2PDaemonError / ControlFailure for dial failures
+            backoff = min(cfg.redial_max_s, self._retry.get(peer, (0.0, cfg.redial_s / 2))[1] * 2)
+            self._retry[peer] = (time.monotonic() + backoff, backoff)
+            log.debug("gossip dial to %s failed (%s); retry in %.0fs", peer, e, backoff)
+            return
+        finally:
+            self._dialing.discard(peer)
+        self._retry.pop(peer, None)
+        await self._run_link(_Link(peer, True, reader, writer, asyncio.Queue(cfg.link_queue)))
+
+    async def _on_stream(self, info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = info.peer_id.to_base58()
+        total = sum(len(links) for links in self._links.values())
+        if not self._running or self._refused(peer) or not self._is_admitted(peer):
+            reason = "refused"
+        elif total >= self.config.max_links:
+            reason = "too many links"
+        else:
+            await self._run_link(_Link(peer, False, reader, writer, asyncio.Queue(self.config.link_queue)))
+            return
+        log.debug("gossip link from %s not accepted: %s", peer, reason)
+        with contextlib.suppress(Exception):
+            writer.close()
+
+    async def _run_link(self, link: _Link) -> None:
+        self._links.setdefault(link.peer, set()).add(link)
+        log.debug("gossip link %s %s", "to" if link.outbound else "from", link.peer)
+        writer = asyncio.create_task(self._write_loop(link), name=f"gossip-write-{link.peer[-6:]}")
+        try:
+            await self._read_loop(link)
+        except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
+            log.debug("gossip link with %s closed: %s", link.peer, e)
+        finally:
+            writer.cancel()
+            link.close()
+            links = self._links.get(link.peer)
+            if links is not None:
+                links.discard(link)
+                if not links:
+                    del self._links[link.peer]
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await writer
+
+    async def _write_loop(self, link: _Link) -> None:
+        try:
+            while True:
+                data = await link.queue.get()
+                link.writer.write(data)
+                await link.writer.drain()
+        except (ConnectionError, OSError) as e:
+            log.debug("gossip write to %s failed: %s", link.peer, e)
+            link.close()
+
+    async def _read_loop(self, link: _Link) -> None:
+        read = link.reader.readexactly
+        while not link.closed.is_set():
+            (n,) = FRAME_HEADER.unpack(await read(FRAME_HEADER.size))
+            if n > MAX_FRAME:
+                self._reject(link.peer, RejectReason.OVERSIZED.value, "")
+                return
+            self._on_frame(link, await read(n))
+
+    # -- messages ------------------------------------------------------------------------------------
+
+    def _on_frame(self, link: _Link, data: bytes) -> None:
+        try:
+            msg = decode(data, GossipFrame)
+            kind = TopicKind(msg.topic)
+        except (ProtocolError, ValueError) as e:
+            self._reject(link.peer, RejectReason.MALFORMED.value, str(e))
+            return
+        if not self._seen.add(_message_id(msg.data)):
+            self.duplicates += 1
+            return
+        try:
+            opened = self._verifier.open(msg.data)
+        except Rejected as e:
+            self._reject(link.peer, e.reason.value, str(e))
+            return
+        if not isinstance(opened.message, TOPIC_MESSAGE[kind]):
+            self._reject(link.peer, WRONG_TOPIC, f"{type(opened.message).__name__} on {kind.value}")
+            return
+        bucket = self._authors.get(opened.sender)
+        if bucket is None:
+            if len(self._authors) >= MAX_AUTHORS:  # forget the oldest half (their buckets refill anyway)
+                for old in list(self._authors)[: MAX_AUTHORS // 2]:
+                    del self._authors[old]
+            bucket = self._authors[opened.sender] = _Bucket(self.config.author_burst)
+        if not bucket.take(self.config.author_rate, self.config.author_burst):
+            # The author is authenticated by its signature: the forwarder is not to blame.
+            self.rejections[RATE_LIMITED] += 1
+            return
+        self.delivered[kind.value] += 1
+        self._scores.reward(link.peer)
+        item = GossipMessage(
+            kind, opened.sender, opened.seq, opened.ts, link.peer, opened.message, time.time()
+        )
+        for sub in list(self._subscriptions[kind]):
+            sub._put(item)
+        self._send_all(frame(data), except_peer=link.peer)
+
+    def _send_all(self, data: bytes, except_peer: str | None) -> None:
+        for peer, links in self._links.items():
+            if peer == except_peer:
+                continue
+            # Two links to one neighbour (both dialled at once): one copy is enough.
+            for link in links:
+                link.push(data)
+                break
+
+    def _reject(self, forwarder: str, reason: str, detail: str) -> None:
+        self.rejections[reason] += 1
+        log.debug("gossip rejected %s via %s (%s)", reason, forwarder, detail)
+        if self._scores.penalise(forwarder, reason):
+            for link in list(self._links.get(forwarder, ())):
+                link.close()
+
+    def _is_admitted(self, peer_id: str) -> bool:
+        try:
+            return bool(self.admitted(peer_id))
+        except Exception:  # the policy is someone else's code: refuse, but say why
+            log.exception("admission policy raised for %s; treating it as not admitted", peer_id)
+            return False
+
+
+def _message_id(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def _resolve_topic(run_id: str, topic: TopicKind | str) -> TopicKind:
@@ -195,413 +632,3 @@ def _resolve_topic(run_id: str, topic: TopicKind | str) -> TopicKind:
             raise ValueError(f"topic {topic!r} belongs to run {run}, not {run_id}")
         return kind
     return TopicKind(topic)
-
-
-def _send_soon(child: _Child, msg: Any) -> None:
-    """Queue a frame without awaiting (from sync code); the writer buffers it in order."""
-    try:
-        child.writer.write(frame(encode(msg)))
-    except (ConnectionError, OSError, RuntimeError) as exc:
-        log.debug("could not send %s to the gossip child: %s", type(msg).__name__, exc)
-
-
-class _ChildSupervisor:
-    """The gossip child process across its incarnations, on behalf of one `GossipService`.
-
-    Starts a child with one end of a Unix socket pair and waits for its `BridgeHello`, restarts it with
-    backoff when it dies, and stops it (graceful `BridgeStop`, then SIGTERM, then SIGKILL, always reaped by
-    PID). Every frame but the handshake goes to `on_frame`. Each new child is handed `known_peers` (the
-    service's dict, which it keeps adding to).
-    """
-
-    def __init__(
-        self,
-        identity_path: Path,
-        peer_id: str,
-        run_id: str,
-        config: GossipConfig,
-        known_peers: dict[str, None],
-        on_frame: Callable[[_Child, Any], None],
-    ) -> None:
-        self.identity_path = identity_path
-        self.peer_id = peer_id
-        self.run_id = run_id
-        self.config = config
-        self._port = config.listen_port
-        self._known_peers = known_peers
-        self._on_frame = on_frame
-        #: The current incarnation, if any.
-        self.child: _Child | None = None
-        self._supervisor: asyncio.Task[None] | None = None
-        self._stopping = False
-        #: How many times the child was restarted after dying.
-        self.restarts = 0
-
-    async def start(self) -> None:
-        """Spawn the first child (GossipError if it does not get ready) and start watching it."""
-        self._stopping = False
-        self.child = await self._spawn()
-        self._supervisor = asyncio.create_task(self._supervise(), name="gossip-supervisor")
-
-    async def stop(self) -> None:
-        """Stop watching, then stop the child (graceful, then SIGTERM, then SIGKILL)."""
-        self._stopping = True
-        if self._supervisor is not None:
-            self._supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._supervisor
-            self._supervisor = None
-        if self.child is not None:
-            await self._terminate(self.child)
-            self.child = None
-
-    async def ready_child(self, timeout: float) -> _Child:
-        """The current child once it is running and ready; GossipError if stopped or after `timeout` s."""
-        deadline = time.monotonic() + timeout
-        while True:
-            child = self.child
-            if self._stopping:
-                raise GossipError("gossip service is stopped")
-            if child is not None and child.ready.is_set() and child.proc.returncode is None:
-                return child
-            if time.monotonic() >= deadline:
-                raise GossipError(f"gossip child not ready within {timeout:.1f}s")
-            await asyncio.sleep(0.05)
-
-    def _child_argv(self, fd: int) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "intellect.node.net.gossip_child",
-            "--key",
-            str(self.identity_path),
-            "--run",
-            self.run_id,
-            "--listen",
-            f"/ip4/{self.config.listen_host}/tcp/{self._port}",
-            "--bridge-fd",
-            str(fd),
-            "--rate-limit",
-            str(self.config.rate_limit),
-            "--skew",
-            str(self.config.skew_s),
-            "--log-level",
-            self.config.child_log_level,
-        ]
-
-    async def _spawn(self) -> _Child:
-        """Start one child, wait for its BridgeHello, and hand it the known peers; GossipError on failure."""
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                *self._child_argv(theirs.fileno()),
-                pass_fds=(theirs.fileno(),),
-                stdin=asyncio.subprocess.DEVNULL,
-            )
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        reader, writer = await asyncio.open_unix_connection(sock=ours)
-        child = _Child(proc, writer)
-        child.reader_task = asyncio.create_task(
-            self._read_loop(child, reader), name=f"gossip-bridge-{proc.pid}"
-        )
-        exited = asyncio.create_task(proc.wait())
-        ready = asyncio.create_task(child.ready.wait())
-        try:
-            done, _ = await asyncio.wait(
-                {exited, ready}, timeout=self.config.ready_timeout_s, return_when=asyncio.FIRST_COMPLETED
-            )
-        except BaseException:
-            await self._terminate(child)
-            raise
-        finally:
-            for task in (exited, ready):
-                task.cancel()
-            await asyncio.gather(exited, ready, return_exceptions=True)
-        if ready not in done:
-            await self._terminate(child)
-            what = f"exited with {proc.returncode}" if proc.returncode is not None else "did not get ready"
-            raise GossipError(f"gossip child {proc.pid} {what} during start")
-        assert child.hello is not None
-        if self._port == 0:
-            # Keep the port the child picked, so peers that know our address reach us after a restart.
-            for addr in child.hello.listen_maddrs:
-                parts = addr.split("/")
-                if "tcp" in parts:
-                    self._port = int(parts[parts.index("tcp") + 1])
-                    break
-        if self._known_peers:
-            await child.send(BridgeAddPeers(tuple(self._known_peers)))
-        log.info("gossip child %s ready: %s", proc.pid, ", ".join(child.hello.listen_maddrs))
-        return child
-
-    async def _supervise(self) -> None:
-        """Wait for the child to exit; unless we are stopping, restart it with exponential backoff."""
-        backoff = self.config.restart_backoff_s
-        while True:
-            child = self.child
-            if child is not None:
-                rc = await child.proc.wait()
-                if self._stopping:
-                    return
-                lived = time.monotonic() - child.started_at
-                log.warning(
-                    "gossip child %s exited with %s after %.1fs; restarting", child.proc.pid, rc, lived
-                )
-                await self._terminate(child)
-                self.child = None
-                if lived >= self.config.healthy_after_s:
-                    backoff = self.config.restart_backoff_s
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, self.config.restart_backoff_max_s)
-            try:
-                self.child = await self._spawn()
-                self.restarts += 1
-            except GossipError as exc:
-                log.warning("gossip child restart failed: %s", exc)
-
-    async def _terminate(self, child: _Child) -> None:
-        """Stop one child: BridgeStop and close the bridge, then SIGTERM, then SIGKILL; reap it."""
-        proc = child.proc
-        if proc.returncode is None:
-            with contextlib.suppress(ConnectionError, OSError, RuntimeError):
-                await asyncio.wait_for(child.send(BridgeStop("daemon stopping")), 1.0)
-        child.writer.close()
-        with contextlib.suppress(ConnectionError, OSError):
-            await child.writer.wait_closed()
-        for sig in (None, signal.SIGTERM, signal.SIGKILL):
-            if proc.returncode is not None:
-                break
-            if sig is not None:
-                log.warning("gossip child %s did not exit; sending %s", proc.pid, sig.name)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, sig)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proc.wait(), self.config.stop_timeout_s)
-        if child.reader_task is not None:
-            child.reader_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await child.reader_task
-
-    async def _read_loop(self, child: _Child, reader: asyncio.StreamReader) -> None:
-        """Handle frames from one child until its socket closes."""
-        try:
-            while True:
-                header = await reader.readexactly(FRAME_HEADER.size)
-                (length,) = FRAME_HEADER.unpack(header)
-                if length > MAX_FRAME:
-                    log.error(
-                        "gossip child %s sent a %s-byte frame; closing the bridge", child.proc.pid, length
-                    )
-                    return
-                msg = decode(await reader.readexactly(length))
-                self._dispatch(child, msg)
-        except asyncio.IncompleteReadError:
-            log.debug("bridge of gossip child %s closed", child.proc.pid)
-        except ProtocolError as exc:
-            log.error(
-                "gossip child %s sent an undecodable frame (%s); closing the bridge", child.proc.pid, exc
-            )
-        except (ConnectionError, OSError) as exc:
-            log.debug("bridge of gossip child %s failed: %s", child.proc.pid, exc)
-
-    def _dispatch(self, child: _Child, msg: Any) -> None:
-        if not isinstance(msg, BridgeHello):
-            self._on_frame(child, msg)
-        elif msg.peer_id != self.peer_id:
-            log.error("gossip child reports peer ID %s, expected %s", msg.peer_id, self.peer_id)
-        else:
-            child.hello = msg
-            child.ready.set()
-
-
-class GossipService:
-    """Signed gossip for one run; use as `async with GossipService(...) as gossip:`.
-
-    - `await gossip.publish(TopicKind.PROGRESS, Progress(...))`
-    - `async for sender, msg in gossip.subscribe(TopicKind.PROGRESS): ...`
-    - `gossip.add_peers(["/ip4/…/tcp/…/p2p/12D3KooW…"])` (e.g. from DHT membership records)
-    - `gossip.rejections` (Counter by RejectReason value), `gossip.scores` (per neighbour),
-      `gossip.restarts`, `gossip.child_pid`, `gossip.peer_id`, `gossip.listen_maddrs`, `gossip.peers`.
-
-    The child process itself (start, restarts, stop) is `_ChildSupervisor`'s; this class seals what we
-    publish and handles what the child reports.
-    """
-
-    def __init__(
-        self,
-        identity_path: Path,
-        run_id: str,
-        admitted: Callable[[str], bool],
-        *,
-        listen_port: int | None = None,
-        bootstrap: Iterable[str] = (),
-        config: GossipConfig | None = None,
-        sequence: SequenceCounter | None = None,
-    ) -> None:
-        self.identity_path = Path(identity_path)
-        self.identity = Identity.load(self.identity_path)
-        self.run_id = run_id
-        self.admitted = admitted
-        cfg = config or GossipConfig()
-        if listen_port is not None:
-            cfg = GossipConfig(**{**cfg.__dict__, "listen_port": listen_port})
-        self.config = cfg
-        self._sequence = sequence or SequenceCounter()
-        self._known_peers: dict[str, None] = dict.fromkeys(bootstrap)
-        self._subscriptions: dict[TopicKind, set[Subscription]] = {k: set() for k in TopicKind}
-        self._children = _ChildSupervisor(
-            self.identity_path, self.identity.peer_id, run_id, cfg, self._known_peers, self._handle
-        )
-        self._blacklisted: set[str] = set()
-        #: Rejected incoming messages by RejectReason value (e.g. "forged_signature").
-        self.rejections: Counter[str] = Counter()
-        #: Verified messages delivered, by topic kind.
-        self.delivered: Counter[str] = Counter()
-        #: Score of each neighbour: rewarded for valid deliveries, penalised for rejected ones.
-        self.scores: dict[str, float] = {}
-        #: Connected gossip peers and per-topic mesh sizes, as last reported by the child (every second).
-        self.peers: tuple[str, ...] = ()
-        self.mesh_sizes: dict[TopicKind, int] = {}
-
-    # -- public API ----------------------------------------------------------------------------------
-
-    @property
-    def peer_id(self) -> str:
-        return self.identity.peer_id
-
-    @property
-    def restarts(self) -> int:
-        """How many times the child was restarted after dying."""
-        return self._children.restarts
-
-    @property
-    def _child(self) -> _Child | None:
-        """The current incarnation of the child process, if any."""
-        return self._children.child
-
-    @property
-    def child_pid(self) -> int | None:
-        return self._child.proc.pid if self._child is not None else None
-
-    @property
-    def listen_maddrs(self) -> tuple[str, ...]:
-        """Multiaddrs of the gossip host with our peer ID appended (what membership records carry)."""
-        if self._child is None or self._child.hello is None:
-            return ()
-        suffix = f"/p2p/{self.peer_id}"
-        return tuple(a if a.endswith(suffix) else a + suffix for a in self._child.hello.listen_maddrs)
-
-    def topic(self, kind: TopicKind | str) -> str:
-        """The full gossipsub topic name of `kind` in this run."""
-        return topic_name(self.run_id, _resolve_topic(self.run_id, kind))
-
-    async def publish(self, topic: TopicKind | str, message: Any, *, wait_s: float = 5.0) -> None:
-        """Seal `message` with our key and publish it on `topic`; GossipError if the child stays down.
-
-        The message type must be the one the topic carries (`TOPIC_MESSAGE`); others are a TypeError.
-        """
-        kind = _resolve_topic(self.run_id, topic)
-        if not isinstance(message, TOPIC_MESSAGE[kind]):
-            raise TypeError(f"{kind.value} carries {TOPIC_MESSAGE[kind].__name__}, not {type(message)}")
-        data = seal(self.identity, self.run_id, message, self._sequence.next())
-        child = await self._children.ready_child(wait_s)
-        try:
-            await child.send(BridgePublish(topic_name(self.run_id, kind), data))
-        except (ConnectionError, OSError) as exc:
-            raise GossipError(f"gossip child went away while publishing: {exc}") from exc
-
-    def subscribe(self, topic: TopicKind | str) -> Subscription:
-        """Verified messages of `topic` from now on (our own publications are not echoed back)."""
-        kind = _resolve_topic(self.run_id, topic)
-        sub = Subscription(self, kind, self.config.queue_size)
-        self._subscriptions[kind].add(sub)
-        return sub
-
-    def add_peers(self, maddrs: Iterable[str]) -> None:
-        """Dial these gossip addresses now and keep redialling them (they survive child restarts)."""
-        new = [a for a in maddrs if a not in self._known_peers and not a.endswith(f"/p2p/{self.peer_id}")]
-        if not new:
-            return
-        self._known_peers.update(dict.fromkeys(new))
-        child = self._child
-        if child is not None and child.ready.is_set():
-            _send_soon(child, BridgeAddPeers(tuple(new)))
-
-    async def wait_peers(self, n: int, timeout: float) -> None:
-        """Wait until the child reports at least `n` connected peers and a mesh on every topic."""
-        async with asyncio.timeout(timeout):
-            while len(self.peers) < n or min(self.mesh_sizes.values(), default=0) < min(n, 1):
-                await asyncio.sleep(0.1)
-
-    async def wait_ready(self, timeout: float) -> None:
-        """Wait until a child is running and ready (e.g. after a restart)."""
-        await self._children.ready_child(timeout)
-
-    # -- lifecycle -----------------------------------------------------------------------------------
-
-    async def __aenter__(self) -> GossipService:
-        await self._children.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.stop()
-
-    async def stop(self) -> None:
-        """Stop the child (graceful, then SIGTERM, then SIGKILL) and every task of the service."""
-        await self._children.stop()
-
-    # -- frames from the child -----------------------------------------------------------------------
-
-    def _handle(self, child: _Child, msg: Any) -> None:
-        if isinstance(msg, BridgeDeliver):
-            self._on_deliver(msg)
-        elif isinstance(msg, BridgeReject):
-            self._on_reject(child, msg)
-        elif isinstance(msg, BridgeAdmitQuery):
-            _send_soon(child, BridgeAdmitReply(msg.peer_id, self._is_admitted(msg.peer_id)))
-        elif isinstance(msg, BridgeStatus):
-            self.peers = msg.peers
-            self.mesh_sizes = dict(zip(TopicKind, msg.mesh_sizes, strict=False))
-        else:
-            log.warning("unexpected frame %s from the gossip child", type(msg).__name__)
-
-    def _is_admitted(self, peer_id: str) -> bool:
-        try:
-            return bool(self.admitted(peer_id))
-        except Exception:  # the policy is someone else's code: refuse, but say why
-            log.exception("admission policy raised for %s; treating it as not admitted", peer_id)
-            return False
-
-    def _on_deliver(self, msg: BridgeDeliver) -> None:
-        try:
-            _, kind = parse_topic(msg.topic)
-            payload = decode(msg.body, TOPIC_MESSAGE[kind])
-        except (ValueError, ProtocolError) as exc:
-            log.error("gossip child delivered an unreadable message on %s: %s", msg.topic, exc)
-            return
-        self.delivered[kind.value] += 1
-        self.scores[msg.forwarder] = min(SCORE_CAP, self.scores.get(msg.forwarder, 0.0) + DELIVERY_REWARD)
-        item = GossipMessage(kind, msg.sender, msg.seq, msg.ts, msg.forwarder, payload, time.time())
-        for sub in list(self._subscriptions[kind]):
-            sub._put(item)
-
-    def _on_reject(self, child: _Child, msg: BridgeReject) -> None:
-        self.rejections[msg.reason] += 1
-        score = self.scores.get(msg.forwarder, 0.0) - PENALTIES.get(msg.reason, DEFAULT_PENALTY)
-        self.scores[msg.forwarder] = score
-        log.debug(
-            "gossip rejected %s on %s via %s (claims %s); score %.1f",
-            msg.reason,
-            msg.topic,
-            msg.forwarder,
-            msg.claimed_sender or "?",
-            score,
-        )
-        if score < self.config.blacklist_score and msg.forwarder not in self._blacklisted:
-            log.warning("blacklisting gossip peer %s (score %.1f)", msg.forwarder, score)
-            self._blacklisted.add(msg.forwarder)
-            _send_soon(child, BridgeBlacklist(msg.forwarder))

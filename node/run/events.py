@@ -14,7 +14,7 @@ from typing import TypeVar
 
 
 class RunReject(StrEnum):
-    """Peer input the round machine dropped (gossip's own reasons are counted by the gossip child)."""
+    """Peer input the round machine dropped (gossip's own reasons are counted by the gossip service)."""
 
     #: A gossiped checkpoint announcement with a malformed hash or impossible sizes.
     BAD_CHECKPOINT_ANNOUNCE = "bad_checkpoint_announce"
@@ -120,9 +120,13 @@ class MembersChanged:
 
 @dataclass(frozen=True)
 class GossipCounters:
-    """The gossip child's own cumulative rejection counters (a snapshot, monotone per reason)."""
+    """The gossip service's counters (a snapshot): rejections by reason and deliveries (both monotone),
+    the neighbours linked now, and how many distinct authors we have heard from."""
 
     rejected: Mapping[str, int] = field(default_factory=dict)
+    delivered: int = 0
+    neighbours: int = 0
+    authors: int = 0
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ writes these facts, so a claim can never be half-updated.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -153,12 +154,25 @@ class PeerBook:
         target = pick_target(vouches, self.run_id)
         if target is None:
             return None
+        # Everyone's vouch counts, but only peers others can dial can serve the download: a member behind
+        # a NAT is reachable only through relays, which carry 128 KiB per connection (docs/decisions.md).
+        # Trying only those would fail and cost a whole round of waiting (seen when a NAT'd member's
+        # announcement arrived a few ms before the public one's).
+        sources = tuple(p for p in target.peers if self._can_serve(p))
+        if not sources:
+            return None
+        target = dataclasses.replace(target, peers=sources)
         heard = [
             h.received_at
             for h in self._heard.values()
             if (h.vouch.round, h.vouch.state_hash) == (target.round, target.state_hash)
         ]
         return target, max(heard, default=0.0)
+
+    def _can_serve(self, peer: str) -> bool:
+        """Whether `peer` announced an address that is not a relay circuit (unknown peers get a try)."""
+        rec = self._records.get(peer)
+        return rec is None or any("/p2p-circuit" not in m for m in rec.maddrs)
 
     def addresses(self, peer: str) -> tuple[str, ...]:
         """The addresses `peer` announced in its signed membership record (none if we have no record)."""

@@ -169,6 +169,11 @@ class RunService:
         with self.gossip.subscribe(kind) as sub:
             async for sender, msg in sub:
                 handle(sender, msg)
+                self._emit(self._gossip_counters())
+
+    def _gossip_counters(self) -> GossipCounters:
+        g = self.gossip
+        return GossipCounters(dict(g.rejections), sum(g.delivered.values()), len(g.peers), g.authors)
 
     async def _membership_loop(
         self, announcer: Announcer, state: GlobalState, machine: RoundMachine, server: StateServer
@@ -176,7 +181,7 @@ class RunService:
         while True:
             await announcer.membership_record(state.view(), machine.tokens_per_s)
             await self.refresh_members()
-            self._emit(GossipCounters(dict(self.gossip.rejections)))
+            self._emit(self._gossip_counters())
             self._emit(StateServed(server.stats.bytes_sent))
             await asyncio.sleep(MEMBER_REFRESH_S if len(self.book.members) > 1 else ALONE_REFRESH_S)
 
@@ -186,7 +191,7 @@ class RunService:
         records = await self.membership.members()
         self.book.on_members(records)
         me = self.identity.peer_id
-        self.gossip.add_peers([r.gossip_addr for r in records if r.gossip_addr and r.peer_id != me])
+        self.gossip.set_peers((r.peer_id, r.maddrs) for r in records if r.peer_id != me)
 
     async def state(
         self, target: SyncTarget, distrusted: frozenset[str], report: SyncReport

@@ -1,0 +1,47 @@
+"""The peer book's sync target: every vouch counts, but only members others can dial serve the download."""
+
+from __future__ import annotations
+
+import time
+
+from intellect.crypto.identity import Identity
+from intellect.node.run.peerbook import PeerBook
+from intellect.protocol.gossip_messages import CheckpointAnnounce
+from intellect.protocol.records import MembershipRecord
+
+RUN = "ab" * 32
+HASH = "cd" * 32
+RELAY = "/ip4/192.0.2.1/tcp/4001/p2p/12D3KooWB64g8suG31YPi8N7i9cPPrP39VCsf8rLkvu7ELkX7W22"
+
+
+def _record(peer: str, maddrs: tuple[str, ...], round_: int = 3) -> MembershipRecord:
+    now = time.time()
+    return MembershipRecord(RUN, peer, maddrs, "", round_, 100.0, "trainer", HASH, now, now + 60)
+
+
+def test_a_member_behind_a_nat_vouches_but_is_not_asked_for_the_state() -> None:
+    me, natted, public = (Identity.generate().peer_id for _ in range(3))
+    book = PeerBook(me, RUN, lambda event: None)
+    book.on_members(
+        [
+            _record(natted, (f"{RELAY}/p2p-circuit/p2p/{natted}",), round_=0),
+            _record(public, (f"/ip4/192.0.2.7/tcp/4001/p2p/{public}",), round_=0),
+        ]
+    )
+    # The NAT'd member's announcement of round 3 arrives first: no target yet (nobody who can serve it).
+    assert book.on_checkpoint(natted, CheckpointAnnounce(3, HASH, 1 << 20, 1 << 16))
+    assert book.target() is None
+    # Then the public member's: the target is round 3, both vouch for it, only the public one serves it.
+    assert book.on_checkpoint(public, CheckpointAnnounce(3, HASH, 1 << 20, 1 << 16))
+    found = book.target()
+    assert found is not None
+    target, _heard_at = found
+    assert (target.round, target.state_hash, target.peers) == (3, HASH, (public,))
+
+
+def test_a_peer_without_a_record_yet_gets_a_try() -> None:
+    me, stranger = Identity.generate().peer_id, Identity.generate().peer_id
+    book = PeerBook(me, RUN, lambda event: None)
+    assert book.on_checkpoint(stranger, CheckpointAnnounce(2, HASH, 1 << 20, 1 << 16))
+    found = book.target()
+    assert found is not None and found[0].peers == (stranger,)
