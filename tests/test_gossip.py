@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from hivemind.p2p import P2P, PeerID
+from hivemind.utils.multiaddr import Multiaddr
 from intellect.crypto.identity import Identity
 from intellect.node.net.gossip import (
     GOSSIP_PROTOCOL,
@@ -36,7 +37,6 @@ from intellect.protocol.gossip_messages import (
     frame,
 )
 from intellect.protocol.keys import TopicKind, parse_topic, topic_name
-from multiaddr import Multiaddr
 
 RUN = "ab" * 32
 OTHER_RUN = "cd" * 32
