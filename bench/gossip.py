@@ -97,10 +97,10 @@ def _free_port() -> int:
 
 async def _worker(key: Path, port: int, private: bool) -> None:
     from hivemind.p2p import P2P, PeerID
-    from hivemind.utils.multiaddr import Multiaddr
     from intellect.crypto.identity import Identity
     from intellect.node.net.gossip import GossipService
     from intellect.protocol.keys import TopicKind
+    from multiaddr import Multiaddr
 
     ident = Identity.load(key)
     p2p = await P2P.create(

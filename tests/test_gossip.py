@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from hivemind.p2p import P2P, PeerID
-from hivemind.utils.multiaddr import Multiaddr
 from intellect.crypto.identity import Identity
 from intellect.node.net.gossip import (
     GOSSIP_PROTOCOL,
@@ -37,6 +36,7 @@ from intellect.protocol.gossip_messages import (
     frame,
 )
 from intellect.protocol.keys import TopicKind, parse_topic, topic_name
+from multiaddr import Multiaddr
 
 RUN = "ab" * 32
 OTHER_RUN = "cd" * 32

@@ -251,3 +251,5 @@ def test_doctor_tells_public_from_natted_and_measures_the_upload(
     )
     assert "through relays only" in private and "/p2p-circuit/p2p/" in private, private
     assert "MB/s" in private, private
+    # A second daemon dialled in through the bootstrap node's relay: the reservation holds.
+    assert "reservation holds" in private and "NO reservation" not in private, private

@@ -1,8 +1,9 @@
 """`intellect-node doctor`: can others reach this node, what does it announce, how fast is its upload.
 
 It starts a p2p daemon of its own with a throw-away identity and the node's network settings (so it can
-run beside a running daemon), asks each bootstrap node to dial it back and measures the upload to it, and
-prints a few lines with what to do about each problem (`net.probe.summary`).
+run beside a running daemon), asks each bootstrap node to dial it back and measures the upload to it,
+behind a NAT checks that each relay holds a reservation (a second daemon dials in through it), and prints
+a few lines with what to do about each problem (`net.probe.summary`, `net.probe.relay_lines`).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def doctor(
 async def _diagnose(config: object, upload_bytes: int) -> list[str]:
     from intellect.crypto.identity import Identity
     from intellect.node.net.dht import DhtError, DhtService
-    from intellect.node.net.probe import probe, summary, tcp_ports
+    from intellect.node.net.probe import probe, relay_check, relay_lines, summary, tcp_ports
 
     notes: list[str] = []
     svc = DhtService(config, Identity.generate())  # type: ignore[arg-type]
@@ -64,6 +65,11 @@ async def _diagnose(config: object, upload_bytes: int) -> list[str]:
         ports = tcp_ports(svc.visible_maddrs)
         peers = [m.rsplit("/p2p/", 1)[1] for m in svc.config.bootstrap if "/p2p/" in m]
         reports = [await probe(svc.p2p, peer, ports, upload_bytes) for peer in dict.fromkeys(peers)]
-        return [*notes, *summary(svc.config.reachability, reports, svc.dialable_maddrs())]
+        announced = svc.dialable_maddrs()
+        lines = [*notes, *summary(svc.config.reachability, reports, announced)]
+        circuits = [m for m in announced if "/p2p-circuit/" in m]
+        if circuits:
+            lines += relay_lines(await relay_check(svc.peer_id, circuits))
+        return lines
     finally:
         await svc.stop()

@@ -30,12 +30,12 @@ from hivemind.dht.node import DHTNode
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import CompositeValidator, DHTRecord, RecordValidatorBase
 from hivemind.p2p import P2P, PeerID
-from hivemind.utils.multiaddr import Multiaddr
 from intellect.crypto.identity import Identity
 from intellect.node.net.probe import ProbeServer
 from intellect.protocol import keys, records
 from intellect.protocol.errors import ProtocolError
 from intellect.protocol.manifest import SignedManifest
+from multiaddr import Multiaddr
 
 logger = logging.getLogger(__name__)
 

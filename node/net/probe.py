@@ -236,3 +236,48 @@ def summary(reachability: str, reports: list[ProbeReport], announced: list[str])
     if not reports:
         lines.append("to do: no bootstrap node answered: check --bootstrap and your connection")
     return lines
+
+
+async def relay_check(target: str, circuits: list[str], timeout_s: float = 20.0) -> list[tuple[str, str]]:
+    """Whether each relay holds a reservation for `target`: a second, throw-away p2p daemon dials
+    `target` through each circuit address (`<relay>/p2p-circuit/p2p/<target>`); a relay without a
+    reservation for it refuses the circuit. Returns (relay address, "" or the error) per circuit."""
+    from hivemind.p2p import P2P
+    from multiaddr import Multiaddr
+
+    tester = await P2P.create(host_maddrs=["/ip4/0.0.0.0/tcp/0"], auto_nat=False, nat_port_map=False)
+    out: list[tuple[str, str]] = []
+    try:
+        peer = PeerID.from_base58(target)
+        for circuit in circuits:
+            relay = circuit.split("/p2p-circuit")[0]
+            try:
+                addr = Multiaddr(circuit.removesuffix(f"/p2p/{target}"))
+                await asyncio.wait_for(tester._client.connect(peer, [addr]), timeout_s)
+                out.append((relay, ""))
+            except Exception as e:  # ControlFailure / TimeoutError: no circuit through this relay
+                out.append((relay, str(e).splitlines()[0][:200] if str(e) else type(e).__name__))
+            with contextlib.suppress(Exception):
+                await tester._client.disconnect(peer)
+    finally:
+        await tester.shutdown()
+    return out
+
+
+def relay_lines(results: list[tuple[str, str]]) -> list[str]:
+    """The doctor's lines about relay reservations."""
+    lines = []
+    for relay, error in results:
+        short = relay.rsplit("/p2p/", 1)[-1][:16]
+        lines.append(
+            f"relay {short}…: reservation holds (reached through it)"
+            if not error
+            else f"relay {short}…: NO reservation ({error})"
+        )
+    if results and all(error for _, error in results):
+        lines.append(
+            "to do: no relay holds a reservation for you: members behind a NAT cannot be reached through "
+            "relays (you still train: you dial out to reachable members); check that the bootstrap nodes "
+            "run with reachability = public"
+        )
+    return lines
