@@ -1,9 +1,10 @@
 """Averaging wire messages (type ids 300–349): group records in the DHT and the all-reduce data plane.
 
-Group formation: every peer that wants to average round ``r`` stores a signed `GroupRecord` in the DHT
-under a key made of (run, round, attempt, schema hash), subkey = its peer ID. The group is the sorted set
-of valid records a peer sees; its `group_id` hashes that member list, so two peers that saw different sets
-have different group ids and refuse each other in the hello.
+Group formation (`intellect.protocol.matchmaking`): every peer that wants to average round ``r`` keeps a
+signed `GroupRecord` heartbeat in its lobby, the DHT key of (run, round, bucket, schema hash), subkey = its
+peer ID; a leader stores a signed `GroupDeclaration` there (subkey `decl:<leader>`) with the exact member
+list. The `group_id` hashes that list and the attempt number (`groups.attempt_of(leader, seq)`), so
+members that joined different declarations refuse each other in the hello.
 
 Data plane (one TCP connection per ordered pair of members, data flows from the connecting side):
 
@@ -102,19 +103,21 @@ class PartKind(enum.IntEnum):
 @message(300, version=2, max_size=2048)
 @dataclass(frozen=True)
 class GroupRecord:
-    """A peer's offer to average for (run, round, attempt, schema), and where its data plane listens.
+    """A peer's heartbeat in the lobby of (run, round, bucket, schema), and where its data plane listens.
 
     `host` "" and `port` 0 say "dial me by peer ID over libp2p" (what the daemon publishes); a host and a
     port name a plain TCP listener (tests and benchmarks)."""
 
     run_id: str
     round: int
-    attempt: int
+    #: The lobby bucket (`intellect.protocol.matchmaking.bucket_of`); an attempt number before matchmaking
+    #: by declaration (same position on the wire).
+    bucket: int
     schema_hash: str
     peer_id: str
     host: str
     port: int
-    #: Unix time after which the record is void.
+    #: Unix time after which the record is void (a heartbeat: re-published before it lapses).
     expires: float
     #: Whether the peer reduces a partition (it can be dialled); False for a peer behind a NAT.
     owner: bool = True
@@ -126,7 +129,7 @@ class GroupRecord:
                 "group-record-v2",
                 self.run_id,
                 self.round,
-                self.attempt,
+                self.bucket,
                 self.schema_hash,
                 self.peer_id,
                 self.host,
@@ -147,6 +150,65 @@ class GroupRecord:
         if not by_peer_id and (not 0 < self.port < 65536 or not self.host or len(self.host) > 255):
             return False
         return verify(self.peer_id, domains.ALLREDUCE, self.signing_bytes(), self.sig)
+
+
+@message(309, version=1, max_size=96 * 1024)
+@dataclass(frozen=True)
+class GroupDeclaration:
+    """A leader's declaration of one group of (run, round, lobby bucket, schema): the exact member list
+    every member averages with (`intellect.protocol.matchmaking`). Stored in the lobby under the subkey
+    `decl:<leader>`; `seq` numbers the leader's declarations within the round."""
+
+    run_id: str
+    round: int
+    bucket: int
+    schema_hash: str
+    leader: str
+    seq: int
+    #: The members' peer IDs, sorted; with each one's data-plane host and port ("" and 0: dial by peer
+    #: ID) and whether it owns a partition (False behind a NAT), position by position.
+    members: tuple[str, ...]
+    hosts: tuple[str, ...]
+    ports: tuple[int, ...]
+    owners: tuple[bool, ...]
+    expires: float
+    sig: bytes = b""
+
+    def signing_bytes(self) -> bytes:
+        return packb_canonical(
+            [
+                "group-declaration-v1",
+                self.run_id,
+                self.round,
+                self.bucket,
+                self.schema_hash,
+                self.leader,
+                self.seq,
+                list(self.members),
+                list(self.hosts),
+                list(self.ports),
+                list(self.owners),
+                self.expires,
+            ]
+        )
+
+    def signed(self, identity: Identity) -> GroupDeclaration:
+        if identity.peer_id != self.leader:
+            raise ValueError("a declaration is signed by its leader")
+        return replace(self, sig=identity.sign(domains.ALLREDUCE, self.signing_bytes()))
+
+    def verify(self) -> bool:
+        """True when signed by its leader, with at most 4096 well-formed members that include the leader."""
+        n = len(self.members)
+        if not 0 < n <= 4096 or not 0 <= self.seq < 1 << 24:
+            return False
+        if not len(self.hosts) == len(self.ports) == len(self.owners) == n:
+            return False
+        if list(self.members) != sorted(set(self.members)) or self.leader not in self.members:
+            return False
+        if any(len(h) > 255 or not 0 <= p < 65536 for h, p in zip(self.hosts, self.ports, strict=True)):
+            return False
+        return verify(self.leader, domains.ALLREDUCE, self.signing_bytes(), self.sig)
 
 
 @message(301, max_size=MAX_CONTROL_FRAME)

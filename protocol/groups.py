@@ -13,9 +13,23 @@ Pure: no torch, no sockets.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from intellect.protocol.averaging_messages import group_id_of
+
+#: An attempt number is (leader tag << SEQ_BITS) | the leader's declaration number: unique per declaration
+#: of a round, and ordered among one leader's declarations (`attempt_of`).
+SEQ_BITS = 24
+
+
+def leader_tag(leader: str) -> int:
+    return int.from_bytes(hashlib.blake2b(leader.encode(), digest_size=4).digest(), "big")
+
+
+def attempt_of(leader: str, seq: int) -> int:
+    """The attempt number of a leader's `seq`-th declaration in a round."""
+    return (leader_tag(leader) << SEQ_BITS) | (seq & ((1 << SEQ_BITS) - 1))
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ hivemind). hivemind hashes each DHT key into a DHTID; a subkey makes a key a dic
 
     RUNS_KEY = "intellect/runs"                               subkey run_id   → signed manifest
     members_key(run_id)   intellect/run/<run_id>/members      subkey peer id  → signed membership record
-    group_key(...)        intellect/<run_id>/avg/<round>/<attempt>/<schema hash>
+    lobby_key(...)        intellect/<run_id>/avg/<round>/b<bucket>/<schema hash>
                                                               subkey peer id  → signed group record
 
 Gossip topics are `intellect/<run_id>/<kind>`, one per `TopicKind`; which payload each topic carries is
@@ -27,9 +27,11 @@ def members_key(run_id: str) -> str:
     return f"intellect/run/{run_id}/members"
 
 
-def group_key(run_id: str, round: int, attempt: int, schema: str) -> str:
-    """The DHT key where peers of one (run, round, attempt, tensor schema) meet to form an averaging group."""
-    return f"intellect/{run_id}/avg/{round}/{attempt}/{schema}"
+def lobby_key(run_id: str, round: int, bucket: int, schema: str) -> str:
+    """The DHT key where peers of one (run, round, lobby bucket, tensor schema) meet to form averaging
+    groups (heartbeats and leaders' declarations; `intellect.protocol.matchmaking`). No attempt number:
+    a peer whose attempt failed comes back to the same lobby."""
+    return f"intellect/{run_id}/avg/{round}/b{bucket}/{schema}"
 
 
 class TopicKind(enum.StrEnum):

@@ -18,7 +18,7 @@ from intellect.crypto.identity import Identity
 from intellect.node.net.averaging import Averager, AveragerConfig
 from intellect.protocol import averaging_messages as am
 from intellect.protocol.codec import encode
-from intellect.protocol.keys import group_key
+from intellect.protocol.keys import lobby_key
 
 torch.set_num_threads(1)
 
@@ -165,7 +165,7 @@ async def test_forged_group_record_is_ignored(dht: Callable[[int], Awaitable[lis
         from intellect.node.net.allreduce import schema_hash
 
         tensors = _tensors(1.0)
-        key = group_key("run-test", 1, 0, schema_hash(tensors))
+        key = lobby_key("run-test", 1, 0, schema_hash(tensors))
         victim, mallory = Identity.generate(), Identity.generate()
         # A record naming `victim` but signed by mallory, stored under the victim's subkey.
         rec = am.GroupRecord(
@@ -175,7 +175,7 @@ async def test_forged_group_record_is_ignored(dht: Callable[[int], Awaitable[lis
             **{**rec.__dict__, "sig": mallory.sign(domains.ALLREDUCE, rec.signing_bytes())}
         )
         await dht_nodes[0].store(key, encode(forged), time.time() + 60, subkey=victim.peer_id)
-        assert victim.peer_id in await avs[0].board.read(key)  # the forgery is there to be read...
+        assert victim.peer_id in await avs[0].lobbies.board.read(key)  # the forgery is there to be read...
         result = await avs[0].average(1, tensors, 1.0, time.time() + 3)
     finally:
         await _close(avs)
@@ -227,9 +227,9 @@ async def test_lone_laggard_stops_waiting_once_overtaken(
 async def test_a_member_that_never_connects_is_left_out_of_the_retry(
     dht: Callable[[int], Awaitable[list[DHTNode]]],
 ) -> None:
-    """mallory publishes valid, signed group records for every attempt of round 1 but nothing listens at
-    her address: the first attempt fails naming her, and the retry averages the honest members without
-    her (before, the culprit was unnamed and every attempt failed)."""
+    """mallory publishes a valid, signed heartbeat for round 1 but nothing listens at her address and she
+    never renews it: an attempt that includes her fails naming her, and she is left out of the next
+    declaration (her heartbeat never changes again); the honest members average without her."""
     import socket
 
     from intellect.node.net.allreduce import schema_hash
@@ -244,17 +244,15 @@ async def test_a_member_that_never_connects_is_left_out_of_the_retry(
         with socket.socket() as s:  # a port that was free a moment ago: connections to it are refused
             s.bind(("127.0.0.1", 0))
             dead_port = s.getsockname()[1]
-        # She publishes for every attempt of the round, so a fresh attempt key alone does not shake her off.
-        for attempt in range(config.max_attempts):
-            rec = am.GroupRecord(
-                "run-test", 1, attempt, schema, mallory.peer_id, "127.0.0.1", dead_port, time.time() + 60
-            )
-            await dht_nodes[2].store(
-                group_key("run-test", 1, attempt, schema),
-                encode(rec.signed(mallory)),
-                time.time() + 60,
-                subkey=mallory.peer_id,
-            )
+        rec = am.GroupRecord(
+            "run-test", 1, 0, schema, mallory.peer_id, "127.0.0.1", dead_port, time.time() + 60
+        )
+        await dht_nodes[2].store(
+            lobby_key("run-test", 1, 0, schema),
+            encode(rec.signed(mallory)),
+            time.time() + 60,
+            subkey=mallory.peer_id,
+        )
         results = await asyncio.wait_for(
             asyncio.gather(
                 *(
@@ -269,7 +267,7 @@ async def test_a_member_that_never_connects_is_left_out_of_the_retry(
     want = _weighted_mean(inputs, weights)
     for r in results:
         assert r.ok and r.tensors is not None, r.reason
-        assert mallory.peer_id not in r.group and r.attempts >= 2
+        assert mallory.peer_id not in r.group
         for k, v in want.items():
             assert torch.allclose(r.tensors[k].double(), v, atol=1e-5)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +57,7 @@ class Averager:
         weight: float,
         deadline: float,
         overtaken: Callable[[], bool] | None = None,
+        expected: Collection[str] | None = None,
     ) -> AverageResult:
         self.rounds.append(round)
         if not self.ok:

@@ -43,19 +43,28 @@ from intellect.protocol import averaging_messages as am
 from intellect.protocol.averaging_messages import AbortReason, HandshakeRefusal
 from intellect.protocol.codec import encode, packb_canonical
 from intellect.protocol.errors import ProtocolError
-from intellect.protocol.groups import GroupMember, GroupSpec
+from intellect.protocol.groups import SEQ_BITS, GroupMember, GroupSpec
 
 logger = logging.getLogger(__name__)
 
 _LEN = struct.Struct(">I")
 T = TypeVar("T")
+#: How long an incoming hello waits for us to open the slot of its group (a member a little ahead of us)
+#: before it is refused as stale: far longer than any stall timeout of the sender's.
+SLOT_WAIT_S = 60.0
 
 
 class AllReduceError(Exception):
     """One all-reduce attempt failed; nobody may use a result. `culprit` names a misbehaving member."""
 
     def __init__(
-        self, failure: AbortReason, culprit: str = "", detail: str = "", *, peer_reason: str | None = None
+        self,
+        failure: AbortReason,
+        culprit: str = "",
+        detail: str = "",
+        *,
+        peer_reason: str | None = None,
+        sender: str = "",
     ) -> None:
         #: The failure's value; for ABORTED_BY_PEER, "aborted-by-peer:<the reason the peer sent>".
         self.reason: str = failure if peer_reason is None else f"{failure}:{peer_reason}"
@@ -63,6 +72,10 @@ class AllReduceError(Exception):
         self.failure = failure
         self.culprit = culprit
         self.detail = detail
+        #: For ABORTED_BY_PEER: the member that sent the Abort (its `culprit` is only its word).
+        self.sender = sender
+        #: For ABORTED_BY_PEER: the reason the member sent.
+        self.peer_reason = peer_reason or ""
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -244,7 +257,8 @@ class DataPlane:
         self._slots: dict[bytes, _Slot] = {}
         self._by_key: dict[tuple[str, int, int], _Slot] = {}
         #: Highest attempt opened per (run, round): hellos for older attempts are refused at once.
-        self._latest_attempt: dict[tuple[str, int], int] = {}
+        #: The latest declaration number opened per (run, round, leader tag) (`groups.attempt_of`).
+        self._latest_attempt: dict[tuple[str, int, int], int] = {}
         self._slot_added = asyncio.Event()
         #: Refused connections by `RefusedConnection` or exception class name (the averager exports them).
         self.rejected: dict[str, int] = {}
@@ -275,8 +289,8 @@ class DataPlane:
         slot = _Slot(spec, self.identity.peer_id)
         self._slots[spec.group_id] = slot
         self._by_key[spec.key] = slot
-        run_round = (spec.run_id, spec.round)
-        self._latest_attempt[run_round] = max(spec.attempt, self._latest_attempt.get(run_round, -1))
+        tagged = (spec.run_id, spec.round, spec.attempt >> SEQ_BITS)
+        self._latest_attempt[tagged] = max(spec.attempt, self._latest_attempt.get(tagged, -1))
         if len(self._latest_attempt) > 64:  # keep the last rounds only
             for old in sorted(self._latest_attempt, key=lambda k: k[1])[:-64]:
                 del self._latest_attempt[old]
@@ -339,7 +353,9 @@ class DataPlane:
             if slot is not None:
                 break
             other = self._by_key.get(key)
-            if hello.attempt < self._latest_attempt.get((hello.run_id, hello.round), -1):
+            # An older declaration of the same leader than one we already opened: that attempt is over.
+            tagged = (hello.run_id, hello.round, hello.attempt >> SEQ_BITS)
+            if hello.attempt < self._latest_attempt.get(tagged, -1):
                 return await self._refuse(
                     conn, HandshakeRefusal.STALE_ATTEMPT, RefusedConnection.STALE_ATTEMPT
                 )
@@ -351,7 +367,12 @@ class DataPlane:
                 return await self._refuse(
                     conn, HandshakeRefusal.MEMBER_MISMATCH, RefusedConnection.MEMBER_MISMATCH
                 )
-            await self._slot_added.wait()
+            try:  # bounded: a hello for a group we never open must not hold its connection forever
+                await asyncio.wait_for(self._slot_added.wait(), SLOT_WAIT_S)
+            except TimeoutError:
+                return await self._refuse(
+                    conn, HandshakeRefusal.STALE_ATTEMPT, RefusedConnection.STALE_ATTEMPT
+                )
         fut = slot.incoming.get(hello.sender)
         if fut is None or fut.done():
             reason = HandshakeRefusal.NOT_A_MEMBER if fut is None else HandshakeRefusal.DUPLICATE_CONNECTION
@@ -713,6 +734,7 @@ class _Attempt:
                 culprit=header.culprit,
                 detail=f"{m.peer_id} aborted",
                 peer_reason=header.reason,
+                sender=m.peer_id,
             )
         numel = self.sizes[part_index]
         if (

@@ -22,13 +22,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from intellect.crypto.identity import Identity
@@ -44,13 +45,22 @@ from intellect.node.net.allreduce import (
     schema_hash,
     unflatten,
 )
+from intellect.node.net.lobby import GroupBoard, HivemindBoard, Lobby, LobbyClient
 from intellect.node.net.transport import Transport
-from intellect.protocol import averaging_messages as am
 from intellect.protocol.averaging_messages import AbortReason
-from intellect.protocol.codec import decode, encode
-from intellect.protocol.errors import ProtocolError
-from intellect.protocol.groups import GroupMember, GroupSpec, partition_sizes
-from intellect.protocol.keys import group_key
+from intellect.protocol.groups import GroupSpec, partition_sizes
+from intellect.protocol.keys import lobby_key
+from intellect.protocol.matchmaking import (
+    Declaration,
+    Declare,
+    Join,
+    MatchConfig,
+    Matchmaker,
+    Offer,
+    Wait,
+    bucket_count,
+    bucket_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -152,35 +162,6 @@ class AverageResult:
     part_sizes: tuple[int, ...] = ()
 
 
-class GroupBoard(Protocol):
-    """Where group records meet: the DHT (`HivemindBoard`) in production."""
-
-    async def publish(self, key: str, subkey: str, value: bytes, expires: float) -> bool: ...
-
-    async def read(self, key: str) -> dict[str, bytes]: ...
-
-
-class HivemindBoard:
-    """Group records on a hivemind `DHTNode` (dictionary value: subkey = peer ID)."""
-
-    def __init__(self, node: Any) -> None:
-        self.node = node
-
-    async def publish(self, key: str, subkey: str, value: bytes, expires: float) -> bool:
-        return bool(await self.node.store(key, value, expiration_time=expires, subkey=subkey))
-
-    async def read(self, key: str) -> dict[str, bytes]:
-        found = await self.node.get(key, latest=True)
-        if found is None or not isinstance(found.value, dict):
-            return {}
-        out: dict[str, bytes] = {}
-        for subkey, item in found.value.items():
-            value = getattr(item, "value", None)
-            if isinstance(subkey, str) and isinstance(value, bytes):
-                out[subkey] = value
-        return out
-
-
 def contribution_error(
     flat: torch.Tensor,
     group_size: int,
@@ -208,41 +189,18 @@ def contribution_error(
     return err
 
 
-def _valid_members(
-    raw: Mapping[str, bytes],
-    wanted: tuple[str, int, int, str],
-    now: float,
-    excluded: set[str],
-    admitted: Callable[[str], bool] | None,
-) -> dict[str, GroupMember]:
-    """The members offered by the group records `raw` (subkey → record bytes) read under one group key.
-
-    A record counts when it decodes, sits under its own peer ID's subkey, is for exactly `wanted` (run,
-    round, attempt, schema hash), has not expired at `now` and is signed by its peer; records of `excluded`
-    peers, and of peers the run does not admit (`admitted`), are dropped.
-    """
-    out: dict[str, GroupMember] = {}
-    for subkey, value in raw.items():
-        try:
-            rec = decode(value, expected=am.GroupRecord)
-        except ProtocolError as e:
-            logger.debug("undecodable group record from %s: %s", subkey, e)
-            continue
-        if (
-            rec.peer_id != subkey
-            or (rec.run_id, rec.round, rec.attempt, rec.schema_hash) != wanted
-            or rec.expires < now
-            or not rec.verify()
-        ):
-            logger.debug("invalid group record under subkey %s", subkey)
-            continue
-        if rec.peer_id in excluded:
-            continue
-        if admitted is not None and not admitted(rec.peer_id):
-            logger.debug("group record of %s, who is not admitted to the run, ignored", rec.peer_id)
-            continue
-        out[rec.peer_id] = GroupMember(rec.peer_id, rec.host, rec.port, rec.owner)
-    return out
+#: Reasons of a failed attempt that prove a member misbehaved: it is excluded for the rest of the round.
+_MISBEHAVIOUR = frozenset(
+    {
+        AbortReason.MALFORMED_PART,
+        AbortReason.UNDECODABLE_PART,
+        AbortReason.NON_FINITE_PART,
+        AbortReason.BAD_WEIGHT,
+    }
+)
+#: Reasons that only say a member was slow, gone or unreachable: it is left out of our declarations until
+#: it heart-beats again (a frozen peer cannot), never excluded.
+_STALL = frozenset({AbortReason.STALLED, AbortReason.UNREACHABLE, AbortReason.PEER_FAILED})
 
 
 @dataclass
@@ -256,6 +214,37 @@ class _RoundState:
     reason: str = AverageFailure.DEADLINE
     #: Peers dropped this round for misbehaviour.
     excluded: set[str] = field(default_factory=set)
+
+
+def _failed_attempt(me: str, round: int, state: _RoundState, e: AllReduceError) -> list[str]:
+    """Record a failed attempt: who is blamed for a stall (left out until it heart-beats again), who is
+    excluded for misbehaviour; the round ends when the culprit is us (a retry with the same input would
+    fail the same way)."""
+    state.reason = e.reason
+    logger.warning(
+        "round %s attempt %s with %d peers failed: %s (culprit %s)",
+        round,
+        state.attempt,
+        len(state.group),
+        e,
+        e.culprit or "-",
+    )
+    state.attempt += 1
+    if e.culprit == me:
+        state.reason = f"{AverageFailure.EXCLUDED}: {e.reason}"
+        return []
+    if not e.culprit or e.culprit not in state.group:
+        return []
+    if e.failure is AbortReason.ABORTED_BY_PEER:
+        # Another member's word: believed only when it names itself (nobody can frame us through it).
+        if e.culprit == e.sender and e.peer_reason in _MISBEHAVIOUR:
+            state.excluded.add(e.culprit)
+        return []
+    if e.reason in _MISBEHAVIOUR:
+        state.excluded.add(e.culprit)
+    elif e.reason in _STALL:
+        return [e.culprit]
+    return []
 
 
 class Averager:
@@ -282,9 +271,9 @@ class Averager:
         owner: bool = True,
     ) -> None:
         if hasattr(dht, "publish") and hasattr(dht, "read"):
-            self.board: GroupBoard = dht
+            board: GroupBoard = dht
         else:
-            self.board = HivemindBoard(getattr(dht, "node", dht))
+            board = HivemindBoard(getattr(dht, "node", dht))
         self.identity = identity
         self.run_id = run_id
         self.config = config or AveragerConfig()
@@ -302,6 +291,16 @@ class Averager:
         self.bandwidth = self.config.initial_bandwidth
         self.rounds_ok = 0
         self.rounds_failed = 0
+        self.lobbies = LobbyClient(
+            board,
+            identity,
+            run_id,
+            self.config.poll_interval,
+            lambda: (self.announce_host, self.plane.port),
+            lambda: self.owner,
+        )
+        #: Peers expected in our lobby last round that never showed up: not waited for until they do.
+        self.no_show: set[str] = set()
         self.last_result: AverageResult | None = None
         #: Fault injection for tests only: skip our own finiteness check so a NaN reaches the wire.
         self._validate_local = True
@@ -318,73 +317,6 @@ class Averager:
     @property
     def peer_id(self) -> str:
         return self.identity.peer_id
-
-    # -- matchmaking -------------------------------------------------------------------------------------
-
-    async def _form_group(
-        self,
-        round: int,
-        attempt: int,
-        schema: str,
-        deadline: float,
-        excluded: set[str],
-        overtaken: Callable[[], bool] | None = None,
-    ) -> GroupSpec | None:
-        key = group_key(self.run_id, round, attempt, schema)
-        now = time.time()
-        expires = min(now + self.config.record_ttl, max(deadline, now + 1.0))
-        record = am.GroupRecord(
-            self.run_id,
-            round,
-            attempt,
-            schema,
-            self.peer_id,
-            self.announce_host,
-            self.plane.port,
-            expires,
-            owner=self.owner,
-        ).signed(self.identity)
-        if not await self.board.publish(key, self.peer_id, encode(record), expires):
-            logger.warning("could not store our group record for round %s attempt %s", round, attempt)
-        stop = min(now + self.config.matchmaking_time, deadline)
-        members: dict[str, GroupMember] = {}
-        while True:
-            members = await self._read_members(key, round, attempt, schema, excluded)
-            members[self.peer_id] = GroupMember(self.peer_id, self.announce_host, self.plane.port, self.owner)
-            target = self.config.target_group_size
-            now = time.time()
-            if (target and len(members) >= target) or now >= deadline:
-                break
-            if now >= stop and len(members) >= self.config.min_group_size:
-                break
-            if now >= stop and overtaken is not None and overtaken():
-                break
-            # Too few peers so far: keep waiting on this same key (peers that come late still find us).
-            limit = stop if now < stop else deadline
-            await asyncio.sleep(min(self.config.poll_interval, max(0.0, limit - now)))
-        if len(members) < self.config.min_group_size:
-            logger.info(
-                "round %s attempt %s: %d peer(s) found, need %d",
-                round,
-                attempt,
-                len(members),
-                self.config.min_group_size,
-            )
-            return None
-        ordered = tuple(members[pid] for pid in sorted(members))
-        if not any(m.owner for m in ordered):
-            logger.info(
-                "round %s attempt %s: every peer found is behind a NAT; nobody can own a part", round, attempt
-            )
-            return None
-        return GroupSpec(self.run_id, round, attempt, schema, ordered)
-
-    async def _read_members(
-        self, key: str, round: int, attempt: int, schema: str, excluded: set[str]
-    ) -> dict[str, GroupMember]:
-        raw = await self.board.read(key)
-        wanted = (self.run_id, round, attempt, schema)
-        return _valid_members(raw, wanted, time.time(), excluded, self.admitted)
 
     # -- timeouts from measured throughput ------------------------------------------------------------------
 
@@ -410,8 +342,12 @@ class Averager:
         weight: float,
         deadline: float,
         overtaken: Callable[[], bool] | None = None,
+        expected: Collection[str] | None = None,
     ) -> AverageResult:
         """Average `tensors` with peers of this run and round, weighted by `weight` (tokens processed).
+
+        `expected`: the peers we expect to average this round (live members at our round): a leader
+        declares its group as soon as all of them in its lobby are present (`protocol.matchmaking`).
 
         `deadline` is a Unix time (`time.time()`); the call returns by then. On `ok=False` the caller
         keeps its global weights untouched. `overtaken()` says that peers have already finished this round
@@ -432,28 +368,9 @@ class Averager:
             return self._finish(AverageResult(False, None, [me], invalid), start)
         weight = min(weight, self.config.max_weight)
         state = _RoundState(group=[me])
-        while time.time() < deadline and state.attempt < self.config.max_attempts:
-            spec = await self._form_group(round, state.attempt, schema, deadline, state.excluded, overtaken)
-            if spec is None:
-                overtook = overtaken is not None and overtaken()
-                state.reason = AverageFailure.OVERTAKEN if overtook else AverageFailure.TOO_FEW_PEERS
-                break
-            state.group = list(spec.peer_ids)
-            remaining = deadline - time.time()
-            if remaining <= 0:
-                break
-            try:
-                async with asyncio.timeout(remaining):
-                    reduced = await self._allreduce(spec, flat, weight)
-            except AllReduceError as e:
-                given_up = self._failed_attempt(round, state, e)
-                if given_up is not None:
-                    return self._finish(given_up, start)
-                continue
-            except TimeoutError:
-                state.reason = AverageFailure.DEADLINE
-                break
-            return self._finish(await self._completed(round, state, reduced, tensors), start)
+        result = await self._rounds(round, schema, flat, weight, deadline, overtaken, expected, state)
+        if result is not None:
+            return self._finish(await self._completed(round, state, *result, tensors), start)
         logger.warning(
             "round %s: no completed average (last failure: %s); keeping global weights untouched",
             round,
@@ -464,6 +381,99 @@ class Averager:
             AverageResult(False, None, state.group, state.reason, attempts=state.attempt, excluded=excluded),
             start,
         )
+
+    async def _rounds(
+        self,
+        round: int,
+        schema: str,
+        flat: torch.Tensor,
+        weight: float,
+        deadline: float,
+        overtaken: Callable[[], bool] | None,
+        expected: Collection[str] | None,
+        state: _RoundState,
+    ) -> tuple[ReducedVector] | None:
+        """Matchmaking and attempts until one completes (its reduced vector), or None (`state.reason`)."""
+        me = self.peer_id
+        everyone = {*(expected or ()), me}
+        buckets = bucket_count(len(everyone), self.config.target_group_size)
+        bucket = bucket_of(self.run_id, round, me, buckets)
+        mine = {p for p in everyone if bucket_of(self.run_id, round, p, buckets) == bucket}
+        lobby = Lobby(lobby_key(self.run_id, round, bucket, schema), (self.run_id, round, bucket, schema))
+        mm = Matchmaker(
+            self.run_id,
+            round,
+            me,
+            self.owner,
+            frozenset(mine - self.no_show),
+            self._match_config(),
+            time.time(),
+        )
+        lobbies = self.lobbies
+        heartbeat = asyncio.create_task(lobbies.heartbeat(lobby, round, bucket, schema), name="avg-heartbeat")
+        try:
+            while time.time() < deadline and state.attempt < self.config.max_attempts:
+                await lobbies.read(lobby, self.admitted)
+                offers = lobby.offers(lobbies.freshness())
+                action = mm.step(offers, lobby.declarations(), time.time())
+                if isinstance(action, Declare):
+                    await lobbies.declare(lobby, action.declaration, deadline)
+                    continue
+                if isinstance(action, Join):
+                    reduced = await self._attempt(
+                        lobby, mm, action.declaration, offers, flat, weight, deadline, state
+                    )
+                    if reduced is not None:
+                        return (reduced,)
+                    if state.reason.startswith(AverageFailure.EXCLUDED) or time.time() >= deadline:
+                        return None
+                    continue
+                assert isinstance(action, Wait)
+                # Overtaken means the round was averaged somewhere; we give up only with nobody to join.
+                if action.alone and overtaken is not None and overtaken():
+                    state.reason = AverageFailure.OVERTAKEN
+                    return None
+                state.reason = AverageFailure.TOO_FEW_PEERS
+                await asyncio.sleep(min(self.config.poll_interval, max(0.0, deadline - time.time())))
+            return None
+        finally:
+            heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeat
+            seen = set(lobby.changed)
+            # Expected here but never seen in the lobby: next round, nobody waits for them until they are.
+            self.no_show = (self.no_show | (mine - seen - {me})) - seen
+
+    def _match_config(self) -> MatchConfig:
+        c = self.config
+        return MatchConfig(c.target_group_size, c.min_group_size, c.matchmaking_time)
+
+    async def _attempt(
+        self,
+        lobby: Lobby,
+        mm: Matchmaker,
+        decl: Declaration,
+        offers: Mapping[str, Offer],
+        flat: torch.Tensor,
+        weight: float,
+        deadline: float,
+        state: _RoundState,
+    ) -> ReducedVector | None:
+        """One all-reduce with the declared group; None when it failed (recorded in `state` and `mm`)."""
+        spec = self.lobbies.spec(lobby, decl)
+        state.group = list(spec.peer_ids)
+        try:
+            async with asyncio.timeout(max(0.0, deadline - time.time())):
+                return await self._allreduce(spec, flat, weight)
+        except TimeoutError:
+            state.reason = AverageFailure.DEADLINE
+            mm.failed(decl)
+            return None
+        except AllReduceError as e:
+            blamed = _failed_attempt(self.peer_id, spec.round, state, e)
+            mm.failed(decl, blamed, offers)
+            mm.excluded |= state.excluded
+            return None
 
     async def _allreduce(self, spec: GroupSpec, flat: torch.Tensor, weight: float) -> ReducedVector:
         """One all-reduce attempt with the group `spec`, its stall timeout from the measured throughput."""
@@ -479,26 +489,6 @@ class Averager:
             fault=self._fault,
             reducer=self.config.reducer,
         )
-
-    def _failed_attempt(self, round: int, state: _RoundState, e: AllReduceError) -> AverageResult | None:
-        """Record a failed attempt so the next one goes on without its culprit; the round's result instead
-        when the culprit is us (a retry with the same input would fail the same way)."""
-        state.reason = e.reason
-        logger.warning(
-            "round %s attempt %s with %d peers failed: %s (culprit %s)",
-            round,
-            state.attempt,
-            len(state.group),
-            e,
-            e.culprit or "-",
-        )
-        if e.culprit == self.peer_id:
-            excluded = f"{AverageFailure.EXCLUDED}: {e.reason}"
-            return AverageResult(False, None, state.group, excluded, attempts=state.attempt + 1)
-        if e.culprit and e.culprit in state.group:
-            state.excluded.add(e.culprit)
-        state.attempt += 1
-        return None
 
     async def _completed(
         self, round: int, state: _RoundState, reduced: ReducedVector, tensors: Mapping[str, torch.Tensor]

@@ -57,7 +57,7 @@ from intellect.protocol.gossip_messages import (
     GossipFrame,
     frame,
 )
-from intellect.protocol.keys import TopicKind, parse_topic, topic_name
+from intellect.protocol.keys import TopicKind, parse_topic
 
 log = logging.getLogger("intellect.gossip")
 
@@ -230,6 +230,16 @@ class _Link:
             self.writer.close()
         self.closed.set()
 
+    async def write_loop(self) -> None:
+        try:
+            while True:
+                data = await self.queue.get()
+                self.writer.write(data)
+                await self.writer.drain()
+        except (ConnectionError, OSError) as e:
+            log.debug("gossip write to %s failed: %s", self.peer, e)
+            self.close()
+
 
 class _Seen:
     """The most recent message IDs, for duplicate suppression (oldest forgotten first)."""
@@ -379,10 +389,6 @@ class GossipService:
         """Frames dropped on open links because the neighbour read too slowly."""
         return sum(link.dropped for links in self._links.values() for link in links)
 
-    def topic(self, kind: TopicKind | str) -> str:
-        """The full topic name of `kind` in this run."""
-        return topic_name(self.run_id, _resolve_topic(self.run_id, kind))
-
     async def publish(self, topic: TopicKind | str, message: Any) -> None:
         """Seal `message` with our key and send it to every neighbour; GossipError when not running.
 
@@ -520,7 +526,7 @@ class GossipService:
     async def _run_link(self, link: _Link) -> None:
         self._links.setdefault(link.peer, set()).add(link)
         log.debug("gossip link %s %s", "to" if link.outbound else "from", link.peer)
-        writer = asyncio.create_task(self._write_loop(link), name=f"gossip-write-{link.peer[-6:]}")
+        writer = asyncio.create_task(link.write_loop(), name=f"gossip-write-{link.peer[-6:]}")
         try:
             await self._read_loop(link)
         except (ConnectionError, OSError, asyncio.IncompleteReadError) as e:
@@ -535,16 +541,6 @@ class GossipService:
                     del self._links[link.peer]
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await writer
-
-    async def _write_loop(self, link: _Link) -> None:
-        try:
-            while True:
-                data = await link.queue.get()
-                link.writer.write(data)
-                await link.writer.drain()
-        except (ConnectionError, OSError) as e:
-            log.debug("gossip write to %s failed: %s", link.peer, e)
-            link.close()
 
     async def _read_loop(self, link: _Link) -> None:
         read = link.reader.readexactly
@@ -611,11 +607,15 @@ class GossipService:
                 link.close()
 
     def _is_admitted(self, peer_id: str) -> bool:
-        try:
-            return bool(self.admitted(peer_id))
-        except Exception:  # the policy is someone else's code: refuse, but say why
-            log.exception("admission policy raised for %s; treating it as not admitted", peer_id)
-            return False
+        return _admits(self.admitted, peer_id)
+
+
+def _admits(admitted: Callable[[str], bool], peer_id: str) -> bool:
+    try:
+        return bool(admitted(peer_id))
+    except Exception:  # the policy is someone else's code: refuse, but say why
+        log.exception("admission policy raised for %s; treating it as not admitted", peer_id)
+        return False
 
 
 def _message_id(data: bytes) -> bytes:

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -69,6 +69,7 @@ class Averaging(Protocol):
         weight: float,
         deadline: float,
         overtaken: Callable[[], bool] | None = None,
+        expected: Collection[str] | None = None,
     ) -> AverageResult: ...
 
 
@@ -277,12 +278,15 @@ class RoundMachine:
             # Someone still here holds a state past round r - 1: round r was averaged without us.
             return any(rr >= r for rr in self.book.peer_rounds().values())
 
+        # Who we expect to average with: the counted peers that hold the state we hold (round r - 1).
+        expected = [p for p, rr in self.book.peer_rounds().items() if rr == r - 1]
         result = await self.averager.average(
             r,
             trained.delta,
             weight=float(trained.stats.tokens),
             deadline=time.time() + self.manifest.averaging.round_deadline_s,
             overtaken=overtaken,
+            expected=[self.me, *expected],
         )
         seconds = time.monotonic() - t0
         self._emit(

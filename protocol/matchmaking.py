@@ -1,0 +1,221 @@
+"""Who averages with whom in a round, decided without a coordinator: the pure rules of matchmaking.
+
+No clock, no I/O: `Matchmaker.step` is fed what a node reads from its lobby (the DHT key of its round and
+bucket) and the time, and says what to do. The daemon's `Averager` drives it over the DHT, and
+`bench/matchmaking.py` drives the very same class in a deterministic simulation of 1,000 peers.
+
+The scheme:
+
+1. **Lobby.** A node ready to average round r keeps a *heartbeat* (its signed group record, valid for a
+   few seconds, re-published before it lapses) under the lobby key of (run, r, bucket, schema). The key
+   has no attempt counter: a node whose attempt failed reads the same lobby again, where everyone else
+   still alive is. `bucket` (jump consistent hashing of the peer over `live // group_size` buckets) keeps
+   each key small at 1,000 peers; a view that differs by a few peers moves only a few peers to another
+   bucket.
+2. **Leader.** Among the fresh heartbeats that no other active declaration has taken, the owner (a peer
+   others can dial) of lowest rank `blake2b(run, round, peer)` is the leader. Everyone computes it from
+   what it sees; nobody counts anything.
+3. **Declaration.** The leader declares the group, a signed list of members with its own sequence number,
+   as soon as every peer it expects (live members in its bucket, minus those that did not turn up in the
+   last round) is present, or when the group is full, or after `max_wait_s` of waiting for stragglers. So
+   a group forms as soon as the expected peers are present; the wait is a bound, never a fixed cost.
+4. **Agreement.** A member averages with exactly the declared list (the group ID covers it), choosing,
+   among the declarations that include it, the one of the lowest-ranked live leader it has not already
+   tried. Everyone in that group therefore uses the same list, and a member listed by two leaders makes
+   only one of the two attempts fail.
+5. **Stalls.** A frozen member stops heart-beating and leaves every view within the freshness window; a
+   failed attempt makes its members read the lobby again, where only the live ones still are. Nobody is
+   excluded for a stall: only proven misbehaviour (a non-finite or malformed part) excludes a peer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+#: A leader takes at most this many times `group_size` members (views that differ put a few more peers in
+#: one bucket; a bound keeps one group from swallowing the run).
+MAX_GROUP_FACTOR = 2
+#: Most members of one declaration (what `GroupDeclaration.verify` accepts).
+MAX_MEMBERS = 4096
+
+
+def rank(run_id: str, round_: int, peer: str) -> bytes:
+    """A peer's place in the leader order of one round: the same for everyone, different every round."""
+    return hashlib.blake2b(f"mm/{run_id}/{round_}/{peer}".encode(), digest_size=16).digest()
+
+
+def jump_hash(key: int, buckets: int) -> int:
+    """Lamping and Veach's jump consistent hash: `key` into [0, buckets); growing `buckets` by one moves
+    only 1/buckets of the keys."""
+    if buckets < 1:
+        raise ValueError("buckets must be at least 1")
+    b, j = -1, 0
+    key &= (1 << 64) - 1
+    while j < buckets:
+        b = j
+        key = (key * 2862933555777941757 + 1) & ((1 << 64) - 1)
+        j = int((b + 1) * ((1 << 31) / ((key >> 33) + 1)))
+    return b
+
+
+def bucket_count(live: int, group_size: int) -> int:
+    """How many lobbies a round of `live` peers uses: groups of `group_size` to about twice that."""
+    if group_size <= 0:
+        return 1
+    return max(1, live // group_size)
+
+
+def bucket_of(run_id: str, round_: int, peer: str, buckets: int) -> int:
+    return jump_hash(int.from_bytes(rank(run_id, round_, peer)[:8], "big"), buckets)
+
+
+@dataclass(frozen=True)
+class Offer:
+    """A heartbeat read from the lobby: the peer is ready to average until `fresh_until` (its clock)."""
+
+    peer: str
+    owner: bool
+    fresh_until: float
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """A leader's list of the group's members (sorted), numbered by the leader."""
+
+    leader: str
+    seq: int
+    members: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Join:
+    """Average with exactly this declared group now."""
+
+    declaration: Declaration
+
+
+@dataclass(frozen=True)
+class Declare:
+    """Publish this declaration (we are the leader), then average with it."""
+
+    declaration: Declaration
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Nothing to do until the next read; `leader` is who we wait for (None: nobody can lead us).
+    `alone`: fewer than `min_group` fresh peers are free to group with us (a caller that knows the round
+    was averaged elsewhere gives up then, and only then)."""
+
+    leader: str | None
+    alone: bool = False
+
+
+Action = Join | Declare | Wait
+
+
+@dataclass(frozen=True)
+class MatchConfig:
+    """The rules' parameters; the Averager maps its configuration onto these."""
+
+    #: Target group size (0: everyone in one group).
+    group_size: int
+    #: Fewest members (us included) worth averaging with.
+    min_group: int
+    #: Longest a leader waits for expected peers that are not present yet (stragglers, frozen peers).
+    max_wait_s: float
+
+
+@dataclass
+class Matchmaker:
+    """One node's matchmaking for one round: `step(offers, declarations, now)` after every lobby read,
+    `failed(declaration)` after an attempt with that group failed."""
+
+    run_id: str
+    round: int
+    me: str
+    owner: bool
+    #: Peers we expect in our lobby this round (live members in our bucket, without known no-shows).
+    expected: frozenset[str]
+    config: MatchConfig
+    started: float
+    #: Peers excluded this round for proven misbehaviour.
+    excluded: set[str] = field(default_factory=set)
+    #: Declarations we already tried, by leader: the highest sequence number tried.
+    tried: dict[str, int] = field(default_factory=dict)
+    #: Our own last declaration as a leader.
+    mine: Declaration | None = None
+    #: Our own next sequence number as a leader.
+    next_seq: int = 0
+    #: When we first saw ourselves the leader with too few or incomplete peers (the straggler wait).
+    leading_since: float | None = None
+    #: Peers an attempt of ours blamed (stalled, unreachable), with the heartbeat they had then: left out
+    #: of our declarations until they publish a newer one, which a frozen peer cannot do.
+    suspects: dict[str, float] = field(default_factory=dict)
+
+    def _rank(self, peer: str) -> bytes:
+        return rank(self.run_id, self.round, peer)
+
+    def fresh(self, offers: Mapping[str, Offer], now: float) -> dict[str, Offer]:
+        out = {p: o for p, o in offers.items() if o.fresh_until >= now and p not in self.excluded}
+        out[self.me] = Offer(self.me, self.owner, now)
+        return out
+
+    def step(self, offers: Mapping[str, Offer], declarations: Iterable[Declaration], now: float) -> Action:
+        fresh = self.fresh(offers, now)
+        decls = {d.leader: d for d in declarations if d.leader != self.me}
+        if self.mine is not None:
+            decls[self.me] = self.mine
+        # Declarations still in play: their leader is alive, and (for ours to join) we have not tried them.
+        active = [d for d in decls.values() if d.leader in fresh and d.seq > self.tried.get(d.leader, -1)]
+        joinable = [d for d in active if self.me in d.members and not self.excluded & set(d.members)]
+        if joinable:
+            return Join(min(joinable, key=lambda d: self._rank(d.leader)))
+        taken = {p for d in active for p in d.members if self.me not in d.members}
+        for p, seen in list(self.suspects.items()):
+            if p in fresh and fresh[p].fresh_until > seen:
+                del self.suspects[p]  # it heart-beat since it was blamed: alive
+        pool = {p: o for p, o in fresh.items() if p not in taken and p not in self.suspects}
+        owners = sorted((p for p, o in pool.items() if o.owner), key=self._rank)
+        leader = owners[0] if owners else None
+        alone = len(pool) < self.config.min_group or leader is None
+        if leader != self.me:
+            self.leading_since = None
+            return Wait(leader, alone)
+        return self._lead(pool, taken, now)
+
+    def _lead(self, pool: Mapping[str, Offer], taken: set[str], now: float) -> Action:
+        cfg = self.config
+        if self.leading_since is None:
+            self.leading_since = now
+        cap = cfg.group_size * MAX_GROUP_FACTOR if cfg.group_size > 0 else MAX_MEMBERS
+        # Us first, then the others by rank: a cap keeps the ones everyone else ranks first.
+        others = sorted((p for p in pool if p != self.me), key=self._rank)
+        present = [self.me, *others][: max(cap, 1)]
+        if len(present) < cfg.min_group:
+            return Wait(self.me, alone=True)
+        if self.expected - {self.me}:  # we know whom to expect: all of them present (or taken elsewhere)
+            complete = not self.expected - set(pool) - taken - self.excluded
+        else:  # nobody said whom to expect: a full group
+            complete = cfg.group_size > 0 and len(present) >= cfg.group_size
+        if not complete and len(present) < cap and now - self.leading_since < cfg.max_wait_s:
+            return Wait(self.me)
+        self.mine = Declaration(self.me, self.next_seq, tuple(sorted(present)))
+        self.next_seq += 1
+        return Declare(self.mine)
+
+    def failed(
+        self, declaration: Declaration, blamed: Iterable[str] = (), offers: Mapping[str, Offer] | None = None
+    ) -> None:
+        """An attempt with `declaration` failed, blaming `blamed` (stalled or unreachable members; `offers`
+        are their heartbeats as last read): do not join it again (its leader re-declares), and leave the
+        blamed out until they heart-beat again."""
+        self.tried[declaration.leader] = max(self.tried.get(declaration.leader, -1), declaration.seq)
+        for p in blamed:
+            if p != self.me:
+                self.suspects[p] = offers[p].fresh_until if offers and p in offers else 0.0
+        if declaration.leader == self.me:
+            self.mine = None
+            self.leading_since = None
