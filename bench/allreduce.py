@@ -916,6 +916,8 @@ def main() -> None:
         extra = ""
         if "matchmaking_seconds" in res:
             extra = f"  (+ matchmaking {res['matchmaking_seconds']:.3f} s)"
+        # Every counted repeat, not only the median: rounds over libp2p on a shaped link are bimodal.
+        extra += "  repeats " + " ".join(f"{x / optimal:.2f}x" for x in res.get("seconds_all", []))
         print(
             f"  {name:32s} {s:8.4f} s  {res['gbps_per_peer']:6.3f} GB/s/peer  "
             f"{res['ratio_to_gloo'] or math.nan:5.2f}x gloo  {res['ratio_to_optimal']:5.2f}x optimal  "
