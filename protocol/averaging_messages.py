@@ -100,7 +100,7 @@ class PartKind(enum.IntEnum):
     GATHER = 1
 
 
-@message(300, version=2, max_size=2048)
+@message(300, version=3, max_size=2048)
 @dataclass(frozen=True)
 class GroupRecord:
     """A peer's heartbeat in the lobby of (run, round, bucket, schema), and where its data plane listens.
@@ -121,12 +121,18 @@ class GroupRecord:
     expires: float
     #: Whether the peer reduces a partition (it can be dialled); False for a peer behind a NAT.
     owner: bool = True
+    #: True: ready to average now. False: an intent, the peer is still training this round.
+    ready: bool = True
+    #: Seconds the record counts from when a reader first sees it (readers judge by their own clock).
+    ttl: float = 0.0
+    #: For an intent: seconds from now until the peer expects to be ready (its measured throughput).
+    eta: float = 0.0
     sig: bytes = b""
 
     def signing_bytes(self) -> bytes:
         return packb_canonical(
             [
-                "group-record-v2",
+                "group-record-v3",
                 self.run_id,
                 self.round,
                 self.bucket,
@@ -136,6 +142,9 @@ class GroupRecord:
                 self.port,
                 self.expires,
                 self.owner,
+                self.ready,
+                self.ttl,
+                self.eta,
             ]
         )
 
@@ -148,6 +157,8 @@ class GroupRecord:
         """True when the record is signed by the peer it names and its address is plausible."""
         by_peer_id = self.host == "" and self.port == 0
         if not by_peer_id and (not 0 < self.port < 65536 or not self.host or len(self.host) > 255):
+            return False
+        if not (0.0 <= self.ttl <= 3600.0 and 0.0 <= self.eta <= 86400.0):
             return False
         return verify(self.peer_id, domains.ALLREDUCE, self.signing_bytes(), self.sig)
 

@@ -34,9 +34,9 @@ import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-#: A leader takes at most this many times `group_size` members (views that differ put a few more peers in
-#: one bucket; a bound keeps one group from swallowing the run).
-MAX_GROUP_FACTOR = 2
+#: A leader takes at most this many times `group_size` members (a bucket holds `group_size` to twice that on
+#: average, more when views differ; a tight cap left the surplus of a full bucket with nobody to join).
+MAX_GROUP_FACTOR = 4
 #: Most members of one declaration (what `GroupDeclaration.verify` accepts).
 MAX_MEMBERS = 4096
 
@@ -61,10 +61,13 @@ def jump_hash(key: int, buckets: int) -> int:
 
 
 def bucket_count(live: int, group_size: int) -> int:
-    """How many lobbies a round of `live` peers uses: groups of `group_size` to about twice that."""
-    if group_size <= 0:
+    """How many lobbies a round of `live` peers uses: a power of two, so that `group_size` to twice that
+    peers share one. Views of the run's size differ between peers and change with churn; a power of two
+    changes only when the size crosses a doubling, so nearly every peer of a round counts the same
+    buckets (with `live // group_size` buckets, 10% churn split peers over different lobbies)."""
+    if group_size <= 0 or live < 2 * group_size:
         return 1
-    return max(1, live // group_size)
+    return 1 << ((live // group_size).bit_length() - 1)
 
 
 def bucket_of(run_id: str, round_: int, peer: str, buckets: int) -> int:
@@ -73,11 +76,15 @@ def bucket_of(run_id: str, round_: int, peer: str, buckets: int) -> int:
 
 @dataclass(frozen=True)
 class Offer:
-    """A heartbeat read from the lobby: the peer is ready to average until `fresh_until` (its clock)."""
+    """A record read from the lobby, valid until `fresh_until` (the reader's clock). `ready`: a
+    heartbeat, the peer can average now; otherwise an intent, it is still training and expects to be
+    ready at `ready_at`."""
 
     peer: str
     owner: bool
     fresh_until: float
+    ready: bool = True
+    ready_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -124,8 +131,11 @@ class MatchConfig:
     group_size: int
     #: Fewest members (us included) worth averaging with.
     min_group: int
-    #: Longest a leader waits for expected peers that are not present yet (stragglers, frozen peers).
+    #: Longest a leader waits for an expected peer that is alive but still training (by its own ETA).
     max_wait_s: float
+    #: How long a leader waits for an expected peer it has no record of at all (a frozen or departed
+    #: peer, or a record still on its way): about one heartbeat freshness.
+    grace_s: float = 1.0
 
 
 @dataclass
@@ -149,6 +159,8 @@ class Matchmaker:
     mine: Declaration | None = None
     #: Our own next sequence number as a leader.
     next_seq: int = 0
+    #: Intents read last step: expected peers still training.
+    _coming: dict[str, Offer] = field(default_factory=dict)
     #: When we first saw ourselves the leader with too few or incomplete peers (the straggler wait).
     leading_since: float | None = None
     #: Peers an attempt of ours blamed (stalled, unreachable), with the heartbeat they had then: left out
@@ -164,7 +176,9 @@ class Matchmaker:
         return out
 
     def step(self, offers: Mapping[str, Offer], declarations: Iterable[Declaration], now: float) -> Action:
-        fresh = self.fresh(offers, now)
+        alive = self.fresh(offers, now)
+        self._coming = {p: o for p, o in alive.items() if not o.ready}
+        fresh = {p: o for p, o in alive.items() if o.ready}
         decls = {d.leader: d for d in declarations if d.leader != self.me}
         if self.mine is not None:
             decls[self.me] = self.mine
@@ -194,13 +208,24 @@ class Matchmaker:
         # Us first, then the others by rank: a cap keeps the ones everyone else ranks first.
         others = sorted((p for p in pool if p != self.me), key=self._rank)
         present = [self.me, *others][: max(cap, 1)]
+        waited = now - self.leading_since
+        # Expected peers alive and still training, due within the straggler bound by their own ETA, and
+        # not overdue: a live one renews its intent with a new ETA, a frozen one's ETA only grows stale.
+        coming = {
+            p for p in self.expected - set(pool) - taken
+            if p in self._coming and -cfg.grace_s <= self._coming[p].ready_at - now <= cfg.max_wait_s
+        }  # fmt: skip
         if len(present) < cfg.min_group:
-            return Wait(self.me, alone=True)
-        if self.expected - {self.me}:  # we know whom to expect: all of them present (or taken elsewhere)
-            complete = not self.expected - set(pool) - taken - self.excluded
-        else:  # nobody said whom to expect: a full group
+            return Wait(self.me, alone=not coming)
+        if len(present) >= cap:
+            complete = True
+        elif self.expected - {self.me}:
+            # Known whom to expect: wait for those alive and due; a moment for those we have no record of.
+            absent = self.expected - set(pool) - taken - self.excluded - set(self._coming)
+            complete = not coming and not (absent and waited < cfg.grace_s)
+        else:  # nobody said whom to expect: a full group, or the straggler bound
             complete = cfg.group_size > 0 and len(present) >= cfg.group_size
-        if not complete and len(present) < cap and now - self.leading_since < cfg.max_wait_s:
+        if not complete and waited < cfg.max_wait_s + (cfg.grace_s if coming else 0.0):
             return Wait(self.me)
         self.mine = Declaration(self.me, self.next_seq, tuple(sorted(present)))
         self.next_seq += 1

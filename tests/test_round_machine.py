@@ -50,6 +50,9 @@ class Averager:
         self.ok = ok
         self.rounds: list[int] = []
 
+    async def intend(self, round: int, eta: float, expected: Collection[str] | None, ttl: float) -> None:
+        pass
+
     async def average(
         self,
         round: int,

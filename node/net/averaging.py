@@ -247,6 +247,16 @@ def _failed_attempt(me: str, round: int, state: _RoundState, e: AllReduceError) 
     return []
 
 
+def _lobby_of(
+    run_id: str, round: int, me: str, expected: Collection[str] | None, group_size: int
+) -> tuple[int, set[str]]:
+    """Our bucket in round `round` and the expected peers in it (`protocol.matchmaking.bucket_of`)."""
+    everyone = {*(expected or ()), me}
+    buckets = bucket_count(len(everyone), group_size)
+    bucket = bucket_of(run_id, round, me, buckets)
+    return bucket, {p for p in everyone if bucket_of(run_id, round, p, buckets) == bucket}
+
+
 class Averager:
     """One node's averaging service. Use as an async context manager (it owns the data-plane listener).
 
@@ -299,8 +309,8 @@ class Averager:
             lambda: (self.announce_host, self.plane.port),
             lambda: self.owner,
         )
-        #: Peers expected in our lobby last round that never showed up: not waited for until they do.
-        self.no_show: set[str] = set()
+        #: The tensor schema of our last average (part of the lobby key; intents need it).
+        self._schema: str | None = None
         self.last_result: AverageResult | None = None
         #: Fault injection for tests only: skip our own finiteness check so a NaN reaches the wire.
         self._validate_local = True
@@ -358,7 +368,7 @@ class Averager:
         me = self.peer_id
         if not tensors:
             return self._finish(AverageResult(False, None, [me], AverageFailure.NO_TENSORS), start)
-        schema = schema_hash(tensors)
+        schema = self._schema = schema_hash(tensors)
         flat = await asyncio.to_thread(flatten, tensors)
         if self._validate_local and not all_finite(flat):
             logger.warning("round %s: our own tensors are not finite; not averaging", round)
@@ -395,17 +405,14 @@ class Averager:
     ) -> tuple[ReducedVector] | None:
         """Matchmaking and attempts until one completes (its reduced vector), or None (`state.reason`)."""
         me = self.peer_id
-        everyone = {*(expected or ()), me}
-        buckets = bucket_count(len(everyone), self.config.target_group_size)
-        bucket = bucket_of(self.run_id, round, me, buckets)
-        mine = {p for p in everyone if bucket_of(self.run_id, round, p, buckets) == bucket}
+        bucket, mine = _lobby_of(self.run_id, round, self.peer_id, expected, self.config.target_group_size)
         lobby = Lobby(lobby_key(self.run_id, round, bucket, schema), (self.run_id, round, bucket, schema))
         mm = Matchmaker(
             self.run_id,
             round,
             me,
             self.owner,
-            frozenset(mine - self.no_show),
+            frozenset(mine),
             self._match_config(),
             time.time(),
         )
@@ -414,7 +421,7 @@ class Averager:
         try:
             while time.time() < deadline and state.attempt < self.config.max_attempts:
                 await lobbies.read(lobby, self.admitted)
-                offers = lobby.offers(lobbies.freshness())
+                offers = lobby.offers()
                 action = mm.step(offers, lobby.declarations(), time.time())
                 if isinstance(action, Declare):
                     await lobbies.declare(lobby, action.declaration, deadline)
@@ -440,13 +447,22 @@ class Averager:
             heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await heartbeat
-            seen = set(lobby.changed)
-            # Expected here but never seen in the lobby: next round, nobody waits for them until they are.
-            self.no_show = (self.no_show | (mine - seen - {me})) - seen
 
     def _match_config(self) -> MatchConfig:
         c = self.config
-        return MatchConfig(c.target_group_size, c.min_group_size, c.matchmaking_time)
+        return MatchConfig(
+            c.target_group_size, c.min_group_size, c.matchmaking_time, self.lobbies.freshness()
+        )
+
+    async def intend(self, round: int, eta: float, expected: Collection[str] | None, ttl: float) -> None:
+        """While training round `round`: tell its lobby we will be ready in `eta` seconds (a leader waits
+        for us while this intent is renewed; a frozen peer's lapses after `ttl`). Nothing before our first
+        average (the tensor schema, part of the lobby key, is not known yet)."""
+        if self._schema is None:
+            return
+        bucket, _ = _lobby_of(self.run_id, round, self.peer_id, expected, self.config.target_group_size)
+        key = lobby_key(self.run_id, round, bucket, self._schema)
+        await self.lobbies.intend(key, round, bucket, self._schema, eta, ttl)
 
     async def _attempt(
         self,
@@ -531,23 +547,27 @@ class Averager:
 
     def status(self) -> dict[str, Any]:
         """Plain data for the node's status API."""
-        last = self.last_result
-        return {
-            "rounds_ok": self.rounds_ok,
-            "rounds_failed": self.rounds_failed,
-            "bandwidth_bytes_per_s": self.bandwidth,
-            "data_plane_port": self.plane.port,
-            "rejected_connections": dict(self.plane.rejected),
-            "last": None
-            if last is None
-            else {
-                "ok": last.ok,
-                "reason": last.reason,
-                "group_size": len(last.group),
-                "attempts": last.attempts,
-                "seconds": last.seconds,
-            },
-        }
+        return _status(self)
+
+
+def _status(av: Averager) -> dict[str, Any]:
+    last = av.last_result
+    return {
+        "rounds_ok": av.rounds_ok,
+        "rounds_failed": av.rounds_failed,
+        "bandwidth_bytes_per_s": av.bandwidth,
+        "data_plane_port": av.plane.port,
+        "rejected_connections": dict(av.plane.rejected),
+        "last": None
+        if last is None
+        else {
+            "ok": last.ok,
+            "reason": last.reason,
+            "group_size": len(last.group),
+            "attempts": last.attempts,
+            "seconds": last.seconds,
+        },
+    }
 
 
 __all__ = ["AverageFailure", "AverageResult", "Averager", "AveragerConfig", "GroupBoard", "HivemindBoard"]

@@ -68,6 +68,7 @@ class Lobby:
     key: str
     wanted: tuple[str, int, int, str]
     changed: dict[str, tuple[float, float]] = field(default_factory=dict)  # peer -> (expires, seen at)
+    records: dict[str, am.GroupRecord] = field(default_factory=dict)
     owners: dict[str, bool] = field(default_factory=dict)
     addrs: dict[str, tuple[str, int]] = field(default_factory=dict)
     decls: dict[str, am.GroupDeclaration] = field(default_factory=dict)
@@ -97,6 +98,7 @@ class Lobby:
             if not rec.verify():
                 continue
             self.changed[rec.peer_id] = (rec.expires, now)
+            self.records[rec.peer_id] = rec
             self.owners[rec.peer_id] = rec.owner
             self.addrs[rec.peer_id] = (rec.host, rec.port)
 
@@ -114,13 +116,20 @@ class Lobby:
             return
         self.decls[leader] = decl
 
-    def offers(self, freshness: float) -> dict[str, Offer]:
-        """Heartbeats as offers: fresh for `freshness` after they last changed, by our clock (a peer whose
-        clock is off still looks alive as long as it keeps publishing), and never past `expires` + skew."""
-        return {
-            p: Offer(p, self.owners[p], min(seen + freshness, expires + SKEW_S))
-            for p, (expires, seen) in self.changed.items()
-        }
+    def offers(self) -> dict[str, Offer]:
+        """Records as offers, judged by our clock alone (a peer whose clock is off still counts as long as
+        it keeps publishing): valid for the record's `ttl` after it last changed, and never past `expires`
+        plus the skew we tolerate; an intent says when, by its own measured throughput, it will be ready.
+        (Our heartbeats' `expires` may be pushed later than `now + ttl` by `_expiry`; then `ready_at` of a
+        heartbeat is meaningless, and only intents use it.)"""
+        out = {}
+        for p, (expires, seen) in self.changed.items():
+            rec = self.records[p]
+            until = min(seen + rec.ttl, expires + SKEW_S)
+            # When it will be ready: by its clock (the record was issued at expires - ttl), since we may
+            # first read an intent seconds after it was issued; its clock's offset is the error.
+            out[p] = Offer(p, rec.owner, until, rec.ready, expires - rec.ttl + rec.eta)
+        return out
 
     def declarations(self) -> list[Declaration]:
         return [Declaration(d.leader, d.seq, d.members) for d in self.decls.values()]
@@ -147,6 +156,16 @@ class LobbyClient:
         self.owner = owner
         #: Measured duration of one DHT operation (EWMA): heartbeat freshness follows it.
         self.board_latency = 0.5
+        self._expires: dict[str, float] = {}
+
+    def _expiry(self, key: str, wanted: float) -> float:
+        """hivemind keeps, per subkey, the value that expires last: each of our records under one key must
+        expire later than the one before (an intent's 10 s would otherwise outlive our heartbeats)."""
+        expires = max(wanted, self._expires.get(key, 0.0) + 1e-3)
+        self._expires[key] = expires
+        if len(self._expires) > 256:
+            self._expires.pop(next(iter(self._expires)))
+        return expires
 
     def freshness(self) -> float:
         """How long a heartbeat counts after it last changed: six of our measured DHT operations, and at
@@ -168,14 +187,25 @@ class LobbyClient:
         """Keep our record in the lobby fresh until cancelled (re-published at a third of its freshness)."""
         while True:
             fresh = self.freshness()
-            expires = time.time() + fresh
+            expires = self._expiry(lobby.key, time.time() + fresh)
             host, port = self.address()
             record = am.GroupRecord(
-                self.run_id, round, bucket, schema, self.me.peer_id, host, port, expires, owner=self.owner()
-            ).signed(self.me)
+                self.run_id, round, bucket, schema, self.me.peer_id, host, port, expires,
+                owner=self.owner(), ttl=fresh,
+            ).signed(self.me)  # fmt: skip
             if not await self.op(self.board.publish(lobby.key, self.me.peer_id, encode(record), expires)):
                 logger.debug("could not store our heartbeat for round %s", round)
             await asyncio.sleep(fresh / 3)
+
+    async def intend(self, key: str, round: int, bucket: int, schema: str, eta: float, ttl: float) -> None:
+        """Say in the lobby of a round we are still training that we will be ready in `eta` seconds."""
+        host, port = self.address()
+        expires = self._expiry(key, time.time() + ttl)
+        record = am.GroupRecord(
+            self.run_id, round, bucket, schema, self.me.peer_id, host, port, expires,
+            owner=self.owner(), ready=False, ttl=ttl, eta=max(0.0, eta),
+        ).signed(self.me)  # fmt: skip
+        await self.op(self.board.publish(key, self.me.peer_id, encode(record), expires))
 
     async def declare(self, lobby: Lobby, decl: Declaration, deadline: float) -> None:
         run, round, bucket, schema = lobby.wanted

@@ -38,6 +38,9 @@ from intellect.protocol.vouching import SyncTarget
 
 logger = logging.getLogger(__name__)
 
+#: How often an intent is renewed while we train (it counts for twice that: a frozen node's lapses).
+INTENT_S = 5.0
+
 
 @dataclass(frozen=True)
 class TrainedRound:
@@ -71,6 +74,8 @@ class Averaging(Protocol):
         overtaken: Callable[[], bool] | None = None,
         expected: Collection[str] | None = None,
     ) -> AverageResult: ...
+
+    async def intend(self, round: int, eta: float, expected: Collection[str] | None, ttl: float) -> None: ...
 
 
 class Publishing(Protocol):
@@ -132,6 +137,8 @@ class RoundMachine:
         self._emit = emit
         self.limits = limits
         self._pacer = Pacer()
+        #: How long our last round's training took (our ETA in the next round's intents).
+        self._train_s: float | None = None
         #: Throughput of our last round (what our membership record says).
         self.tokens_per_s = 0.0
         self.tokens = 0
@@ -262,11 +269,37 @@ class RoundMachine:
         plan = plan_round(self.run_id, r, self.me, self.book.members, self.net.shards)
         await self.trainer.begin_round(plan)
         self.phases.enter(Phase.TRAINING)
-        stats = await train_round(self.trainer, self.manifest.diloco.inner_steps, self._emit, self._pacer)
+        # While we train, our intent in round r's lobby lets its leader wait for us (and tells a frozen us
+        # apart from a slow one: the intent stops being renewed).
+        t0 = time.monotonic()
+        intent = asyncio.create_task(self._intend(r, t0), name="intent")
+        try:
+            stats = await train_round(self.trainer, self.manifest.diloco.inner_steps, self._emit, self._pacer)
+        finally:
+            intent.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await intent
+        self._train_s = time.monotonic() - t0
         self.tokens += stats.tokens
         self.tokens_per_s = stats.tokens_per_s
         self._emit(Trained(r, stats.steps, stats.tokens, stats.mean_loss, stats.tokens_per_s))
         return TrainedRound(r, stats, await self.state.pseudo_gradient())
+
+    def _expected(self, r: int) -> list[str]:
+        """Who we expect in round r's lobbies: every counted member of the run. The bucket count follows
+        their number, which must not change with who happens to have finished round r - 1 yet (that
+        split one round's peers over different lobbies); a member still behind has no intent in the
+        lobby, and a leader gives it only a moment (`MatchConfig.grace_s`)."""
+        return [p for p in self.book.members if p == self.me or self.book.counts(p)]
+
+    async def _intend(self, r: int, started: float) -> None:
+        while True:
+            eta = max(0.0, (self._train_s or 0.0) - (time.monotonic() - started))
+            try:
+                await self.averager.intend(r, eta, self._expected(r), ttl=2 * INTENT_S)
+            except Exception as e:  # the DHT is best effort here; the heartbeat after training is what counts
+                logger.debug("could not store our intent for round %d: %s", r, e)
+            await asyncio.sleep(INTENT_S)
 
     async def average(self, trained: TrainedRound) -> AveragedRound | None:
         """All-reduce our Δ; None (θ kept, local copy reset) unless the average completed."""
@@ -278,15 +311,13 @@ class RoundMachine:
             # Someone still here holds a state past round r - 1: round r was averaged without us.
             return any(rr >= r for rr in self.book.peer_rounds().values())
 
-        # Who we expect to average with: the counted peers that hold the state we hold (round r - 1).
-        expected = [p for p, rr in self.book.peer_rounds().items() if rr == r - 1]
         result = await self.averager.average(
             r,
             trained.delta,
             weight=float(trained.stats.tokens),
             deadline=time.time() + self.manifest.averaging.round_deadline_s,
             overtaken=overtaken,
-            expected=[self.me, *expected],
+            expected=self._expected(r),
         )
         seconds = time.monotonic() - t0
         self._emit(
