@@ -39,6 +39,10 @@ from dataclasses import dataclass, field
 MAX_GROUP_FACTOR = 4
 #: Most members of one declaration (what `GroupDeclaration.verify` accepts).
 MAX_MEMBERS = 4096
+#: How many heartbeat lifetimes a leader waits for an expected peer it has read no record of at all: a
+#: lagging DHT view shows a live peer's heartbeat within a few of its re-publications; a frozen peer's
+#: never comes.
+UNSEEN_GRACES = 3
 
 
 def rank(run_id: str, round_: int, peer: str) -> bytes:
@@ -161,6 +165,8 @@ class Matchmaker:
     next_seq: int = 0
     #: Intents read last step: expected peers still training.
     _coming: dict[str, Offer] = field(default_factory=dict)
+    #: Every peer we have read a record of in this lobby (fresh or not).
+    _offered: set[str] = field(default_factory=set)
     #: When we first saw ourselves the leader with too few or incomplete peers (the straggler wait).
     leading_since: float | None = None
     #: Peers an attempt of ours blamed (stalled, unreachable), with the heartbeat they had then: left out
@@ -178,6 +184,7 @@ class Matchmaker:
     def step(self, offers: Mapping[str, Offer], declarations: Iterable[Declaration], now: float) -> Action:
         alive = self.fresh(offers, now)
         self._coming = {p: o for p, o in alive.items() if not o.ready}
+        self._offered = set(offers)
         fresh = {p: o for p, o in alive.items() if o.ready}
         decls = {d.leader: d for d in declarations if d.leader != self.me}
         if self.mine is not None:
@@ -220,9 +227,15 @@ class Matchmaker:
         if len(present) >= cap:
             complete = True
         elif self.expected - {self.me}:
-            # Known whom to expect: wait for those alive and due; a moment for those we have no record of.
+            # Known whom to expect: wait for those alive and due, and for those we have not read any record
+            # of yet (DHT views lag: declaring without a live peer whose heartbeat we missed split one
+            # round of four daemons into two groups). A peer whose records we did read and that went
+            # stale (frozen, gone) is not waited for.
             absent = self.expected - set(pool) - taken - self.excluded - set(self._coming)
-            complete = not coming and not (absent and waited < cfg.grace_s)
+            unseen = absent - self._offered
+            complete = not coming and not (
+                unseen and waited < min(cfg.max_wait_s, UNSEEN_GRACES * cfg.grace_s)
+            )
         else:  # nobody said whom to expect: a full group, or the straggler bound
             complete = cfg.group_size > 0 and len(present) >= cfg.group_size
         if not complete and waited < cfg.max_wait_s + (cfg.grace_s if coming else 0.0):
