@@ -577,7 +577,28 @@ def load_manifest_toml(path: Path | str) -> Manifest:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ManifestError(str(path), f"not valid TOML: {e}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ManifestError(str(path), "nested too deeply to be a manifest") from None
+    if _depth(raw) > MAX_TOML_DEPTH:
+        raise ManifestError(str(path), f"nested deeper than {MAX_TOML_DEPTH} levels")
     return parse_manifest(raw)
+
+
+#: Deepest nesting of tables and arrays a manifest may have (real ones have 3).
+MAX_TOML_DEPTH = 16
+
+
+def _depth(value: object) -> int:
+    """How deeply `value` nests dicts and lists, without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        v, d = stack.pop()
+        deepest = max(deepest, d)
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return deepest
 
 
 # ---- signed manifests ------------------------------------------------------------------------------

@@ -203,3 +203,9 @@ def test_a_removed_setting_is_named_with_what_to_do(tmp_path: Path) -> None:
     (tmp_path / "config.toml").write_text("")
     with pytest.raises(ConfigError, match="INTELLECT_NODE_GOSSIP_PORT: gossip_port is no longer"):
         load_config(tmp_path, environ={"INTELLECT_NODE_GOSSIP_PORT": "4003"})
+
+
+def test_a_deeply_nested_config_file_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "config.toml").write_text("a = " + "[" * 500 + "]" * 500 + "\n")
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_config(tmp_path, environ={})

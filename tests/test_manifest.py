@@ -214,3 +214,18 @@ def test_re_signing_someone_elses_manifest_makes_another_run() -> None:
         signed.manifest, mallory.peer_id, mallory.sign(domains.MANIFEST, signed.manifest.canonical_bytes())
     )
     assert not forged.verify()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a = " + "[" * 500 + "]" * 500 + "\n",  # tomllib recurses: RecursionError before
+        "x = " + "{a = " * 500 + "1" + "}" * 500 + "\n",
+        "x = " + "[" * 40 + "1" + "]" * 40 + "\n",  # parses, but no manifest nests like that
+    ],
+)
+def test_deeply_nested_toml_is_a_manifest_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "deep.toml"
+    path.write_text(text)
+    with pytest.raises(ManifestError, match="nested"):
+        load_manifest_toml(path)

@@ -28,6 +28,7 @@ from intellect.node.run.events import (
     Recorder,
     Rejected,
     RunReject,
+    SyncFailed,
 )
 from intellect.node.run.machine import Limits, RoundMachine
 from intellect.node.run.phase import Phase, PhaseTracker
@@ -226,3 +227,53 @@ def test_rejection_counters_never_go_backwards(run: OfflineRun) -> None:
     second = scraped()
     assert all(second[k] >= v for k, v in first.items()), (first, second)
     assert second == {**first, "BAD_SIGNATURE": 3.0, "REPLAY": 1.0}
+
+
+class Offers:
+    """A network that serves one given state (its bytes matched the announced hash, as `fetch_state`
+    checks); what the peers hold is up to the test."""
+
+    def __init__(self, run: OfflineRun, snapshot: StateSnapshot) -> None:
+        self.shards = run.engine.shards
+        self.snapshot = snapshot
+
+    async def refresh_members(self) -> None:
+        return None
+
+    async def state(
+        self, target: SyncTarget, distrusted: frozenset[str], report: SyncReport
+    ) -> StateSnapshot:
+        return self.snapshot
+
+
+@pytest.mark.parametrize("defect", ["renamed tensor", "NaN"])
+def test_a_synced_state_the_model_cannot_use_is_refused_and_its_vouchers_distrusted(
+    run: OfflineRun, defect: str
+) -> None:
+    """Regression (#15): a newcomer offered a state with a renamed tensor crashed with an uncaught
+    OuterError (and again on restart); one offered an all-NaN state adopted it and trained on NaN."""
+    from intellect.node.engine.outer import GLOBAL_PREFIX, STEP_KEY
+
+    tensors = {k: v.clone() for k, v in run.state.outer_state().items()}
+    tensors[STEP_KEY] = torch.tensor(5, dtype=torch.int64)
+    name = next(k for k in tensors if k.startswith(GLOBAL_PREFIX))
+    if defect == "renamed tensor":
+        tensors[name + ".renamed"] = tensors.pop(name)
+    else:
+        tensors[name] = torch.full_like(tensors[name], float("nan"))
+    events = Recorder()
+    announcer = Announcer()
+    parts = (run.book, run.state, run.engine.trainer, Averager(), announcer)
+    m = RoundMachine(
+        run.identity.peer_id, run.run_id, run.signed.manifest, parts,
+        Offers(run, StateSnapshot(5, "ab" * 32, tensors)),
+        PhaseTracker(events, Phase.LOADING), events, Limits(max_rounds=1),
+    )  # fmt: skip
+    before = run.state.view()
+    liars = ("12D3KooWLiar1", "12D3KooWLiar2")
+    asyncio.run(m.sync(SyncTarget(5, "ab" * 32, 0, 0, liars)))
+    assert run.state.view() == before  # nothing adopted
+    assert all(torch.isfinite(p).all() for p in run.engine.model.parameters())
+    assert set(liars) <= run.book.distrusted
+    (failed,) = events.of(SyncFailed)
+    assert failed.round == 5 and "unusable state" in failed.reason

@@ -158,6 +158,8 @@ def _from_file(path: Path) -> dict[str, Any]:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError(f"{path}: nested too deeply to be a configuration") from None
     out: dict[str, Any] = {}
     for name, value in raw.items():
         _known(name, str(path))

@@ -166,6 +166,8 @@ class OuterOptimizer:
                 raise OuterError(f"outer state tensor {name!r} has shape {tuple(t.shape)}")
             if t.dtype != torch.float32:
                 raise OuterError(f"outer state tensor {name!r} has dtype {t.dtype}, expected float32")
+            if not bool(torch.isfinite(t).all()):
+                raise OuterError(f"outer state tensor {name!r} holds NaN or infinite values")
         # Keep the model's tensor order (the state dict may come from a file in sorted order).
         self.global_params = {
             n: params[n].detach().to("cpu").clone().contiguous() for n in self.global_params

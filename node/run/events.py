@@ -24,6 +24,9 @@ class RunReject(StrEnum):
     BAD_STATE_CHUNK_REPORTED = "bad_state_chunk_reported"
     #: A synced state whose outer step count differs from the round its vouchers announced.
     STATE_ROUND_MISMATCH = "state_round_mismatch"
+    #: A synced state that matches its hash but not the run's model (names, shapes, dtypes) or holds
+    #: non-finite values: refused, and its vouchers distrusted.
+    UNUSABLE_STATE = "unusable_state"
     #: A misbehaviour report whose evidence does not hold against the state we serve.
     FALSE_MISBEHAVIOUR_REPORT = "false_misbehaviour_report"
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from intellect.node.engine.outer import OuterError
 from intellect.node.engine.trainer import InnerStats
 from intellect.node.net.allreduce import PayloadCodec
 from intellect.node.net.averaging import AverageResult
@@ -251,9 +252,21 @@ class RoundMachine:
             return
         seconds = time.monotonic() - t0
         got = sum(report.bytes_from.values())
-        await self.state.adopt(
-            snap.round, snap.state_hash, snap.tensors, f"{len(target.peers)} peers", seconds, got
-        )
+        try:
+            await self.state.adopt(
+                snap.round, snap.state_hash, snap.tensors, f"{len(target.peers)} peers", seconds, got
+            )
+        except OuterError as e:
+            # The bytes match the hash its vouchers announced, but our model cannot use the state.
+            logger.warning(
+                "state of round %d not adopted (%s); its %d vouchers distrusted",
+                snap.round,
+                e,
+                len(target.peers),
+            )
+            self._emit(SyncFailed(target.round, f"unusable state: {e}", got))
+            self.book.vouched_unusable_state(target.peers)
+            return
         logger.info("synced state of round %d (%s) in %.2f s", snap.round, snap.state_hash[:12], seconds)
         await self.announcer.state(self.state.view(), self.state.outer_state(), self.tokens_per_s)
 

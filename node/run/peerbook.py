@@ -118,6 +118,11 @@ class PeerBook:
         self._emit(Rejected(RunReject.STATE_ROUND_MISMATCH))
         self._distrusted.update(vouchers)
 
+    def vouched_unusable_state(self, vouchers: Iterable[str]) -> None:
+        """These peers vouched for a state our model cannot load (other tensors, or non-finite values)."""
+        self._emit(Rejected(RunReject.UNUSABLE_STATE))
+        self._distrusted.update(vouchers)
+
     def unreachable(self, peers: Iterable[str]) -> None:
         """Holders we could not reach count as gone until they announce again (their DHT records linger)."""
         self._departed.update(peers)

@@ -241,16 +241,19 @@ class GlobalState:
     async def adopt(
         self, round_: int, hash_: str, tensors: Tensors, source: str, seconds: float, bytes_received: int
     ) -> None:
-        """Load a verified state from peers as our global state, then checkpoint it."""
+        """Load a verified state from peers as our global state, then checkpoint it; `OuterError` (and
+        nothing changed) when our model cannot use it."""
         await asyncio.to_thread(self._load_synced, tensors)
         self._set(round_, hash_)
         self._emit(Synced(round_, hash_, source, seconds, from_peers=True, bytes_received=bytes_received))
         await self.checkpoint()
 
     def _load_synced(self, tensors: Tensors) -> None:
+        # `load_state_dict` checks names, shapes, dtypes and finiteness before it changes anything, so an
+        # unusable state (OuterError) leaves ours as it was.
+        self.outer.load_state_dict(tensors)
         # A new global state from peers: what compression owed our old trajectory no longer applies.
         self.residual = None
-        self.outer.load_state_dict(tensors)
         self.outer.copy_to(self.model)
 
     # ---- checkpoints ---------------------------------------------------------------------------------
