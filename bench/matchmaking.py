@@ -367,7 +367,12 @@ class Peer:
             self.join(epoch, action.declaration, offers)
             return
         assert isinstance(action, Wait)
-        if sim.now >= self.deadline or (action.alone and sim.head >= self.round):
+        # As the Averager: alone and overtaken, give up once the straggler bound has passed (a group that
+        # failed re-forms within it, and may take us).
+        overtaken = (
+            action.alone and sim.head >= self.round and sim.now - self.matching_since > sim.p.max_wait_s
+        )
+        if sim.now >= self.deadline or overtaken:
             self.give_up()
             return
         sim.at(sim.now + sim.p.poll_s, lambda: self.poll(epoch))

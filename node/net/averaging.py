@@ -436,8 +436,10 @@ class Averager:
                         return None
                     continue
                 assert isinstance(action, Wait)
-                # Overtaken means the round was averaged somewhere; we give up only with nobody to join.
-                if action.alone and overtaken is not None and overtaken():
+                # Overtaken means the round was averaged somewhere; we give up only with nobody to join,
+                # and not before the straggler bound (a group whose attempt failed re-forms within it).
+                waited = time.time() - mm.started
+                if action.alone and waited >= self.config.matchmaking_time and overtaken and overtaken():
                     state.reason = AverageFailure.OVERTAKEN
                     return None
                 state.reason = AverageFailure.TOO_FEW_PEERS
