@@ -39,6 +39,9 @@ from dataclasses import dataclass, field
 MAX_GROUP_FACTOR = 4
 #: Most members of one declaration (what `GroupDeclaration.verify` accepts).
 MAX_MEMBERS = 4096
+#: Failed attempts with one leader's declarations after which we stop following it for the round (a live
+#: leader that declares and then withholds its part must not stall a round by re-declaring forever).
+MAX_FAILS_PER_LEADER = 2
 #: How many heartbeat lifetimes a leader waits for an expected peer it has read no record of at all: a
 #: lagging DHT view shows a live peer's heartbeat within a few of its re-publications; a frozen peer's
 #: never comes.
@@ -172,6 +175,10 @@ class Matchmaker:
     #: Peers an attempt of ours blamed (stalled, unreachable), with the heartbeat they had then: left out
     #: of our declarations until they publish a newer one, which a frozen peer cannot do.
     suspects: dict[str, float] = field(default_factory=dict)
+    #: How often each peer was blamed this round (the second blame keeps it out for the round).
+    blames: dict[str, int] = field(default_factory=dict)
+    #: Failed attempts with each leader's declarations this round (`MAX_FAILS_PER_LEADER`).
+    fails: dict[str, int] = field(default_factory=dict)
 
     def _rank(self, peer: str) -> bytes:
         return rank(self.run_id, self.round, peer)
@@ -191,15 +198,26 @@ class Matchmaker:
             decls[self.me] = self.mine
         # Declarations still in play: their leader is alive, and (for ours to join) we have not tried them.
         active = [d for d in decls.values() if d.leader in fresh and d.seq > self.tried.get(d.leader, -1)]
-        joinable = [d for d in active if self.me in d.members and not self.excluded & set(d.members)]
+        joinable = [
+            d
+            for d in active
+            if self.me in d.members
+            and not self.excluded & set(d.members)
+            and self.fails.get(d.leader, 0) < MAX_FAILS_PER_LEADER
+        ]
         if joinable:
             return Join(min(joinable, key=lambda d: self._rank(d.leader)))
         taken = {p for d in active for p in d.members if self.me not in d.members}
         for p, seen in list(self.suspects.items()):
-            if p in fresh and fresh[p].fresh_until > seen:
-                del self.suspects[p]  # it heart-beat since it was blamed: alive
+            # It heart-beat since it was blamed: alive, back in. Blamed again in this round, it stays out
+            # (a live peer that joins and then withholds its part would otherwise stall every attempt).
+            if p in fresh and fresh[p].fresh_until > seen and self.blames.get(p, 0) < 2:
+                del self.suspects[p]
         pool = {p: o for p, o in fresh.items() if p not in taken and p not in self.suspects}
-        owners = sorted((p for p, o in pool.items() if o.owner), key=self._rank)
+        owners = sorted(
+            (p for p, o in pool.items() if o.owner and self.fails.get(p, 0) < MAX_FAILS_PER_LEADER),
+            key=self._rank,
+        )
         leader = owners[0] if owners else None
         alone = len(pool) < self.config.min_group or leader is None
         if leader != self.me:
@@ -251,9 +269,12 @@ class Matchmaker:
         are their heartbeats as last read): do not join it again (its leader re-declares), and leave the
         blamed out until they heart-beat again."""
         self.tried[declaration.leader] = max(self.tried.get(declaration.leader, -1), declaration.seq)
+        if declaration.leader != self.me:
+            self.fails[declaration.leader] = self.fails.get(declaration.leader, 0) + 1
         for p in blamed:
             if p != self.me:
                 self.suspects[p] = offers[p].fresh_until if offers and p in offers else 0.0
+                self.blames[p] = self.blames.get(p, 0) + 1
         if declaration.leader == self.me:
             self.mine = None
             self.leading_since = None

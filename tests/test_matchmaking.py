@@ -246,3 +246,52 @@ def test_the_simulation_at_small_size_agrees_and_averages() -> None:
         sim.params([*args, "--churn", "0", "--frozen", "0", "--loss", "0", "--skew-s", "0"])  # type: ignore[attr-defined]
     )
     assert calm["min_live_peers_averaged_fraction"] == 1.0 and calm["forks"] == 0, calm["per_round"]
+
+
+def test_a_live_leader_that_keeps_failing_its_groups_is_no_longer_followed() -> None:
+    """A malicious leader that declares, then withholds its part, and re-declares with a new number must
+    not stall the round: after two failed attempts with it, its followers let the next owner lead."""
+    peers = PEERS[:4]
+    bad, second, *_ = _by_rank(peers)
+    follower = next(p for p in peers if p not in (bad, second))
+    mm = _mm(follower, set(peers))
+    for seq in range(2):
+        d = Declaration(bad, seq, tuple(sorted(peers)))
+        assert mm.step(_offers(peers), [d], now=float(seq)) == Join(d)
+        mm.failed(d)
+    again = Declaration(bad, 2, tuple(sorted(peers)))
+    assert mm.step(_offers(peers), [again], now=3.0) == Wait(second)  # the next owner in rank leads
+
+
+def test_a_peer_blamed_twice_in_a_round_stays_out_although_it_heart_beats() -> None:
+    three = PEERS[:3]
+    leader, *others = _by_rank(three)
+    staller = others[0]
+    mm = _mm(leader, set(three), max_wait=1.0)
+    act = mm.step(_offers(three, until=10.0), [], now=0.0)
+    assert isinstance(act, Declare)
+    mm.failed(act.declaration, [staller], _offers(three, until=10.0))
+    act = mm.step(_offers(three, until=11.0), [], now=0.1)  # it heart-beat: back in once
+    assert isinstance(act, Declare) and staller in act.declaration.members
+    mm.failed(act.declaration, [staller], _offers(three, until=11.0))
+    act = mm.step(_offers(three, until=12.0), [], now=0.2)  # blamed again: out for the round
+    assert isinstance(act, Declare) and staller not in act.declaration.members
+
+
+def test_a_declaration_that_brings_an_outsider_is_ignored() -> None:
+    from intellect.node.net.lobby import DECL_PREFIX, Lobby
+    from intellect.protocol import averaging_messages as am
+    from intellect.protocol.codec import encode
+
+    leader, member, outsider = (Identity.from_seed(bytes([110 + i]) * 32) for i in range(3))
+    members = tuple(sorted(p.peer_id for p in (leader, member, outsider)))
+    n = len(members)
+    decl = am.GroupDeclaration(
+        RUN, 1, 0, "s", leader.peer_id, 0, members, ("",) * n, (0,) * n, (True,) * n, time.time() + 60
+    ).signed(leader)
+    admitted = {leader.peer_id, member.peer_id}.__contains__
+    lobby = Lobby("k", (RUN, 1, 0, "s"))
+    lobby.absorb({DECL_PREFIX + leader.peer_id: encode(decl)}, time.time(), admitted)
+    assert lobby.decls == {}
+    lobby.absorb({DECL_PREFIX + leader.peer_id: encode(decl)}, time.time(), lambda _: True)
+    assert leader.peer_id in lobby.decls  # the same declaration, with everyone admitted, counts

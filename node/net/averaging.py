@@ -95,8 +95,6 @@ class AveragerConfig:
     max_attempts: int = 8
     #: Seconds between DHT reads while matchmaking.
     poll_interval: float = 0.25
-    #: Lifetime of a group record in the DHT, in seconds.
-    record_ttl: float = 120.0
 
     def __post_init__(self) -> None:
         if self.min_group_size < 1:
@@ -107,8 +105,8 @@ class AveragerConfig:
             raise ValueError(f"reducer: must be mean or centered_clip, got {self.reducer!r}")
         if self.target_group_size < 0:
             raise ValueError("target_group_size: must be 0 (none) or positive")
-        if self.matchmaking_time <= 0 or self.poll_interval <= 0 or self.record_ttl <= 0:
-            raise ValueError("matchmaking_time, poll_interval and record_ttl must be positive")
+        if self.matchmaking_time <= 0 or self.poll_interval <= 0:
+            raise ValueError("matchmaking_time and poll_interval must be positive")
         if self.compression not in _BYTES_PER_VALUE:
             raise ValueError(f"compression: one of {sorted(_BYTES_PER_VALUE)}, got {self.compression!r}")
         if not self.max_weight > 0:

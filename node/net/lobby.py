@@ -112,7 +112,9 @@ class Lobby:
         old = self.decls.get(leader)
         if old is not None and old.seq >= decl.seq:
             return
-        if (admitted is not None and not admitted(leader)) or not decl.verify():
+        if admitted is not None and not all(admitted(m) for m in decl.members):
+            return  # a leader may not bring outsiders into a group (nor may an outsider lead)
+        if not decl.verify():
             return
         self.decls[leader] = decl
 
