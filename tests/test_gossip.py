@@ -355,3 +355,16 @@ async def test_a_neighbour_that_leaves_is_replaced_and_stop_leaves_nothing(tmp_p
         g = a.gossip
     assert not g._tasks and not g._links
     assert not [t for t in asyncio.all_tasks() if (t.get_name() or "").startswith("gossip-")]
+
+
+@pytest.mark.swarm
+@pytest.mark.timeout(90)
+async def test_one_peer_cannot_take_every_link_slot(tmp_path: Path) -> None:
+    async with _node(tmp_path) as bob, _node(tmp_path) as m:
+        streams = [await _raw_stream(m, bob) for _ in range(5)]
+        # The first two are kept (both sides may dial at once); the rest are closed at once.
+        for reader, _writer in streams[2:]:
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+        assert len(bob.gossip._links[m.ident.peer_id]) == 2
+        for _reader, writer in streams:
+            writer.close()

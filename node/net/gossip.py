@@ -82,6 +82,9 @@ DELIVERY_REWARD, SCORE_CAP = 0.1, 10.0
 #: Rejection reasons of this module (beyond RejectReason): the topic does not carry that payload type; the
 #: author published above its rate.
 WRONG_TOPIC, RATE_LIMITED = "wrong_topic", "rate_limited"
+#: Links one neighbour may hold with us (two: both of us dialled at once); more are refused, so that one
+#: admitted peer cannot take every one of `max_links` slots and starve the honest ones.
+MAX_LINKS_PER_PEER = 2
 #: Authors whose rate buckets are kept; beyond it the oldest half is forgotten (bounded memory in a run
 #: that admits anyone).
 MAX_AUTHORS = 65536
@@ -516,6 +519,8 @@ class GossipService:
             reason = "refused"
         elif total >= self.config.max_links:
             reason = "too many links"
+        elif len(self._links.get(peer, ())) >= MAX_LINKS_PER_PEER:
+            reason = "too many links from that peer"  # one peer must not take every slot
         else:
             await self._run_link(_Link(peer, False, reader, writer, asyncio.Queue(self.config.link_queue)))
             return
