@@ -89,6 +89,14 @@ class AbortReason(enum.StrEnum):
     MEMBER_MISMATCH = "member-mismatch"
     #: No member of the group can be dialled (all behind NATs): nobody can own a partition.
     NO_OWNER = "no-owner"
+    #: Members received different bytes of one reduced partition: its owner signed both (`Equivocation`).
+    INCONSISTENT_RESULT = "inconsistent-result"
+    #: A reduced partition does not satisfy its reducer's equation with its owner's own report.
+    BIASED_RESULT = "biased-result"
+    #: An owner's report about our contribution differs from what we sent.
+    MISREPORTED_INPUT = "misreported-input"
+    #: A member's digest is malformed, unsigned or contradicts the signatures it quotes.
+    BAD_DIGEST = "bad-digest"
 
 
 class PartKind(enum.IntEnum):
@@ -98,6 +106,8 @@ class PartKind(enum.IntEnum):
     SCATTER = 0
     #: The owner's reduced partition, quantized once, used bit-for-bit by every member (all-gather).
     GATHER = 1
+    #: An owner's own contribution to its partition, sent to its witness (`net.agreement.witness_of`).
+    WITNESS = 2
 
 
 @message(300, version=3, max_size=2048)
@@ -282,10 +292,14 @@ class Reject:
     reason: str
 
 
-@message(306, max_size=MAX_CONTROL_FRAME)
+@message(306, version=2, max_size=MAX_CONTROL_FRAME)
 @dataclass(frozen=True)
 class PartHeader:
-    """Announces one partition payload of `nbytes` raw bytes that follows immediately."""
+    """Announces one partition payload of `nbytes` raw bytes that follows immediately.
+
+    `digest` is `payload_digest` of that payload and `sig` the sender's signature (domain ALLREDUCE) over
+    `statement(group_id)`: an owner that sends different bytes of its reduced partition to different
+    members signs two statements that contradict each other (`Equivocation`)."""
 
     kind: int
     part: int
@@ -294,6 +308,113 @@ class PartHeader:
     codec: str
     numel: int
     nbytes: int
+    digest: bytes = b""
+    sig: bytes = b""
+
+    def statement(self, group_id: bytes) -> bytes:
+        return part_statement(group_id, self.kind, self.part, self.weight, self.digest)
+
+
+def part_statement(group_id: bytes, kind: int, part: int, weight: float, digest: bytes) -> bytes:
+    """What a part's sender signs: this payload (by digest) is partition `part` of this attempt."""
+    return packb_canonical(["allreduce-part-v1", group_id, kind, part, weight, digest])
+
+
+def payload_digest(payload: bytes | bytearray | memoryview) -> bytes:
+    """The 16-byte BLAKE2b digest of a part payload (collisions would need 2^64 work)."""
+    return hashlib.blake2b(payload, digest_size=16).digest()
+
+
+#: Largest agreement frame (a `Digest`, or a `DigestBundle` of every member's).
+MAX_AGREEMENT_FRAME = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class InputLine:
+    """A line about member `member`'s contribution to partition `part` (`intellect.node.engine.verify`):
+    the payload's digest and weight with the contributor's signature over them (`part_statement`), its
+    random projections and its distance to the reduced partition. Written by the partition's owner about
+    every contribution, and by each contributor (the owner's witness for the owner's own) first-hand."""
+
+    part: int
+    member: int
+    digest: bytes
+    weight: float
+    sig: bytes
+    sketch: tuple[float, ...]
+    dist: float
+
+
+@message(310, max_size=MAX_AGREEMENT_FRAME)
+@dataclass(frozen=True)
+class Digest:
+    """After the all-gather, every member signs what it received: the digest, total weight and owner's
+    signature of every reduced partition, in member order (empty for members that own none); an owner adds
+    one `InputLine` per member about its own partition. A member commits the average only when it holds
+    every member's digest and they agree (the agreement phase, `intellect.node.net.agreement`)."""
+
+    group_id: bytes
+    sender: str
+    part_digests: tuple[bytes, ...]
+    part_weights: tuple[float, ...]
+    part_sigs: tuple[bytes, ...]
+    inputs: tuple[InputLine, ...]
+    sig: bytes = b""
+
+    def signing_bytes(self) -> bytes:
+        return packb_canonical(
+            [
+                "allreduce-digest-v1",
+                self.group_id,
+                self.sender,
+                list(self.part_digests),
+                list(self.part_weights),
+                list(self.part_sigs),
+                [[x.part, x.member, x.digest, x.weight, x.sig, list(x.sketch), x.dist] for x in self.inputs],
+            ]
+        )
+
+    def signed(self, identity: Identity) -> Digest:
+        return replace(self, sig=identity.sign(domains.ALLREDUCE, self.signing_bytes()))
+
+    def verify(self) -> bool:
+        return verify(self.sender, domains.ALLREDUCE, self.signing_bytes(), self.sig)
+
+
+@message(311, max_size=MAX_AGREEMENT_FRAME)
+@dataclass(frozen=True)
+class DigestBundle:
+    """Every member's signed `Digest`, relayed by an owner to a member behind a NAT (which talks to owners
+    only). Relaying cannot alter a digest: each is signed by its author."""
+
+    digests: tuple[Digest, ...]
+
+
+@message(312, max_size=4096)
+@dataclass(frozen=True)
+class Equivocation:
+    """Proof that `owner` signed two different payloads as partition `part` of one attempt: anyone can
+    check it with the owner's peer ID alone."""
+
+    owner: str
+    group_id: bytes
+    part: int
+    weight_a: float
+    digest_a: bytes
+    sig_a: bytes
+    weight_b: float
+    digest_b: bytes
+    sig_b: bytes
+
+    def verify(self) -> bool:
+        if (self.digest_a, self.weight_a) == (self.digest_b, self.weight_b):
+            return False
+        kind = int(PartKind.GATHER)
+        a = part_statement(self.group_id, kind, self.part, self.weight_a, self.digest_a)
+        b = part_statement(self.group_id, kind, self.part, self.weight_b, self.digest_b)
+        return verify(self.owner, domains.ALLREDUCE, a, self.sig_a) and verify(
+            self.owner, domains.ALLREDUCE, b, self.sig_b
+        )
 
 
 @message(307, max_size=MAX_CONTROL_FRAME)

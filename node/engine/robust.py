@@ -3,13 +3,15 @@
 The butterfly gives each member one partition of the flat vector to reduce, with every member's
 contribution to it. `mean` is the weighted average. `centered_clip` (Karimireddy, He & Jaggi 2021, as used
 per partition by BTARD's ButterflyClip) starts from the coordinate-wise median and moves towards each
-contribution by at most `tau` in L2 norm per iteration:
+contribution by at most `tau` in L2 norm per iteration, until it reaches the fixed point:
 
     v <- v + sum_i w_i * (x_i - v) * min(1, tau / ||x_i - v||) / sum_i w_i
 
 so a minority of contributions, however large, moves the result by a bounded amount, while contributions
-within `tau` of the centre average exactly as the mean does. `tau` defaults to the median distance of the
-contributions from the starting point (a scale estimate a minority cannot inflate), times `tau_scale`.
+within `tau` of the centre average exactly as the mean does. `tau` is the median distance of the
+contributions from the current centre (a scale estimate a minority cannot inflate), times `tau_scale`,
+recomputed every iteration, so that the result is the fixed point of one equation every member can check
+(`intellect.node.engine.verify`).
 Deterministic: the same inputs in the same order give bit-identical output on every machine, which the
 all-gather relies on (only the partition's owner computes it, and everyone receives its bytes).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from intellect.node.engine.verify import CONVERGED, clip_tau
 
 REDUCERS = ("mean", "centered_clip")
 
@@ -32,9 +35,11 @@ def weighted_mean(values: Sequence[torch.Tensor], weights: Sequence[float]) -> t
 
 
 def centered_clip(
-    values: Sequence[torch.Tensor], weights: Sequence[float], iters: int = 3, tau_scale: float = 1.0
+    values: Sequence[torch.Tensor], weights: Sequence[float], iters: int = 100, tau_scale: float = 1.0
 ) -> torch.Tensor:
-    """Centered clipping of `values` (same shape, fp32) with non-negative `weights` (positive total)."""
+    """Centered clipping of `values` (same shape, fp32) with non-negative `weights` (positive total),
+    iterated to its fixed point: stops when the clipped residual is at most `CONVERGED` x tau, which is
+    what `intellect.node.engine.verify` lets every member check from a few numbers per contribution."""
     if not values:
         raise ValueError("no contributions")
     total = float(sum(weights))
@@ -44,16 +49,19 @@ def centered_clip(
         return values[0].to(torch.float32).clone()
     stacked = torch.stack([v.to(torch.float32) for v in values])
     centre = stacked.median(dim=0).values if len(values) > 2 else weighted_mean(values, weights)
-    dists = torch.linalg.vector_norm(stacked - centre, dim=1)
-    tau = float(dists.median()) * tau_scale
-    if tau <= 0.0:
-        return centre
     w = torch.tensor([float(x) / total for x in weights], dtype=torch.float32)
     for _ in range(iters):
         diff = stacked - centre
-        norms = torch.linalg.vector_norm(diff, dim=1)
-        scale = torch.clamp(tau / torch.clamp(norms, min=1e-30), max=1.0)
-        centre = centre + (diff * (w * scale).unsqueeze(1)).sum(dim=0)
+        # Float64 norms: verifiers recompute these distances in float64 from the decoded values.
+        norms = torch.linalg.vector_norm(diff.to(torch.float64), dim=1)
+        tau = clip_tau(norms.tolist()) * tau_scale
+        if tau <= 0.0:
+            break
+        scale = torch.clamp(tau / torch.clamp(norms, min=1e-300), max=1.0).to(torch.float32)
+        step = (diff * (w * scale).unsqueeze(1)).sum(dim=0)
+        if float(torch.linalg.vector_norm(step.to(torch.float64))) <= CONVERGED * tau:
+            break
+        centre = centre + step
     return centre
 
 

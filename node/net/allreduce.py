@@ -30,7 +30,7 @@ import math
 import os
 import struct
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
@@ -38,7 +38,16 @@ import torch
 from intellect.crypto import domains
 from intellect.crypto.identity import Identity, verify
 from intellect.node.engine.robust import REDUCERS, reduce_partition
-from intellect.node.net.transport import Conn, TcpTransport, Transport, recv_exactly, recv_frame, send_frame
+from intellect.node.net.agreement import Agreement, AgreementError, Ledger, Seal, witness_of
+from intellect.node.net.transport import (
+    Conn,
+    TcpTransport,
+    Transport,
+    gather_all,
+    recv_exactly,
+    recv_frame,
+    send_frame,
+)
 from intellect.protocol import averaging_messages as am
 from intellect.protocol.averaging_messages import AbortReason, HandshakeRefusal
 from intellect.protocol.codec import encode, packb_canonical
@@ -76,6 +85,10 @@ class AllReduceError(Exception):
         self.sender = sender
         #: For ABORTED_BY_PEER: the reason the member sent.
         self.peer_reason = peer_reason or ""
+        #: Members under suspicion without proof (both sides of a dispute nobody can settle).
+        self.suspects: tuple[str, ...] = ()
+        #: Signed proof against `culprit` that any peer can check (`am.Equivocation`), when there is one.
+        self.evidence: am.Equivocation | None = None
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -129,6 +142,11 @@ class PayloadCodec(Protocol):
 
     def max_bytes(self, numel: int) -> int: ...
 
+    def error_bound(self, decoded: torch.Tensor) -> float:
+        """An upper bound on ‖x − decoded‖ over every x that encodes to `decoded` (what verifiers allow an
+        owner's reduced partition to have moved by the codec; `intellect.node.engine.verify`)."""
+        ...
+
 
 class RawFp32Codec:
     """No compression: little-endian fp32 bytes."""
@@ -149,6 +167,9 @@ class RawFp32Codec:
 
     def max_bytes(self, numel: int) -> int:
         return 4 * numel
+
+    def error_bound(self, decoded: torch.Tensor) -> float:
+        return 0.0
 
 
 class CompressorCodec:
@@ -184,6 +205,26 @@ class CompressorCodec:
         # Header and shape (< 64 bytes), then at most fp32 data (fp16 falls back to fp32 beyond its range)
         # plus one fp32 scale per value in the worst case of a block of 1.
         return 64 + 8 * numel
+
+    def error_bound(self, decoded: torch.Tensor) -> float:
+        flat = decoded.reshape(-1).to(torch.float64)
+        if self.name == "int8":
+            # Round to nearest of x / scale with scale = absmax / 127 per block: every value moved by at
+            # most scale / 2, and the absmax value decodes to exactly ±127 · scale.
+            block = int(self._impl.block)
+            pad = (-flat.numel()) % block
+            blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, block)
+            scale = blocks.abs().amax(dim=1) / 127.0
+            counts = torch.full_like(scale, float(block))
+            if pad:
+                counts[-1] = block - pad
+            return float(torch.sqrt((counts * (scale / 2) ** 2).sum())) * (1 + 1e-3)
+        if self.name == "fp16":
+            # Half an ulp: 2^-11 relative for normal values, 2^-25 absolute for subnormals.
+            return (2.0**-11 * float(torch.linalg.vector_norm(flat)) + 2.0**-25 * flat.numel() ** 0.5) * (
+                1 + 1e-3
+            )
+        return 0.0
 
 
 def get_payload_codec(name: str) -> PayloadCodec:
@@ -440,17 +481,6 @@ class ReducedVector:
     part_sizes: tuple[int, ...] = ()
 
 
-async def _all(aws: Sequence[Awaitable[Any]]) -> list[Any]:
-    """Run concurrently; on the first failure cancel the rest and raise it (not an ExceptionGroup)."""
-    tasks = [asyncio.ensure_future(a) for a in aws]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 def all_finite(t: torch.Tensor) -> bool:
     """True when every value of `t` is finite.
 
@@ -478,6 +508,22 @@ async def _offload(fn: Any, *args: Any, big: bool) -> Any:
     return fn(*args)
 
 
+class Tamper:
+    """Fault injection for tests and bench/byzantine.py only: how a malicious member deviates from the
+    protocol. Every method here is honest; an attack overrides one."""
+
+    def reduced(self, part: torch.Tensor) -> None:
+        """Change our reduced partition in place before it is encoded (a biased owner)."""
+
+    def gather_payload(self, receiver: str, payload: bytes | memoryview) -> bytes | memoryview:
+        """The bytes of our reduced partition sent to `receiver` (an inconsistent owner sends others)."""
+        return payload
+
+    def lines(self, lines: list[am.InputLine]) -> list[am.InputLine]:
+        """The lines of our digest (a member that lies about what it sent or received)."""
+        return lines
+
+
 async def butterfly_allreduce(
     plane: DataPlane,
     spec: GroupSpec,
@@ -490,6 +536,7 @@ async def butterfly_allreduce(
     validate_local: bool = True,
     fault: Callable[[str], Awaitable[None]] | None = None,
     reducer: str = "mean",
+    tamper: Tamper | None = None,
 ) -> ReducedVector:
     """Average `flat` (fp32, 1-D) with the members of `spec`, weighted; raise AllReduceError on any failure.
 
@@ -517,6 +564,7 @@ async def butterfly_allreduce(
         attempt = _Attempt(
             plane, slot, flat, weight, codec, max_weight, stall_timeout, validate_local, fault, reducer
         )
+        attempt.tamper = tamper or Tamper()
         return await attempt.run()
     finally:
         plane.close_slot(slot)
@@ -548,12 +596,165 @@ async def _say_done(
         if not isinstance(msg, am.Done):
             logger.debug("expected Done from %s, got %s", peer, type(msg).__name__)
 
-    await _all(
+    await gather_all(
         [send_frame(c, am.Done(2)) for c in received.values()] + [await_done(p, c) for p, c in sent.values()]
     )
 
 
-class _Attempt:
+class _PartWire:
+    """Sending and receiving one part (header, payload, seal) of an attempt: the wire half of `_Attempt`."""
+
+    spec: GroupSpec
+    plane: DataPlane
+    codec: PayloadCodec
+    sizes: list[int]
+    raw: bool
+    big: bool
+    max_weight: float
+    sent: int
+    received: int
+    outgoing: dict[str, Conn]
+    incoming: dict[str, Conn]
+    ledger: Ledger
+    weight: float
+    my_index: int
+    witness: GroupMember
+    _own_cache: tuple[torch.Tensor, Seal, bytes | memoryview] | None
+
+    def _part(self, i: int, of: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    async def _guarded(self, aw: Awaitable[T]) -> T:
+        raise NotImplementedError
+
+    @property
+    def _own(self) -> tuple[torch.Tensor, Seal]:
+        """Our own contribution to our partition as our witness decodes it, and its seal (made once)."""
+        if self._own_cache is None:
+            payload, decoded = self.codec.roundtrip(self._part(self.my_index))
+            seal = self._seal(am.PartKind.WITNESS, self.my_index, self.weight, payload)
+            self._own_cache = (decoded, seal, payload)
+        return self._own_cache[0], self._own_cache[1]
+
+    async def _send_witness(self) -> None:
+        self._own  # noqa: B018 (makes the payload)
+        assert self._own_cache is not None
+        _, seal, payload = self._own_cache
+        await self._send_part(self.witness, am.PartKind.WITNESS, self.my_index, payload, seal)
+
+    async def _recv_witness(self, m: GroupMember) -> None:
+        j = self.spec.index(m.peer_id)
+        value, _, seal = await self._recv_part(m, am.PartKind.WITNESS, j)
+        self.ledger.witnessed[j] = (seal, value)
+
+    # -- parts ---------------------------------------------------------------------------------------------
+
+    def _seal(self, kind: am.PartKind, part_index: int, w: float, payload: bytes | memoryview) -> Seal:
+        """Digest and sign a part: the signed statement binds us to these bytes (`am.part_statement`)."""
+        digest, w = am.payload_digest(payload), float(w)
+        statement = am.part_statement(self.spec.group_id, int(kind), part_index, w, digest)
+        return Seal(digest, w, self.plane.identity.sign(domains.ALLREDUCE, statement))
+
+    async def _send_part(
+        self, m: GroupMember, kind: am.PartKind, part_index: int, payload: bytes | memoryview, seal: Seal
+    ) -> None:
+        numel = self.sizes[part_index]
+        w = seal.weight
+        header = encode(
+            am.PartHeader(
+                int(kind), part_index, w, self.codec.name, numel, len(payload), seal.digest, seal.sig
+            )
+        )
+        try:
+            await self._guarded(self.outgoing[m.peer_id].send(_LEN.pack(len(header)) + header, payload))
+        except (ConnectionError, OSError) as e:
+            raise AllReduceError(AbortReason.PEER_FAILED, detail=str(e)) from e
+        self.sent += len(header) + _LEN.size + len(payload)
+
+    async def _recv_part(
+        self, m: GroupMember, kind: am.PartKind, part_index: int, out: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, float, Seal]:
+        """Receive, check and decode one part from `m`; raw fp32 parts are read straight into `out` when
+        given. Returns the values, the weight (a sender's weight is capped at `max_weight`) and the part's
+        seal as the sender signed it (checked against the bytes that arrived)."""
+        conn = self.incoming[m.peer_id]
+        header = await self._recv_header(m, conn, kind, part_index)
+        value, digest = await self._recv_values(m, conn, header, out)
+        statement = header.statement(self.spec.group_id)
+        if digest != header.digest or not verify(m.peer_id, domains.ALLREDUCE, statement, header.sig):
+            raise AllReduceError(
+                AbortReason.MALFORMED_PART,
+                culprit=m.peer_id,
+                detail=f"{kind.name} part {part_index}: bad seal",
+            )
+        if not all_finite(value):
+            raise AllReduceError(
+                AbortReason.NON_FINITE_PART, culprit=m.peer_id, detail=f"{kind.name} part {part_index}"
+            )
+        w = header.weight
+        if kind != am.PartKind.GATHER:
+            if not math.isfinite(w) or w < 0:
+                raise AllReduceError(AbortReason.BAD_WEIGHT, culprit=m.peer_id, detail=str(w))
+            w = min(w, self.max_weight)
+        return value, w, Seal(header.digest, header.weight, header.sig)
+
+    async def _recv_header(
+        self, m: GroupMember, conn: Conn, kind: am.PartKind, part_index: int
+    ) -> am.PartHeader:
+        """The next part header from `m`, checked against what we expect before any payload is read."""
+        try:
+            header = await self._guarded(recv_frame(conn))
+        except (ConnectionError, OSError, ProtocolError, struct.error) as e:
+            raise AllReduceError(AbortReason.PEER_FAILED, detail=f"{m.peer_id}: {e}") from e
+        if isinstance(header, am.Abort):
+            raise AllReduceError(
+                AbortReason.ABORTED_BY_PEER,
+                culprit=header.culprit,
+                detail=f"{m.peer_id} aborted",
+                peer_reason=header.reason,
+                sender=m.peer_id,
+            )
+        numel = self.sizes[part_index]
+        if (
+            not isinstance(header, am.PartHeader)
+            or header.kind != kind
+            or header.part != part_index
+            or header.numel != numel
+            or header.codec != self.codec.name
+            or not 0 <= header.nbytes <= self.codec.max_bytes(numel)
+        ):
+            raise AllReduceError(AbortReason.MALFORMED_PART, culprit=m.peer_id, detail=repr(header)[:200])
+        if self.raw and header.nbytes != 4 * numel:
+            detail = f"{header.nbytes} bytes"
+            raise AllReduceError(AbortReason.MALFORMED_PART, culprit=m.peer_id, detail=detail)
+        return header
+
+    async def _recv_values(
+        self, m: GroupMember, conn: Conn, header: am.PartHeader, out: torch.Tensor | None
+    ) -> tuple[torch.Tensor, bytes]:
+        """The payload announced by `header`, decoded to fp32 values, and the payload's digest."""
+        numel = header.numel
+        try:
+            if self.raw:
+                # Read straight into the tensor that will hold the values: no intermediate buffer.
+                value = torch.empty(numel, dtype=torch.float32) if out is None else out
+                if numel:
+                    await self._guarded(conn.recv_into(value.numpy().data.cast("B")))
+            else:
+                payload = await self._guarded(recv_exactly(conn, header.nbytes))
+        except (ConnectionError, OSError) as e:
+            raise AllReduceError(AbortReason.PEER_FAILED, detail=f"{m.peer_id}: {e}") from e
+        self.received += header.nbytes + _LEN.size
+        if self.raw:
+            return value, am.payload_digest(value.numpy().data.cast("B"))
+        try:
+            decoded: torch.Tensor = await _offload(self.codec.decode, payload, numel, big=self.big)
+        except (ValueError, RuntimeError, ProtocolError) as e:
+            raise AllReduceError(AbortReason.UNDECODABLE_PART, culprit=m.peer_id, detail=str(e)) from e
+        return decoded, am.payload_digest(payload)
+
+
+class _Attempt(_PartWire):
     """One butterfly all-reduce of `flat` between the members of `slot.spec`, and the state its phases share.
 
     The phases, each timed: `_connect` (one connection each way to every other member), `_reduce_scatter`
@@ -607,6 +808,17 @@ class _Attempt:
         self.sent = self.received = 0
         self.timings: dict[str, float] = {}
         self.start = time.perf_counter()
+        #: What the agreement phase reports and checks (`intellect.node.net.agreement`).
+        self.ledger = Ledger()
+        self.tamper = Tamper()
+        self._own_cache: tuple[torch.Tensor, Seal, bytes | memoryview] | None = None
+        #: Our witness (we send it our own contribution when we own a partition), and whom we witness.
+        self.witness = self.spec.members[witness_of(self.spec, self.my_index)]
+        self.witnessed = [
+            m
+            for i, m in enumerate(self.spec.members)
+            if m.owner and m.peer_id != self.me and witness_of(self.spec, i) == self.my_index
+        ]
 
     async def run(self) -> ReducedVector:
         try:
@@ -614,6 +826,7 @@ class _Attempt:
             contributions = await self._timed("scatter", self._reduce_scatter())
             result, total, my_payload = await self._timed("reduce", self._reduce(contributions))
             total = await self._timed("gather", self._all_gather(result, total, my_payload))
+            await self._timed("agree", self._agree(result))
             await self._timed("done", _say_done(self.incoming, self.outgoing, self._guarded))
             seconds = time.perf_counter() - self.start
             sizes = tuple(self.sizes)
@@ -667,7 +880,7 @@ class _Attempt:
         others = self.others
         dial = [m for m in others if m.owner]
         accept = [m for m in others if self.mine.owner]
-        conns = await _all([self._open_out(m) for m in dial] + [self._accept_in(m) for m in accept])
+        conns = await gather_all([self._open_out(m) for m in dial] + [self._accept_in(m) for m in accept])
         self.incoming = {m.peer_id: c for m, c in zip(accept, conns[len(dial) :], strict=True)}
         for m in others:
             if not m.owner:
@@ -688,118 +901,53 @@ class _Attempt:
                 ) from None
             raise
 
-    # -- parts ---------------------------------------------------------------------------------------------
-
-    async def _send_part(
-        self, m: GroupMember, kind: am.PartKind, part_index: int, w: float, payload: bytes | memoryview
-    ) -> None:
-        numel = self.sizes[part_index]
-        header = encode(am.PartHeader(int(kind), part_index, w, self.codec.name, numel, len(payload)))
-        try:
-            await self._guarded(self.outgoing[m.peer_id].send(_LEN.pack(len(header)) + header, payload))
-        except (ConnectionError, OSError) as e:
-            raise AllReduceError(AbortReason.PEER_FAILED, detail=str(e)) from e
-        self.sent += len(header) + _LEN.size + len(payload)
-
-    async def _recv_part(
-        self, m: GroupMember, kind: am.PartKind, part_index: int, out: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, float]:
-        """Receive, check and decode one part from `m`; raw fp32 parts are read straight into `out` when
-        given. Returns the values and the weight (a sender's weight is capped at `max_weight`)."""
-        conn = self.incoming[m.peer_id]
-        header = await self._recv_header(m, conn, kind, part_index)
-        value = await self._recv_values(m, conn, header, out)
-        if not all_finite(value):
-            raise AllReduceError(
-                AbortReason.NON_FINITE_PART, culprit=m.peer_id, detail=f"{kind.name} part {part_index}"
-            )
-        w = header.weight
-        if kind == am.PartKind.SCATTER:
-            if not math.isfinite(w) or w < 0:
-                raise AllReduceError(AbortReason.BAD_WEIGHT, culprit=m.peer_id, detail=str(w))
-            w = min(w, self.max_weight)
-        return value, w
-
-    async def _recv_header(
-        self, m: GroupMember, conn: Conn, kind: am.PartKind, part_index: int
-    ) -> am.PartHeader:
-        """The next part header from `m`, checked against what we expect before any payload is read."""
-        try:
-            header = await self._guarded(recv_frame(conn))
-        except (ConnectionError, OSError, ProtocolError, struct.error) as e:
-            raise AllReduceError(AbortReason.PEER_FAILED, detail=f"{m.peer_id}: {e}") from e
-        if isinstance(header, am.Abort):
-            raise AllReduceError(
-                AbortReason.ABORTED_BY_PEER,
-                culprit=header.culprit,
-                detail=f"{m.peer_id} aborted",
-                peer_reason=header.reason,
-                sender=m.peer_id,
-            )
-        numel = self.sizes[part_index]
-        if (
-            not isinstance(header, am.PartHeader)
-            or header.kind != kind
-            or header.part != part_index
-            or header.numel != numel
-            or header.codec != self.codec.name
-            or not 0 <= header.nbytes <= self.codec.max_bytes(numel)
-        ):
-            raise AllReduceError(AbortReason.MALFORMED_PART, culprit=m.peer_id, detail=repr(header)[:200])
-        if self.raw and header.nbytes != 4 * numel:
-            detail = f"{header.nbytes} bytes"
-            raise AllReduceError(AbortReason.MALFORMED_PART, culprit=m.peer_id, detail=detail)
-        return header
-
-    async def _recv_values(
-        self, m: GroupMember, conn: Conn, header: am.PartHeader, out: torch.Tensor | None
-    ) -> torch.Tensor:
-        """The payload announced by `header`, decoded to fp32 values."""
-        numel = header.numel
-        try:
-            if self.raw:
-                # Read straight into the tensor that will hold the values: no intermediate buffer.
-                value = torch.empty(numel, dtype=torch.float32) if out is None else out
-                if numel:
-                    await self._guarded(conn.recv_into(value.numpy().data.cast("B")))
-            else:
-                payload = await self._guarded(recv_exactly(conn, header.nbytes))
-        except (ConnectionError, OSError) as e:
-            raise AllReduceError(AbortReason.PEER_FAILED, detail=f"{m.peer_id}: {e}") from e
-        self.received += header.nbytes + _LEN.size
-        if self.raw:
-            return value
-        try:
-            decoded: torch.Tensor = await _offload(self.codec.decode, payload, numel, big=self.big)
-        except (ValueError, RuntimeError, ProtocolError) as e:
-            raise AllReduceError(AbortReason.UNDECODABLE_PART, culprit=m.peer_id, detail=str(e)) from e
-        return decoded
-
     # -- phases --------------------------------------------------------------------------------------------
 
     async def _reduce_scatter(self) -> list[tuple[torch.Tensor, float]]:
-        """Send every member its partition, receive ours from everyone: the contributions to our partition
-        with their weights, our own first, then the others in group order."""
-        others = self.others
-        senders = others if self.mine.owner else []
-        results = await _all(
+        """Send every member its partition (and our witness our own), receive ours from everyone (and the
+        own contribution of each owner we witness): the contributions to our partition with their
+        weights, our own first, then the others in group order."""
+        senders = self.others if self.mine.owner else []
+        own_task: list[Awaitable[Any]] = []
+        if self.mine.owner and self.witness.peer_id not in {m.peer_id for m in self.owner_peers}:
+            own_task = [self._send_witness()]  # our witness owns nothing: no scatter to share the send
+        results = await gather_all(
             [self._scatter_to(m) for m in self.owner_peers]
-            + [self._recv_part(m, am.PartKind.SCATTER, self.my_index) for m in senders]
+            + own_task
+            + [self._recv_from(m) for m in senders]
+            + [self._recv_witness(m) for m in self.witnessed if m not in senders]
         )
-        own = self._part(self.my_index)
+        start = len(self.owner_peers) + len(own_task)
+        received = results[start : start + len(senders)]
+        if not self.mine.owner:
+            return []
+        own, own_seal = self._own
         if not self.validate_local and not all_finite(own):
             # Only reachable with fault injection: we are the peer that sent non-finite values.
             raise AllReduceError(
                 AbortReason.NON_FINITE_PART, culprit=self.me, detail="our own partition is not finite"
             )
-        return [(own, self.weight), *results[len(self.owner_peers) :]]
+        self.ledger.received[self.my_index] = (own_seal, own)
+        for m, (value, _, seal) in zip(senders, received, strict=True):
+            self.ledger.received[self.spec.index(m.peer_id)] = (seal, value)
+        return [(own, self.weight), *((value, w) for value, w, _ in received)]
+
+    async def _recv_from(self, m: GroupMember) -> tuple[torch.Tensor, float, Seal]:
+        got = await self._recv_part(m, am.PartKind.SCATTER, self.my_index)
+        if m in self.witnessed:  # its own contribution follows on the same connection
+            await self._recv_witness(m)
+        return got
 
     async def _scatter_to(self, m: GroupMember) -> None:
         j = self.spec.index(m.peer_id)
-        payload = await _offload(self.codec.encode, self._part(j), big=self.big)
+        payload, decoded = await _offload(self.codec.roundtrip, self._part(j), big=self.big)
+        seal = self._seal(am.PartKind.SCATTER, j, self.weight, payload)
+        self.ledger.sent[j] = (seal, decoded)
         if self.fault is not None:
             await self.fault(f"scatter:{m.peer_id}")
-        await self._send_part(m, am.PartKind.SCATTER, j, self.weight, payload)
+        await self._send_part(m, am.PartKind.SCATTER, j, payload, seal)
+        if self.mine.owner and m.peer_id == self.witness.peer_id:
+            await self._send_witness()
 
     async def _reduce(
         self, contributions: list[tuple[torch.Tensor, float]]
@@ -821,6 +969,7 @@ class _Attempt:
             # which alone computes this partition (everyone else receives its bytes).
             values, weights = [v for v, _ in contributions], [w for _, w in contributions]
             reduce_partition(self.reducer, values, weights, mine)
+            self.tamper.reduced(mine)
             return self.codec.roundtrip(mine)
 
         my_payload, my_reduced = await _offload(reduce_and_encode, big=self.big)
@@ -834,8 +983,18 @@ class _Attempt:
         """Everyone gets the same bytes of every reduced partition; theirs are written into `result`.
         Returns the total weight: an owner's own; a non-owner's as the owners announce it (all alike)."""
         senders = self.others if self.mine.owner else []
-        sends = [self._send_part(m, am.PartKind.GATHER, self.my_index, total, my_payload) for m in senders]
-        totals = await _all(sends + [self._collect_from(m, result) for m in self.owner_peers])
+        sends = []
+        if self.mine.owner:
+            seal = self._seal(am.PartKind.GATHER, self.my_index, total, my_payload)
+            self.ledger.gathered[self.my_index] = seal
+            for m in senders:
+                payload = self.tamper.gather_payload(m.peer_id, my_payload)
+                if payload is not my_payload:  # fault injection only: an owner that equivocates signs both
+                    sealed = self._seal(am.PartKind.GATHER, self.my_index, total, payload)
+                else:
+                    sealed = seal
+                sends.append(self._send_part(m, am.PartKind.GATHER, self.my_index, payload, sealed))
+        totals = await gather_all(sends + [self._collect_from(m, result) for m in self.owner_peers])
         if self.mine.owner:
             return total
         announced = {w for w in totals if w is not None}
@@ -848,7 +1007,38 @@ class _Attempt:
     async def _collect_from(self, m: GroupMember, result: torch.Tensor) -> float:
         j = self.spec.index(m.peer_id)
         dest = self._part(j, of=result)
-        value, w = await self._recv_part(m, am.PartKind.GATHER, j, out=dest)
+        value, w, seal = await self._recv_part(m, am.PartKind.GATHER, j, out=dest)
         if value.data_ptr() != dest.data_ptr():
             dest.copy_(value)
+        self.ledger.gathered[j] = seal
         return w
+
+    async def _agree(self, result: torch.Tensor) -> None:
+        """The agreement phase (`intellect.node.net.agreement`): raise unless every member holds the same
+        average and every partition passes its owner check."""
+        agreement = Agreement(
+            self.plane.identity,
+            self.spec,
+            self.codec,
+            self.reducer,
+            self.max_weight,
+            result,
+            self.sizes,
+            self.ledger,
+            self.outgoing,
+            self.incoming,
+            [m.peer_id for m in self.others],
+            self._guarded,
+            self.tamper.lines,
+        )
+        try:
+            mine = await _offload(agreement.digest, big=self.big)
+            digests = await agreement.exchange(mine)
+            await _offload(agreement.check, digests, big=self.big)
+        except AgreementError as e:
+            err = AllReduceError(e.reason, culprit=e.culprit, detail=e.detail)
+            err.suspects, err.evidence = e.suspects, e.evidence
+            raise err from None
+        finally:
+            self.sent += agreement.sent_bytes
+            self.received += agreement.received_bytes

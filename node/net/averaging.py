@@ -38,6 +38,7 @@ from intellect.node.net.allreduce import (
     DataPlane,
     PayloadCodec,
     ReducedVector,
+    Tamper,
     all_finite,
     butterfly_allreduce,
     flatten,
@@ -194,6 +195,11 @@ _MISBEHAVIOUR = frozenset(
         AbortReason.UNDECODABLE_PART,
         AbortReason.NON_FINITE_PART,
         AbortReason.BAD_WEIGHT,
+        # The agreement phase (`net.agreement`): convicted by its own signatures or its own report.
+        AbortReason.INCONSISTENT_RESULT,
+        AbortReason.BIASED_RESULT,
+        AbortReason.MISREPORTED_INPUT,
+        AbortReason.BAD_DIGEST,
     }
 )
 #: Reasons that only say a member was slow, gone or unreachable: it is left out of our declarations until
@@ -228,6 +234,10 @@ def _failed_attempt(me: str, round: int, state: _RoundState, e: AllReduceError) 
         e.culprit or "-",
     )
     state.attempt += 1
+    if e.suspects and not e.culprit:
+        # Two members disagree and nobody can prove who lies: both sit out the rest of the round (our
+        # view only), so that one liar costs an attempt, not the round.
+        return [p for p in e.suspects if p != me and p in state.group]
     if e.culprit == me:
         state.reason = f"{AverageFailure.EXCLUDED}: {e.reason}"
         return []
@@ -314,6 +324,8 @@ class Averager:
         self._validate_local = True
         #: Fault injection for tests only: awaited before each partition send (see `butterfly_allreduce`).
         self._fault: Callable[[str], Awaitable[None]] | None = None
+        #: Fault injection for tests and bench/byzantine.py only: a malicious member's deviations.
+        self._tamper: Tamper | None = None
 
     async def __aenter__(self) -> Averager:
         await self.plane.__aenter__()
@@ -504,6 +516,7 @@ class Averager:
             validate_local=self._validate_local,
             fault=self._fault,
             reducer=self.config.reducer,
+            tamper=self._tamper,
         )
 
     async def _completed(

@@ -30,7 +30,7 @@ import logging
 import socket
 import struct
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
 from hivemind.p2p import PeerID
@@ -68,6 +68,17 @@ async def recv_exactly(conn: Conn, n: int) -> bytearray:
 async def send_frame(conn: Conn, msg: object) -> None:
     data = encode(msg)
     await conn.send(_LEN.pack(len(data)) + data)
+
+
+async def gather_all(aws: Sequence[Awaitable[Any]]) -> list[Any]:
+    """Run concurrently; on the first failure cancel the rest and raise it (not an ExceptionGroup)."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def recv_frame(conn: Conn) -> object:

@@ -1,0 +1,186 @@
+"""Checking an owner's reduced partition from a few numbers per contribution (no re-download, no re-run).
+
+In the butterfly all-reduce one member, the partition's *owner*, alone sees every contribution to its
+partition and computes their reduction. Nobody else can recompute it without every contribution. What they
+can check cheaply is that the result satisfies the equation that defines it:
+
+- `mean`: r = Σ wᵢ pᵢ / W, i.e. the residual Σ wᵢ (pᵢ − r) / W is zero;
+- `centered_clip` (as computed by `node.engine.robust.centered_clip`): r is a fixed point of centered
+  clipping, Σ wᵢ mᵢ (pᵢ − r) / W ≈ 0 with mᵢ = min(1, τ / ‖pᵢ − r‖) and τ the median of the distances
+  ‖pᵢ − r‖.
+
+Both are linear in the contributions once the distances are known. So after the all-gather, when every
+member holds the same result r̂ and a seed nobody could know before the owners sent it (a hash of every
+reduced partition), the owner reports per contribution its hash, its weight, k random projections
+tᵢ = s·pᵢ (s a ±1/√n Rademacher vector drawn from the seed) and its distance dᵢ = ‖pᵢ − r̂‖. Every member
+then evaluates the residual in projection, Σ wᵢ mᵢ (tᵢ − s·r̂) / W, and each sender also checks the owner's
+line about its own contribution against its own computation. An owner that biased its result, scaled it,
+or reported inputs other than those it received fails one of the two, with probability near 1 for any
+bias well above the tolerance below.
+
+Tolerance: an honest residual is at most `CONVERGED`·τ (the owner iterates to that) plus what the payload
+codec's quantisation of r moves it by, at most three times the codec's error bound q on r̂ (once directly,
+twice through the clip factors). A fixed vector v projected on a random unit s gives about ‖v‖/√n times a
+standard normal, so the bound is `Z` standard deviations of that: Z·(CONVERGED·τ + 3q + f)/√n (Z·(q + f)/√n
+for the mean, whose residual is exactly the codec's error), where f bounds the fp32 rounding of the
+owner's sums. A bias far below q (a fraction of one quantisation
+step per value) is not detectable, and not distinguishable from compression noise either.
+
+Pure tensor code; the wire side is `intellect.node.net.agreement`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+#: Random projections per partition. Two already miss a bias only if both land near its orthogonal
+#: complement (probability about (2·Z·tolerance/‖bias‖)² for a bias far above the tolerance).
+SKETCHES = 2
+#: Standard deviations of an honest residual allowed (two-sided false alarm about 2e-9 per projection).
+Z = 6.0
+#: The owner iterates centered clipping until the residual is at most this fraction of τ.
+CONVERGED = 1e-3
+#: Values per chunk when projecting (bounds the float64 temporaries to 16 MiB).
+_CHUNK = 1 << 21
+
+
+def seed_of(group_id: bytes, part_hashes: Sequence[bytes]) -> bytes:
+    """The projection seed of one attempt: known only once every owner has sent its reduced partition."""
+    h = hashlib.blake2b(b"intellect-verify-v1", digest_size=32)
+    h.update(group_id)
+    for x in part_hashes:
+        h.update(len(x).to_bytes(2, "big") + x)
+    return h.digest()
+
+
+def _signs(seed: bytes, part: int, j: int, chunk: int, numel: int) -> torch.Tensor:
+    """±1 (float64) for `numel` values of chunk `chunk` of projection `j`: the same on every machine
+    (SHAKE-256, not a torch generator, whose stream may change between releases)."""
+    head = seed + part.to_bytes(4, "big") + j.to_bytes(1, "big") + chunk.to_bytes(4, "big")
+    stream = hashlib.shake_256(head).digest((numel + 7) // 8)
+    bits = np.unpackbits(np.frombuffer(stream, dtype=np.uint8))[:numel]
+    return torch.from_numpy(bits.astype(np.float64) * 2.0 - 1.0)
+
+
+class Projector:
+    """The k random unit projections of one partition of one attempt (signs drawn chunk by chunk)."""
+
+    def __init__(self, seed: bytes, part: int, numel: int, k: int = SKETCHES) -> None:
+        self.seed, self.part, self.numel, self.k = seed, part, numel, k
+        self._scale = 1.0 / math.sqrt(max(numel, 1))
+
+    def __call__(self, x: torch.Tensor) -> tuple[float, ...]:
+        if x.numel() != self.numel:
+            raise ValueError(f"projecting {x.numel()} values with a projector of {self.numel}")
+        flat = x.reshape(-1)
+        acc = [0.0] * self.k
+        for c, lo in enumerate(range(0, self.numel, _CHUNK)):
+            chunk = flat[lo : lo + _CHUNK].to(torch.float64)
+            for j in range(self.k):
+                acc[j] += float(torch.dot(_signs(self.seed, self.part, j, c, chunk.numel()), chunk))
+        return tuple(v * self._scale for v in acc)
+
+
+def distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ in float64 (what owners and senders both report, so they agree to rounding)."""
+    total = 0.0
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    for lo in range(0, fa.numel(), _CHUNK):
+        d = fa[lo : lo + _CHUNK].to(torch.float64) - fb[lo : lo + _CHUNK].to(torch.float64)
+        total += float(torch.dot(d, d))
+    return math.sqrt(total)
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """What an owner reports about one contribution to its partition."""
+
+    weight: float
+    sketch: tuple[float, ...]
+    dist: float
+
+
+def clip_tau(dists: Sequence[float]) -> float:
+    """τ of centered clipping: the lower median of the distances (torch's `median`), or their maximum for
+    two contributions or fewer (which makes it the weighted mean)."""
+    if not dists:
+        return 0.0
+    ordered = sorted(dists)
+    return ordered[-1] if len(ordered) <= 2 else ordered[(len(ordered) - 1) // 2]
+
+
+def clip_factors(reducer: str, dists: Sequence[float]) -> list[float]:
+    """mᵢ of the residual: 1 for `mean`; min(1, τ/dᵢ) with τ = `clip_tau(d)` for `centered_clip`."""
+    if reducer == "mean":
+        return [1.0] * len(dists)
+    if reducer != "centered_clip":
+        raise ValueError(f"no residual check for reducer {reducer!r}")
+    tau = clip_tau(dists)
+    return [1.0 if d <= tau else tau / d for d in dists]
+
+
+def residual(
+    reducer: str, contributions: Sequence[Contribution], result_sketch: Sequence[float]
+) -> tuple[float, ...]:
+    """The projected residual Σ wᵢ mᵢ (tᵢ − s·r̂) / W, one value per projection."""
+    total = sum(c.weight for c in contributions)
+    if total <= 0:
+        raise ValueError("no weight")
+    m = clip_factors(reducer, [c.dist for c in contributions])
+    return tuple(
+        sum(c.weight * f * (c.sketch[j] - result_sketch[j]) for c, f in zip(contributions, m, strict=True))
+        / total
+        for j in range(len(result_sketch))
+    )
+
+
+def tolerance(
+    reducer: str, contributions: Sequence[Contribution], quant_bound: float, numel: int, result_norm: float
+) -> float:
+    """The largest projected residual an honest owner can produce (see the module docstring)."""
+    dists = [c.dist for c in contributions]
+    # The owner reduces in fp32: each of its sums rounds every value by up to 2^-24 of the operands.
+    fp32 = 2.0**-23 * (len(contributions) + 2) * (result_norm + max(dists, default=0.0))
+    scale = max((abs(x) for c in contributions for x in c.sketch), default=0.0)
+    # Float64 rounding of the sums above, far below any real bias.
+    rounding = 1e-9 * (scale + max(dists, default=0.0) + 1e-30)
+    # The mean's residual is exactly the codec's error on the result; centered clipping's is at most
+    # CONVERGED·τ plus the codec's error, once directly and twice through the clip factors.
+    mean = reducer == "mean"
+    bound = fp32 + (quant_bound if mean else CONVERGED * clip_tau(dists) + 3.0 * quant_bound)
+    return Z * bound / math.sqrt(max(numel, 1)) + rounding
+
+
+def check_partition(
+    reducer: str, contributions: Sequence[Contribution], result: torch.Tensor, proj: Projector,
+    quant_bound: float,
+) -> tuple[bool, float, float]:  # fmt: skip
+    """(passes, worst |residual|, tolerance) of one owner's report against the result everyone holds."""
+    worst = max((abs(v) for v in residual(reducer, contributions, proj(result))), default=0.0)
+    norm = distance(result, torch.zeros(()).expand(result.shape))
+    tol = tolerance(reducer, contributions, quant_bound, result.numel(), norm)
+    return worst <= tol, worst, tol
+
+
+def same_report(a: Contribution, b: Contribution, rel: float = 1e-6) -> bool:
+    """Whether an owner's line about a contribution matches the sender's own computation (both float64
+    over the same decoded values; only summation order may differ)."""
+
+    # Relative to the contribution's scale: a projection near zero is a difference of large sums.
+    scale = max(a.dist, b.dist, *(abs(x) for x in (*a.sketch, *b.sketch)), 1e-30)
+
+    def close(x: float, y: float) -> bool:
+        return abs(x - y) <= rel * scale
+
+    return (
+        abs(a.weight - b.weight) <= rel * max(abs(a.weight), abs(b.weight))
+        and close(a.dist, b.dist)
+        and len(a.sketch) == len(b.sketch)
+        and all(close(x, y) for x, y in zip(a.sketch, b.sketch, strict=True))
+    )
