@@ -55,7 +55,8 @@ def offline_run() -> MakeOfflineRun:
             signed.manifest, EngineSettings(config.data_dir, config.device, config.local_ranks)
         )
         root = data_root(config.data_dir, signed.run_id)
-        state = GlobalState(signed.run_id, engine.model, engine.outer, engine.trainer.trainer, root, events)
+        trainer, check = engine.trainer.trainer, engine.loss_check
+        state = GlobalState(signed.run_id, engine.model, engine.outer, trainer, root, events, check)
         asyncio.run(state.start(config.data_dir, signed.manifest.init.sha256))
         book = PeerBook(me.peer_id, signed.run_id, events)
         return OfflineRun(config, me, signed, engine, state, book, status)

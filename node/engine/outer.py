@@ -145,6 +145,19 @@ class OuterOptimizer:
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         """Restore exactly what `state_dict` produced; the tensor names and shapes must match ours."""
+        params, buffers = self.check_state_dict(state)
+        # Keep the model's tensor order (the state dict may come from a file in sorted order).
+        self.global_params = {
+            n: params[n].detach().to("cpu").clone().contiguous() for n in self.global_params
+        }
+        self.momentum_buffers = {n: t.detach().to("cpu").clone().contiguous() for n, t in buffers.items()}
+        self.steps = int(state[STEP_KEY].item())
+
+    def check_state_dict(
+        self, state: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """`OuterError` unless `load_state_dict(state)` would succeed (names, shapes, dtypes, finiteness);
+        the state's weights and momentum buffers by parameter name (not copied). Changes nothing."""
         params: dict[str, torch.Tensor] = {}
         buffers: dict[str, torch.Tensor] = {}
         if STEP_KEY not in state:
@@ -168,9 +181,4 @@ class OuterOptimizer:
                 raise OuterError(f"outer state tensor {name!r} has dtype {t.dtype}, expected float32")
             if not bool(torch.isfinite(t).all()):
                 raise OuterError(f"outer state tensor {name!r} holds NaN or infinite values")
-        # Keep the model's tensor order (the state dict may come from a file in sorted order).
-        self.global_params = {
-            n: params[n].detach().to("cpu").clone().contiguous() for n in self.global_params
-        }
-        self.momentum_buffers = {n: t.detach().to("cpu").clone().contiguous() for n, t in buffers.items()}
-        self.steps = int(state[STEP_KEY].item())
+        return params, buffers

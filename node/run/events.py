@@ -27,6 +27,9 @@ class RunReject(StrEnum):
     #: A synced state that matches its hash but not the run's model (names, shapes, dtypes) or holds
     #: non-finite values: refused, and its vouchers distrusted.
     UNUSABLE_STATE = "unusable_state"
+    #: A synced state our model can load whose loss on the held-out batches is not finite or too far above
+    #: ours and the run's initial state's (`engine.losscheck`): refused, and its vouchers distrusted.
+    FAILED_LOSS_CHECK = "failed_loss_check"
     #: A misbehaviour report whose evidence does not hold against the state we serve.
     FALSE_MISBEHAVIOUR_REPORT = "false_misbehaviour_report"
 

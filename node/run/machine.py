@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+from intellect.node.engine.losscheck import LossCheckError
 from intellect.node.engine.outer import OuterError
 from intellect.node.engine.trainer import InnerStats
 from intellect.node.net.allreduce import PayloadCodec
 from intellect.node.net.averaging import AverageResult
 from intellect.node.net.statesync import StateSnapshot, StateSyncError, SyncReport
 from intellect.node.run import decide as rules
-from intellect.node.run.events import Averaged, Committed, EventSink, SyncFailed, Trained
+from intellect.node.run.events import Averaged, Committed, EventSink, RunReject, SyncFailed, Trained
 from intellect.node.run.peerbook import PeerBook
 from intellect.node.run.phase import Phase, PhaseTracker
 from intellect.node.run.state import GlobalState, StateView
@@ -257,15 +258,19 @@ class RoundMachine:
                 snap.round, snap.state_hash, snap.tensors, f"{len(target.peers)} peers", seconds, got
             )
         except OuterError as e:
-            # The bytes match the hash its vouchers announced, but our model cannot use the state.
+            # The bytes match the hash its vouchers announced, but our model cannot use the state, or its
+            # held-out loss says it is no trained state of this run (scaled, noise, reset): either way
+            # whoever vouched for it is not to be believed again. Our state and model are unchanged.
             logger.warning(
                 "state of round %d not adopted (%s); its %d vouchers distrusted",
                 snap.round,
                 e,
                 len(target.peers),
             )
-            self._emit(SyncFailed(target.round, f"unusable state: {e}", got))
-            self.book.vouched_unusable_state(target.peers)
+            failed_loss = isinstance(e, LossCheckError)
+            self._emit(SyncFailed(target.round, str(e) if failed_loss else f"unusable state: {e}", got))
+            reason = RunReject.FAILED_LOSS_CHECK if failed_loss else RunReject.UNUSABLE_STATE
+            self.book.vouched_unusable_state(target.peers, reason)
             return
         logger.info("synced state of round %d (%s) in %.2f s", snap.round, snap.state_hash[:12], seconds)
         await self.announcer.state(self.state.view(), self.state.outer_state(), self.tokens_per_s)

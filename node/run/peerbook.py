@@ -118,9 +118,12 @@ class PeerBook:
         self._emit(Rejected(RunReject.STATE_ROUND_MISMATCH))
         self._distrusted.update(vouchers)
 
-    def vouched_unusable_state(self, vouchers: Iterable[str]) -> None:
-        """These peers vouched for a state our model cannot load (other tensors, or non-finite values)."""
-        self._emit(Rejected(RunReject.UNUSABLE_STATE))
+    def vouched_unusable_state(
+        self, vouchers: Iterable[str], reason: RunReject = RunReject.UNUSABLE_STATE
+    ) -> None:
+        """These peers vouched for a state our model cannot load (other tensors, or non-finite values), or
+        (`FAILED_LOSS_CHECK`) one whose held-out loss shows it is not a trained state of this run."""
+        self._emit(Rejected(reason))
         self._distrusted.update(vouchers)
 
     def unreachable(self, peers: Iterable[str]) -> None:

@@ -88,7 +88,8 @@ class RunService:
 
     def global_state(self, engine: Engine) -> GlobalState:
         root = data_root(self.settings.engine.data_dir, self.run_id)
-        return GlobalState(self.run_id, engine.model, engine.outer, engine.trainer.trainer, root, self._emit)
+        trainer, check = engine.trainer.trainer, engine.loss_check
+        return GlobalState(self.run_id, engine.model, engine.outer, trainer, root, self._emit, check)
 
     async def _serve(self, engine: Engine, state: GlobalState) -> None:
         admits = self.membership.admits

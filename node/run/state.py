@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from intellect.node.engine.checkpoint import CheckpointError, CheckpointStore
 from intellect.node.engine.initstate import InitStateError, init_state_path, load_init_state
+from intellect.node.engine.losscheck import LossCheck
 from intellect.node.engine.model import Llama
 from intellect.node.engine.outer import STEP_KEY, OuterOptimizer
 from intellect.node.engine.statehash import state_hash
@@ -52,6 +53,7 @@ class GlobalState:
         trainer: InnerTrainer,
         root: Path,
         emit: EventSink,
+        loss_check: LossCheck | None = None,
     ) -> None:
         self.run_id = run_id
         self.model = model
@@ -67,6 +69,8 @@ class GlobalState:
         #: Why we lack the run's pinned initial state; fatal only if we must train round 0.
         self.init_error: InitStateError | None = None
         self._inflight: asyncio.Task[None] | None = None
+        #: The held-out loss a state from peers must pass before `adopt` takes it (None: not checked).
+        self.loss_check = loss_check
 
     # ---- reading ---------------------------------------------------------------------------------------
 
@@ -242,15 +246,24 @@ class GlobalState:
         self, round_: int, hash_: str, tensors: Tensors, source: str, seconds: float, bytes_received: int
     ) -> None:
         """Load a verified state from peers as our global state, then checkpoint it; `OuterError` (and
-        nothing changed) when our model cannot use it."""
+        nothing changed) when our model cannot use it, `LossCheckError` (an `OuterError`) when its loss
+        on the held-out batches is not finite or too far above ours and round 0's (`engine.losscheck`)."""
         await asyncio.to_thread(self._load_synced, tensors)
         self._set(round_, hash_)
         self._emit(Synced(round_, hash_, source, seconds, from_peers=True, bytes_received=bytes_received))
         await self.checkpoint()
 
     def _load_synced(self, tensors: Tensors) -> None:
-        # `load_state_dict` checks names, shapes, dtypes and finiteness before it changes anything, so an
-        # unusable state (OuterError) leaves ours as it was.
+        # Names, shapes, dtypes and finiteness, then the held-out loss, are checked before anything
+        # changes, so a refused state (OuterError) leaves ours as it was. The loss check borrows the
+        # model and writes our weights back; we sync only between rounds, when nothing else uses it.
+        params, _ = self.outer.check_state_dict(tensors)
+        if self.loss_check is not None:
+            own_is_init = self.round == 0  # round 0 is the run's initial state (or the seeded stand-in)
+            verdict = self.loss_check.judge(self.trainer, params, self.outer.global_params, own_is_init)
+            logger.info(
+                "synced state passes the loss check: %s (%.2f s)", verdict.describe(), verdict.seconds
+            )
         self.outer.load_state_dict(tensors)
         # A new global state from peers: what compression owed our old trajectory no longer applies.
         self.residual = None

@@ -20,6 +20,7 @@ from typing import Protocol
 import torch
 from intellect.node.engine.data import ShardResolver, TokenStream
 from intellect.node.engine.localgroup import LocalGroup, local_batch, rank_stream
+from intellect.node.engine.losscheck import LossCheck, build_loss_check, round0_writer
 from intellect.node.engine.model import Llama, ModelConfig
 from intellect.node.engine.outer import OuterOptimizer
 from intellect.node.engine.tokenizer import load_tokenizer
@@ -159,6 +160,8 @@ class Engine:
     local_ranks: int
     #: PIDs of local-rank worker processes (to kill on a forced exit).
     pids: tuple[int, ...]
+    #: What a state from peers must pass before it is adopted (None: no held-out window to check on).
+    loss_check: LossCheck | None = None
 
 
 def build_engine(manifest: Manifest, settings: EngineSettings) -> Engine:
@@ -203,7 +206,9 @@ def build_engine(manifest: Manifest, settings: EngineSettings) -> Engine:
         )
         trainer, pids = LocalRanksTrainer(inner, group, stream_for), tuple(group.pids)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()))
-    return Engine(model, outer, trainer, shards, ranks, pids)
+    round0 = round0_writer(manifest.init.seed, settings.data_dir, manifest.init.sha256)
+    check = build_loss_check(resolver, shards, (batch, d.seq_len), round0)
+    return Engine(model, outer, trainer, shards, ranks, pids, check)
 
 
 def local_ranks(manifest: Manifest, settings: EngineSettings) -> int:
