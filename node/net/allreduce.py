@@ -523,6 +523,11 @@ class Tamper:
         """The lines of our digest (a member that lies about what it sent or received)."""
         return lines
 
+    def false_abort(self, receiver: str) -> str | None:
+        """A culprit to name in an `Abort` sent to `receiver` instead of its part (a member that tries to
+        make the others give up, or to get `receiver` excluded); None sends the part."""
+        return None
+
 
 async def butterfly_allreduce(
     plane: DataPlane,
@@ -945,6 +950,10 @@ class _Attempt(_PartWire):
         self.ledger.sent[j] = (seal, decoded)
         if self.fault is not None:
             await self.fault(f"scatter:{m.peer_id}")
+        framed = self.tamper.false_abort(m.peer_id)
+        if framed is not None:  # fault injection only
+            await send_frame(self.outgoing[m.peer_id], am.Abort(AbortReason.NON_FINITE_PART.value, framed))
+            return
         await self._send_part(m, am.PartKind.SCATTER, j, payload, seal)
         if self.mine.owner and m.peer_id == self.witness.peer_id:
             await self._send_witness()

@@ -238,15 +238,19 @@ def _failed_attempt(me: str, round: int, state: _RoundState, e: AllReduceError) 
         # Two members disagree and nobody can prove who lies: both sit out the rest of the round (our
         # view only), so that one liar costs an attempt, not the round.
         return [p for p in e.suspects if p != me and p in state.group]
+    if e.failure is AbortReason.ABORTED_BY_PEER:
+        # Another member's word: believed only when it names itself (nobody can frame us, or make us give
+        # up the round, through it). An accusation of another member is one word against another: the
+        # accuser and the accused both sit out the next declaration, like stalled members (blamed twice
+        # in a round, they stay out), so neither can cost us more than an attempt.
+        if e.culprit == e.sender and e.peer_reason in _MISBEHAVIOUR:
+            state.excluded.add(e.culprit)
+            return []
+        return [p for p in dict.fromkeys((e.sender, e.culprit)) if p and p != me and p in state.group]
     if e.culprit == me:
         state.reason = f"{AverageFailure.EXCLUDED}: {e.reason}"
         return []
     if not e.culprit or e.culprit not in state.group:
-        return []
-    if e.failure is AbortReason.ABORTED_BY_PEER:
-        # Another member's word: believed only when it names itself (nobody can frame us through it).
-        if e.culprit == e.sender and e.peer_reason in _MISBEHAVIOUR:
-            state.excluded.add(e.culprit)
         return []
     if e.reason in _MISBEHAVIOUR:
         state.excluded.add(e.culprit)
