@@ -91,6 +91,8 @@ class Settings:
     outer_momentum: float = 0.9
     #: DiLoCo payload compression of the data plane ("int8", "fp16" or "none").
     compression: str = "int8"
+    #: How each partition's owner combines the contributions ("mean" or "centered_clip").
+    reducer: str = "mean"
     eval_batch: int = 16
     #: Record a held-out point every this many steps per peer (0: no curve).
     curve_every: int = 50
@@ -317,7 +319,13 @@ async def _diloco_peer(
             spec = GroupSpec(run_id, r, 0, schema_hash(delta), members)
             await asyncio.to_thread(wait_all)  # every member starts the round's all-reduce together
             outcome = await butterfly_allreduce(
-                plane, spec, flatten(delta), float(stats.tokens), codec, stall_timeout=120.0
+                plane,
+                spec,
+                flatten(delta),
+                float(stats.tokens),
+                codec,
+                stall_timeout=120.0,
+                reducer=s.reducer,
             )
             sent += outcome.bytes_sent
             received += outcome.bytes_received
@@ -386,15 +394,22 @@ def _warm_start_method(s: Settings, tmp: Path) -> tuple[_Method, Path]:
     return _Method("warm_start", procs, lambda: json.loads((d / "warm.json").read_text())), checkpoint
 
 
-def _methods(s: Settings, hs: list[int], tmp: Path, warm: Path | None) -> list[_Method]:
+def _methods(
+    s: Settings, hs: list[int], tmp: Path, warm: Path | None, also: str | None = None
+) -> list[_Method]:
     ctx = mp.get_context("spawn")
     methods = []
+    variants = [("", s)] + ([(f"_{also}", dataclasses.replace(s, reducer=also))] if also else [])
     for h in hs:
-        d = tmp / f"diloco_h{h}"
-        d.mkdir()
-        barrier = ctx.Barrier(s.peers)
-        procs = [ctx.Process(target=_diloco_worker, args=(k, s, h, barrier, d, warm)) for k in range(s.peers)]
-        methods.append(_Method(f"diloco_h{h}", procs, lambda h=h, d=d: _diloco_result(s, h, d), barrier))
+        for suffix, v in variants:
+            d = tmp / f"diloco_h{h}{suffix}"
+            d.mkdir()
+            barrier = ctx.Barrier(v.peers)
+            procs = [
+                ctx.Process(target=_diloco_worker, args=(k, v, h, barrier, d, warm)) for k in range(v.peers)
+            ]
+            collect = lambda h=h, d=d, v=v: _diloco_result(v, h, d)  # noqa: E731
+            methods.append(_Method(f"diloco_h{h}{suffix}", procs, collect, barrier))
     d = tmp / "ddp"
     d.mkdir()
     port = _free_port()
@@ -464,6 +479,11 @@ def main(argv: list[str] | None = None) -> int:
         help="run one method after another (default: all methods' processes at once)",
     )
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds before every process is killed")
+    ap.add_argument(
+        "--also-reducer",
+        default=None,
+        help="also run DiLoCo with this reducer (methods diloco_h{H}_{reducer}), e.g. centered_clip",
+    )
     ap.add_argument("--json", action="store_true", help="print only the final JSON line")
     args = ap.parse_args(argv)
     s = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
@@ -483,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
             method, warm = _warm_start_method(s, Path(tmp))
             warm_result = _run_all([method], True, args.timeout, say)["warm_start"]
         remaining = args.timeout - (time.perf_counter() - t0)
-        results = _run_all(_methods(s, args.h, Path(tmp), warm), args.sequential, remaining, say)
+        methods = _methods(s, args.h, Path(tmp), warm, args.also_reducer)
+        results = _run_all(methods, args.sequential, remaining, say)
 
     ddp, single = results["ddp"], results["single"]
     ddp_loss, ddp_bytes = ddp["loss"], ddp["bytes_per_peer"]
@@ -509,6 +530,10 @@ def main(argv: list[str] | None = None) -> int:
         out[f"diloco_h{h}_tokens"] = d["tokens"]
         out[f"diloco_h{h}_replicas_identical"] = d["replicas_identical"]
         out[f"diloco_h{h}_bytes_per_peer_max"] = d["bytes_per_peer_max"]
+        if args.also_reducer:
+            v = results[f"diloco_h{h}_{args.also_reducer}"]
+            out[f"diloco_h{h}_{args.also_reducer}_loss"] = v["loss"]
+            out[f"diloco_h{h}_{args.also_reducer}_loss_vs_{s.reducer}"] = v["loss"] / d["loss"]
     out["warm_start_tokens"] = warm_result["tokens"]
     out["warm_start_loss"] = warm_result["loss"]
     out["single_loss_vs_ddp"] = single["loss"] / ddp_loss

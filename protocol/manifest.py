@@ -290,8 +290,9 @@ class AveragingSpec:
     compression: str
     round_deadline_s: float
     matchmaking_s: float
-    #: "mean", or "centered_clip": robust to a minority of arbitrarily bad contributions.
-    reducer: str = "mean"
+    #: "mean", or "centered_clip": robust to a minority of arbitrarily bad contributions (the default,
+    #: except in allowlist runs).
+    reducer: str = "centered_clip"
 
 
 @dataclass(frozen=True)
@@ -510,7 +511,8 @@ def parse_manifest(raw: Any) -> Manifest:
         compression=a.get_str("compression", default="int8", choices=COMPRESSIONS),
         round_deadline_s=a.get_float("round_deadline_s", 0.0, 86_400.0, lo_open=True),
         matchmaking_s=a.get_float("matchmaking_s", 0.0, 3_600.0, lo_open=True, default=5.0),
-        reducer=a.get_str("reducer", default="mean", choices=REDUCERS),
+        # Filled in below: the default depends on who is admitted.
+        reducer=a.get_str("reducer", default="", choices=("", *REDUCERS)),
     )
     a.done()
     if averaging.min_group > averaging.group_size:
@@ -535,6 +537,11 @@ def parse_manifest(raw: Any) -> Manifest:
     if policy != "allowlist" and peers:
         raise ManifestError("admission.peers", f'only used with policy = "allowlist", not {policy!r}')
     admission = AdmissionSpec(policy=policy, peers=tuple(sorted(set(peers))))
+    if not averaging.reducer:
+        # A run that admits strangers averages robustly unless its researcher says otherwise; one with a
+        # closed allowlist keeps the exact mean (docs/decisions.md, "Robust reduction by default").
+        default = "mean" if policy == "allowlist" else "centered_clip"
+        averaging = dataclasses.replace(averaging, reducer=default)
 
     i_ = root.table("init")
     init = InitSpec(

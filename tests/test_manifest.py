@@ -229,3 +229,14 @@ def test_deeply_nested_toml_is_a_manifest_error(tmp_path: Path, text: str) -> No
     path.write_text(text)
     with pytest.raises(ManifestError, match="nested"):
         load_manifest_toml(path)
+
+
+def test_runs_that_admit_strangers_average_robustly_by_default() -> None:
+    """No `averaging.reducer`: centered clipping for open (and ticket) runs, the exact mean for a closed
+    allowlist; an explicit choice always wins."""
+    raw = example_raw()
+    del raw["averaging"]["reducer"]
+    assert parse_manifest(raw).averaging.reducer == "centered_clip"
+    allow = dict(raw, admission={"policy": "allowlist", "peers": [Identity.generate().peer_id]})
+    assert parse_manifest(allow).averaging.reducer == "mean"
+    assert parse_manifest(with_change("averaging.reducer", "mean")).averaging.reducer == "mean"
