@@ -479,6 +479,8 @@ class ReducedVector:
     timings: dict[str, float] = field(default_factory=dict)
     #: Values of each member's partition, in member order (0 for members that own none).
     part_sizes: tuple[int, ...] = ()
+    #: Of `bytes_sent`, what the checks cost: our own contribution to our witness, digests and relays.
+    check_bytes_sent: int = 0
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -625,6 +627,7 @@ class _PartWire:
     my_index: int
     witness: GroupMember
     _own_cache: tuple[torch.Tensor, Seal, bytes | memoryview] | None
+    check_bytes: int
 
     def _part(self, i: int, of: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -645,7 +648,8 @@ class _PartWire:
         self._own  # noqa: B018 (makes the payload)
         assert self._own_cache is not None
         _, seal, payload = self._own_cache
-        await self._send_part(self.witness, am.PartKind.WITNESS, self.my_index, payload, seal)
+        sent = await self._send_part(self.witness, am.PartKind.WITNESS, self.my_index, payload, seal)
+        self.check_bytes += sent
 
     async def _recv_witness(self, m: GroupMember) -> None:
         j = self.spec.index(m.peer_id)
@@ -662,7 +666,8 @@ class _PartWire:
 
     async def _send_part(
         self, m: GroupMember, kind: am.PartKind, part_index: int, payload: bytes | memoryview, seal: Seal
-    ) -> None:
+    ) -> int:
+        """Send one part; returns the bytes it took on the wire."""
         numel = self.sizes[part_index]
         w = seal.weight
         header = encode(
@@ -675,6 +680,7 @@ class _PartWire:
         except (ConnectionError, OSError) as e:
             raise AllReduceError(AbortReason.PEER_FAILED, detail=str(e)) from e
         self.sent += len(header) + _LEN.size + len(payload)
+        return len(header) + _LEN.size + len(payload)
 
     async def _recv_part(
         self, m: GroupMember, kind: am.PartKind, part_index: int, out: torch.Tensor | None = None
@@ -817,6 +823,7 @@ class _Attempt(_PartWire):
         self.ledger = Ledger()
         self.tamper = Tamper()
         self._own_cache: tuple[torch.Tensor, Seal, bytes | memoryview] | None = None
+        self.check_bytes = 0
         #: Our witness (we send it our own contribution when we own a partition), and whom we witness.
         self.witness = self.spec.members[witness_of(self.spec, self.my_index)]
         self.witnessed = [
@@ -835,7 +842,9 @@ class _Attempt(_PartWire):
             await self._timed("done", _say_done(self.incoming, self.outgoing, self._guarded))
             seconds = time.perf_counter() - self.start
             sizes = tuple(self.sizes)
-            return ReducedVector(result, total, self.sent, self.received, seconds, self.timings, sizes)
+            return ReducedVector(
+                result, total, self.sent, self.received, seconds, self.timings, sizes, self.check_bytes
+            )
         except AllReduceError as e:
             # Tell whoever still listens, so they fail fast instead of waiting for the stall timeout.
             abort = am.Abort(e.reason[:100], e.culprit)
@@ -1050,4 +1059,5 @@ class _Attempt(_PartWire):
             raise err from None
         finally:
             self.sent += agreement.sent_bytes
+            self.check_bytes += agreement.sent_bytes
             self.received += agreement.received_bytes
