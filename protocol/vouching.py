@@ -17,6 +17,7 @@ import collections
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from intellect.protocol import averaging_messages as am
 from intellect.protocol.codec import decode, encode
 from intellect.protocol.errors import ProtocolError
 from intellect.protocol.gossip_messages import CheckpointAnnounce, Misbehaviour
@@ -32,6 +33,8 @@ from intellect.protocol.sync_messages import (
 
 #: `Misbehaviour.kind` of a gossiped `BadChunkEvidence`.
 BAD_CHUNK = "bad-chunk"
+#: Misbehaviour kind: an all-reduce owner sent different members different results (`am.Equivocation`).
+EQUIVOCATION = "equivocation"
 
 
 @dataclass(frozen=True)
@@ -133,15 +136,28 @@ def bad_chunk_report(evidence: BadChunkEvidence, round_: int) -> Misbehaviour:
     return Misbehaviour(accused=evidence.server, round=round_, kind=BAD_CHUNK, evidence=encode(evidence))
 
 
+def equivocation_report(evidence: am.Equivocation, round_: int) -> Misbehaviour:
+    """The gossip message that tells the run an owner signed two different results (its own signatures)."""
+    return Misbehaviour(accused=evidence.owner, round=round_, kind=EQUIVOCATION, evidence=encode(evidence))
+
+
 def judge_report(
     report: Misbehaviour, run_id: str, chunk_list: Callable[[str], Iterable[bytes] | None]
 ) -> bool | None:
     """Whether a gossiped misbehaviour report proves what it says, checked without trusting the reporter.
 
-    True: the accused signed a chunk digest that is not the one in the state's chunk list.
+    True: the accused signed a chunk digest that is not the one in the state's chunk list, or (kind
+    "equivocation") two different reduced partitions of one all-reduce attempt.
     False: the report is malformed, about another run or another peer, or its evidence does not hold.
     None: we hold no copy of that state (`chunk_list(state_hash)` is None), so cannot check it.
     """
+    if report.kind == EQUIVOCATION:
+        # Self-contained: two signatures of the accused over different results of one attempt.
+        try:
+            proof = decode(report.evidence, am.Equivocation)
+        except ProtocolError:
+            return False
+        return proof.owner == report.accused and proof.verify()
     if report.kind != BAD_CHUNK:
         return False
     try:

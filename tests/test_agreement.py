@@ -20,6 +20,7 @@ from intellect.node.net.allreduce import AllReduceError, Tamper, butterfly_allre
 from intellect.protocol import averaging_messages as am
 from intellect.protocol.averaging_messages import AbortReason
 from intellect.protocol.groups import GroupMember, GroupSpec
+from intellect.protocol.vouching import equivocation_report, judge_report
 from test_allreduce import _Planes
 
 torch.set_num_threads(1)
@@ -143,6 +144,18 @@ async def test_an_inconsistent_owner_is_caught_with_a_proof_and_nobody_forks() -
 
         assert decode(encode(proof)).verify()
         assert not dataclasses.replace(proof, digest_b=proof.digest_a).verify()
+        # Gossiped, it convicts the owner at any peer, which needs no state to check it; pinned on
+        # someone else, or doctored, it convicts nobody.
+        report = equivocation_report(proof, 3)
+        assert judge_report(report, "run", lambda h: None) is True
+        assert (
+            judge_report(
+                dataclasses.replace(report, accused=planes[0].identity.peer_id), "run", lambda h: None
+            )
+            is False
+        )
+        doctored = encode(dataclasses.replace(proof, weight_b=proof.weight_b + 1))
+        assert judge_report(dataclasses.replace(report, evidence=doctored), "run", lambda h: None) is False
 
 
 class _LineLiar(Tamper):

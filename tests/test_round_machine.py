@@ -54,6 +54,9 @@ class Averager:
     async def intend(self, round: int, eta: float, expected: Collection[str] | None, ttl: float) -> None:
         pass
 
+    def ban(self, peers: Collection[str]) -> None:
+        pass
+
     async def average(
         self,
         round: int,
@@ -82,6 +85,9 @@ class Announcer:
         return None
 
     async def misbehaviour(self, evidence: Sequence[BadChunkEvidence], round_: int) -> None:
+        return None
+
+    async def equivocation(self, evidence: Sequence[object], round_: int) -> None:
         return None
 
 

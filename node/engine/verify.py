@@ -39,14 +39,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-#: Random projections per partition. Two already miss a bias only if both land near its orthogonal
-#: complement (probability about (2·Z·tolerance/‖bias‖)² for a bias far above the tolerance).
-SKETCHES = 2
+#: Random projections per partition. A bias is missed only if every one lands near its orthogonal
+#: complement: with one projection's miss probability p (about 0.5 for a bias 1.5x the tolerance, 0.2 at
+#: 4x), eight miss together with probability p^8 (0.004, 3e-6). Measured in docs/decisions.md.
+SKETCHES = 8
 #: Standard deviations of an honest residual allowed (two-sided false alarm about 2e-9 per projection).
 Z = 6.0
 #: The owner iterates centered clipping until the residual is at most this fraction of τ.
 CONVERGED = 1e-3
-#: Values per chunk when projecting (bounds the float64 temporaries to 16 MiB).
+#: Values per chunk when projecting (bounds the temporaries to about 40 MiB).
 _CHUNK = 1 << 21
 
 
@@ -59,32 +60,39 @@ def seed_of(group_id: bytes, part_hashes: Sequence[bytes]) -> bytes:
     return h.digest()
 
 
-def _signs(seed: bytes, part: int, j: int, chunk: int, numel: int) -> torch.Tensor:
-    """±1 (float64) for `numel` values of chunk `chunk` of projection `j`: the same on every machine
-    (SHAKE-256, not a torch generator, whose stream may change between releases)."""
-    head = seed + part.to_bytes(4, "big") + j.to_bytes(1, "big") + chunk.to_bytes(4, "big")
-    stream = hashlib.shake_256(head).digest((numel + 7) // 8)
-    bits = np.unpackbits(np.frombuffer(stream, dtype=np.uint8))[:numel]
-    return torch.from_numpy(bits.astype(np.float64) * 2.0 - 1.0)
+#: Sign of projection j (column) for a SHAKE byte of value v (row): bit j of v, most significant first.
+_SIGNS = torch.tensor(
+    [[1.0 if (v >> (7 - j)) & 1 else -1.0 for j in range(SKETCHES)] for v in range(256)], dtype=torch.float64
+)
+
+
+def _sign_bytes(seed: bytes, part: int, chunk: int, numel: int) -> torch.Tensor:
+    """One byte per value of chunk `chunk` of partition `part`: its 8 bits are the value's signs in the 8
+    projections. The same on every machine (SHAKE-256, not a torch generator)."""
+    stream = hashlib.shake_256(seed + part.to_bytes(4, "big") + chunk.to_bytes(4, "big")).digest(numel)
+    return torch.from_numpy(np.frombuffer(stream, dtype=np.uint8).astype(np.int64))
 
 
 class Projector:
-    """The k random unit projections of one partition of one attempt (signs drawn chunk by chunk)."""
+    """The k = 8 random unit projections of one partition of one attempt.
 
-    def __init__(self, seed: bytes, part: int, numel: int, k: int = SKETCHES) -> None:
-        self.seed, self.part, self.numel, self.k = seed, part, numel, k
+    Each projection is Σ sᵢ xᵢ / √n with sᵢ = ±1. Rather than expanding 8 sign vectors, the values are
+    summed per sign byte (`bincount`: 256 sums, one pass) and the 256 sums projected by the sign table, so
+    eight projections cost one pass over the values and one byte of SHAKE output per value."""
+
+    def __init__(self, seed: bytes, part: int, numel: int) -> None:
+        self.seed, self.part, self.numel = seed, part, numel
         self._scale = 1.0 / math.sqrt(max(numel, 1))
 
     def __call__(self, x: torch.Tensor) -> tuple[float, ...]:
         if x.numel() != self.numel:
             raise ValueError(f"projecting {x.numel()} values with a projector of {self.numel}")
         flat = x.reshape(-1)
-        acc = [0.0] * self.k
+        sums = torch.zeros(256, dtype=torch.float64)
         for c, lo in enumerate(range(0, self.numel, _CHUNK)):
             chunk = flat[lo : lo + _CHUNK].to(torch.float64)
-            for j in range(self.k):
-                acc[j] += float(torch.dot(_signs(self.seed, self.part, j, c, chunk.numel()), chunk))
-        return tuple(v * self._scale for v in acc)
+            sums += torch.bincount(_sign_bytes(self.seed, self.part, c, chunk.numel()), chunk, minlength=256)
+        return tuple(float(v) * self._scale for v in sums @ _SIGNS)
 
 
 def distance(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -48,6 +48,7 @@ from intellect.node.net.allreduce import (
 )
 from intellect.node.net.lobby import GroupBoard, HivemindBoard, Lobby, LobbyClient
 from intellect.node.net.transport import Transport
+from intellect.protocol import averaging_messages as am
 from intellect.protocol.averaging_messages import AbortReason
 from intellect.protocol.groups import GroupSpec, partition_sizes
 from intellect.protocol.keys import lobby_key
@@ -159,6 +160,8 @@ class AverageResult:
     bytes_received: int = 0
     #: Values of each member's partition in the completed attempt, in `group` order.
     part_sizes: tuple[int, ...] = ()
+    #: Proofs, collected this round, that an owner sent members different results (for gossip).
+    evidence: tuple[am.Equivocation, ...] = ()
 
 
 def contribution_error(
@@ -169,8 +172,9 @@ def contribution_error(
     sizes: Sequence[int] | None = None,
 ) -> torch.Tensor:
     """What a completed all-reduce lost of our contribution `flat`: `flat` minus what the other members
-    decoded of it. The butterfly sends partition j (`partition_sizes`) to member j through `codec`; our own
-    partition never leaves us and stays exact. Pure and deterministic, so the caller can keep it as the
+    decoded of it. The butterfly sends partition j (`partition_sizes`) to member j through `codec`, and an
+    owner reduces its own partition as its witness decodes it (docs/protocol.md 10.3), so every partition
+    loses its codec's error, ours included. Pure and deterministic, so the caller can keep it as the
     error-feedback residual and add it to the next round's pseudo-gradient (it knows whether the round
     committed; the all-reduce itself retries attempts with the same input and must not keep state).
     """
@@ -179,8 +183,8 @@ def contribution_error(
         return err
     offset = 0
     # `sizes`: the partition of the attempt that completed (members behind a NAT own none).
-    for j, size in enumerate(sizes if sizes else partition_sizes(flat.numel(), group_size)):
-        if j != my_index and size:
+    for size in sizes if sizes else partition_sizes(flat.numel(), group_size):
+        if size:
             part = flat[offset : offset + size].to(torch.float32)
             _, decoded = codec.roundtrip(part)
             torch.sub(part, decoded, out=err[offset : offset + size])
@@ -188,6 +192,16 @@ def contribution_error(
     return err
 
 
+#: Agreement failures that convict their culprit by its own signatures or report: every member that ran
+#: the checks reached the same verdict, and the culprit is left out of every later group, not one round.
+_CONVICTING = frozenset(
+    {
+        AbortReason.INCONSISTENT_RESULT,
+        AbortReason.BIASED_RESULT,
+        AbortReason.MISREPORTED_INPUT,
+        AbortReason.BAD_DIGEST,
+    }
+)
 #: Reasons of a failed attempt that prove a member misbehaved: it is excluded for the rest of the round.
 _MISBEHAVIOUR = frozenset(
     {
@@ -218,6 +232,10 @@ class _RoundState:
     reason: str = AverageFailure.DEADLINE
     #: Peers dropped this round for misbehaviour.
     excluded: set[str] = field(default_factory=set)
+    #: Transferable proofs against owners (`am.Equivocation`) found this round.
+    evidence: list[am.Equivocation] = field(default_factory=list)
+    #: Members the agreement phase convicted this round: left out of every later group.
+    convicted: set[str] = field(default_factory=set)
 
 
 def _failed_attempt(me: str, round: int, state: _RoundState, e: AllReduceError) -> list[str]:
@@ -225,6 +243,10 @@ def _failed_attempt(me: str, round: int, state: _RoundState, e: AllReduceError) 
     excluded for misbehaviour; the round ends when the culprit is us (a retry with the same input would
     fail the same way)."""
     state.reason = e.reason
+    if e.evidence is not None:
+        state.evidence.append(e.evidence)
+    if e.reason in _CONVICTING and e.culprit and e.culprit != me:
+        state.convicted.add(e.culprit)
     logger.warning(
         "round %s attempt %s with %d peers failed: %s (culprit %s)",
         round,
@@ -328,6 +350,9 @@ class Averager:
         self._validate_local = True
         #: Fault injection for tests only: awaited before each partition send (see `butterfly_allreduce`).
         self._fault: Callable[[str], Awaitable[None]] | None = None
+        #: Peers left out of every group for the rest of the run: convicted by the agreement phase, or
+        #: distrusted by the round machine (`ban`).
+        self.banned: set[str] = set()
         #: Fault injection for tests and bench/byzantine.py only: a malicious member's deviations.
         self._tamper: Tamper | None = None
 
@@ -393,6 +418,11 @@ class Averager:
         weight = min(weight, self.config.max_weight)
         state = _RoundState(group=[me])
         result = await self._rounds(round, schema, flat, weight, deadline, overtaken, expected, state)
+        if state.convicted:
+            logger.warning(
+                "left out of every later group (convicted by the group's checks): %s", state.convicted
+            )
+            self.banned |= state.convicted
         if result is not None:
             return self._finish(await self._completed(round, state, *result, tensors), start)
         logger.warning(
@@ -401,10 +431,11 @@ class Averager:
             state.reason,
         )
         excluded = tuple(sorted(state.excluded))
-        return self._finish(
-            AverageResult(False, None, state.group, state.reason, attempts=state.attempt, excluded=excluded),
-            start,
-        )
+        failed = AverageResult(
+            False, None, state.group, state.reason, attempts=state.attempt, excluded=excluded,
+            evidence=tuple(state.evidence),
+        )  # fmt: skip
+        return self._finish(failed, start)
 
     async def _rounds(
         self,
@@ -430,6 +461,7 @@ class Averager:
             self._match_config(),
             time.time(),
         )
+        mm.excluded |= self.banned
         lobbies = self.lobbies
         heartbeat = asyncio.create_task(lobbies.heartbeat(lobby, round, bucket, schema), name="avg-heartbeat")
         try:
@@ -469,6 +501,10 @@ class Averager:
         return MatchConfig(
             c.target_group_size, c.min_group_size, c.matchmaking_time, self.lobbies.freshness()
         )
+
+    def ban(self, peers: Collection[str]) -> None:
+        """Leave `peers` out of every later group (the round machine passes the peers it distrusts)."""
+        self.banned |= set(peers) - {self.peer_id}
 
     async def intend(self, round: int, eta: float, expected: Collection[str] | None, ttl: float) -> None:
         """While training round `round`: tell its lobby we will be ready in `eta` seconds (a leader waits
@@ -551,6 +587,7 @@ class Averager:
             bytes_sent=reduced.bytes_sent,
             bytes_received=reduced.bytes_received,
             part_sizes=reduced.part_sizes,
+            evidence=tuple(state.evidence),
         )
 
     def _finish(self, result: AverageResult, start: float) -> AverageResult:

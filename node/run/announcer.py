@@ -18,10 +18,11 @@ from intellect.node.net.gossip import GossipError, GossipService
 from intellect.node.net.membership import MembershipService
 from intellect.node.net.statesync import StateServer, StateSnapshot
 from intellect.node.run.state import StateView
+from intellect.protocol.averaging_messages import Equivocation
 from intellect.protocol.gossip_messages import CheckpointAnnounce, Leaving, Progress
 from intellect.protocol.keys import TopicKind
 from intellect.protocol.sync_messages import BadChunkEvidence
-from intellect.protocol.vouching import bad_chunk_report
+from intellect.protocol.vouching import bad_chunk_report, equivocation_report
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,11 @@ class Announcer:
                 await self.gossip.publish(TopicKind.MISBEHAVIOUR, bad_chunk_report(ev, round_))
             except GossipError as e:
                 logger.warning("could not gossip the evidence against %s: %s", ev.server, e)
+
+    async def equivocation(self, evidence: Sequence[Equivocation], round_: int) -> None:
+        """Gossip each proof that an all-reduce owner signed two different results, one per owner."""
+        for ev in {ev.owner: ev for ev in evidence}.values():
+            await self._gossip(TopicKind.MISBEHAVIOUR, equivocation_report(ev, round_))
 
     async def _gossip(self, kind: TopicKind, msg: object) -> None:
         try:

@@ -30,6 +30,9 @@ class RunReject(StrEnum):
     #: A synced state our model can load whose loss on the held-out batches is not finite or too far above
     #: ours and the run's initial state's (`engine.losscheck`): refused, and its vouchers distrusted.
     FAILED_LOSS_CHECK = "failed_loss_check"
+    #: An all-reduce owner that signed two different results of one attempt (we caught it, or someone
+    #: gossiped the proof): distrusted and left out of every later group.
+    EQUIVOCATION = "equivocation"
     #: A misbehaviour report whose evidence does not hold against the state we serve.
     FALSE_MISBEHAVIOUR_REPORT = "false_misbehaviour_report"
 

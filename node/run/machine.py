@@ -34,6 +34,7 @@ from intellect.node.run.peerbook import PeerBook
 from intellect.node.run.phase import Phase, PhaseTracker
 from intellect.node.run.state import GlobalState, StateView
 from intellect.node.run.training import Pacer, RoundTrainer, plan_round, train_round
+from intellect.protocol.averaging_messages import Equivocation
 from intellect.protocol.manifest import Manifest, ShardSpec
 from intellect.protocol.sync_messages import BadChunkEvidence
 from intellect.protocol.vouching import SyncTarget
@@ -79,6 +80,9 @@ class Averaging(Protocol):
 
     async def intend(self, round: int, eta: float, expected: Collection[str] | None, ttl: float) -> None: ...
 
+    def ban(self, peers: Collection[str]) -> None:
+        """Leave these peers out of every later group."""
+
 
 class Publishing(Protocol):
     """What the machine announces (`run.announcer.Announcer`)."""
@@ -92,6 +96,8 @@ class Publishing(Protocol):
     ) -> None: ...
 
     async def misbehaviour(self, evidence: Sequence[BadChunkEvidence], round_: int) -> None: ...
+
+    async def equivocation(self, evidence: Sequence[Equivocation], round_: int) -> None: ...
 
 
 class Network(Protocol):
@@ -329,6 +335,9 @@ class RoundMachine:
             # Someone still here holds a state past round r - 1: round r was averaged without us.
             return any(rr >= r for rr in self.book.peer_rounds().values())
 
+        # A peer we no longer trust (it lied about a state, or signed two different averages) is left out of
+        # our groups as well: what it contributes or reduces would not be checked any better next time.
+        self.averager.ban(self.book.distrusted)
         result = await self.averager.average(
             r,
             trained.delta,
@@ -338,6 +347,9 @@ class RoundMachine:
             expected=self._expected(r),
         )
         seconds = time.monotonic() - t0
+        if result.evidence:
+            self.book.caught_equivocating(ev.owner for ev in result.evidence)
+            await self.announcer.equivocation(result.evidence, r)
         self._emit(
             Averaged(
                 r,

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from intellect.node.run.events import EventSink, MembersChanged, Rejected, RunReject
 from intellect.protocol.gossip_messages import CheckpointAnnounce, Misbehaviour
 from intellect.protocol.records import MembershipRecord
-from intellect.protocol.vouching import SyncTarget, Vouch, judge_report, pick_target
+from intellect.protocol.vouching import EQUIVOCATION, SyncTarget, Vouch, judge_report, pick_target
 
 logger = logging.getLogger(__name__)
 
@@ -101,8 +101,10 @@ class PeerBook:
             logger.warning("peer %s reported %s with evidence that does not hold; dropped", sender, accused)
             self._emit(Rejected(RunReject.FALSE_MISBEHAVIOUR_REPORT, sender))
         elif accused != self.me and accused not in self._distrusted:
-            logger.warning("peer %s proved that %s served a wrong chunk; no longer trusted", sender, accused)
-            self._emit(Rejected(RunReject.BAD_STATE_CHUNK_REPORTED, accused))
+            what = "sent two different averages" if msg.kind == EQUIVOCATION else "served a wrong chunk"
+            logger.warning("peer %s proved that %s %s; no longer trusted", sender, accused, what)
+            kind = RunReject.EQUIVOCATION if msg.kind == EQUIVOCATION else RunReject.BAD_STATE_CHUNK_REPORTED
+            self._emit(Rejected(kind, accused))
             self._distrusted.add(accused)
 
     # ---- what we found out ourselves -----------------------------------------------------------------
@@ -112,6 +114,14 @@ class PeerBook:
             logger.warning("peer %s served state that does not match its hash; no longer trusted", bad)
             self._emit(Rejected(RunReject.BAD_STATE_CHUNK, bad))
             self._distrusted.add(bad)
+
+    def caught_equivocating(self, owners: Iterable[str]) -> None:
+        """All-reduce owners we caught signing two different results of one attempt (we gossip the proof)."""
+        for bad in owners:
+            if bad != self.me and bad not in self._distrusted:
+                logger.warning("peer %s sent members of one group different averages; no longer trusted", bad)
+                self._emit(Rejected(RunReject.EQUIVOCATION, bad))
+                self._distrusted.add(bad)
 
     def misstated_round(self, vouchers: Iterable[str]) -> None:
         """These peers vouched for (round, hash) where the state's step count says another round."""
