@@ -75,6 +75,7 @@ PENALTIES: dict[str, float] = {
     RejectReason.REPLAYED.value: 0.0,
     RejectReason.STALE.value: 0.5,
     RejectReason.FUTURE.value: 0.5,
+    "rate_limited": 1.0,  # FLOOD_PENALTY: only charged when the neighbour is the author
 }
 DEFAULT_PENALTY = 2.0
 #: A valid first delivery raises the forwarder's score by this much, up to SCORE_CAP.
@@ -82,6 +83,11 @@ DELIVERY_REWARD, SCORE_CAP = 0.1, 10.0
 #: Rejection reasons of this module (beyond RejectReason): the topic does not carry that payload type; the
 #: author published above its rate.
 WRONG_TOPIC, RATE_LIMITED = "wrong_topic", "rate_limited"
+#: What a message above its author's rate costs the neighbour that sent it, when that neighbour *is* the
+#: author: an author flooding its own messages at 300/s falls below the blacklist threshold within a
+#: fraction of a second. A neighbour that forwards someone else's flood pays nothing: an honest forwarder
+#: applies the same limit, and passes slightly more than ours only through timing jitter.
+FLOOD_PENALTY = 1.0
 #: Links one neighbour may hold with us (two: both of us dialled at once); more are refused, so that one
 #: admitted peer cannot take every one of `max_links` slots and starve the honest ones.
 MAX_LINKS_PER_PEER = 2
@@ -583,8 +589,11 @@ class GossipService:
                     del self._authors[old]
             bucket = self._authors[opened.sender] = _Bucket(self.config.author_burst)
         if not bucket.take(self.config.author_rate, self.config.author_burst):
-            # The author is authenticated by its signature: the forwarder is not to blame.
+            # The author is authenticated by its signature: a forwarder is not to blame, the author is.
             self.rejections[RATE_LIMITED] += 1
+            if opened.sender == link.peer and self._scores.penalise(link.peer, RATE_LIMITED):
+                for own in list(self._links.get(link.peer, ())):
+                    own.close()
             return
         self.delivered[kind.value] += 1
         self._scores.reward(link.peer)
