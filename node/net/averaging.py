@@ -611,7 +611,9 @@ def _status(av: Averager) -> dict[str, Any]:
         "rounds_failed": av.rounds_failed,
         "bandwidth_bytes_per_s": av.bandwidth,
         "data_plane_port": av.plane.port,
-        "rejected_connections": dict(av.plane.rejected),
+        # Refused by the data plane's handshake, and by its transport over the pending-connection caps.
+        "rejected_connections": {**av.plane.rejected, **getattr(av.plane.transport, "refused", {})},
+        "banned": sorted(av.banned),
         "last": None
         if last is None
         else {
