@@ -143,8 +143,8 @@ class _Section:
             raise ManifestError(self.name(key), why)
         return v
 
-    def table(self, key: str) -> _Section:
-        return _Section(self.name(key), self._get(key, _REQUIRED))
+    def table(self, key: str, optional: bool = False) -> _Section:
+        return _Section(self.name(key), self._get(key, {} if optional else _REQUIRED))
 
     def array(self, key: str, max_len: int, default: Any = None) -> list[Any]:
         v = self._get(key, _REQUIRED if default is None else default)
@@ -304,6 +304,14 @@ class AdmissionSpec:
 
 
 @dataclass(frozen=True)
+class GossipSpec:
+    """Per-author gossip rate: messages per second and burst, enforced by every node for every author."""
+
+    author_rate: float = 20.0
+    author_burst: float = 100.0
+
+
+@dataclass(frozen=True)
 class InitSpec:
     """Initial weights: from `seed` (when `sha256` is empty) or a published state with this hash."""
 
@@ -325,6 +333,9 @@ class Manifest:
     averaging: AveragingSpec
     admission: AdmissionSpec
     init: InitSpec
+    #: Gossip limits; a table in the canonical form only when it differs from the defaults (so that runs
+    #: published before it existed keep their run_id).
+    gossip: GossipSpec = GossipSpec()
     #: Peer ID of the researcher who signed the run. Empty in a TOML file; `SignedManifest.sign` fills it
     #: in, so the run_id covers the researcher: re-signing someone else's manifest makes another run.
     researcher: str = ""
@@ -334,6 +345,11 @@ class Manifest:
         plain = self._plain()
         if self.researcher:
             plain["researcher"] = self.researcher
+        if self.gossip != GossipSpec():
+            plain["gossip"] = {
+                "author_rate": self.gossip.author_rate,
+                "author_burst": self.gossip.author_burst,
+            }
         return plain
 
     def _plain(self) -> dict[str, Any]:
@@ -549,6 +565,12 @@ def parse_manifest(raw: Any) -> Manifest:
         sha256=i_.get_str("sha256", default="", check=_hex64_or_empty),
     )
     i_.done()
+    g = root.table("gossip", optional=True)
+    gossip = GossipSpec(
+        author_rate=g.get_float("author_rate", 0.0, 10_000.0, lo_open=True, default=GossipSpec.author_rate),
+        author_burst=g.get_float("author_burst", 1.0, 100_000.0, default=GossipSpec.author_burst),
+    )
+    g.done()
     researcher = root.get_str("researcher", default="", check=lambda v: _peer_id(v) if v else None)
     root.done()
 
@@ -563,6 +585,7 @@ def parse_manifest(raw: Any) -> Manifest:
         averaging=averaging,
         admission=admission,
         init=init,
+        gossip=gossip,
         researcher=researcher,
     )
     size = len(manifest.canonical_bytes())

@@ -240,3 +240,21 @@ def test_runs_that_admit_strangers_average_robustly_by_default() -> None:
     allow = dict(raw, admission={"policy": "allowlist", "peers": [Identity.generate().peer_id]})
     assert parse_manifest(allow).averaging.reducer == "mean"
     assert parse_manifest(with_change("averaging.reducer", "mean")).averaging.reducer == "mean"
+
+
+def test_the_gossip_rate_comes_from_the_manifest_and_old_run_ids_stay() -> None:
+    """An optional `[gossip]` table sets every node's per-author limit; left out (or at the defaults) it
+    is not part of the canonical form, so runs published before it existed keep their run_id."""
+    base = parse_manifest(example_raw())
+    assert (base.gossip.author_rate, base.gossip.author_burst) == (20.0, 100.0)
+    assert "gossip" not in base.to_plain()
+    raw = example_raw()
+    raw["gossip"] = {"author_rate": 5.0, "author_burst": 20.0}
+    tuned = parse_manifest(raw)
+    assert (tuned.gossip.author_rate, tuned.gossip.author_burst) == (5.0, 20.0)
+    assert tuned.run_id != base.run_id
+    assert parse_manifest(tuned.to_plain()) == tuned
+    with pytest.raises(ManifestError, match="gossip.author_rate"):
+        parse_manifest(with_change("gossip", {"author_rate": 0.0}))
+    with pytest.raises(ManifestError, match="gossip.typo"):
+        parse_manifest(with_change("gossip", {"typo": 1}))

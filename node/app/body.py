@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from intellect.crypto.identity import Identity
 from intellect.node.app.config import NodeConfig
 from intellect.node.net.dht import DhtService
-from intellect.node.net.gossip import GossipService
+from intellect.node.net.gossip import GossipConfig, GossipService
 from intellect.node.net.membership import MembershipService
 from intellect.node.net.probe import probe, summary, tcp_ports
 from intellect.node.run.machine import Limits
@@ -141,9 +141,12 @@ async def run_body(daemon: NodeDaemon) -> None:
         settings = run_settings(daemon)
         # Gossip links are streams of the p2p daemon: members find us by the peer ID and addresses of our
         # membership record, and behind a NAT we dial out to public members (nobody dials us).
+        limits = signed.manifest.gossip  # the run's per-author rate, the same at every node
+        gossip_config = GossipConfig(author_rate=limits.author_rate, author_burst=limits.author_burst)
         async with GossipService(
-            dht.p2p, identity, signed.run_id, membership.admits, connect=dht.connect, private=dht.private
-        ) as gossip:
+            dht.p2p, identity, signed.run_id, membership.admits, connect=dht.connect, private=dht.private,
+            config=gossip_config,
+        ) as gossip:  # fmt: skip
             run = RunService(
                 settings,
                 identity,
