@@ -150,6 +150,14 @@ def test_seed_then_runs_and_peers_through_our_bootstrap(
     )
     assert code == 0, err
     assert json.loads(out) == []
+    # The 16 characters `runs` prints are enough (a unique prefix); one naming no run says so.
+    code, out, err = _invoke(
+        "peers", "--run", run_id[:16], "--bootstrap", maddr, "--data-dir", str(researcher_dir)
+    )
+    assert code == 0 and out.strip() == "no live members", err
+    other = "0000" if not any(str(r["run_id"]).startswith("0000") for r in rows) else "ffff"
+    code, out, err = _invoke("peers", "--run", other, "--bootstrap", maddr, "--data-dir", str(researcher_dir))
+    assert code == 1 and f"no run with ID {other}" in err, err
 
 
 def test_bootstrap_exits_zero_on_sigterm_leaving_no_daemon(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from intellect.crypto.identity import Identity
 from intellect.node.app.config import NodeConfig
+from intellect.node.app.runid import matches, resolve
 from intellect.node.net.dht import DhtService
 from intellect.node.net.gossip import GossipConfig, GossipService
 from intellect.node.net.membership import MembershipService
@@ -68,20 +69,21 @@ async def pick_run(
     ticket_for: Callable[[str], bytes],
     timeout_s: float = RUN_LOOKUP_TIMEOUT_S,
 ) -> SignedManifest:
-    """The run to join: `wanted` when given (waiting for it to appear), else the verifiable run we are
-    admitted to that has the most live members (ties: name). Unverifiable manifests are never returned."""
+    """The run to join: the one whose ID is or starts with `wanted` when given (waiting for it to appear;
+    RunIdError at once if the prefix names several runs), else the verifiable run we are admitted to that
+    has the most live members (ties: name). Unverifiable manifests are never returned."""
     deadline = time.monotonic() + timeout_s
     delay = 0.5
     while True:
         runs, invalid = await dht.get_manifests()
         if invalid:
             logger.warning("ignored %d run records that failed verification", invalid)
-        candidates = [
-            r
-            for r in runs
-            if (not wanted or r.run_id == wanted)
-            and is_admitted(r.manifest, r.researcher, peer_id, ticket_for(r.run_id))
-        ]
+        if wanted:
+            named = matches(wanted, (r.run_id for r in runs))
+            if len(named) > 1:
+                resolve(wanted, named)  # raises, listing them
+            runs = [r for r in runs if r.run_id in named]
+        candidates = [r for r in runs if is_admitted(r.manifest, r.researcher, peer_id, ticket_for(r.run_id))]
         if candidates:
             if len(candidates) == 1:
                 return candidates[0]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import platformdirs
+from intellect.node.app.runid import RunIdError, check_prefix
 
 ENV_PREFIX = "INTELLECT_NODE_"
 CONFIG_FILE_NAME = "config.toml"
@@ -53,7 +54,8 @@ class NodeConfig:
     #: node, which then serves as a circuit relay), or "private" (behind a NAT with no forwarding: keep a
     #: relay reservation on the bootstrap nodes, announce only relayed addresses, join the DHT as a client).
     reachability: str = "auto"
-    #: Run to join; empty means the best run this node can verify and is admitted to.
+    #: Run to join (its ID or a unique prefix); empty means the best run this node can verify and is
+    #: admitted to.
     run: str = ""
     #: Training device: auto (CUDA when present), cpu or cuda.
     device: str = "auto"
@@ -80,6 +82,11 @@ class NodeConfig:
             raise ConfigError(f"local_ranks: must be 0 (one per GPU) to 64, got {self.local_ranks}")
         if not 0 <= self.http_port <= 65535:
             raise ConfigError(f"http_port: must be a port number 0..65535, got {self.http_port}")
+        if self.run:
+            try:  # a run ID or a unique prefix of one, lowercased
+                object.__setattr__(self, "run", check_prefix(self.run))
+            except RunIdError as e:
+                raise ConfigError(f"run: {e}") from None
 
     @property
     def identity_path(self) -> Path:
@@ -214,7 +221,7 @@ use_auto_relay = false
 # through a relay reservation on the bootstrap nodes).
 reachability = "auto"
 
-# Run to join ("" = the best run this node can verify and is admitted to).
+# Run to join: its ID or a unique prefix ("" = the best run this node can verify and is admitted to).
 run = ""
 
 # Training device: "auto", "cpu" or "cuda".

@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 from intellect.node.cli.main import config_from_cli, data_dir_option
+from intellect.node.cli.runarg import RUN_ID
 
 
 def register(group: click.Group) -> None:
@@ -27,7 +28,13 @@ def register(group: click.Group) -> None:
 
 @click.command()
 @click.option("--bootstrap", multiple=True, help="DHT entry multiaddr (…/p2p/12D3KooW…); repeatable.")
-@click.option("--run", "run_id", default=None, help="Run to join (default: the best run we are admitted to).")
+@click.option(
+    "--run",
+    "run_id",
+    type=RUN_ID,
+    default=None,
+    help="Run to join: its ID or a unique prefix (default: the best run we are admitted to).",
+)
 @data_dir_option
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Training device.")
 @click.option(

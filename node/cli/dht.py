@@ -19,6 +19,7 @@ from typing import Any
 
 import click
 from intellect.node.cli.main import config_from_cli, data_dir_option
+from intellect.node.cli.runarg import RUN_ID, resolve_in_dht
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ async def _peers(config: Any, run_id: str) -> list[dict[str, Any]]:
 
     svc: DhtService = await _client(config)
     try:
+        run_id = await resolve_in_dht(svc, run_id)
         now = time.time()
         return [
             {
@@ -248,11 +250,28 @@ def seed(
     click.echo(run_id)
 
 
+async def _resolve(config: Any, prefix: str) -> str:
+    from intellect.node.net.dht import DhtService
+
+    svc: DhtService = await _client(config)
+    try:
+        return await resolve_in_dht(svc, prefix)
+    finally:
+        await svc.stop()
+
+
 @click.command()
-@click.argument("run_id")
+@click.argument("run_id", type=RUN_ID)
 @click.argument("peer_id")
 @data_dir_option
 @researcher_key_option
+@click.option(
+    "--bootstrap",
+    "bootstrap",
+    multiple=True,
+    metavar="MADDR",
+    help="DHT entry node, to look up a RUN_ID given as a prefix (repeatable; default: from config).",
+)
 @click.option("--days", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True)
 @click.option(
     "--out",
@@ -261,17 +280,29 @@ def seed(
     help="Write the ticket here; the volunteer puts it at <data dir>/tickets/<run_id>.",
 )
 def ticket(
-    run_id: str, peer_id: str, data_dir: Path | None, researcher_key: Path | None, days: float, out: Path
+    run_id: str,
+    peer_id: str,
+    data_dir: Path | None,
+    researcher_key: Path | None,
+    bootstrap: tuple[str, ...],
+    days: float,
+    out: Path,
 ) -> None:
     """Issue an admission ticket for a run whose admission policy is "tickets" (researcher side).
 
     The ticket admits PEER_ID to RUN_ID until it expires; it is signed with the researcher key that
-    signed the manifest, so every node can check it from the manifest alone.
+    signed the manifest, so every node can check it from the manifest alone. A RUN_ID shorter than 64
+    characters is a prefix, looked up among the runs in the DHT (this needs a bootstrap address).
     """
     from intellect.crypto.errors import IdentityError, InvalidPeerId
     from intellect.crypto.identity import Identity
+    from intellect.node.app.runid import is_full
     from intellect.protocol.records import issue_ticket
 
+    if not is_full(run_id):
+        config = _client_config(data_dir, bootstrap)
+        _setup_logging(config.log_level)
+        run_id = asyncio.run(_resolve(config, run_id))
     key_path = researcher_key or config_from_cli(data_dir).identity_path
     try:
         researcher = Identity.load(key_path)
@@ -304,14 +335,14 @@ def runs(bootstrap: tuple[str, ...], data_dir: Path | None, as_json: bool) -> No
 
 
 @click.command()
-@click.option("--run", "run_id", required=True, help="Run ID (64 hex characters).")
+@click.option(
+    "--run", "run_id", type=RUN_ID, required=True, help="Run ID: 64 hex characters, or a unique prefix (4+)."
+)
 @bootstrap_option
 @data_dir_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON array on stdout.")
 def peers(run_id: str, bootstrap: tuple[str, ...], data_dir: Path | None, as_json: bool) -> None:
     """List the live members of a run, from their signed DHT records."""
-    if len(run_id) != 64 or any(c not in "0123456789abcdef" for c in run_id):
-        raise click.UsageError("--run must be a run_id: 64 lowercase hex characters")
     config = _client_config(data_dir, bootstrap)
     _setup_logging(config.log_level)
     rows = asyncio.run(_peers(config, run_id))
