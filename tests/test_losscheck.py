@@ -56,7 +56,7 @@ def _node(offline_run: MakeOfflineRun, where: Path, manifest: Manifest) -> Offli
 def _machine(run: OfflineRun, net: Network, events: Recorder, rounds: int = 1) -> RoundMachine:
     parts = (run.book, run.state, run.engine.trainer, Averager(), Announcer())
     phases = PhaseTracker(events, Phase.LOADING)
-    limits = Limits(max_rounds=rounds)
+    limits = Limits(until_round=rounds)
     return RoundMachine(
         run.identity.peer_id, run.run_id, run.signed.manifest, parts, net, phases, events, limits
     )

@@ -140,9 +140,9 @@ async def _train(lab: Lab, workdir: Path, bootstrap: str, run_id: str) -> dict[s
         public = ["--listen", f"/ip4/{PUB_IP}/tcp/0", "--reachability", "public"]
         private = ["--listen", "/ip4/0.0.0.0/tcp/0", "--reachability", "private"]
         peers = [
-            swarm.launch("public", max_rounds=ROUNDS, min_peers=3, extra_args=public, netns=lab.ns("pub")),
-            swarm.launch("nat1", max_rounds=ROUNDS, min_peers=3, extra_args=private, netns=lab.ns("h1")),
-            swarm.launch("nat2", max_rounds=ROUNDS, min_peers=3, extra_args=private, netns=lab.ns("h2")),
+            swarm.launch("public", until_round=ROUNDS, min_peers=3, extra_args=public, netns=lab.ns("pub")),
+            swarm.launch("nat1", until_round=ROUNDS, min_peers=3, extra_args=private, netns=lab.ns("h1")),
+            swarm.launch("nat2", until_round=ROUNDS, min_peers=3, extra_args=private, netns=lab.ns("h2")),
         ]
         codes = await asyncio.gather(*(swarm.wait(p, 420) for p in peers))
         summary = swarm.summary(ROUNDS)
@@ -179,14 +179,16 @@ async def _late_joiner(lab: Lab, workdir: Path, bootstrap: str, run_id: str) -> 
         private = ["--listen", "/ip4/0.0.0.0/tcp/0", "--reachability", "private"]
         first = [
             swarm.launch(
-                "public", max_rounds=LATE_ROUNDS, min_peers=2, extra_args=public, netns=lab.ns("pub")
+                "public", until_round=LATE_ROUNDS, min_peers=2, extra_args=public, netns=lab.ns("pub")
             ),
-            swarm.launch("nat1", max_rounds=LATE_ROUNDS, min_peers=2, extra_args=private, netns=lab.ns("h1")),
+            swarm.launch(
+                "nat1", until_round=LATE_ROUNDS, min_peers=2, extra_args=private, netns=lab.ns("h1")
+            ),
         ]
         deadline = time.monotonic() + 240
         while first[0].last_round() < 2 and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
-        late = swarm.launch("nat2", max_rounds=LATE_ROUNDS, extra_args=private, netns=lab.ns("h2"))
+        late = swarm.launch("nat2", until_round=LATE_ROUNDS, extra_args=private, netns=lab.ns("h2"))
         peers = [*first, late]
         codes = await asyncio.gather(*(swarm.wait(p, 360) for p in peers))
         return {"codes": codes, "rounds": {p.name: p.rounds() for p in peers}}

@@ -147,6 +147,31 @@ def test_rounds_commit_in_order_and_announce_each_state(run: OfflineRun) -> None
     assert ckpt is not None and ckpt.meta["round"] == 2 and ckpt.state_hash == run.state.state_hash
 
 
+def test_max_rounds_counts_the_rounds_this_machine_completes(run: OfflineRun) -> None:
+    """#16 finding 8: `--max-rounds N` is N rounds completed by this process. A node that resumes at
+    round 2 with `--max-rounds 1` trains one more round (it used to compare N with the global round and
+    exit at once); `--until-round R` is the global target; a failed round does not count."""
+    asyncio.run(machine(run, Averager(), 2, Recorder())[0].run())
+    assert run.state.round == 2
+    resumed, _ = machine(run, Averager(), 1, Recorder())
+    asyncio.run(resumed.run())
+    assert run.state.round == 3 and resumed.completed == 1
+    for until, rounds_after in ((3, 3), (4, 4)):
+        events = Recorder()
+        m = RoundMachine(
+            run.identity.peer_id, run.run_id, run.signed.manifest,
+            (run.book, run.state, run.engine.trainer, Averager(), Announcer()), Alone(run),
+            PhaseTracker(events, Phase.LOADING), events, Limits(until_round=until),
+        )  # fmt: skip
+        asyncio.run(m.run())
+        assert run.state.round == rounds_after
+    failing, _ = machine(run, Averager(ok=False), 1, Recorder())
+    asyncio.run(failing.round())
+    assert failing.completed == 0 and not failing.done()
+    assert Limits(max_rounds=2).reached(2, 0) and not Limits(max_rounds=2).reached(1, 99)
+    assert Limits(until_round=5).reached(0, 5) and not Limits().reached(10**6, 10**6)
+
+
 def test_a_failed_average_keeps_the_global_weights_and_resets_the_local_copy(run: OfflineRun) -> None:
     events = Recorder()
     m, announcer = machine(run, Averager(ok=False), 1, events)

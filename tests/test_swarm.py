@@ -56,7 +56,7 @@ async def test_swarm_trains_survives_a_kill_and_admits_a_newcomer(tmp_path: Path
     manifest = fast_manifest(tmp_path)
     async with asyncio.timeout(540), Swarm(tmp_path / "swarm", manifest_path=manifest) as swarm:
         await swarm.seed()
-        peers = [swarm.launch(f"peer{i}", max_rounds=rounds, min_peers=3) for i in range(3)]
+        peers = [swarm.launch(f"peer{i}", until_round=rounds, min_peers=3) for i in range(3)]
         await wait_until(lambda: all(p.last_round() >= 2 for p in peers), 240, "round 2 on all peers", peers)
 
         # SIGKILL one peer mid-round (it is training round 3 now); nothing of it can clean up.
@@ -64,7 +64,7 @@ async def test_swarm_trains_survives_a_kill_and_admits_a_newcomer(tmp_path: Path
         victim_children = [pid for pid in group_pids(victim.pgid) if pid != victim.pid]
         swarm.kill(victim)
         survivors = peers[:2]
-        newcomer = swarm.launch("newcomer", max_rounds=None)
+        newcomer = swarm.launch("newcomer", until_round=None)
         everyone = [*peers, newcomer]
 
         for p in survivors:
@@ -81,7 +81,7 @@ async def test_swarm_trains_survives_a_kill_and_admits_a_newcomer(tmp_path: Path
         assert set(swarm.reap(victim)) <= set(victim_children)
         await asyncio.sleep(0.5)
         assert group_pids(victim.pgid) == [], "the killed peer's children survived the reaping"
-        restarted = swarm.launch(victim.name, max_rounds=rounds)
+        restarted = swarm.launch(victim.name, until_round=rounds)
         everyone.append(restarted)
         code = await swarm.wait(restarted, 150)
         restart_log = restarted.log_path.read_text()
@@ -151,7 +151,7 @@ async def test_a_node_with_two_local_ranks_averages_with_a_single_rank_node(tmp_
     async with asyncio.timeout(360), Swarm(tmp_path / "swarm", manifest_path=manifest) as swarm:
         await swarm.seed()
         duo = swarm.launch("duo", min_peers=2, extra_args=["--local-ranks", "2"])
-        solo = swarm.launch("solo", max_rounds=rounds, min_peers=2)
+        solo = swarm.launch("solo", until_round=rounds, min_peers=2)
         code = await swarm.wait(solo, 300)
         assert code == 0, f"solo exited with {code}: {solo.log_path.read_text()[-3000:]}"
         await wait_until(lambda: duo.last_round() >= rounds, 60, "duo to finish round 3", [duo, solo])
@@ -212,10 +212,10 @@ async def test_a_run_pinned_to_pretrained_weights_starts_from_them(tmp_path: Pat
             dest = swarm.workdir / name / "init" / f"{sha}.safetensors"
             dest.parent.mkdir(parents=True)
             shutil.copy(packed, dest)
-        a = swarm.launch("a", max_rounds=rounds, min_peers=2)
-        b = swarm.launch("b", max_rounds=rounds, min_peers=2)
+        a = swarm.launch("a", until_round=rounds, min_peers=2)
+        b = swarm.launch("b", until_round=rounds, min_peers=2)
         await wait_until(lambda: min(a.last_round(), b.last_round()) >= 1, 120, "round 1", [a, b])
-        late = swarm.launch("late", max_rounds=rounds)
+        late = swarm.launch("late", until_round=rounds)
         for p in (a, b, late):
             code = await swarm.wait(p, 240)
             assert code == 0, f"{p.name} exited with {code}: {p.log_path.read_text()[-3000:]}"

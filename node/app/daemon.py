@@ -49,8 +49,10 @@ PID_FILE = "daemon.pid"
 class DaemonOptions:
     """Per-invocation options of `intellect-node start` that are not node configuration."""
 
-    #: Stop cleanly (exit 0) after this many completed rounds; None runs until a signal.
+    #: Stop cleanly (exit 0) after this many rounds completed by this process; None runs until a signal.
     max_rounds: int | None = None
+    #: Stop cleanly (exit 0) once the global state we hold reaches this round; None: no such limit.
+    until_round: int | None = None
     #: Before the first round, wait (bounded) until this many members (us included) are visible.
     min_peers: int = 1
     #: Longest wait for `min_peers` before training anyway.

@@ -55,7 +55,18 @@ def register(group: click.Group) -> None:
     help="Can others dial us? private: behind a NAT, reached through the bootstrap nodes' relays.",
 )
 @click.option("--http-port", type=int, default=None, help="Control API port on 127.0.0.1 (0: any).")
-@click.option("--max-rounds", type=click.IntRange(min=1), default=None, help="Exit 0 after this many rounds.")
+@click.option(
+    "--max-rounds",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Exit 0 after this many rounds completed by this process (a resumed node counts from 0).",
+)
+@click.option(
+    "--until-round",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Exit 0 once the run's global state this node holds reaches this round.",
+)
 @click.option("--min-peers", type=click.IntRange(min=1), default=1, help="Wait for this many members first.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default=None, help="Log line format.")
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR.")
@@ -71,6 +82,7 @@ def start(
     reachability: str | None,
     http_port: int | None,
     max_rounds: int | None,
+    until_round: int | None,
     min_peers: int,
     log_format: str | None,
     log_level: str | None,
@@ -98,7 +110,7 @@ def start(
         log_level=log_level,
     )
     setup_logging(config.log_format, config.log_level)
-    options = DaemonOptions(max_rounds=max_rounds, min_peers=min_peers)
+    options = DaemonOptions(max_rounds=max_rounds, until_round=until_round, min_peers=min_peers)
     code = run_daemon(config, options)
     # The daemon has already stopped and reaped everything it started. Leave now rather than through the
     # interpreter's finalization: that resets signal handlers to their defaults first, so a second Ctrl-C

@@ -153,7 +153,7 @@ class Swarm:
         self,
         name: str,
         *,
-        max_rounds: int | None = None,
+        until_round: int | None = None,
         min_peers: int = 1,
         extra_args: Sequence[str] = (),
         netns: str | None = None,
@@ -179,8 +179,8 @@ class Swarm:
         ]
         for m in self.bootstrap_maddrs:
             args += ["--bootstrap", m]
-        if max_rounds is not None:
-            args += ["--max-rounds", str(max_rounds)]
+        if until_round is not None:
+            args += ["--until-round", str(until_round)]
         args += list(extra_args)
         # A stray INTELLECT_NODE_* of the caller must not reach the peers (only the log level may).
         env = {
@@ -311,7 +311,7 @@ async def run_swarm(
         async with Swarm(workdir, manifest_path=manifest_path) as swarm:
             await swarm.seed()
             for i in range(peers):
-                swarm.launch(f"peer{i}", max_rounds=rounds, min_peers=peers)
+                swarm.launch(f"peer{i}", until_round=rounds, min_peers=peers)
             deadline = time.monotonic() + timeout_s
             last_line = ""
             while time.monotonic() < deadline and any(p.proc.poll() is None for p in swarm.peers):

@@ -119,13 +119,24 @@ class Network(Protocol):
 class Limits:
     """When the machine stops, and how long it waits for company before round 1."""
 
+    #: Stop after this many rounds completed by this machine (trained, averaged and committed here: a
+    #: resumed or synced node counts from zero, and a failed round does not count).
     max_rounds: int | None = None
     min_peers: int = 1
     min_peers_timeout_s: float = 60.0
+    #: Stop once the global state we hold has reached this round (however it got there: our own
+    #: rounds, a checkpoint or a sync from peers).
+    until_round: int | None = None
+
+    def reached(self, completed: int, round_: int) -> bool:
+        """Whether a machine that completed `completed` rounds and holds the state of `round_` is done."""
+        if self.max_rounds is not None and completed >= self.max_rounds:
+            return True
+        return self.until_round is not None and round_ >= self.until_round
 
 
 class RoundMachine:
-    """Drives rounds until `limits.max_rounds` (or forever); every collaborator is injected."""
+    """Drives rounds until `limits` says it is done (or forever); every collaborator is injected."""
 
     def __init__(
         self,
@@ -150,19 +161,24 @@ class RoundMachine:
         #: Throughput of our last round (what our membership record says).
         self.tokens_per_s = 0.0
         self.tokens = 0
+        #: Rounds this machine trained, averaged and committed (what `Limits.max_rounds` counts).
+        self.completed = 0
+
+    def done(self) -> bool:
+        return self.limits.reached(self.completed, self.state.round)
 
     async def run(self) -> None:
         lim = self.limits
         if self.state.round == 0 and lim.min_peers > 1:
             await self.wait_for_peers(lim.min_peers, lim.min_peers_timeout_s)
-        while lim.max_rounds is None or self.state.round < lim.max_rounds:
+        while not self.done():
             await self.catch_up()
-            if lim.max_rounds is not None and self.state.round >= lim.max_rounds:
+            if self.done():
                 break
             if self.state.round == 0 and self.state.init_error is not None:
                 raise self.state.init_error  # training from another origin would poison everyone's average
             await self.round()
-        logger.info("reached round %d: done", self.state.round)
+        logger.info("completed %d rounds here, holding round %d: done", self.completed, self.state.round)
 
     async def wait_for_peers(self, n: int, timeout_s: float) -> None:
         self.phases.enter(Phase.WAITING_FOR_PEERS)
@@ -374,6 +390,7 @@ class RoundMachine:
         assert res.tensors is not None
         group, codec = list(res.group), self.averager.codec
         await self.state.commit(t.round, res.tensors, t.delta, group, self.me, codec, res.part_sizes)
+        self.completed += 1
         view = self.state.view()
         stats = t.stats
         logger.info(
