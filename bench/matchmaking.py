@@ -14,7 +14,12 @@ daemon's `Averager` drives) in virtual time. What is modelled rather than run:
   gone before the end; otherwise each member that joined fails at its join time plus the stall timeout,
   blaming a member that never joined (as the butterfly's stall detection does).
 - **Training** takes a per-peer time (log-normal around `--round-s`); a peer whose round failed catches
-  up (a state sync of `--sync-s`) and trains the next round.
+  up (a state sync of `--sync-s`) and trains the next round. A peer that starts a round more than a
+  quarter of a round after the run reached the previous one trains a shorter round (as the round machine:
+  `CATCH_UP_AFTER`, `MIN_ROUND_FRACTION`), so that it meets the others in the next lobby in phase.
+- **Stragglers**: a peer alone in its bucket after the straggler bound while the round was averaged
+  elsewhere moves to the round's straggler lobby (`LATE_BUCKET`, as the Averager) and gives up only if it
+  is alone there too.
 - **Churn**: every `--round-s`, `--churn` of the peers leave (at once, also mid-attempt) and as many new
   ones join (they sync, then train). **Freezes**: every `--round-s`, `--frozen` of the live peers freeze
   for `--freeze-s` (they do nothing, their heartbeats lapse), then resume and catch up.
@@ -52,12 +57,16 @@ from intellect.protocol.matchmaking import (
     Matchmaker,
     Offer,
     Wait,
+    LATE_BUCKET,
     bucket_count,
     bucket_of,
 )
 
 RUN = "sim"
 INTENT_S = 5.0  # as node/run/machine.py
+# As node/run/machine.py: a peer more than CATCH_UP_AFTER of a round behind the run trains a shorter round,
+# at least MIN_ROUND_FRACTION of one.
+CATCH_UP_AFTER, MIN_ROUND_FRACTION = 0.25, 0.25
 SKEW_S = 30.0  # as node/net/lobby.py
 
 
@@ -104,6 +113,9 @@ class Sim:
         self.attempts: dict[tuple[int, str, int], Attempt] = {}
         # The run's progress: the highest round any group completed (what peers catch up to).
         self.head = 0
+        #: When each round was first averaged anywhere (what a node learns from the first state
+        #: announcement of that round).
+        self.done_at: dict[int, float] = {}
         #: Peers waiting for the next completed round to sync it.
         self.waiters: list[Callable[[], None]] = []
 
@@ -215,6 +227,7 @@ class Peer:
         self.seen: dict[str, tuple[float, float, bool]] = {}  # peer -> (expires, seen at, owner)
         self.decls: dict[str, Declaration] = {}
         self.matching_since = 0.0
+        self.late = False  # in the round's straggler lobby
         self.deadline = 0.0
         self.busy = False  # in an attempt
         self.epoch = 0  # bumps on every state change, so stale timers do nothing
@@ -278,6 +291,11 @@ class Peer:
         epoch = self.epoch
         self.round = r
         duration = self.sim.p.round_s * self.speed
+        # As the round machine: a peer that committed round r - 1 after the run did trains a shorter
+        # round r (fewer inner steps, less weight), to meet the others in round r's lobby in phase.
+        behind = self.sim.now - self.sim.done_at.get(r - 1, self.sim.now)
+        if behind > CATCH_UP_AFTER * duration:
+            duration = max(duration * MIN_ROUND_FRACTION, duration - behind)
 
         def trained() -> None:
             if self.epoch == epoch and not self.gone and not self.frozen:
@@ -312,14 +330,24 @@ class Peer:
             self.catch_up() if r <= p.rounds else None
             return
         self.key, self.bucket, mine = self.lobby(r)
-        self.seen, self.decls = {}, {}
-        self.mm = Matchmaker(
-            RUN, r, self.pid, self.owner, frozenset(mine),
-            MatchConfig(p.group_size, p.min_group, p.max_wait_s, self.freshness()), self.clock(),
-        )  # fmt: skip
         self.matching_since = sim.now
         self.deadline = sim.now + p.deadline_s
         sim.stats(r).entered.add(self.pid)
+        self.late = False
+        self.meet(r, frozenset(mine))
+
+    def meet(self, r: int, expected: frozenset[str]) -> None:
+        """Read and heart-beat in lobby `self.key` (as `Averager._rounds`): a new Matchmaker for the round,
+        the same one moved to the straggler lobby."""
+        p = self.sim.p
+        self.seen, self.decls = {}, {}
+        if self.late and self.mm is not None:
+            self.mm.move(expected, self.clock())
+        else:
+            self.mm = Matchmaker(
+                RUN, r, self.pid, self.owner, expected,
+                MatchConfig(p.group_size, p.min_group, p.max_wait_s, self.freshness()), self.clock(),
+            )  # fmt: skip
         self.epoch += 1
         self.heartbeat(self.epoch)
         self.poll(self.epoch)
@@ -369,9 +397,14 @@ class Peer:
         assert isinstance(action, Wait)
         # As the Averager: alone and overtaken, give up once the straggler bound has passed (a group that
         # failed re-forms within it, and may take us).
-        overtaken = (
-            action.alone and sim.head >= self.round and sim.now - self.matching_since > sim.p.max_wait_s
-        )
+        waited = now - self.mm.started  # by our clock, as the Matchmaker's times
+        overtaken = action.alone and sim.head >= self.round and waited > sim.p.max_wait_s
+        if overtaken and not self.late and sim.now < self.deadline:
+            # As the Averager: alone after the straggler bound while the round was averaged elsewhere:
+            # meet the round's other stragglers in its straggler lobby before giving up.
+            self.late, self.key = True, f"{self.round}/b{LATE_BUCKET}"
+            self.meet(self.round, frozenset({self.pid}))
+            return
         if sim.now >= self.deadline or overtaken:
             self.give_up()
             return
@@ -426,6 +459,7 @@ class Peer:
             m.busy = False
             m.mm = None
             m.train(r + 1)
+        sim.done_at.setdefault(r, sim.now)
         if r > sim.head:
             sim.head = r
             waiters, sim.waiters = sim.waiters, []

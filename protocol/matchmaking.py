@@ -23,7 +23,11 @@ The scheme:
    among the declarations that include it, the one of the lowest-ranked live leader it has not already
    tried. Everyone in that group therefore uses the same list, and a member listed by two leaders makes
    only one of the two attempts fail.
-5. **Stalls.** A frozen member stops heart-beating and leaves every view within the freshness window; a
+5. **Stragglers.** A peer alone in its bucket after the straggler bound, while the round was averaged
+   elsewhere, moves to the round's straggler lobby (`LATE_BUCKET`), expecting nobody in particular: there
+   the stragglers of every bucket form groups among themselves (a full group, or whoever is present after
+   the straggler bound). Alone there too, it gives up the round and catches up.
+6. **Stalls.** A frozen member stops heart-beating and leaves every view within the freshness window; a
    failed attempt makes its members read the lobby again, where only the live ones still are. Nobody is
    excluded for a stall: only proven misbehaviour (a non-finite or malformed part) excludes a peer.
 """
@@ -37,6 +41,10 @@ from dataclasses import dataclass, field
 #: A leader takes at most this many times `group_size` members (a bucket holds `group_size` to twice that on
 #: average, more when views differ; a tight cap left the surplus of a full bucket with nobody to join).
 MAX_GROUP_FACTOR = 4
+#: The bucket of a round's straggler lobby: a peer left alone in its own bucket after the straggler bound,
+#: while the round was averaged elsewhere (its group broke, or it arrived late), moves here, where the
+#: round's other stragglers from every bucket meet, instead of giving up the round.
+LATE_BUCKET = -1
 #: Most members of one declaration (what `GroupDeclaration.verify` accepts).
 MAX_MEMBERS = 4096
 #: Failed attempts with one leader's declarations after which we stop following it for the round (a live
@@ -182,6 +190,14 @@ class Matchmaker:
 
     def _rank(self, peer: str) -> bytes:
         return rank(self.run_id, self.round, peer)
+
+    def move(self, expected: frozenset[str], now: float) -> None:
+        """We moved to another lobby of the same round (the straggler lobby): expect `expected` there, start
+        the straggler wait again, and keep what the round taught us (who failed, who is excluded or
+        suspect, our declaration numbers, which must keep growing for the data plane's stale rule)."""
+        self.expected, self.started = expected, now
+        self.mine, self.leading_since = None, None
+        self._coming, self._offered = {}, set()
 
     def fresh(self, offers: Mapping[str, Offer], now: float) -> dict[str, Offer]:
         out = {p: o for p, o in offers.items() if o.fresh_until >= now and p not in self.excluded}

@@ -45,3 +45,19 @@ def test_a_peer_without_a_record_yet_gets_a_try() -> None:
     assert book.on_checkpoint(stranger, CheckpointAnnounce(2, HASH, 1 << 20, 1 << 16))
     found = book.target()
     assert found is not None and found[0].peers == (stranger,)
+
+
+def test_when_the_run_reached_a_round_needs_two_announcers_when_there_are_two() -> None:
+    """The time a catch-up round is measured from: the second announcement of a round (one early liar
+    cannot make us cut our rounds), the first while only one peer announced it."""
+    now = [100.0]
+    me, a, b, c = (Identity.generate().peer_id for _ in range(4))
+    book = PeerBook(me, RUN, lambda event: None, clock=lambda: now[0])
+    assert book.round_reached_at(3) is None
+    book.on_checkpoint(a, CheckpointAnnounce(3, HASH, 1 << 20, 1 << 16))
+    assert book.round_reached_at(3) == 100.0
+    now[0] = 130.0
+    book.on_checkpoint(b, CheckpointAnnounce(3, HASH, 1 << 20, 1 << 16))
+    now[0] = 131.0
+    book.on_checkpoint(c, CheckpointAnnounce(3, HASH, 1 << 20, 1 << 16))
+    assert book.round_reached_at(3) == 130.0 and book.now() == 131.0

@@ -147,6 +147,25 @@ def test_rounds_commit_in_order_and_announce_each_state(run: OfflineRun) -> None
     assert ckpt is not None and ckpt.meta["round"] == 2 and ckpt.state_hash == run.state.state_hash
 
 
+def test_a_node_far_behind_the_run_trains_a_shorter_round(run: OfflineRun) -> None:
+    """Committed round 1 long after two others announced it: round 2 is cut by the time we are behind
+    (never below a quarter of the inner steps), so we meet the others in round 2's lobby in phase."""
+    events = Recorder()
+    m, _ = machine(run, Averager(), 1, events)
+    full = run.signed.manifest.diloco.inner_steps
+    assert m._steps_for(2) == full  # nobody announced round 1: nothing to catch up with
+    for peer in ("12D3KooWa", "12D3KooWb"):
+        run.book.on_checkpoint(peer, CheckpointAnnounce(1, "ab" * 32, 10, 10))
+    m._step_s = 0.5
+    assert m._steps_for(2) == full  # just announced: we are not behind
+    reached = run.book.round_reached_at(1)
+    assert reached is not None
+    m.book._clock = lambda: reached + 0.5 * full * 0.5  # half a round behind
+    assert m._steps_for(2) == full - full // 2
+    m.book._clock = lambda: reached + 10 * full * 0.5  # ten rounds behind: the shortest round
+    assert m._steps_for(2) == max(1, -(-full // 4))
+
+
 def test_max_rounds_counts_the_rounds_this_machine_completes(run: OfflineRun) -> None:
     """#16 finding 8: `--max-rounds N` is N rounds completed by this process. A node that resumes at
     round 2 with `--max-rounds 1` trains one more round (it used to compare N with the global round and

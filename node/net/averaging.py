@@ -53,6 +53,7 @@ from intellect.protocol.averaging_messages import AbortReason
 from intellect.protocol.groups import GroupSpec, partition_sizes
 from intellect.protocol.keys import lobby_key
 from intellect.protocol.matchmaking import (
+    LATE_BUCKET,
     Declaration,
     Declare,
     Join,
@@ -291,6 +292,36 @@ def _lobby_of(
     return bucket, {p for p in everyone if bucket_of(run_id, round, p, buckets) == bucket}
 
 
+class _Meeting:
+    """Where we meet for one round: a lobby (run, round, bucket, schema) and our heartbeat in it."""
+
+    def __init__(self, lobbies: LobbyClient, wanted: tuple[str, int, int, str]) -> None:
+        self.lobbies = lobbies
+        self._start(wanted)
+
+    def _start(self, wanted: tuple[str, int, int, str]) -> None:
+        run_id, round, bucket, schema = self.wanted = wanted
+        self.lobby = Lobby(lobby_key(run_id, round, bucket, schema), wanted)
+        self.task = asyncio.create_task(
+            self.lobbies.heartbeat(self.lobby, round, bucket, schema), name="avg-heartbeat"
+        )
+
+    @property
+    def late(self) -> bool:
+        return self.wanted[2] == LATE_BUCKET
+
+    async def move(self, bucket: int) -> None:
+        """Leave this lobby for another of the same round (the straggler lobby)."""
+        await self.close()
+        run_id, round, _, schema = self.wanted
+        self._start((run_id, round, bucket, schema))
+
+    async def close(self) -> None:
+        self.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
+
+
 class Averager:
     """One node's averaging service. Use as an async context manager (it owns the data-plane listener).
 
@@ -406,15 +437,15 @@ class Averager:
         start = time.time()
         me = self.peer_id
         if not tensors:
-            return self._finish(AverageResult(False, None, [me], AverageFailure.NO_TENSORS), start)
+            return _tally(self, AverageResult(False, None, [me], AverageFailure.NO_TENSORS), start)
         schema = self._schema = schema_hash(tensors)
         flat = await asyncio.to_thread(flatten, tensors)
         if self._validate_local and not all_finite(flat):
             logger.warning("round %s: our own tensors are not finite; not averaging", round)
-            return self._finish(AverageResult(False, None, [me], AbortReason.NON_FINITE_LOCAL), start)
+            return _tally(self, AverageResult(False, None, [me], AbortReason.NON_FINITE_LOCAL), start)
         if not math.isfinite(weight) or weight < 0:
             invalid = f"{AverageFailure.INVALID_WEIGHT} {weight}"
-            return self._finish(AverageResult(False, None, [me], invalid), start)
+            return _tally(self, AverageResult(False, None, [me], invalid), start)
         weight = min(weight, self.config.max_weight)
         state = _RoundState(group=[me])
         result = await self._rounds(round, schema, flat, weight, deadline, overtaken, expected, state)
@@ -424,7 +455,7 @@ class Averager:
             )
             self.banned |= state.convicted
         if result is not None:
-            return self._finish(await self._completed(round, state, *result, tensors), start)
+            return _tally(self, await self._completed(round, state, *result, tensors), start)
         logger.warning(
             "round %s: no completed average (last failure: %s); keeping global weights untouched",
             round,
@@ -435,7 +466,7 @@ class Averager:
             False, None, state.group, state.reason, attempts=state.attempt, excluded=excluded,
             evidence=tuple(state.evidence),
         )  # fmt: skip
-        return self._finish(failed, start)
+        return _tally(self, failed, start)
 
     async def _rounds(
         self,
@@ -451,21 +482,15 @@ class Averager:
         """Matchmaking and attempts until one completes (its reduced vector), or None (`state.reason`)."""
         me = self.peer_id
         bucket, mine = _lobby_of(self.run_id, round, self.peer_id, expected, self.config.target_group_size)
-        lobby = Lobby(lobby_key(self.run_id, round, bucket, schema), (self.run_id, round, bucket, schema))
         mm = Matchmaker(
-            self.run_id,
-            round,
-            me,
-            self.owner,
-            frozenset(mine),
-            self._match_config(),
-            time.time(),
-        )
+            self.run_id, round, me, self.owner, frozenset(mine), self._match_config(), time.time()
+        )  # fmt: skip
         mm.excluded |= self.banned
         lobbies = self.lobbies
-        heartbeat = asyncio.create_task(lobbies.heartbeat(lobby, round, bucket, schema), name="avg-heartbeat")
+        meeting = _Meeting(lobbies, (self.run_id, round, bucket, schema))
         try:
             while time.time() < deadline and state.attempt < self.config.max_attempts:
+                lobby = meeting.lobby
                 await lobbies.read(lobby, self.admitted)
                 offers = lobby.offers()
                 action = mm.step(offers, lobby.declarations(), time.time())
@@ -486,15 +511,19 @@ class Averager:
                 # and not before the straggler bound (a group whose attempt failed re-forms within it).
                 waited = time.time() - mm.started
                 if action.alone and waited >= self.config.matchmaking_time and overtaken and overtaken():
-                    state.reason = AverageFailure.OVERTAKEN
-                    return None
+                    if meeting.late:
+                        state.reason = AverageFailure.OVERTAKEN
+                        return None
+                    # Before giving up, meet the round's other stragglers (protocol/matchmaking.py, 5.).
+                    logger.info("round %s: alone after the round was averaged; meeting its stragglers", round)
+                    mm.move(frozenset({me}), time.time())
+                    await meeting.move(LATE_BUCKET)
+                    continue
                 state.reason = AverageFailure.TOO_FEW_PEERS
                 await asyncio.sleep(min(self.config.poll_interval, max(0.0, deadline - time.time())))
             return None
         finally:
-            heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await heartbeat
+            await meeting.close()
 
     def _match_config(self) -> MatchConfig:
         c = self.config
@@ -590,18 +619,20 @@ class Averager:
             evidence=tuple(state.evidence),
         )
 
-    def _finish(self, result: AverageResult, start: float) -> AverageResult:
-        result = AverageResult(**{**result.__dict__, "seconds": time.time() - start})
-        if result.ok:
-            self.rounds_ok += 1
-        else:
-            self.rounds_failed += 1
-        self.last_result = result
-        return result
-
     def status(self) -> dict[str, Any]:
         """Plain data for the node's status API."""
         return _status(self)
+
+
+def _tally(av: Averager, result: AverageResult, start: float) -> AverageResult:
+    """Stamp a round's result with its duration and count it."""
+    result = AverageResult(**{**result.__dict__, "seconds": time.time() - start})
+    if result.ok:
+        av.rounds_ok += 1
+    else:
+        av.rounds_failed += 1
+    av.last_result = result
+    return result
 
 
 def _status(av: Averager) -> dict[str, Any]:

@@ -267,6 +267,17 @@ class _Seen:
         return True
 
 
+def _author_may_publish(authors: dict[str, _Bucket], author: str, config: GossipConfig) -> bool:
+    """Take one token from `author`'s bucket (made on first sight; memory bounded by MAX_AUTHORS)."""
+    bucket = authors.get(author)
+    if bucket is None:
+        if len(authors) >= MAX_AUTHORS:  # forget the oldest half (their buckets refill anyway)
+            for old in list(authors)[: MAX_AUTHORS // 2]:
+                del authors[old]
+        bucket = authors[author] = _Bucket(config.author_burst)
+    return bucket.take(config.author_rate, config.author_burst)
+
+
 class _Scores:
     """Each neighbour's score, and the neighbours refused for a while because theirs fell too low."""
 
@@ -582,13 +593,7 @@ class GossipService:
         if not isinstance(opened.message, TOPIC_MESSAGE[kind]):
             self._reject(link.peer, WRONG_TOPIC, f"{type(opened.message).__name__} on {kind.value}")
             return
-        bucket = self._authors.get(opened.sender)
-        if bucket is None:
-            if len(self._authors) >= MAX_AUTHORS:  # forget the oldest half (their buckets refill anyway)
-                for old in list(self._authors)[: MAX_AUTHORS // 2]:
-                    del self._authors[old]
-            bucket = self._authors[opened.sender] = _Bucket(self.config.author_burst)
-        if not bucket.take(self.config.author_rate, self.config.author_burst):
+        if not _author_may_publish(self._authors, opened.sender, self.config):
             # The author is authenticated by its signature: a forwarder is not to blame, the author is.
             self.rejections[RATE_LIMITED] += 1
             if opened.sender == link.peer and self._scores.penalise(link.peer, RATE_LIMITED):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -43,6 +44,11 @@ logger = logging.getLogger(__name__)
 
 #: How often an intent is renewed while we train (it counts for twice that: a frozen node's lapses).
 INTENT_S = 5.0
+#: A node more than this share of a round behind the run (it committed the last round, or synced it, that
+#: long after others announced it) trains a shorter round to meet the others in the next lobby in phase;
+#: never shorter than MIN_ROUND_FRACTION of the manifest's inner steps. Its weight is the tokens it trained.
+#: bench/matchmaking.py measures the effect (docs/decisions.md, "Stragglers").
+CATCH_UP_AFTER, MIN_ROUND_FRACTION = 0.25, 0.25
 
 
 @dataclass(frozen=True)
@@ -158,6 +164,8 @@ class RoundMachine:
         self._pacer = Pacer()
         #: How long our last round's training took (our ETA in the next round's intents).
         self._train_s: float | None = None
+        #: Seconds per inner step in our last round (what a catch-up round is cut by).
+        self._step_s: float | None = None
         #: Throughput of our last round (what our membership record says).
         self.tokens_per_s = 0.0
         self.tokens = 0
@@ -314,16 +322,30 @@ class RoundMachine:
         t0 = time.monotonic()
         intent = asyncio.create_task(self._intend(r, t0), name="intent")
         try:
-            stats = await train_round(self.trainer, self.manifest.diloco.inner_steps, self._emit, self._pacer)
+            stats = await train_round(self.trainer, self._steps_for(r), self._emit, self._pacer)
         finally:
             intent.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await intent
         self._train_s = time.monotonic() - t0
+        self._step_s = self._train_s / max(1, stats.steps)
         self.tokens += stats.tokens
         self.tokens_per_s = stats.tokens_per_s
         self._emit(Trained(r, stats.steps, stats.tokens, stats.mean_loss, stats.tokens_per_s))
         return TrainedRound(r, stats, await self.state.pseudo_gradient())
+
+    def _steps_for(self, r: int) -> int:
+        """Inner steps of round r: the manifest's, fewer when we are far behind the run (CATCH_UP_AFTER)."""
+        full = self.manifest.diloco.inner_steps
+        reached = self.book.round_reached_at(r - 1)
+        if reached is None or not self._step_s:
+            return full
+        behind = self.book.now() - reached
+        if behind <= CATCH_UP_AFTER * full * self._step_s:
+            return full
+        steps = max(math.ceil(full * MIN_ROUND_FRACTION), full - int(behind / self._step_s))
+        logger.info("round %d: %.1f s behind the run; training %d of %d inner steps", r, behind, steps, full)
+        return steps
 
     def _expected(self, r: int) -> list[str]:
         """Who we expect in round r's lobbies: every counted member of the run. The bucket count follows

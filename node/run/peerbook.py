@@ -39,6 +39,8 @@ class PeerBook:
         self.run_id = run_id
         self._emit = emit
         self._clock = clock
+        #: When other peers first announced a state of each round (at most two times per round).
+        self._announced_at: dict[int, list[float]] = {}
         #: Each peer's latest gossip CHECKPOINT announcement.
         self._heard: dict[str, Heard] = {}
         #: Each member's latest verified (and admitted) DHT membership record.
@@ -72,8 +74,22 @@ class PeerBook:
             p = self.round_period
             self.round_period = gap if p is None else 0.7 * p + 0.3 * gap
         self._heard[sender] = Heard(vouch, now)
+        times = self._announced_at.setdefault(vouch.round, [])
+        if len(times) < 2:
+            times.append(now)
+            for old in sorted(self._announced_at)[:-64]:  # the last rounds only
+                del self._announced_at[old]
         self.new_announcement.set()
         return True
+
+    def round_reached_at(self, round_: int) -> float | None:
+        """When the run reached `round_` as far as we heard (our clock): the second peer to announce a
+        state of that round, or the first while only one has (one early liar cannot rush us)."""
+        times = self._announced_at.get(round_)
+        return times[min(1, len(times) - 1)] if times else None
+
+    def now(self) -> float:
+        return self._clock()
 
     def on_leaving(self, sender: str) -> None:
         logger.info("peer %s is leaving", sender)
