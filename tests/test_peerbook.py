@@ -61,3 +61,41 @@ def test_when_the_run_reached_a_round_needs_two_announcers_when_there_are_two() 
     now[0] = 131.0
     book.on_checkpoint(c, CheckpointAnnounce(3, HASH, 1 << 20, 1 << 16))
     assert book.round_reached_at(3) == 130.0 and book.now() == 131.0
+
+
+def test_a_peer_that_says_it_is_leaving_is_no_member_although_its_record_lingers() -> None:
+    """#16 finding 10: a leaving notice drops the peer from the members (and the status's peer list) at
+    once; the DHT refreshes that still return its record, for up to its TTL, do not bring it back. A
+    record it issues later (it restarted), or a state it announces, does."""
+    now = [1000.0]
+    me, a, b = (Identity.generate().peer_id for _ in range(3))
+    seen: list[tuple[str, ...]] = []
+    book = PeerBook(me, RUN, lambda e: seen.append(e.peers), clock=lambda: now[0])  # type: ignore[union-attr]
+
+    def record(peer: str, issued_at: float) -> MembershipRecord:
+        addr = (f"/ip4/192.0.2.7/tcp/4001/p2p/{peer}",)
+        return MembershipRecord(RUN, peer, addr, "", 3, 100.0, "trainer", HASH, issued_at, issued_at + 60)
+
+    lingering = [record(a, 990.0), record(b, 995.0)]
+    book.on_members(lingering)
+    assert book.members == tuple(sorted((me, a, b)))
+    now[0] = 1001.0
+    book.on_leaving(a)
+    assert a not in book.members and a not in seen[-1]
+    for t in (1005.0, 1030.0, 1049.0):  # refreshes within the record's TTL
+        now[0] = t
+        book.on_members(lingering)
+        assert a not in book.members and a not in seen[-1], t
+    # A record a refreshed shortly before leaving (after our last refresh) is no newer than its notice.
+    book.on_members([record(a, 1000.5), record(b, 1040.0)])
+    assert a not in book.members
+    # It restarted: a record issued after its leaving notice makes it a member again.
+    now[0] = 1100.0
+    book.on_members([record(a, 1090.0), record(b, 1080.0)])
+    assert a in book.members and a in seen[-1]
+    # Leaving again, then announcing a state: back at the next refresh.
+    book.on_leaving(a)
+    assert a not in book.members
+    book.on_checkpoint(a, CheckpointAnnounce(4, HASH, 1 << 20, 1 << 16))
+    book.on_members([record(a, 1090.0)])
+    assert a in book.members

@@ -51,6 +51,9 @@ class PeerBook:
         #: Peers that said they are leaving, or could not be reached, until they announce a state again:
         #: their DHT records outlive them by up to the record TTL.
         self._departed: set[str] = set()
+        #: Peers that sent a leaving notice → when (our clock, or the `issued_at` of the record of theirs we
+        #: held if later): no longer members, until a record issued after that or an announcement of theirs.
+        self._left: dict[str, float] = {}
         #: Seconds between one peer's announcements of consecutive rounds (moving average): how long a
         #: round of the others takes; bounds how long a laggard waits for their next one.
         self.round_period: float | None = None
@@ -68,6 +71,7 @@ class PeerBook:
             return False
         now = self._clock()
         self._departed.discard(sender)
+        self._left.pop(sender, None)
         prev = self._heard.get(sender)
         if prev is not None and vouch.round == prev.vouch.round + 1:
             gap = now - prev.received_at
@@ -92,17 +96,29 @@ class PeerBook:
         return self._clock()
 
     def on_leaving(self, sender: str) -> None:
+        """A peer's leaving notice: it is no member from now on, although its DHT record outlives it by up
+        to the record's TTL; it is one again once it publishes a newer record or announces a state."""
         logger.info("peer %s is leaving", sender)
         self._heard.pop(sender, None)
         self._departed.add(sender)
+        rec = self._records.pop(sender, None)
+        self._left[sender] = max(self._clock(), rec.issued_at if rec is not None else 0.0)
         self._set_members(p for p in self._members if p != sender)
 
     def on_members(self, records: Iterable[MembershipRecord]) -> None:
         """The admitted members' records from a DHT refresh (admission is checked by the caller)."""
         found = [self.me]
+        listed = set()
         for rec in records:
+            listed.add(rec.peer_id)
+            left = self._left.get(rec.peer_id)
+            if left is not None and rec.issued_at <= left:
+                continue  # the record it had when it said goodbye
+            self._left.pop(rec.peer_id, None)
             found.append(rec.peer_id)
             self._records[rec.peer_id] = rec
+        for gone in set(self._left) - listed:  # its record expired: nothing left to hold against it
+            del self._left[gone]
         self._set_members(found)
 
     def on_misbehaviour(
