@@ -4,6 +4,7 @@ through click's CliRunner and through the installed `intellect-node` console scr
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,7 +43,9 @@ def test_init_then_id(runner: CliRunner, tmp_path: Path) -> None:
     data_dir = tmp_path / "d"
     result = runner.invoke(cli, ["init", "--data-dir", str(data_dir)])
     assert result.exit_code == 0, result.output
-    peer_id = result.output.strip()
+    peer_id = result.stdout.strip()
+    # Where it is, on stderr (stdout is the peer ID alone, for scripts).
+    assert result.stderr.strip() == f"created the data directory, identity.key, config.toml in {data_dir}"
     assert peer_id.startswith("12D3KooW") and len(peer_id) == 52
     assert (data_dir / "identity.key").stat().st_mode & 0o777 == 0o600
     assert Identity.load(data_dir / "identity.key").peer_id == peer_id
@@ -52,8 +55,12 @@ def test_init_then_id(runner: CliRunner, tmp_path: Path) -> None:
     # init again keeps the identity and the (possibly edited) config.
     (data_dir / "config.toml").write_text('log_level = "DEBUG"\n')
     result = runner.invoke(cli, ["init", "--data-dir", str(data_dir)])
-    assert result.exit_code == 0 and result.output.strip() == peer_id
+    assert result.exit_code == 0 and result.stdout.strip() == peer_id
     assert (data_dir / "config.toml").read_text() == 'log_level = "DEBUG"\n'
+    assert str(data_dir) in result.stderr and "already initialised" in result.stderr
+    (data_dir / "config.toml").unlink()
+    result = runner.invoke(cli, ["init", "--data-dir", str(data_dir)])
+    assert result.stderr.strip() == f"created config.toml in {data_dir}"
 
 
 def test_default_config_text_is_valid_and_complete() -> None:
@@ -83,7 +90,8 @@ def test_data_dir_from_environment(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(cli, ["init"], env=env)
     assert result.exit_code == 0, result.output
     assert (tmp_path / "from-env" / "identity.key").exists()
-    assert runner.invoke(cli, ["id"], env=env).output == result.output
+    assert runner.invoke(cli, ["id"], env=env).stdout == result.stdout
+    assert str(tmp_path / "from-env") in result.stderr
     # The flag wins over the environment.
     result = runner.invoke(cli, ["init", "--data-dir", str(tmp_path / "flag")], env=env)
     assert result.exit_code == 0 and (tmp_path / "flag" / "identity.key").exists()
@@ -116,6 +124,14 @@ def test_malformed_config_file_is_an_error(runner: CliRunner, tmp_path: Path) ->
         (tmp_path / "config.toml").write_text(text)
         with pytest.raises(ConfigError, match=match):
             load_config(tmp_path, environ={})
+    # A typo lists the keys the file may hold, as the guide says (and as an unknown variable does).
+    (tmp_path / "config.toml").write_text('bootstrapp = []\nlog_level = "DEBUG"\n')
+    result = runner.invoke(cli, ["id", "--data-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown key 'bootstrapp'" in result.output
+    listed = result.output.split("known keys:", 1)[1]
+    for key in ("bootstrap", "listen", "http_port", "log_level", "run", "device"):
+        assert re.search(rf"\b{key}\b", listed), (key, result.output)
+    assert "data_dir" not in listed  # it cannot be set in the file
 
 
 def test_layering_file_env_flags(tmp_path: Path) -> None:

@@ -171,7 +171,8 @@ def _from_file(path: Path) -> dict[str, Any]:
     for name, value in raw.items():
         _known(name, str(path))
         if name not in _FIELDS:
-            raise ConfigError(f"{path}: unknown key {name!r}")
+            known = ", ".join(n for n in _FIELDS if n != "data_dir")
+            raise ConfigError(f"{path}: unknown key {name!r}; known keys: {known}")
         if name == "data_dir":
             # The file lives in the data directory, so it cannot also choose it: use the flag or env.
             raise ConfigError(

@@ -64,18 +64,31 @@ def cli() -> None:
 @cli.command()
 @data_dir_option
 def init(data_dir: Path | None) -> None:
-    """Create the data directory, a new identity and a commented config; print the peer ID."""
+    """Create the data directory, a new identity and a commented config; print the peer ID.
+
+    The peer ID alone goes to stdout (scripts capture it); where the data directory is, and what was
+    created in it, goes to stderr."""
     from intellect.crypto.errors import IdentityError
     from intellect.crypto.identity import Identity
 
     config = config_from_cli(data_dir)
+    created = [] if config.data_dir.is_dir() else ["the data directory"]
     config.data_dir.mkdir(parents=True, exist_ok=True)
+    had_identity = config.identity_path.exists()
     try:
         ident = Identity.load_or_create(config.identity_path)
     except IdentityError as e:
         raise click.ClickException(str(e)) from None
+    if not had_identity:
+        created.append(config.identity_path.name)
     if not config.config_path.exists():
         config.config_path.write_text(DEFAULT_CONFIG_TEXT)
+        created.append(config.config_path.name)
+    where = config.data_dir.resolve()
+    if created:
+        click.echo(f"created {', '.join(created)} in {where}", err=True)
+    else:
+        click.echo(f"data directory {where} already initialised (identity and config kept)", err=True)
     click.echo(ident.peer_id)
 
 
