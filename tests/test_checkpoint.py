@@ -256,3 +256,72 @@ def test_bad_meta_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="JSON"):
         store.save(_state(1), {"round": 1, "x": object()})
     assert not any(tmp_path.iterdir())
+
+
+def _flip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_corrupt_checkpoints_never_crowd_out_the_newest_good_one(tmp_path: Path) -> None:
+    """#16 finding 10: three checkpoints corrupted in a row used to hold all `keep=3` slots while pruning
+    deleted the good one before them, so none of the kept ones could be loaded. Pruning now verifies and
+    quarantines the corrupt ones first: the newest good checkpoint is always there to resume from."""
+    store = CheckpointStore(tmp_path, keep=3)
+    store.save(_state(1), _meta(1))
+    for r in (2, 3, 4):  # a failing disk: each new checkpoint goes bad before the next save
+        _flip(store.save(_state(r), _meta(r)))
+    store.save(_state(5), _meta(5))
+    _flip(tmp_path / "ckpt-00000005.safetensors")
+    for r in (6, 7):
+        (tmp_path / f"ckpt-{r:08d}.json").write_text("{torn")  # a corrupt sidecar counts the same
+        store.save(_state(r), _meta(r))
+        (tmp_path / f"ckpt-{r:08d}.json").write_text("{torn")
+    ckpt = CheckpointStore(tmp_path, keep=3).load_latest()  # as a restarted node does
+    assert ckpt is not None and ckpt.round == 1 and _equal(ckpt.tensors, _state(1))
+    # The corrupt ones are out of the rotation, in corrupt/ with why, the last `keep` of them.
+    assert store.rounds() == [1]
+    quarantined = _visible(tmp_path / "corrupt")
+    assert quarantined == [
+        f"ckpt-{r:08d}.{ext}" for r in (5, 6, 7) for ext in ("json", "reason", "safetensors")
+    ]
+    assert "sha256" in (tmp_path / "corrupt" / "ckpt-00000005.reason").read_text()
+    assert "sidecar" in (tmp_path / "corrupt" / "ckpt-00000007.reason").read_text()
+
+
+def test_good_checkpoints_are_pruned_oldest_first_and_verified_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pruning reads back only what it has not verified in its current form: what the store wrote
+    itself, or verified before, unchanged since, is not read again at every save."""
+    store = CheckpointStore(tmp_path, keep=2)
+    verified: list[int] = []
+    real = store.verify
+    monkeypatch.setattr(store, "verify", lambda r: (verified.append(r), real(r))[1])
+    for r in range(1, 5):
+        store.save(_state(r), _meta(r))
+    assert store.rounds() == [3, 4] and verified == []
+    _flip(tmp_path / "ckpt-00000003.safetensors")  # bit rot in an older one: caught at the next save
+    store.save(_state(5), _meta(5))
+    assert verified == [3] and store.rounds() == [4, 5]
+    assert (tmp_path / "corrupt" / "ckpt-00000003.safetensors").exists()
+    fresh = CheckpointStore(tmp_path, keep=2)  # a restarted node verifies what it finds once
+    monkeypatch.setattr(fresh, "verify", lambda r: (verified.append(r), real(r))[1])
+    fresh.save(_state(6), _meta(6))
+    fresh.save(_state(7), _meta(7))
+    assert verified == [3, 4, 5] and fresh.rounds() == [6, 7]
+
+
+def test_load_latest_moves_what_it_skips_out_of_the_rotation(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path, keep=3)
+    store.save(_state(1), _meta(1))
+    _flip(store.save(_state(2), _meta(2)))
+    ckpt = store.load_latest()
+    assert ckpt is not None and ckpt.round == 1
+    assert store.rounds() == [1]
+    assert _visible(tmp_path / "corrupt") == [
+        "ckpt-00000002.json",
+        "ckpt-00000002.reason",
+        "ckpt-00000002.safetensors",
+    ]

@@ -14,6 +14,12 @@ and the directory is fsynced, so a crash leaves either the old or the new file, 
 `load_latest` checks the sidecar, then the tensors file's size and sha256 (streamed, so a state of tens of
 GB is never held twice in memory) before parsing it with safetensors; a corrupt or truncated checkpoint is
 logged with the reason and the previous one is used.
+
+A checkpoint found corrupt, by `load_latest` or by pruning, is moved to the ``corrupt/`` subdirectory (with
+a ``.reason`` file; the last `keep` of them are kept there for a post-mortem) instead of holding one of the
+`keep` slots: pruning first verifies every checkpoint it has not verified in its current form (one it
+just wrote counts as verified), quarantines the corrupt ones, and only then drops the oldest good ones, so
+the newest good checkpoint is never pruned.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ _NAME = re.compile(r"^ckpt-(\d{8})\.json$")
 _FORMAT = 2
 _TMP_PREFIX = ".tmp-ckpt-"
 _READ_SIZE = 8 << 20
+#: Where corrupt checkpoints are moved, inside the store's directory.
+CORRUPT_DIR = "corrupt"
 
 
 class CheckpointError(Exception):
@@ -86,6 +94,8 @@ class CheckpointStore:
             raise ValueError("keep must be at least 1")
         self.directory = Path(directory)
         self.keep = keep
+        #: Round -> the (inode, size, mtime) of its two files when we last verified it (or wrote it).
+        self._verified: dict[int, tuple[int, ...]] = {}
 
     def _paths(self, round_: int) -> tuple[Path, Path]:
         stem = f"ckpt-{round_:08d}"
@@ -157,6 +167,7 @@ class CheckpointStore:
             body = json.dumps(sidecar, sort_keys=True, indent=1).encode()
             self._write_atomic(side_path, [body])
             _fsync_dir(self.directory)
+            self._verified[round_] = self._fingerprint(round_)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise CheckpointError(f"no space left on device writing checkpoint {data_path}") from e
@@ -171,9 +182,53 @@ class CheckpointStore:
             log.info("removing leftover temp file %s", entry)
             entry.unlink(missing_ok=True)
 
+    def _fingerprint(self, round_: int) -> tuple[int, ...]:
+        """What changes when either file of a checkpoint is rewritten, replaced or truncated."""
+        out: list[int] = []
+        for path in self._paths(round_):
+            try:
+                st = path.stat()
+            except OSError:
+                return ()
+            out += [st.st_ino, st.st_size, st.st_mtime_ns]
+        return tuple(out)
+
+    def quarantine(self, round_: int, why: str) -> None:
+        """Move a corrupt checkpoint out of the rotation into ``corrupt/`` (never fatal)."""
+        self._verified.pop(round_, None)
+        target = self.directory / CORRUPT_DIR
+        try:
+            target.mkdir(exist_ok=True)
+            for path in self._paths(round_)[::-1]:  # sidecar first, as when pruning
+                if path.exists():
+                    os.replace(path, target / path.name)
+            (target / f"ckpt-{round_:08d}.reason").write_text(why + "\n")
+            log.warning("checkpoint of round %d is corrupt (%s); moved to %s", round_, why, target)
+            self._prune_quarantine(target)
+        except OSError as e:
+            log.warning("checkpoint of round %d is corrupt (%s) and could not be moved: %s", round_, why, e)
+
+    def _prune_quarantine(self, target: Path) -> None:
+        stems = sorted({p.name.split(".", 1)[0] for p in target.glob("ckpt-*")})
+        for stem in stems[: max(0, len(stems) - self.keep)]:
+            for path in target.glob(f"{stem}.*"):
+                path.unlink(missing_ok=True)
+
     def _prune(self) -> None:
+        # Corrupt checkpoints first: they must not hold a slot while a good older one is deleted.
+        for round_ in self.rounds():
+            fingerprint = self._fingerprint(round_)
+            if fingerprint and self._verified.get(round_) == fingerprint:
+                continue
+            try:
+                self.verify(round_)
+            except CheckpointError as e:
+                self.quarantine(round_, str(e))
+                continue
+            self._verified[round_] = fingerprint
         rounds = self.rounds()
         for old in rounds[: max(0, len(rounds) - self.keep)]:
+            self._verified.pop(old, None)
             data_path, side_path = self._paths(old)
             # Sidecar first: a half-pruned checkpoint then looks incomplete rather than corrupt.
             side_path.unlink(missing_ok=True)
@@ -187,11 +242,9 @@ class CheckpointStore:
                 log.info("removing incomplete checkpoint %s", entry)
                 entry.unlink(missing_ok=True)
 
-    def load(self, round_: int) -> Checkpoint:
-        """Load and verify one checkpoint; raises `CheckpointError` saying what is wrong."""
-        from safetensors.torch import load_file
-
-        data_path, side_path = self._paths(round_)
+    def _sidecar(self, round_: int) -> dict[str, Any]:
+        """The round's sidecar, checked (format, own checksum, round); raises `CheckpointError`."""
+        side_path = self._paths(round_)[1]
         try:
             sidecar = json.loads(side_path.read_text())
         except (OSError, ValueError) as e:
@@ -203,14 +256,37 @@ class CheckpointStore:
         meta = sidecar.get("meta")
         if not isinstance(meta, dict) or meta.get("round") != round_:
             raise CheckpointError(f"sidecar {side_path.name} does not describe round {round_}")
+        return sidecar
+
+    def _check_file(self, data_path: Path, sidecar: Mapping[str, Any]) -> os.stat_result:
+        """The tensors file's size and sha256 against its sidecar; its stat before reading."""
+        before = data_path.stat()
+        if before.st_size != sidecar.get("size"):
+            raise CheckpointError(
+                f"{data_path.name} is {before.st_size} bytes, expected {sidecar.get('size')} (truncated?)"
+            )
+        if _file_sha256(data_path) != sidecar.get("sha256"):
+            raise CheckpointError(f"{data_path.name} fails its sha256 check (corrupted)")
+        return before
+
+    def verify(self, round_: int) -> None:
+        """Check one checkpoint's sidecar and its tensors file's size and sha256 without loading it."""
+        sidecar = self._sidecar(round_)
+        data_path = self._paths(round_)[0]
         try:
-            before = data_path.stat()
-            if before.st_size != sidecar.get("size"):
-                raise CheckpointError(
-                    f"{data_path.name} is {before.st_size} bytes, expected {sidecar.get('size')} (truncated?)"
-                )
-            if _file_sha256(data_path) != sidecar.get("sha256"):
-                raise CheckpointError(f"{data_path.name} fails its sha256 check (corrupted)")
+            self._check_file(data_path, sidecar)
+        except OSError as e:
+            raise CheckpointError(f"unreadable checkpoint {data_path.name}: {e}") from e
+
+    def load(self, round_: int) -> Checkpoint:
+        """Load and verify one checkpoint; raises `CheckpointError` saying what is wrong."""
+        from safetensors.torch import load_file
+
+        data_path = self._paths(round_)[0]
+        sidecar = self._sidecar(round_)
+        meta = sidecar["meta"]
+        try:
+            before = self._check_file(data_path, sidecar)
             # safetensors' own parser (bounds-checked header, no pickle), memory-mapped: one copy in memory.
             tensors = load_file(str(data_path))
             after = data_path.stat()
@@ -235,13 +311,16 @@ class CheckpointStore:
         )
 
     def load_latest(self) -> Checkpoint | None:
-        """The newest checkpoint that verifies, or None; each bad one is logged with why and skipped."""
+        """The newest checkpoint that verifies, or None; each bad one is logged with why, moved to
+        ``corrupt/`` and skipped."""
         for round_ in reversed(self.rounds()):
             try:
                 ckpt = self.load(round_)
             except CheckpointError as e:
                 log.warning("skipping checkpoint of round %d: %s", round_, e)
+                self.quarantine(round_, str(e))
                 continue
+            self._verified[round_] = self._fingerprint(round_)
             log.info("loaded checkpoint of round %d from %s", round_, ckpt.path)
             return ckpt
         return None
