@@ -45,8 +45,10 @@ async def test_status_metrics_dashboard(tmp_path: Path) -> None:
             assert "intellect_bytes_sent_total" in text
             assert 'intellect_rejected_messages_total{reason="BAD_SIGNATURE"' in text
             assert "intellect_loop_lag_seconds" in text
-            # Only our metrics: the per-node registry holds no process/platform collectors of the global one.
-            assert "process_cpu_seconds_total" not in text
+            # The per-node registry has its own process and platform collectors, and the build info.
+            assert "process_cpu_seconds_total" in text and "python_info" in text
+            assert text.count("# TYPE process_cpu_seconds_total") == 1
+            assert 'intellect_build_info{python="' in text
             async with http.get(f"{base}/") as resp:
                 assert "intellect-node" in await resp.text()
         # The blocking client used by `intellect-node status`.
@@ -98,3 +100,81 @@ def test_json_log_lines_carry_extra_fields() -> None:
     out = json.loads(JsonFormatter().format(record))
     assert out["msg"] == "round 5 done" and out["level"] == "INFO" and out["state_hash"] == "abc"
     assert out["logger"] == "intellect.test"
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    raise AssertionError(f"no sample {name} {labels}")
+
+
+def test_status_before_any_attempt_says_none_yet() -> None:
+    """#16 finding 10: a fresh node's `status` said "all-reduce round 0: failed" before any attempt."""
+    from intellect.node.app.metrics import make_registry
+    from intellect.node.cli.daemon import _fmt_status
+    from prometheus_client import generate_latest
+
+    fresh = NodeStatus(peer_id="12D3KooWfresh", phase="waiting-for-peers").to_json()
+    text = _fmt_status(fresh)
+    assert "all-reduce  none yet" in text and "failed in" not in text, text
+    assert "last sync   none yet" in text
+    metrics = generate_latest(make_registry(NodeStatus())).decode()
+    assert "intellect_allreduce_ok" not in metrics  # no attempt: no "last attempt failed" either
+
+
+def test_failed_rounds_tokens_histograms_phase_and_uptime() -> None:
+    """#16 finding 10: tokens of a round whose all-reduce failed are counted apart from the tokens in the
+    run's state (they used to be counted as trained); histograms of round and all-reduce durations; the
+    phase as a labelled gauge; uptime; build info; process metrics."""
+    from intellect.node.app.metrics import make_registry
+    from intellect.node.cli.daemon import _fmt_status
+    from intellect.node.run import events as ev
+    from prometheus_client import generate_latest
+
+    s = NodeStatus(run_id="cd" * 32)
+    s.started_at -= 42
+    registry = make_registry(s)
+    for e in (
+        ev.PhaseChanged("training"),
+        ev.Trained(1, 10, 1000, 5.0, 100.0),
+        ev.PhaseChanged("averaging"),
+        ev.Averaged(1, False, 0.3, 0, "deadline", 0, 0),
+        ev.PhaseChanged("training"),
+        ev.Trained(1, 10, 700, 4.0, 100.0),
+    ):
+        s.apply(e)
+    assert (s.tokens, s.tokens_failed, s.tokens_pending) == (0, 1000, 700)
+    for e in (
+        ev.PhaseChanged("averaging"),
+        ev.Averaged(1, True, 2.0, 2, "", 10, 10),
+        ev.PhaseChanged("checkpointing"),
+        ev.Committed(1, "ab" * 32, 4.0, 700, 2, 2.0),
+        ev.PhaseChanged("training"),
+    ):
+        s.apply(e)
+    assert (s.tokens, s.tokens_failed, s.tokens_pending) == (700, 1000, 0)
+    body = s.to_json()
+    assert body["tokens"] == 700 and body["tokens_failed"] == 1000 and "round_durations" not in body
+    json.dumps(body)  # the status API's body stays plain JSON
+    assert "700 averaged, 1000 in failed rounds, 0 this round" in _fmt_status(body)
+
+    text = generate_latest(registry).decode()
+    run = "cd" * 8
+    assert _metric(text, "intellect_tokens_total", run=run) == 700
+    assert _metric(text, "intellect_tokens_failed_total", run=run) == 1000
+    assert _metric(text, "intellect_round_duration_seconds_count", run=run) == 2
+    assert _metric(text, "intellect_allreduce_duration_seconds_count", run=run, outcome="failed") == 1
+    assert _metric(text, "intellect_allreduce_duration_seconds_count", run=run, outcome="ok") == 1
+    assert _metric(text, "intellect_allreduce_duration_seconds_sum", run=run, outcome="ok") == 2.0
+    assert _metric(text, "intellect_allreduce_duration_seconds_bucket", run=run, outcome="ok", le="2.5") == 1
+    assert _metric(text, "intellect_allreduce_duration_seconds_bucket", run=run, outcome="ok", le="1.0") == 0
+    assert _metric(text, "intellect_phase", phase="training") == 1
+    assert _metric(text, "intellect_phase", phase="averaging") == 0
+    assert _metric(text, "intellect_uptime_seconds") >= 42
+    assert _metric(text, "intellect_build_info") == 1
+    assert _metric(text, "process_start_time_seconds") > 0

@@ -3,8 +3,7 @@
 `NodeStatus` is the one mutable record of what the daemon is doing. The round machine never writes it: it
 emits typed events (`intellect.node.run.events`) and `NodeStatus.apply` folds them in; the HTTP handlers,
 the metrics collector and the terminal panel only read it. Metrics are produced from the same record at
-scrape time by a custom collector in a per-node `CollectorRegistry` (never prometheus_client's global one,
-so two nodes in one test process do not collide and no metric is double-counted).
+scrape time (`intellect.node.app.metrics`), in a per-node registry.
 
 `StatusServer` is a service (`run()`, `ready`): it binds 127.0.0.1 (port 0 picks a free one), writes the
 port to `<data dir>/http.port` so `intellect-node status` can find it, and removes that file on exit.
@@ -21,17 +20,16 @@ import socket
 import time
 import urllib.request
 from collections import Counter, deque
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from intellect.node.app.metrics import ALLREDUCE_BUCKETS, ROUND_BUCKETS, Durations, make_registry
 from intellect.node.run import events as ev
 from intellect.node.run.events import Event
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from intellect.node.run.phase import Phase
+from prometheus_client import generate_latest
 
 logger = logging.getLogger("intellect.node.app.status")
 
@@ -73,7 +71,12 @@ class NodeStatus:
     #: Number of completed outer steps (the global state's round).
     round: int = 0
     loss: float | None = None
+    #: Tokens trained on in rounds whose average was applied (they are in the run's state).
     tokens: int = 0
+    #: Tokens trained on in rounds whose all-reduce failed (that work was discarded).
+    tokens_failed: int = 0
+    #: Tokens trained on in the round under way, whose average is not decided yet.
+    tokens_pending: int = 0
     tokens_per_s: float = 0.0
     peers: int = 0
     peer_ids: list[str] = field(default_factory=list)
@@ -101,6 +104,11 @@ class NodeStatus:
     started_at: float = field(default_factory=time.time)
     #: (round, loss) of recent rounds, for the dashboard's loss curve.
     loss_history: deque[tuple[int, float]] = field(default_factory=lambda: deque(maxlen=500))
+    #: Histograms (metrics only): whole rounds, and all-reduce attempts by outcome ("ok", "failed").
+    round_durations: Durations = field(default_factory=lambda: Durations(ROUND_BUCKETS))
+    allreduce_durations: dict[str, Durations] = field(default_factory=dict)
+    #: When the round under way started training (monotonic clock), 0.0 when none is.
+    round_started: float = 0.0
 
     def all_rejected(self) -> Counter[str]:
         """Every dropped input by reason: the run's own counts plus the gossip service's."""
@@ -118,7 +126,21 @@ class NodeStatus:
         del out["gossip_rejected"]
         out["loss_history"] = [list(p) for p in self.loss_history]
         out["uptime_s"] = round(time.time() - self.started_at, 3)
+        for name in ("round_durations", "allreduce_durations", "round_started"):
+            del out[name]
         return out
+
+    def round_ended(self) -> None:
+        """The round under way ended (committed, or its average failed): observe its duration."""
+        if self.round_started:
+            self.round_durations.observe(time.monotonic() - self.round_started)
+            self.round_started = 0.0
+
+
+def _on_phase(s: NodeStatus, e: ev.PhaseChanged) -> None:
+    s.phase = e.phase
+    if e.phase == Phase.TRAINING:
+        s.round_started = time.monotonic()
 
 
 def _on_state(s: NodeStatus, e: ev.StateChanged) -> None:
@@ -126,7 +148,7 @@ def _on_state(s: NodeStatus, e: ev.StateChanged) -> None:
 
 
 def _on_trained(s: NodeStatus, e: ev.Trained) -> None:
-    s.tokens += e.tokens
+    s.tokens_pending = e.tokens  # counted once the round's average is decided
     s.loss = e.mean_loss
     s.tokens_per_s = e.tokens_per_s
 
@@ -135,13 +157,21 @@ def _on_averaged(s: NodeStatus, e: ev.Averaged) -> None:
     s.bytes_sent += e.bytes_sent
     s.bytes_received += e.bytes_received
     s.last_allreduce = AveragingOutcome(e.round, e.ok, e.seconds, e.group_size, e.reason, time.time())
+    outcome = "ok" if e.ok else "failed"
+    s.allreduce_durations.setdefault(outcome, Durations(ALLREDUCE_BUCKETS)).observe(e.seconds)
     if not e.ok:
         s.rounds_failed += 1
+        s.tokens_failed += s.tokens_pending
+        s.tokens_pending = 0
+        s.round_ended()
 
 
 def _on_committed(s: NodeStatus, e: ev.Committed) -> None:
     s.rounds_ok += 1
+    s.tokens += e.tokens
+    s.tokens_pending = 0
     s.loss_history.append((e.round, e.loss))
+    s.round_ended()
 
 
 def _on_synced(s: NodeStatus, e: ev.Synced) -> None:
@@ -176,7 +206,7 @@ def _on_gossip(s: NodeStatus, e: ev.GossipCounters) -> None:
 
 
 _FOLD: dict[type, Any] = {
-    ev.PhaseChanged: lambda s, e: setattr(s, "phase", e.phase),
+    ev.PhaseChanged: _on_phase,
     ev.StateChanged: _on_state,
     ev.TrainingProgress: lambda s, e: setattr(s, "tokens_per_s", e.tokens_per_s),
     ev.Trained: _on_trained,
@@ -192,62 +222,6 @@ _FOLD: dict[type, Any] = {
 }
 
 
-class _StatusCollector(Collector):
-    """Turns a NodeStatus into Prometheus metric families at each scrape."""
-
-    def __init__(self, status: NodeStatus) -> None:
-        self._s = status
-
-    def collect(self) -> Iterator[Metric]:
-        s = self._s
-        labels = ["run"]
-        run = [s.run_id[:16]]
-
-        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            g = GaugeMetricFamily(f"intellect_{name}", doc, labels=labels)
-            g.add_metric(run, value)
-            return g
-
-        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
-            c = CounterMetricFamily(f"intellect_{name}", doc, labels=labels)
-            c.add_metric(run, value)
-            return c
-
-        yield gauge("round", "Completed outer steps (the global state's round).", s.round)
-        yield counter("rounds_ok", "Rounds whose all-reduce completed.", s.rounds_ok)
-        yield counter("rounds_failed", "Rounds whose all-reduce did not complete.", s.rounds_failed)
-        yield counter("tokens", "Tokens trained on by this node.", s.tokens)
-        yield gauge("tokens_per_second", "Inner-loop throughput of the last round.", s.tokens_per_s)
-        if s.loss is not None:
-            yield gauge("loss", "Mean inner-loop loss of the last round.", s.loss)
-        yield gauge("peers", "Live members of the run seen by this node.", s.peers)
-        yield counter("bytes_sent", "Bytes this node sent for averaging and state sync.", s.bytes_sent)
-        yield counter(
-            "bytes_received", "Bytes this node received for averaging and state sync.", s.bytes_received
-        )
-        yield gauge("allreduce_seconds", "Duration of the last all-reduce attempt.", s.last_allreduce.seconds)
-        yield gauge("allreduce_ok", "1 if the last all-reduce completed, else 0.", float(s.last_allreduce.ok))
-        yield gauge("loop_lag_seconds", "Last measured event-loop lag.", s.loop_lag_s)
-        yield counter(
-            "checkpoint_errors",
-            "Checkpoints that could not be written (disk full or failing).",
-            s.checkpoint_errors,
-        )
-        rej = CounterMetricFamily(
-            "intellect_rejected_messages", "Peer messages dropped, by reason.", labels=["run", "reason"]
-        )
-        for reason, count in sorted(s.all_rejected().items()):
-            rej.add_metric([*run, reason], count)
-        yield rej
-
-
-def make_registry(status: NodeStatus) -> CollectorRegistry:
-    """A fresh registry holding only this node's metrics."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_StatusCollector(status))
-    return registry
-
-
 _DASHBOARD = """<!doctype html>
 <html><head><meta charset="utf-8"><title>intellect-node</title>
 <style>body{font-family:sans-serif;margin:2em;max-width:60em}td{padding:.2em 1em}
@@ -258,11 +232,15 @@ svg{border:1px solid #ccc}</style></head>
 async function tick(){
   const s = await (await fetch('/status')).json();
   const rows = [['peer', s.peer_id], ['run', s.run_name + ' ' + s.run_id.slice(0,16)], ['phase', s.phase],
-    ['round', s.round], ['loss', s.loss], ['tokens', s.tokens], ['tokens/s', s.tokens_per_s.toFixed(0)],
+    ['round', s.round], ['loss', s.loss],
+    ['tokens', s.tokens + ' averaged, ' + s.tokens_failed + ' in failed rounds, ' + s.tokens_pending
+      + ' this round'], ['tokens/s', s.tokens_per_s.toFixed(0)],
     ['peers', s.peers], ['state hash', s.state_hash.slice(0,16)],
-    ['last all-reduce', (s.last_allreduce.ok ? 'ok ' : 'FAILED ') + s.last_allreduce.seconds.toFixed(2)
-      + ' s ' + s.last_allreduce.reason],
-    ['last sync', 'round ' + s.last_sync.round + ' from ' + s.last_sync.source],
+    ['last all-reduce', !s.last_allreduce.at ? 'none yet' : 'round ' + s.last_allreduce.round + ': '
+      + (s.last_allreduce.ok ? 'ok ' : 'FAILED ') + s.last_allreduce.seconds.toFixed(2) + ' s '
+      + s.last_allreduce.reason],
+    ['last sync', !s.last_sync.at ? 'none yet'
+      : 'round ' + s.last_sync.round + ' from ' + s.last_sync.source],
     ['bytes sent / received', s.bytes_sent + ' / ' + s.bytes_received],
     ['rejected', JSON.stringify(s.rejected)], ['loop lag', s.loop_lag_s.toFixed(3) + ' s']];
   document.getElementById('t').innerHTML = rows.map(r => '<tr><td>' + r[0] + '</td><td>' +

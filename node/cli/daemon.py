@@ -122,22 +122,30 @@ def start(
     os._exit(code)
 
 
+def _fmt_allreduce(ar: dict[str, Any]) -> str:
+    if not ar.get("at"):
+        return "none yet"
+    reason = f" ({ar.get('reason')})" if ar.get("reason") else ""
+    outcome = "ok" if ar.get("ok") else "failed"
+    return f"round {ar.get('round')}: {outcome} in {ar.get('seconds', 0):.2f} s{reason}"
+
+
 def _fmt_status(s: dict[str, Any]) -> str:
-    ar = s.get("last_allreduce", {})
     sync = s.get("last_sync", {})
     loss = s.get("loss")
+    synced = f"round {sync.get('round')} from {sync.get('source') or '-'}" if sync.get("at") else "none yet"
     lines = [
         f"peer        {s.get('peer_id')}",
         f"run         {s.get('run_name')} {s.get('run_id')}",
         f"phase       {s.get('phase')}",
         f"round       {s.get('round')}   (ok {s.get('rounds_ok')}, failed {s.get('rounds_failed')})",
         f"loss        {'-' if loss is None else f'{loss:.4f}'}",
-        f"tokens      {s.get('tokens')}   ({s.get('tokens_per_s', 0):.0f} tok/s)",
+        f"tokens      {s.get('tokens')} averaged, {s.get('tokens_failed', 0)} in failed rounds,"
+        f" {s.get('tokens_pending', 0)} this round   ({s.get('tokens_per_s', 0):.0f} tok/s)",
         f"peers       {s.get('peers')}",
         f"state hash  {s.get('state_hash')}",
-        f"all-reduce  round {ar.get('round')}: {'ok' if ar.get('ok') else 'failed'}"
-        f" in {ar.get('seconds', 0):.2f} s" + (f" ({ar.get('reason')})" if ar.get("reason") else ""),
-        f"last sync   round {sync.get('round')} from {sync.get('source') or '-'}",
+        f"all-reduce  {_fmt_allreduce(s.get('last_allreduce', {}))}",
+        f"last sync   {synced}",
         f"bytes       sent {s.get('bytes_sent')}  received {s.get('bytes_received')}",
         f"rejected    {json.dumps(s.get('rejected', {}))}",
         f"loop lag    {s.get('loop_lag_s', 0):.3f} s (max {s.get('max_loop_lag_s', 0):.3f} s)",
