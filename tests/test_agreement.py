@@ -239,3 +239,32 @@ def test_the_residual_check_separates_honest_from_biased_reductions() -> None:
                 ]
                 ok, worst, tol = check.check_partition(reducer, lines, rb, proj, codec.error_bound(rb))
                 assert ok is expect, (seed, reducer, bias, worst, tol)
+
+
+class _FalseAborter(Tamper):
+    def false_abort(self, receiver: str) -> str | None:
+        return receiver  # "you sent me a non-finite part", to each receiver about itself
+
+
+async def test_a_false_abort_costs_one_attempt_and_frames_nobody() -> None:
+    """One member sends each honest member an Abort naming that member. The attempt fails for everyone,
+    but nobody takes the word of the Abort: no honest member concludes it was excluded (which used to
+    end its round), and the retry leaves the accuser out."""
+    from intellect.node.net.averaging import AverageFailure, _failed_attempt, _RoundState
+
+    async with _Planes(4) as planes:
+        spec = _group(planes)
+        liar = 1
+        outs = await _run(planes, spec, _deltas(4, 4001, 10), "none", "mean", {liar: _FalseAborter()})
+    liar_id = planes[liar].identity.peer_id
+    ids = [p.identity.peer_id for p in planes]
+    for i, o in enumerate(outs):
+        if i == liar:
+            continue
+        assert isinstance(o, AllReduceError)
+        state = _RoundState(group=list(ids))
+        blamed = _failed_attempt(ids[i], 3, state, o)
+        assert not state.reason.startswith(AverageFailure.EXCLUDED), state.reason
+        assert ids[i] not in blamed and not state.excluded
+        if o.failure is AbortReason.ABORTED_BY_PEER:
+            assert o.sender == liar_id and liar_id in blamed
