@@ -5,7 +5,8 @@ service's `entrypoint` and `command` as written (compose's `${VAR:-default}` int
 applied, with TRAINERS=2), its `environment`, the image's `ENV` from deploy/Dockerfile, and its volumes:
 the image's /data volume, each named volume and each bind mount become directories here, and the
 container paths in the scripts are rewritten to them. The only other rewriting is the network: the fixed
-p2p port becomes a free one, and `/dns4/<service>` (compose's DNS) becomes 127.0.0.1. Then it starts them
+p2p port and the ports a container listens on (each has its own network namespace) become free ones, and
+`/dns4/<service>` (compose's DNS) becomes 127.0.0.1. Then it starts them
 in compose's order (`depends_on`): the bootstrap until its healthcheck passes, the seeder to completion
 (it must read the mounted manifest and publish it), and the trainers until the image's HEALTHCHECK
 (`intellect-node status`) shows each of them training the seeded run with the other; SIGTERM (what
@@ -24,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +93,8 @@ class Service:
     data_dir: Path
     log: Path
     spec: dict[str, Any] = field(default_factory=dict)
+    #: Ports the container listens on (in its own network namespace) -> the free ports used here.
+    ports: dict[int, int] = field(default_factory=dict)
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -177,9 +181,14 @@ class LocalCompose:
         env.update({k: local(v) for k, v in image_env().items()})
         env.update({k: local(str(v)) for k, v in (spec.get("environment") or {}).items()})
         env["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"  # the image's venv is on its PATH
-        svc = Service(
-            f"{name}-{replica}", argv, env, mounts["/data"], self.root / f"{name}-{replica}.log", spec
-        )
+        ports: dict[int, int] = {}
+        for key, value in env.items():  # a port the container listens on in its own network namespace
+            found = re.fullmatch(r"(0\.0\.0\.0|\[::\]):(\d+)", value)
+            if found and key.startswith("INTELLECT_NODE_"):
+                ports[int(found.group(2))] = free_port()
+                env[key] = f"{found.group(1)}:{ports[int(found.group(2))]}"
+        log = self.root / f"{name}-{replica}.log"
+        svc = Service(f"{name}-{replica}", argv, env, mounts["/data"], log, spec, ports)
         self.started.append(svc)
         return svc
 
@@ -277,6 +286,11 @@ def test_the_compose_swarm_starts_seeds_and_trains(compose: LocalCompose) -> Non
     for t in trainers:
         s = wait_for(f"{t.name} to train the seeded run", lambda t=t: training(t), 240, everyone)
         assert s["run_id"] == run_id, s
+    for t in trainers:  # Prometheus on the compose network scrapes each trainer's exposed port
+        (exposed,) = [int(p) for p in services["trainer"]["expose"]]
+        with urllib.request.urlopen(f"http://127.0.0.1:{t.ports[exposed]}/metrics", timeout=10) as resp:
+            metrics = resp.read().decode()
+        assert 'intellect_phase{phase="training"}' in metrics and "intellect_build_info" in metrics
     for t in trainers:  # JSON logs, as the compose file asks for
         first = next(line for line in t.log.read_text().splitlines() if line.startswith("{"))
         assert "level" in json.loads(first) or "levelname" in json.loads(first), first

@@ -715,3 +715,26 @@ async def test_healthcheck_command_reports_the_daemon(tmp_path: Path) -> None:
             await task
     down = await asyncio.to_thread(runner.invoke, cli, ["status"], env=env)
     assert down.exit_code != 0 and "no daemon is running" in down.output
+
+
+def test_prometheus_can_scrape_the_trainers() -> None:
+    """#16 finding 10: the trainers serve /metrics on their pod's or container's address (the control API
+    binds 127.0.0.1 there), and the port the node is told, the port the pod and Service declare and the
+    port the scrape annotations name agree."""
+    (sts,) = [d for _, d in _k8s_objects() if d["kind"] == "StatefulSet"]
+    template = sts["spec"]["template"]
+    node = next(c for c in template["spec"]["containers"] if c["name"] == "node")
+    env = {e["name"]: e.get("value") for e in node["env"]}
+    host, port = env["INTELLECT_NODE_METRICS_ADDR"].rsplit(":", 1)
+    assert host == "0.0.0.0"
+    assert {"name": "metrics", "containerPort": int(port)} in node["ports"]
+    notes = template["metadata"]["annotations"]
+    assert notes["prometheus.io/scrape"] == "true" and notes["prometheus.io/port"] == port
+    assert notes["prometheus.io/path"] == "/metrics"
+    service = next(d for _, d in _k8s_objects() if d["metadata"]["name"] == sts["spec"]["serviceName"])
+    assert {"name": "metrics", "port": int(port), "targetPort": "metrics"} in service["spec"]["ports"]
+    config = _load_env({"INTELLECT_NODE_METRICS_ADDR": env["INTELLECT_NODE_METRICS_ADDR"]}, REPO, "k8s")
+    assert config.metrics_addr == f"0.0.0.0:{port}"
+    trainer = _compose()["services"]["trainer"]
+    host, port = trainer["environment"]["INTELLECT_NODE_METRICS_ADDR"].rsplit(":", 1)
+    assert host == "0.0.0.0" and port in [str(p) for p in trainer["expose"]]

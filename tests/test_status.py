@@ -178,3 +178,41 @@ def test_failed_rounds_tokens_histograms_phase_and_uptime() -> None:
     assert _metric(text, "intellect_uptime_seconds") >= 42
     assert _metric(text, "intellect_build_info") == 1
     assert _metric(text, "process_start_time_seconds") > 0
+
+
+async def test_metrics_alone_on_a_configured_address(tmp_path: Path) -> None:
+    """#16 finding 10: `metrics_addr` (`--metrics-addr 0.0.0.0:9100`) serves /metrics, and nothing else,
+    where Prometheus can scrape a container or pod; the control API stays on 127.0.0.1."""
+    import socket
+
+    from intellect.node.app.config import ConfigError, NodeConfig
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    status = NodeStatus(run_id="ef" * 32, round=7)
+    server = StatusServer(status, 0, tmp_path / "http.port", metrics_addr=f"0.0.0.0:{port}")
+    task = asyncio.create_task(server.run())
+    try:
+        async with asyncio.timeout(10):
+            await server.ready.wait()
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{port}/metrics") as resp:
+                assert resp.status == 200
+                assert 'intellect_round{run="' + "ef" * 8 + '"} 7.0' in await resp.text()
+            for path in ("/status", "/"):  # the control API is not on the metrics address
+                async with http.get(f"http://127.0.0.1:{port}{path}") as resp:
+                    assert resp.status == 404
+            async with http.get(f"http://127.0.0.1:{server.port}/status") as resp:
+                assert resp.status == 200
+        # A second node asking for the same address gets an error that names it.
+        other = StatusServer(NodeStatus(), 0, None, metrics_addr=f"0.0.0.0:{port}")
+        with pytest.raises(OSError, match=rf"cannot serve metrics on 0\.0\.0\.0:{port} \(metrics_addr\)"):
+            await other.run()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert NodeConfig(metrics_addr="[::]:9100").metrics_addr == "[::]:9100"
+    for bad in ("9100", "0.0.0.0", "0.0.0.0:0", "host:99999", ":9100"):
+        with pytest.raises(ConfigError, match="metrics_addr"):
+            NodeConfig(metrics_addr=bad)

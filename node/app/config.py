@@ -64,6 +64,9 @@ class NodeConfig:
     local_ranks: int = 0
     #: Port of the local control API on 127.0.0.1 (0 picks a free port and writes it to the data dir).
     http_port: int = 0
+    #: Also serve `/metrics` (and nothing else) on this HOST:PORT, e.g. "0.0.0.0:9100" for a Prometheus
+    #: outside the container or pod; empty: metrics only on the control API (127.0.0.1).
+    metrics_addr: str = ""
     #: Log format: "text" (rich on a terminal) or "json" (one object per line).
     log_format: str = "text"
     #: Log level name.
@@ -82,6 +85,8 @@ class NodeConfig:
             raise ConfigError(f"local_ranks: must be 0 (one per GPU) to 64, got {self.local_ranks}")
         if not 0 <= self.http_port <= 65535:
             raise ConfigError(f"http_port: must be a port number 0..65535, got {self.http_port}")
+        if self.metrics_addr:
+            parse_host_port(self.metrics_addr, "metrics_addr")
         if self.run:
             try:  # a run ID or a unique prefix of one, lowercased
                 object.__setattr__(self, "run", check_prefix(self.run))
@@ -95,6 +100,15 @@ class NodeConfig:
     @property
     def config_path(self) -> Path:
         return self.data_dir / CONFIG_FILE_NAME
+
+
+def parse_host_port(text: str, name: str = "address") -> tuple[str, int]:
+    """("0.0.0.0", 9100) from "0.0.0.0:9100" ("[::]:9100" for IPv6); ConfigError naming `name` if not."""
+    host, sep, port = text.strip().rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{name}: must be HOST:PORT with a port 1..65535 (e.g. 0.0.0.0:9100), got {text!r}")
+    return host, int(port)
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(NodeConfig)}
@@ -234,6 +248,9 @@ local_ranks = 0
 # Local control API on 127.0.0.1 (0 = any free port, written to <data dir>/http.port).
 # Gossip, state sync and averaging need no port of their own: they run over the p2p daemon's connections.
 http_port = 0
+# Also serve /metrics alone on HOST:PORT for a Prometheus on another host, container or pod, e.g.
+# "0.0.0.0:9100" ("" = metrics only on the control API, 127.0.0.1). Status and dashboard never leave it.
+metrics_addr = ""
 
 # "text" or "json" log lines; level DEBUG, INFO, WARNING or ERROR.
 log_format = "text"

@@ -84,7 +84,9 @@ class NodeDaemon:
         #: The one writer of the node's phase.
         self.phases = PhaseTracker(self.events)
         self.canary = LoopLagCanary()
-        self.http = StatusServer(self.status, config.http_port, config.data_dir / HTTP_PORT_FILE)
+        self.http = StatusServer(
+            self.status, config.http_port, config.data_dir / HTTP_PORT_FILE, config.metrics_addr
+        )
         self.children = ChildRegistry()
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()

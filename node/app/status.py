@@ -1,4 +1,5 @@
-"""The node's local control API: JSON status, Prometheus metrics and a tiny dashboard, on 127.0.0.1 only.
+"""The node's local control API: JSON status, Prometheus metrics and a tiny dashboard, on 127.0.0.1 only
+(plus, when configured, a metrics-only listener on `metrics_addr`).
 
 `NodeStatus` is the one mutable record of what the daemon is doing. The round machine never writes it: it
 emits typed events (`intellect.node.run.events`) and `NodeStatus.apply` folds them in; the HTTP handlers,
@@ -25,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from intellect.node.app.config import parse_host_port
 from intellect.node.app.metrics import ALLREDUCE_BUCKETS, ROUND_BUCKETS, Durations, make_registry
 from intellect.node.run import events as ev
 from intellect.node.run.events import Event
@@ -258,14 +260,21 @@ tick(); setInterval(tick, 2000);
 
 
 class StatusServer:
-    """aiohttp server on 127.0.0.1 serving `/status`, `/metrics` and `/`; a service with `run()`/`ready`."""
+    """aiohttp server on 127.0.0.1 serving `/status`, `/metrics` and `/`; a service with `run()`/`ready`.
 
-    def __init__(self, status: NodeStatus, port: int = 0, port_file: Path | None = None) -> None:
+    With `metrics_addr` ("HOST:PORT"), a second listener there serves `/metrics` and nothing else, for a
+    Prometheus outside this host, container or pod: the metrics are read-only and hold nothing secret,
+    while the control API (status, dashboard) stays on 127.0.0.1."""
+
+    def __init__(
+        self, status: NodeStatus, port: int = 0, port_file: Path | None = None, metrics_addr: str = ""
+    ) -> None:
         self.status = status
         self.registry = make_registry(status)
         self.requested_port = port
         self.port_file = port_file
         self.port = 0
+        self.metrics_addr = parse_host_port(metrics_addr, "metrics_addr") if metrics_addr else None
         self.ready = asyncio.Event()
 
     async def _status(self, request: web.Request) -> web.Response:
@@ -278,6 +287,25 @@ class StatusServer:
     async def _index(self, request: web.Request) -> web.Response:
         return web.Response(text=_DASHBOARD, content_type="text/html")
 
+    async def _metrics_site(self) -> web.AppRunner | None:
+        """The metrics-only listener on `metrics_addr`, started; None without one."""
+        if self.metrics_addr is None:
+            return None
+        host, port = self.metrics_addr
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port).start()
+        except OSError as e:
+            await runner.cleanup()
+            raise OSError(
+                e.errno, f"cannot serve metrics on {host}:{port} (metrics_addr): {e.strerror}"
+            ) from None
+        logger.info("metrics on http://%s:%d/metrics", host, port)
+        return runner
+
     async def run(self) -> None:
         app = web.Application()
         app.router.add_get("/status", self._status)
@@ -285,6 +313,7 @@ class StatusServer:
         app.router.add_get("/", self._index)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
+        metrics: web.AppRunner | None = None
         try:
             # Loopback only: the control API has no authentication, so it must never face the network.
             # We bind the socket ourselves so that port 0 yields the real port without private attributes.
@@ -299,12 +328,15 @@ class StatusServer:
                 tmp.write_text(f"{self.port}\n")
                 tmp.replace(self.port_file)
             logger.info("control API on http://127.0.0.1:%s/", self.port)
+            metrics = await self._metrics_site()
             self.ready.set()
             await asyncio.Event().wait()  # serve until cancelled
         finally:
             if self.port_file is not None:
                 with contextlib.suppress(FileNotFoundError):
                     self.port_file.unlink()
+            if metrics is not None:
+                await metrics.cleanup()
             await runner.cleanup()
 
 

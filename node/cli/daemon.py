@@ -56,6 +56,12 @@ def register(group: click.Group) -> None:
 )
 @click.option("--http-port", type=int, default=None, help="Control API port on 127.0.0.1 (0: any).")
 @click.option(
+    "--metrics-addr",
+    default=None,
+    metavar="HOST:PORT",
+    help="Also serve /metrics alone here, e.g. 0.0.0.0:9100 for Prometheus (default: 127.0.0.1 API only).",
+)
+@click.option(
     "--max-rounds",
     type=click.IntRange(min=1),
     default=None,
@@ -81,6 +87,7 @@ def start(
     client_mode: bool | None,
     reachability: str | None,
     http_port: int | None,
+    metrics_addr: str | None,
     max_rounds: int | None,
     until_round: int | None,
     min_peers: int,
@@ -106,6 +113,7 @@ def start(
         client_mode=client_mode,
         reachability=reachability,
         http_port=http_port,
+        metrics_addr=metrics_addr,
         log_format=log_format,
         log_level=log_level,
     )
