@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from intellect.protocol.matchmaking import (
+    LATE_BUCKET,
     Declaration,
     Declare,
     Join,
@@ -57,7 +58,6 @@ from intellect.protocol.matchmaking import (
     Matchmaker,
     Offer,
     Wait,
-    LATE_BUCKET,
     bucket_count,
     bucket_of,
 )

@@ -254,7 +254,7 @@ def test_the_gossip_rate_comes_from_the_manifest_and_old_run_ids_stay() -> None:
     assert (tuned.gossip.author_rate, tuned.gossip.author_burst) == (5.0, 20.0)
     assert tuned.run_id != base.run_id
     assert parse_manifest(tuned.to_plain()) == tuned
-    with pytest.raises(ManifestError, match="gossip.author_rate"):
+    with pytest.raises(ManifestError, match=r"gossip\.author_rate"):
         parse_manifest(with_change("gossip", {"author_rate": 0.0}))
-    with pytest.raises(ManifestError, match="gossip.typo"):
+    with pytest.raises(ManifestError, match=r"gossip\.typo"):
         parse_manifest(with_change("gossip", {"typo": 1}))
