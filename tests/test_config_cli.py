@@ -135,22 +135,23 @@ def test_malformed_config_file_is_an_error(runner: CliRunner, tmp_path: Path) ->
 
 
 def test_layering_file_env_flags(tmp_path: Path) -> None:
+    p2p = "/p2p/12D3KooWRMBocDC43PTTpmAQfJed9HFqkmkkGsoKZYqRy5RdxMXE"  # bootstrap addresses need a peer ID
     (tmp_path / "config.toml").write_text(
-        'log_level = "DEBUG"\ndevice = "cpu"\nhttp_port = 1000\nbootstrap = ["/ip4/1.1.1.1/tcp/1"]\n'
+        f'log_level = "DEBUG"\ndevice = "cpu"\nhttp_port = 1000\nbootstrap = ["/ip4/1.1.1.1/tcp/1{p2p}"]\n'
     )
     only_file = load_config(tmp_path, environ={})
     assert (only_file.log_level, only_file.device, only_file.http_port) == ("DEBUG", "cpu", 1000)
-    assert only_file.bootstrap == ("/ip4/1.1.1.1/tcp/1",)
+    assert only_file.bootstrap == (f"/ip4/1.1.1.1/tcp/1{p2p}",)
     env = {
         "INTELLECT_NODE_LOG_LEVEL": "WARNING",
         "INTELLECT_NODE_HTTP_PORT": "2000",
-        "INTELLECT_NODE_BOOTSTRAP": "/ip4/2.2.2.2/tcp/2, /ip4/3.3.3.3/tcp/3",
+        "INTELLECT_NODE_BOOTSTRAP": f"/ip4/2.2.2.2/tcp/2{p2p}, /ip4/3.3.3.3/tcp/3{p2p}",
         "INTELLECT_NODE_CLIENT_MODE": "yes",
         "OTHER_VARIABLE": "ignored",
     }
     with_env = load_config(tmp_path, environ=env)
     assert (with_env.log_level, with_env.device, with_env.http_port) == ("WARNING", "cpu", 2000)
-    assert with_env.bootstrap == ("/ip4/2.2.2.2/tcp/2", "/ip4/3.3.3.3/tcp/3")
+    assert with_env.bootstrap == (f"/ip4/2.2.2.2/tcp/2{p2p}", f"/ip4/3.3.3.3/tcp/3{p2p}")
     assert with_env.client_mode is True
     flags = {"http_port": 3000, "device": None, "bootstrap": ()}  # None / () mean "flag not given"
     with_flags = load_config(tmp_path, flags=flags, environ=env)

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from intellect.node.app.status import fetch_status
 from intellect.node.cli.swarm import group_pids
 from intellect.node.run.phase import Phase
 from intellect.protocol.admission import is_admitted
+from nodeproc import bootstrap_node
 
 
 def _config(tmp_path: Path) -> NodeConfig:
@@ -132,19 +134,27 @@ def _wait_for(path: Path, timeout_s: float) -> None:
         time.sleep(0.2)
 
 
-def _start_node(data: Path, stdout: int) -> subprocess.Popen[bytes]:
-    """A real `intellect-node start` on loopback, in its own session (its children share its group)."""
+@pytest.fixture(scope="module")
+def boot(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A bootstrap node (with no runs) for the real `start` processes of this module."""
+    with bootstrap_node(tmp_path_factory.mktemp("boot")) as maddr:
+        yield maddr
+
+
+def _start_node(data: Path, stdout: int, bootstrap: str) -> subprocess.Popen[bytes]:
+    """A real `intellect-node start` on loopback, in its own session (its children have process groups
+    of their own in that session)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("INTELLECT_NODE_")}
     env["INTELLECT_NODE_LISTEN"] = "/ip4/127.0.0.1/tcp/0"
     cmd = [sys.executable, "-c", "from intellect.node.cli.main import main; main()", "start"]
-    cmd += ["--data-dir", str(data), "--log-format", "json"]
+    cmd += ["--data-dir", str(data), "--log-format", "json", "--bootstrap", bootstrap]
     return subprocess.Popen(cmd, env=env, stdout=stdout, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def test_sigint_on_start_exits_0_quickly_leaving_nothing(tmp_path: Path) -> None:
+def test_sigint_on_start_exits_0_quickly_leaving_nothing(tmp_path: Path, boot: str) -> None:
     """A real `start` (its own p2p daemon, waiting for a run in the DHT): SIGINT -> exit 0, no leftovers."""
     data = tmp_path / "node"
-    proc = _start_node(data, subprocess.PIPE)
+    proc = _start_node(data, subprocess.PIPE, boot)
     try:
         _wait_for(data / "http.port", 60)
         deadline = time.monotonic() + 60
@@ -152,7 +162,7 @@ def test_sigint_on_start_exits_0_quickly_leaving_nothing(tmp_path: Path) -> None
             assert time.monotonic() < deadline, "daemon never reached the DHT"
             time.sleep(0.3)
         children = [p for p in group_pids(proc.pid) if p != proc.pid]
-        assert children, "the p2p daemon should be running in the daemon's process group"
+        assert children, "the p2p daemon should be running in the daemon's session"
         t0 = time.monotonic()
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=30)
@@ -173,12 +183,12 @@ def test_sigint_on_start_exits_0_quickly_leaving_nothing(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("second", [False, True])
-def test_sigint_while_starting_and_second_sigint(tmp_path: Path, second: bool) -> None:
+def test_sigint_while_starting_and_second_sigint(tmp_path: Path, second: bool, boot: str) -> None:
     """SIGINT as soon as the p2p daemon exists (it may still be starting): nothing is left behind. With a
     second signal right after, the daemon kills our children by PID and exits at once (code 130) unless
     the orderly shutdown already finished (0)."""
     data = tmp_path / "node"
-    proc = _start_node(data, subprocess.DEVNULL)
+    proc = _start_node(data, subprocess.DEVNULL, boot)
     try:
         _wait_for(data / "http.port", 60)
         deadline = time.monotonic() + 60

@@ -8,10 +8,14 @@ Service tree (STYLE 2–3; each child has `run()` and a `ready` event, all under
       ├─ _report_loop            terminal panel or structured progress lines
       └─ body (app/body.py)      DhtService ─> pick + verify the run ─> GossipService ─> RunService.run()
 
-Signals are handled once, in `run_daemon`: the first SIGINT/SIGTERM asks the daemon to stop (the body is
-cancelled and unwinds in order: leaving notice, checkpoint flush, gossip, DHT, p2p daemon); a watchdog
-thread bounds that unwinding; a second signal kills our child processes by PID and exits at once. The
-layers and the round's phases are drawn in docs/architecture.md.
+Signals are handled once, in `run_daemon`: the first SIGINT/SIGTERM (or SIGHUP, unless it is ignored)
+asks the daemon to stop (the body is cancelled and unwinds in order: leaving notice, checkpoint flush,
+gossip, DHT, p2p daemon); a watchdog thread bounds that unwinding; a second signal kills our child
+processes by PID and exits at once. A terminal's Ctrl-C reaches the daemon alone: the p2p daemon runs in a
+process group of its own (`children.ChildProcessLoop`), and SIGINT is blocked in every thread and so in the
+local-rank workers (a Python process started with SIGINT blocked keeps it blocked); one thread takes it
+with sigwait. The data directory is locked for the daemon's lifetime (`app.lock`). The layers and the
+round's phases are drawn in docs/architecture.md.
 """
 
 from __future__ import annotations
@@ -28,12 +32,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from intellect.node.app.body import run_body
-from intellect.node.app.children import ChildRegistry
+from intellect.node.app.children import ChildRegistry, SigintRouter, exit_now, hold_sigint, run_async
 from intellect.node.app.config import NodeConfig
+from intellect.node.app.lock import DataDirLock
 from intellect.node.app.logs import LoopLagCanary
 from intellect.node.app.panel import live_panel
+from intellect.node.app.preflight import explain_dht_failure
 from intellect.node.app.roundlog import EventRecorder
 from intellect.node.app.status import HTTP_PORT_FILE, NodeStatus, StatusServer
+from intellect.node.net.dht import DhtError
 from intellect.node.run.phase import Phase, PhaseTracker
 
 logger = logging.getLogger(__name__)
@@ -43,6 +50,16 @@ SHUTDOWN_TIMEOUT_S = 20.0
 #: Exit codes: 0 clean (signal or max rounds), 1 error, 130 second signal.
 EXIT_OK, EXIT_ERROR, EXIT_FORCED = 0, 1, 130
 PID_FILE = "daemon.pid"
+#: Failures that are bugs rather than circumstances: logged with their traceback at any log level.
+_BUGS = (
+    AssertionError,
+    AttributeError,
+    NameError,
+    TypeError,
+    LookupError,
+    ZeroDivisionError,
+    NotImplementedError,
+)
 
 
 @dataclass(frozen=True)
@@ -133,7 +150,7 @@ class NodeDaemon:
             pass
         except* Exception as eg:
             for exc in eg.exceptions:
-                logger.error("daemon failed: %s", exc, exc_info=exc)
+                await self._log_failure(exc)
             code = EXIT_ERROR
         finally:
             self.phases.enter(Phase.STOPPING)
@@ -141,6 +158,14 @@ class NodeDaemon:
             with contextlib.suppress(FileNotFoundError):
                 pid_file.unlink()
         return code
+
+    async def _log_failure(self, exc: BaseException) -> None:
+        """One line for an expected failure (the traceback at DEBUG); a bug keeps its traceback."""
+        message = str(exc) or type(exc).__name__
+        if isinstance(exc, DhtError):  # which bootstrap address failed, and how
+            message = await explain_dht_failure(message, self.config.bootstrap)
+        trace = isinstance(exc, _BUGS) or logger.isEnabledFor(logging.DEBUG)
+        logger.error("daemon failed: %s", message, exc_info=exc if trace else None)
 
     async def _lag_into_status(self) -> None:
         while True:
@@ -185,14 +210,30 @@ class NodeDaemon:
 # Entry point with signal handling (the only place that touches signals).
 
 
-def run_daemon(config: NodeConfig, options: DaemonOptions | None = None) -> int:
-    """Run a daemon in a fresh event loop until it finishes or is signalled; return the exit code."""
-    code = asyncio.run(_main(config, options or DaemonOptions()))
+def run_daemon(
+    config: NodeConfig, options: DaemonOptions | None = None, lock: DataDirLock | None = None
+) -> int:
+    """Run a daemon in a fresh event loop until it finishes or is signalled; return the exit code.
+
+    `lock` is the data directory's lock when the caller took it already (raises `DataDirLocked` when
+    another process holds it); it is held until this returns."""
+    sigint = hold_sigint()  # before any thread or child exists (`start` took it even earlier)
+    with lock or DataDirLock.acquire(config.data_dir):
+        code = run_async(_main(config, options or DaemonOptions(), sigint))
     logger.info("daemon exited with code %d", code)
     return code
 
 
-async def _main(config: NodeConfig, options: DaemonOptions) -> int:
+def _other_stop_signals() -> list[signal.Signals]:
+    """SIGTERM, and SIGHUP (a terminal that closes) unless it is ignored (nohup). SIGINT comes through
+    the SIGINT router."""
+    sigs = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        sigs.append(signal.SIGHUP)
+    return sigs
+
+
+async def _main(config: NodeConfig, options: DaemonOptions, sigint: SigintRouter) -> int:
     loop = asyncio.get_running_loop()
     daemon = NodeDaemon(config, options)
     signals_seen = 0
@@ -201,8 +242,7 @@ async def _main(config: NodeConfig, options: DaemonOptions) -> int:
         # Last resort: no orderly path left. Kill what we started by PID so nothing outlives us.
         logger.error("%s: killing child processes and exiting now", why)
         daemon.children.kill_all()
-        logging.shutdown()
-        os._exit(EXIT_FORCED)
+        exit_now()
 
     def on_signal(signum: int) -> None:
         nonlocal signals_seen
@@ -217,22 +257,20 @@ async def _main(config: NodeConfig, options: DaemonOptions) -> int:
         else:
             force_exit(f"second {name}")
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    other_signals = _other_stop_signals()
+    for sig in other_signals:
         loop.add_signal_handler(sig, on_signal, sig)
+    sigint.target = lambda signum: loop.call_soon_threadsafe(on_signal, signum)
     try:
         return await daemon.run()
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # The loop is closing but the process is not gone yet: a signal now (the "second Ctrl-C" of
+        # someone whose first one just finished the shutdown) must still exit at once and quietly,
+        # not raise KeyboardInterrupt in the interpreter's teardown (exit status -2).
+        sigint.target = exit_now
+        for sig in other_signals:
             loop.remove_signal_handler(sig)
-            # The loop is closing but the process is not gone yet: a signal now (the "second Ctrl-C" of
-            # someone whose first one just finished the shutdown) must still exit at once and quietly,
-            # not raise KeyboardInterrupt in the interpreter's teardown (exit status -2).
-            signal.signal(sig, _late_signal)
-
-
-def _late_signal(signum: int, frame: object) -> None:
-    logging.shutdown()
-    os._exit(EXIT_FORCED)
+            signal.signal(sig, exit_now)
 
 
 __all__ = ["EXIT_ERROR", "EXIT_FORCED", "EXIT_OK", "DaemonOptions", "NodeDaemon", "run_daemon"]

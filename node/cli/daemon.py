@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from intellect.node.cli.main import config_from_cli, data_dir_option
+from intellect.node.cli.main import CliError, CliUsageError, config_from_cli, data_dir_option
 from intellect.node.cli.runarg import RUN_ID
 
 
@@ -99,9 +99,6 @@ def start(
     SIGINT/SIGTERM stop it cleanly (leaving notice, checkpoint, p2p daemon stopped); a second one exits
     at once. Watch it with `intellect-node status` or http://127.0.0.1:<port>/ (port in <data dir>/http.port).
     """
-    from intellect.node.app.daemon import DaemonOptions, run_daemon
-    from intellect.node.app.logs import setup_logging
-
     config = config_from_cli(
         data_dir,
         bootstrap=bootstrap,
@@ -117,9 +114,23 @@ def start(
         log_format=log_format,
         log_level=log_level,
     )
+    lock = _preflight(config)  # before the heavy imports: a mistake is reported at once
+    from intellect.node.app.children import hold_sigint
+
+    hold_sigint()  # Ctrl-C is the daemon's alone, taken before any other thread or child process exists
+    from intellect.node.app.daemon import DaemonOptions, run_daemon
+    from intellect.node.app.logs import capture_stdio, setup_logging, stop_capture
+    from intellect.node.app.preflight import PreflightError, check_device
+
     setup_logging(config.log_format, config.log_level)
+    try:
+        check_device(config.device, config.local_ranks)
+    except PreflightError as e:
+        raise CliError(str(e)) from None
+    if config.log_format == "json":
+        capture_stdio()  # what children and C++ libraries write to fds 1 and 2 becomes JSON too
     options = DaemonOptions(max_rounds=max_rounds, until_round=until_round, min_peers=min_peers)
-    code = run_daemon(config, options)
+    code = run_daemon(config, options, lock)
     # The daemon has already stopped and reaped everything it started. Leave now rather than through the
     # interpreter's finalization: that resets signal handlers to their defaults first, so a second Ctrl-C
     # arriving during it (torch's and hivemind's teardown take a while) would kill us with -SIGINT instead
@@ -127,7 +138,32 @@ def start(
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
+    stop_capture()
     os._exit(code)
+
+
+def _preflight(config: Any) -> Any:
+    """What `start` checks before anything starts: a bootstrap address, the data directory's lock (taken
+    here and held until the process exits), free ports. Each failure is a one- or two-line CliError."""
+    from intellect.node.app.config import parse_host_port
+    from intellect.node.app.lock import DataDirLock, DataDirLocked
+    from intellect.node.app.preflight import PreflightError, check_ports, require_bootstrap
+
+    try:
+        require_bootstrap(config.bootstrap, config.config_path)
+    except PreflightError as e:
+        raise CliUsageError(str(e)) from None
+    try:
+        lock = DataDirLock.acquire(config.data_dir)
+    except DataDirLocked as e:
+        raise CliError(str(e)) from None
+    try:
+        extra = [("metrics", *parse_host_port(config.metrics_addr))] if config.metrics_addr else []
+        check_ports(config.http_port, config.listen, extra)
+    except PreflightError as e:
+        lock.release()
+        raise CliError(str(e)) from None
+    return lock
 
 
 def _fmt_allreduce(ar: dict[str, Any]) -> str:

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-from intellect.node.cli.main import config_from_cli, data_dir_option
+from intellect.node.app.children import run_async
+from intellect.node.cli.main import config_from_cli, data_dir_option, log_options
 from intellect.node.cli.runarg import RUN_ID, resolve_in_dht
 
 logger = logging.getLogger(__name__)
@@ -42,14 +43,11 @@ researcher_key_option = click.option(
 )
 
 
-def _setup_logging(level: str) -> None:
-    # Commands print results on stdout; logs go to stderr so scripts can parse stdout.
-    logging.basicConfig(
-        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # hivemind's own loggers are chatty at INFO; keep them to warnings unless we debug.
-    if level.upper() != "DEBUG":
-        logging.getLogger("hivemind").setLevel(logging.WARNING)
+def _setup_logging(config: Any) -> None:
+    # Commands print results on stdout; logs go to stderr (text or JSON) so scripts can parse stdout.
+    from intellect.node.app.logs import setup_logging
+
+    setup_logging(config.log_format, config.log_level)
 
 
 def _client_config(data_dir: Path | None, bootstrap: tuple[str, ...]) -> Any:
@@ -70,8 +68,15 @@ async def _client(config: Any) -> Any:
     try:
         await svc.start()
     except DhtError as e:
-        raise click.ClickException(str(e)) from None
+        raise click.ClickException(await _explain(e, config)) from None
     return svc
+
+
+async def _explain(e: Exception, config: Any) -> str:
+    """A DHT that did not start, in words: which bootstrap address failed and how."""
+    from intellect.node.app.preflight import explain_dht_failure
+
+    return await explain_dht_failure(str(e), config.bootstrap)
 
 
 # ---- bootstrap -------------------------------------------------------------------------------------
@@ -88,7 +93,7 @@ async def _serve_bootstrap(config: Any) -> None:
     try:
         await svc.start()
     except DhtError as e:
-        raise click.ClickException(str(e)) from None
+        raise click.ClickException(await _explain(e, config)) from None
     try:
         for addr in svc.visible_maddrs:
             click.echo(addr)
@@ -203,20 +208,27 @@ def register(group: click.Group) -> None:
 @click.option("--listen", multiple=True, metavar="MADDR", help="Listen multiaddr (repeatable).")
 @click.option("--announce", multiple=True, metavar="MADDR", help="Announced public multiaddr (repeatable).")
 @bootstrap_option
+@log_options
 def bootstrap(
     data_dir: Path | None, listen: tuple[str, ...], announce: tuple[str, ...], bootstrap: tuple[str, ...]
 ) -> None:
     """Run a long-lived DHT entry node; prints its multiaddrs, one per line, then serves until stopped."""
     from intellect.crypto.errors import IdentityError
     from intellect.crypto.identity import Identity
+    from intellect.node.app.lock import DataDirLock, DataDirLocked
 
     config = config_from_cli(data_dir, listen=listen, announce=announce, bootstrap=bootstrap)
-    _setup_logging(config.log_level)
+    try:  # its identity is the data directory's: a second node on it would be the same peer
+        lock = DataDirLock.acquire(config.data_dir, what="bootstrap node or daemon")
+    except DataDirLocked as e:
+        raise click.ClickException(str(e)) from None
+    _setup_logging(config)
     try:
         Identity.load_or_create(config.identity_path)  # a stable identity: the address outlives restarts
     except IdentityError as e:
         raise click.ClickException(str(e)) from None
-    asyncio.run(_serve_bootstrap(config))
+    with lock:
+        run_async(_serve_bootstrap(config))
 
 
 @click.command()
@@ -224,6 +236,7 @@ def bootstrap(
 @bootstrap_option
 @data_dir_option
 @researcher_key_option
+@log_options
 def seed(
     manifest: Path, bootstrap: tuple[str, ...], data_dir: Path | None, researcher_key: Path | None
 ) -> None:
@@ -238,14 +251,14 @@ def seed(
     except ManifestError as e:
         raise click.ClickException(f"invalid manifest {manifest}: {e}") from None
     config = _client_config(data_dir, bootstrap)
-    _setup_logging(config.log_level)
+    _setup_logging(config)
     key_path = researcher_key or config.identity_path
     try:
         researcher = Identity.load(key_path)
     except IdentityError as e:
         raise click.ClickException(str(e)) from None
     signed = SignedManifest.sign(parsed, researcher)
-    run_id = asyncio.run(_seed(config, signed))
+    run_id = run_async(_seed(config, signed))
     logger.info("run %s (%s) published, signed by %s", run_id, parsed.name, researcher.peer_id)
     click.echo(run_id)
 
@@ -279,6 +292,7 @@ async def _resolve(config: Any, prefix: str) -> str:
     required=True,
     help="Write the ticket here; the volunteer puts it at <data dir>/tickets/<run_id>.",
 )
+@log_options
 def ticket(
     run_id: str,
     peer_id: str,
@@ -301,8 +315,8 @@ def ticket(
 
     if not is_full(run_id):
         config = _client_config(data_dir, bootstrap)
-        _setup_logging(config.log_level)
-        run_id = asyncio.run(_resolve(config, run_id))
+        _setup_logging(config)
+        run_id = run_async(_resolve(config, run_id))
     key_path = researcher_key or config_from_cli(data_dir).identity_path
     try:
         researcher = Identity.load(key_path)
@@ -317,11 +331,12 @@ def ticket(
 @bootstrap_option
 @data_dir_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON array on stdout.")
+@log_options
 def runs(bootstrap: tuple[str, ...], data_dir: Path | None, as_json: bool) -> None:
     """List the runs in the DHT whose manifests verify (id, name, model size, peers, round)."""
     config = _client_config(data_dir, bootstrap)
-    _setup_logging(config.log_level)
-    rows = asyncio.run(_runs(config))
+    _setup_logging(config)
+    rows = run_async(_runs(config))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -341,11 +356,12 @@ def runs(bootstrap: tuple[str, ...], data_dir: Path | None, as_json: bool) -> No
 @bootstrap_option
 @data_dir_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON array on stdout.")
+@log_options
 def peers(run_id: str, bootstrap: tuple[str, ...], data_dir: Path | None, as_json: bool) -> None:
     """List the live members of a run, from their signed DHT records."""
     config = _client_config(data_dir, bootstrap)
-    _setup_logging(config.log_level)
-    rows = asyncio.run(_peers(config, run_id))
+    _setup_logging(config)
+    rows = run_async(_peers(config, run_id))
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

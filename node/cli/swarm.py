@@ -78,7 +78,9 @@ class Peer:
 
 
 def group_pids(pgid: int) -> list[int]:
-    """PIDs of live (non-zombie) processes in a process group (from /proc; Linux)."""
+    """PIDs of live (non-zombie) processes in the process group `pgid`, or in the session it leads: a peer
+    is started in a session of its own, and its children (the p2p daemon) run in process groups of their
+    own inside it (from /proc; Linux)."""
     out = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -88,8 +90,8 @@ def group_pids(pgid: int) -> list[int]:
                 rest = f.read().rsplit(") ", 1)[1].split()
         except (FileNotFoundError, ProcessLookupError, IndexError, PermissionError):
             continue
-        # Fields after the command: state, ppid, pgrp, …
-        if rest[0] != "Z" and int(rest[2]) == pgid:
+        # Fields after the command: state, ppid, pgrp, session, …
+        if rest[0] != "Z" and pgid in (int(rest[2]), int(rest[3])):
             out.append(int(entry))
     return out
 
