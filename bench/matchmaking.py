@@ -399,7 +399,8 @@ class Peer:
         # failed re-forms within it, and may take us).
         waited = now - self.mm.started  # by our clock, as the Matchmaker's times
         overtaken = action.alone and sim.head >= self.round and waited > sim.p.max_wait_s
-        if overtaken and not self.late and sim.now < self.deadline:
+        split = bucket_count(len(sim.expected_for(self.round)) + 1, sim.p.group_size) > 1
+        if overtaken and split and not self.late and sim.now < self.deadline:
             # As the Averager: alone after the straggler bound while the round was averaged elsewhere:
             # meet the round's other stragglers in its straggler lobby before giving up.
             self.late, self.key = True, f"{self.round}/b{LATE_BUCKET}"

@@ -23,10 +23,12 @@ The scheme:
    among the declarations that include it, the one of the lowest-ranked live leader it has not already
    tried. Everyone in that group therefore uses the same list, and a member listed by two leaders makes
    only one of the two attempts fail.
-5. **Stragglers.** A peer alone in its bucket after the straggler bound, while the round was averaged
-   elsewhere, moves to the round's straggler lobby (`LATE_BUCKET`), expecting nobody in particular: there
-   the stragglers of every bucket form groups among themselves (a full group, or whoever is present after
-   the straggler bound). Alone there too, it gives up the round and catches up.
+5. **Stragglers.** In a run that meets in several buckets, a peer alone in its bucket after the straggler
+   bound, while the round was averaged elsewhere, moves to the round's straggler lobby (`LATE_BUCKET`),
+   expecting nobody in particular: there the stragglers of every bucket form groups among themselves (a
+   full group, or whoever is present after the straggler bound). Alone there too, or in a run with a
+   single bucket (where a second group would only fork the round's state), it gives up the round and
+   catches up.
 6. **Stalls.** A frozen member stops heart-beating and leaves every view within the freshness window; a
    failed attempt makes its members read the lobby again, where only the live ones still are. Nobody is
    excluded for a stall: only proven misbehaviour (a non-finite or malformed part) excludes a peer.

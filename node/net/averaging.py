@@ -488,6 +488,7 @@ class Averager:
         mm.excluded |= self.banned
         lobbies = self.lobbies
         meeting = _Meeting(lobbies, (self.run_id, round, bucket, schema))
+        split = len(mine) < len({*(expected or ()), me})  # the run meets in several lobbies this round
         try:
             while time.time() < deadline and state.attempt < self.config.max_attempts:
                 lobby = meeting.lobby
@@ -511,7 +512,9 @@ class Averager:
                 # and not before the straggler bound (a group whose attempt failed re-forms within it).
                 waited = time.time() - mm.started
                 if action.alone and waited >= self.config.matchmaking_time and overtaken and overtaken():
-                    if meeting.late:
+                    if meeting.late or not split:
+                        # With one lobby for the whole run, a second group would only fork the round's
+                        # state: the stragglers sync the state the round produced instead.
                         state.reason = AverageFailure.OVERTAKEN
                         return None
                     # Before giving up, meet the round's other stragglers (protocol/matchmaking.py, 5.).
