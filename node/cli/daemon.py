@@ -5,7 +5,6 @@ Heavy imports (torch, hivemind) happen inside the commands, so `intellect-node -
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -243,12 +242,14 @@ def swarm(
 
     Exits 0 only if every peer finished every round with identical global-state hashes.
     """
+    from intellect.node.app.children import run_async
     from intellect.node.app.logs import setup_logging
     from intellect.node.cli.swarm import run_swarm
 
     setup_logging("text", "INFO")
     t0 = time.monotonic()
-    code, summary = asyncio.run(run_swarm(peers, rounds, summary_json, workdir, manifest, timeout_s))
+    # Its bootstrap node's p2p daemon in a process group of its own, like every node's (Ctrl-C is ours).
+    code, summary = run_async(run_swarm(peers, rounds, summary_json, workdir, manifest, timeout_s))
     losses = []
     for entry in summary["rounds"]:
         vals = [p["loss"] for p in entry["peers"].values() if p.get("loss") is not None]

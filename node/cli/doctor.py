@@ -8,7 +8,6 @@ a few lines with what to do about each problem (`net.probe.summary`, `net.probe.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from pathlib import Path
 
@@ -41,7 +40,9 @@ def doctor(
     )
     if not config.bootstrap:
         raise click.UsageError("no bootstrap peers: pass --bootstrap MADDR or set `bootstrap` in the config")
-    for line in asyncio.run(_diagnose(config, upload_mb << 20)):
+    from intellect.node.app.children import run_async
+
+    for line in run_async(_diagnose(config, upload_mb << 20)):
         click.echo(line)
 
 
