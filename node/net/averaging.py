@@ -483,12 +483,14 @@ class Averager:
         me = self.peer_id
         bucket, mine = _lobby_of(self.run_id, round, self.peer_id, expected, self.config.target_group_size)
         mm = Matchmaker(
-            self.run_id, round, me, self.owner, frozenset(mine), self._match_config(), time.time()
+            self.run_id, round, me, self.owner, frozenset(mine), _match_config(self), time.time()
         )  # fmt: skip
         mm.excluded |= self.banned
         lobbies = self.lobbies
         meeting = _Meeting(lobbies, (self.run_id, round, bucket, schema))
-        split = len(mine) < len({*(expected or ()), me})  # the run meets in several lobbies this round
+        # The run meets in several lobbies this round: a straggler left alone in ours may meet the round's
+        # other stragglers (protocol/matchmaking.py, 5.) before it gives up; with one lobby it syncs.
+        split = len(mine) < len({*(expected or ()), me})
         try:
             while time.time() < deadline and state.attempt < self.config.max_attempts:
                 lobby = meeting.lobby
@@ -512,12 +514,9 @@ class Averager:
                 # and not before the straggler bound (a group whose attempt failed re-forms within it).
                 waited = time.time() - mm.started
                 if action.alone and waited >= self.config.matchmaking_time and overtaken and overtaken():
-                    if meeting.late or not split:
-                        # With one lobby for the whole run, a second group would only fork the round's
-                        # state: the stragglers sync the state the round produced instead.
+                    if meeting.late or not split:  # (one lobby: a second group would fork the round)
                         state.reason = AverageFailure.OVERTAKEN
                         return None
-                    # Before giving up, meet the round's other stragglers (protocol/matchmaking.py, 5.).
                     logger.info("round %s: alone after the round was averaged; meeting its stragglers", round)
                     mm.move(frozenset({me}), time.time())
                     await meeting.move(LATE_BUCKET)
@@ -527,12 +526,6 @@ class Averager:
             return None
         finally:
             await meeting.close()
-
-    def _match_config(self) -> MatchConfig:
-        c = self.config
-        return MatchConfig(
-            c.target_group_size, c.min_group_size, c.matchmaking_time, self.lobbies.freshness()
-        )
 
     def ban(self, peers: Collection[str]) -> None:
         """Leave `peers` out of every later group (the round machine passes the peers it distrusts)."""
@@ -625,6 +618,11 @@ class Averager:
     def status(self) -> dict[str, Any]:
         """Plain data for the node's status API."""
         return _status(self)
+
+
+def _match_config(av: Averager) -> MatchConfig:
+    c = av.config
+    return MatchConfig(c.target_group_size, c.min_group_size, c.matchmaking_time, av.lobbies.freshness())
 
 
 def _tally(av: Averager, result: AverageResult, start: float) -> AverageResult:
