@@ -263,13 +263,13 @@ def _failed_attempt(me: str, round: int, state: _RoundState, e: AllReduceError) 
         return [p for p in e.suspects if p != me and p in state.group]
     if e.failure is AbortReason.ABORTED_BY_PEER:
         # Another member's word: believed only when it names itself (nobody can frame us, or make us give
-        # up the round, through it). An accusation of another member is one word against another: the
-        # accuser and the accused both sit out the next declaration, like stalled members (blamed twice
-        # in a round, they stay out), so neither can cost us more than an attempt.
+        # up the round, through it): the member it accuses is left alone (an unproven accusation changes
+        # only its author's view). The member that aborted cost us the attempt: it sits out the next
+        # declaration like a stalled one (blamed twice in a round, it stays out for the round).
         if e.culprit == e.sender and e.peer_reason in _MISBEHAVIOUR:
             state.excluded.add(e.culprit)
             return []
-        return [p for p in dict.fromkeys((e.sender, e.culprit)) if p and p != me and p in state.group]
+        return [e.sender] if e.sender in state.group and e.sender != me else []
     if e.culprit == me:
         state.reason = f"{AverageFailure.EXCLUDED}: {e.reason}"
         return []
