@@ -101,7 +101,9 @@ def run_settings(daemon: NodeDaemon) -> RunSettings:
     config, opts = daemon.config, daemon.options
     return RunSettings(
         engine=EngineSettings(config.data_dir, config.device, config.local_ranks),
-        limits=Limits(opts.max_rounds, opts.min_peers, opts.min_peers_timeout_s, opts.until_round),
+        limits=Limits(
+            opts.max_rounds, opts.min_peers, opts.min_peers_timeout_s, opts.until_round, daemon.gate
+        ),
     )
 
 

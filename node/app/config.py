@@ -71,6 +71,31 @@ class NodeConfig:
     log_format: str = "text"
     #: Log level name.
     log_level: str = "INFO"
+    # ---- volunteer limits (docs/user-guide.md, "Limits and pausing") ----
+    #: CPU threads torch trains with (OMP_NUM_THREADS of the node and its local-rank workers); 0: torch's.
+    cpu_threads: int = 0
+    #: Niceness added at start (0..19): the lower priority that lets the owner's programs run first.
+    nice: int = 0
+    #: cgroup v2 `cpu.weight` of the node's own cgroup (1..10000, 100 is the default share); 0: leave it.
+    cpu_weight: int = 0
+    #: Cap on the GPU memory this process may use, as a fraction of the device's (0 < f <= 1); 0: no cap.
+    gpu_memory_fraction: float = 0.0
+    #: Train only when the machine has been idle this many minutes: no user input (where it can be read)
+    #: and other processes' CPU load under `idle_cpu_percent`; 0: always.
+    only_when_idle_minutes: int = 0
+    #: What "idle" allows of other processes' CPU load, in percent of all cores.
+    idle_cpu_percent: float = 25.0
+    #: Pause while the machine runs on battery.
+    pause_on_battery: bool = False
+    #: When the node may train, in local time: e.g. "mon-fri 19:00-07:00, sat-sun 00:00-24:00"; "": always.
+    schedule: str = ""
+    #: Upload and download rate limits of the data plane and state sync, in megabits per second; 0: none.
+    max_upload_mbps: float = 0.0
+    max_download_mbps: float = 0.0
+    #: Pause for the rest of the UTC day once this many gigabytes moved (both ways); 0: no cap.
+    daily_transfer_gb: float = 0.0
+    #: Disk cap for checkpoints and shards, in gigabytes; 0: no cap.
+    max_disk_gb: float = 0.0
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda"):
@@ -85,6 +110,7 @@ class NodeConfig:
             raise ConfigError(f"local_ranks: must be 0 (one per GPU) to 64, got {self.local_ranks}")
         if not 0 <= self.http_port <= 65535:
             raise ConfigError(f"http_port: must be a port number 0..65535, got {self.http_port}")
+        self._check_limits()
         if self.metrics_addr:
             parse_host_port(self.metrics_addr, "metrics_addr")
         if self.run:
@@ -92,6 +118,35 @@ class NodeConfig:
                 object.__setattr__(self, "run", check_prefix(self.run))
             except RunIdError as e:
                 raise ConfigError(f"run: {e}") from None
+
+    def _check_limits(self) -> None:
+        if not 0 <= self.cpu_threads <= 1024:
+            raise ConfigError(f"cpu_threads: must be 0 (torch's default) to 1024, got {self.cpu_threads}")
+        if not 0 <= self.nice <= 19:
+            raise ConfigError(f"nice: must be 0 to 19 (a node only lowers its priority), got {self.nice}")
+        if not 0 <= self.cpu_weight <= 10000:
+            raise ConfigError(f"cpu_weight: must be 0 (leave it) or 1 to 10000, got {self.cpu_weight}")
+        if not 0.0 <= self.gpu_memory_fraction <= 1.0:
+            raise ConfigError(
+                f"gpu_memory_fraction: must be 0 (no cap) or in (0, 1], got {self.gpu_memory_fraction}"
+            )
+        if not 0 <= self.only_when_idle_minutes <= 24 * 60:
+            raise ConfigError(
+                f"only_when_idle_minutes: must be 0 (always) to 1440, got {self.only_when_idle_minutes}"
+            )
+        if not 0.0 <= self.idle_cpu_percent <= 100.0:
+            raise ConfigError(f"idle_cpu_percent: must be 0 to 100, got {self.idle_cpu_percent}")
+        for name in ("max_upload_mbps", "max_download_mbps", "daily_transfer_gb", "max_disk_gb"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1e9 or value != value:
+                raise ConfigError(f"{name}: must be 0 (no limit) or a positive number, got {value}")
+        if self.schedule:
+            from intellect.node.app.schedule import ScheduleError, parse_schedule
+
+            try:
+                parse_schedule(self.schedule)
+            except ScheduleError as e:
+                raise ConfigError(f"schedule: {e}") from None
 
     @property
     def identity_path(self) -> Path:
@@ -140,6 +195,10 @@ def _coerce(name: str, value: Any, source: str) -> Any:
             if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
                 return value.lower() in _TRUE
             raise ValueError("expected a boolean")
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError("expected a number")
+            return float(value)
         if kind == "int":
             # int(1.5) would silently truncate a TOML float; int("1.5") and int(True) are errors too.
             if isinstance(value, bool | float):
@@ -255,4 +314,25 @@ metrics_addr = ""
 # "text" or "json" log lines; level DEBUG, INFO, WARNING or ERROR.
 log_format = "text"
 log_level = "INFO"
+
+# Volunteer limits (docs/user-guide.md, "Limits and pausing"); 0 or "" means no limit.
+# CPU: threads torch uses, niceness added at start (0..19), cgroup v2 cpu.weight (1..10000, 0: leave it).
+cpu_threads = 0
+nice = 0
+cpu_weight = 0
+# Largest share of the GPU's memory this node may use (0 < f <= 1; 0: no cap).
+gpu_memory_fraction = 0.0
+# Train only after this many minutes without user input and with other processes' CPU load under
+# idle_cpu_percent (of all cores); pause while on battery.
+only_when_idle_minutes = 0
+idle_cpu_percent = 25.0
+pause_on_battery = false
+# When to train, local time, e.g. "mon-fri 19:00-07:00, sat-sun 00:00-24:00" ("" = always).
+schedule = ""
+# Data-plane and state-sync rate limits (megabits per second), and a cap per UTC day (gigabytes, both ways).
+max_upload_mbps = 0.0
+max_download_mbps = 0.0
+daily_transfer_gb = 0.0
+# Disk cap for checkpoints and shards, in gigabytes.
+max_disk_gb = 0.0
 """

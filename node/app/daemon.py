@@ -33,14 +33,18 @@ from typing import Any
 
 from intellect.node.app.body import run_body
 from intellect.node.app.children import ChildRegistry, SigintRouter, exit_now, hold_sigint, run_async
+from intellect.node.app.conditions import LimitsService
 from intellect.node.app.config import NodeConfig
+from intellect.node.app.control import Controls
 from intellect.node.app.lock import DataDirLock
 from intellect.node.app.logs import LoopLagCanary
 from intellect.node.app.panel import live_panel
 from intellect.node.app.preflight import explain_dht_failure
 from intellect.node.app.roundlog import EventRecorder
 from intellect.node.app.status import HTTP_PORT_FILE, NodeStatus, StatusServer
+from intellect.node.app.volunteer import apply_cpu, apply_gpu, configured
 from intellect.node.net.dht import DhtError
+from intellect.node.run.pause import PauseGate
 from intellect.node.run.phase import Phase, PhaseTracker
 
 logger = logging.getLogger(__name__)
@@ -101,8 +105,15 @@ class NodeDaemon:
         #: The one writer of the node's phase.
         self.phases = PhaseTracker(self.events)
         self.canary = LoopLagCanary()
+        #: Closed while the node is paused (`intellect-node pause`, or a volunteer limit).
+        self.gate = PauseGate()
+        self.controls = Controls(self.gate, self.status)
         self.http = StatusServer(
-            self.status, config.http_port, config.data_dir / HTTP_PORT_FILE, config.metrics_addr
+            self.status,
+            config.http_port,
+            config.data_dir / HTTP_PORT_FILE,
+            config.metrics_addr,
+            self.controls.routes,
         )
         self.children = ChildRegistry()
         self.ready = asyncio.Event()
@@ -125,6 +136,7 @@ class NodeDaemon:
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         pid_file = self.config.data_dir / PID_FILE
         pid_file.write_text(f"{os.getpid()}\n")
+        self.status.limits = {**apply_cpu(self.config), **apply_gpu(self.config), **configured(self.config)}
         code = EXIT_OK
         try:
             async with asyncio.TaskGroup() as tg:
@@ -133,6 +145,9 @@ class NodeDaemon:
                 await self.http.ready.wait()
                 tg.create_task(self._lag_into_status(), name="lag")
                 tg.create_task(self._report_loop(), name="report")
+                limits = LimitsService(self.config, self.gate, self.status.limits)
+                if limits.needed():  # schedule, idle, battery, transfer cap: evaluated while we run
+                    tg.create_task(limits.run(), name="limits")
                 body = tg.create_task(self._body_fn(self), name="body")
                 stop = tg.create_task(self._stop.wait(), name="stop-wait")
                 self.ready.set()

@@ -18,6 +18,8 @@ async def live_panel(status: NodeStatus) -> None:
         rows = [
             ("run", f"{status.run_name} {status.run_id[:12]}"),
             ("phase", status.phase),
+            ("paused", "; ".join(status.pause_reasons.values()) if status.paused else "no"),
+            ("limits", ", ".join(f"{k}={v}" for k, v in status.limits.items()) or "none"),
             ("round", str(status.round)),
             ("loss", "-" if status.loss is None else f"{status.loss:.4f}"),
             ("tokens/s", f"{status.tokens_per_s:.0f}"),

@@ -21,6 +21,7 @@ import socket
 import time
 import urllib.request
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,11 @@ class NodeStatus:
     allreduce_durations: dict[str, Durations] = field(default_factory=dict)
     #: When the round under way started training (monotonic clock), 0.0 when none is.
     round_started: float = 0.0
+    #: Whether the node is paused, and why, by source ("user", "schedule", "idle", "battery", "transfer").
+    paused: bool = False
+    pause_reasons: dict[str, str] = field(default_factory=dict)
+    #: The volunteer limits in force and how each was applied ("unavailable: …" where it could not be).
+    limits: dict[str, Any] = field(default_factory=dict)
 
     def all_rejected(self) -> Counter[str]:
         """Every dropped input by reason: the run's own counts plus the gossip service's."""
@@ -234,6 +240,8 @@ svg{border:1px solid #ccc}</style></head>
 async function tick(){
   const s = await (await fetch('/status')).json();
   const rows = [['peer', s.peer_id], ['run', s.run_name + ' ' + s.run_id.slice(0,16)], ['phase', s.phase],
+    ['paused', s.paused ? Object.values(s.pause_reasons).join('; ') : 'no'],
+    ['limits', Object.entries(s.limits).map(e => e[0] + '=' + e[1]).join(', ') || 'none'],
     ['round', s.round], ['loss', s.loss],
     ['tokens', s.tokens + ' averaged, ' + s.tokens_failed + ' in failed rounds, ' + s.tokens_pending
       + ' this round'], ['tokens/s', s.tokens_per_s.toFixed(0)],
@@ -267,9 +275,15 @@ class StatusServer:
     while the control API (status, dashboard) stays on 127.0.0.1."""
 
     def __init__(
-        self, status: NodeStatus, port: int = 0, port_file: Path | None = None, metrics_addr: str = ""
+        self,
+        status: NodeStatus,
+        port: int = 0,
+        port_file: Path | None = None,
+        metrics_addr: str = "",
+        routes: Callable[[web.Application], None] = lambda app: None,
     ) -> None:
         self.status = status
+        self.routes = routes
         self.registry = make_registry(status)
         self.requested_port = port
         self.port_file = port_file
@@ -311,6 +325,7 @@ class StatusServer:
         app.router.add_get("/status", self._status)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/", self._index)
+        self.routes(app)  # the control endpoints (`app.control`)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         metrics: web.AppRunner | None = None

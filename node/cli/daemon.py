@@ -23,6 +23,38 @@ def register(group: click.Group) -> None:
     group.add_command(start)
     group.add_command(status)
     group.add_command(swarm)
+    group.add_command(pause)
+    group.add_command(resume)
+    group.add_command(limits)
+
+
+def limit_options(f: Any) -> Any:
+    """The volunteer limits as flags of `start` (each also a config key; docs/user-guide.md)."""
+    options = [
+        ("--cpu-threads", click.IntRange(0, 1024), "CPU threads torch trains with (0: torch's default)."),
+        ("--nice", click.IntRange(0, 19), "Niceness added at start: a lower CPU priority (0..19)."),
+        (
+            "--cpu-weight",
+            click.IntRange(0, 10000),
+            "cgroup v2 cpu.weight of the node's cgroup (0: leave it).",
+        ),
+        ("--gpu-memory-fraction", float, "Largest share of the GPU's memory to use (0 < f <= 1; 0: no cap)."),
+        ("--only-when-idle-minutes", click.IntRange(0, 1440), "Train only after N idle minutes (0: always)."),
+        (
+            "--idle-cpu-percent",
+            float,
+            "Other processes' CPU load (% of all cores) that still counts as idle.",
+        ),
+        ("--pause-on-battery/--no-pause-on-battery", None, "Pause while the machine runs on battery."),
+        ("--schedule", str, 'When to train, local time: e.g. "mon-fri 19:00-07:00, sat-sun 00:00-24:00".'),
+        ("--max-upload-mbps", float, "Upload rate limit of averaging and state sync (Mbit/s; 0: none)."),
+        ("--max-download-mbps", float, "Download rate limit of averaging and state sync (Mbit/s; 0: none)."),
+        ("--daily-transfer-gb", float, "Pause for the rest of the UTC day after this many GB (0: no cap)."),
+        ("--max-disk-gb", float, "Disk cap for checkpoints and shards, in GB (0: no cap)."),
+    ]
+    for flag, kind, text in reversed(options):
+        f = click.option(flag, type=kind, default=None, help=text)(f)
+    return f
 
 
 @click.command()
@@ -75,6 +107,7 @@ def register(group: click.Group) -> None:
 @click.option("--min-peers", type=click.IntRange(min=1), default=1, help="Wait for this many members first.")
 @click.option("--log-format", type=click.Choice(["text", "json"]), default=None, help="Log line format.")
 @click.option("--log-level", default=None, help="DEBUG, INFO, WARNING or ERROR.")
+@limit_options
 def start(
     bootstrap: tuple[str, ...],
     run_id: str | None,
@@ -92,6 +125,7 @@ def start(
     min_peers: int,
     log_format: str | None,
     log_level: str | None,
+    **volunteer_limits: Any,
 ) -> None:
     """Run a node: join the DHT, pick and verify a run, sync, then train and average round after round.
 
@@ -112,6 +146,7 @@ def start(
         metrics_addr=metrics_addr,
         log_format=log_format,
         log_level=log_level,
+        **volunteer_limits,
     )
     lock = _preflight(config)  # before the heavy imports: a mistake is reported at once
     from intellect.node.app.children import hold_sigint
@@ -173,6 +208,15 @@ def _fmt_allreduce(ar: dict[str, Any]) -> str:
     return f"round {ar.get('round')}: {outcome} in {ar.get('seconds', 0):.2f} s{reason}"
 
 
+def _fmt_paused(s: dict[str, Any]) -> str:
+    reasons = s.get("pause_reasons") or {}
+    return "; ".join(f"{v} ({k})" for k, v in reasons.items()) if s.get("paused") else "no"
+
+
+def _fmt_limits(limits: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in limits.items()) or "none"
+
+
 def _fmt_status(s: dict[str, Any]) -> str:
     sync = s.get("last_sync", {})
     loss = s.get("loss")
@@ -181,6 +225,8 @@ def _fmt_status(s: dict[str, Any]) -> str:
         f"peer        {s.get('peer_id')}",
         f"run         {s.get('run_name')} {s.get('run_id')}",
         f"phase       {s.get('phase')}",
+        f"paused      {_fmt_paused(s)}",
+        f"limits      {_fmt_limits(s.get('limits', {}))}",
         f"round       {s.get('round')}   (ok {s.get('rounds_ok')}, failed {s.get('rounds_failed')})",
         f"loss        {'-' if loss is None else f'{loss:.4f}'}",
         f"tokens      {s.get('tokens')} averaged, {s.get('tokens_failed', 0)} in failed rounds,"
@@ -260,3 +306,48 @@ def swarm(
         f"mean loss {' '.join(losses)}"
     )
     sys.exit(code)
+
+
+def _control(data_dir: Path | None, path: str, post: bool) -> dict[str, Any]:
+    from intellect.node.app.control import call
+
+    config = config_from_cli(data_dir)
+    try:
+        return call(config.data_dir, path, post=post)
+    except FileNotFoundError:
+        raise CliError(f"no daemon is running with data directory {config.data_dir}") from None
+    except OSError as e:
+        raise CliError(f"the daemon's control API did not answer: {e}") from None
+
+
+def _show_control(answer: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(answer, indent=2))
+        return
+    click.echo(f"paused      {_fmt_paused({'paused': answer['paused'], 'pause_reasons': answer['reasons']})}")
+    click.echo(f"limits      {_fmt_limits(answer.get('limits', {}))}")
+
+
+@click.command()
+@data_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer.")
+def pause(data_dir: Path | None, as_json: bool) -> None:
+    """Pause the running node: it tells its peers it is leaving, keeps its state, and stops training."""
+    _show_control(_control(data_dir, "/pause", post=True), as_json)
+
+
+@click.command()
+@data_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer.")
+def resume(data_dir: Path | None, as_json: bool) -> None:
+    """Resume a node paused with `pause`: it syncs the run's state and trains on. A volunteer limit that
+    still holds (schedule, idle, battery, transfer cap) keeps it paused, and says so."""
+    _show_control(_control(data_dir, "/resume", post=True), as_json)
+
+
+@click.command()
+@data_dir_option
+@click.option("--json", "as_json", is_flag=True, help="Print the raw JSON answer.")
+def limits(data_dir: Path | None, as_json: bool) -> None:
+    """Show the running node's volunteer limits and why it is paused, if it is."""
+    _show_control(_control(data_dir, "/limits", post=False), as_json)

@@ -58,10 +58,11 @@ class Announcer:
             Progress(view.round, step, tokens, float(loss), float(tokens_per_s), view.state_hash),
         )
 
-    async def leaving(self, round_: int, timeout_s: float = 3.0) -> None:
+    async def leaving(self, round_: int, reason: str = "shutdown", timeout_s: float = 3.0) -> None:
+        """Tell the run we leave it (a shutdown, or a pause): others drop us from their groups at once."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
-                await self._gossip(TopicKind.LEAVING, Leaving(round_, "shutdown"))
+                await self._gossip(TopicKind.LEAVING, Leaving(round_, reason))
 
     async def misbehaviour(self, evidence: Sequence[BadChunkEvidence], round_: int) -> None:
         """Gossip each piece of transferable evidence a sync collected, so others stop trusting the server."""

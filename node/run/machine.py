@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -31,10 +31,11 @@ from intellect.node.net.averaging import AverageResult
 from intellect.node.net.statesync import StateSnapshot, StateSyncError, SyncReport
 from intellect.node.run import decide as rules
 from intellect.node.run.events import Averaged, Committed, EventSink, RunReject, SyncFailed, Trained
+from intellect.node.run.pause import PauseGate, hold
 from intellect.node.run.peerbook import PeerBook
 from intellect.node.run.phase import Phase, PhaseTracker
 from intellect.node.run.state import GlobalState, StateView
-from intellect.node.run.training import Pacer, RoundTrainer, plan_round, train_round
+from intellect.node.run.training import Pacer, RoundAbandoned, RoundTrainer, plan_round, train_round
 from intellect.protocol.averaging_messages import Equivocation
 from intellect.protocol.manifest import Manifest, ShardSpec
 from intellect.protocol.sync_messages import BadChunkEvidence
@@ -105,6 +106,8 @@ class Publishing(Protocol):
 
     async def equivocation(self, evidence: Sequence[Equivocation], round_: int) -> None: ...
 
+    async def leaving(self, round_: int, reason: str = "shutdown") -> None: ...
+
 
 class Network(Protocol):
     """What the machine needs from the run's networking (implemented by `RunService`)."""
@@ -123,7 +126,7 @@ class Network(Protocol):
 
 @dataclass(frozen=True)
 class Limits:
-    """When the machine stops, and how long it waits for company before round 1."""
+    """When the machine stops, when it pauses, and how long it waits for company before round 1."""
 
     #: Stop after this many rounds completed by this machine (trained, averaged and committed here: a
     #: resumed or synced node counts from zero, and a failed round does not count).
@@ -133,6 +136,8 @@ class Limits:
     #: Stop once the global state we hold has reached this round (however it got there: our own
     #: rounds, a checkpoint or a sync from peers).
     until_round: int | None = None
+    #: Paused while closed (`run.pause`): the volunteer's `pause`, or a volunteer limit.
+    pause: PauseGate = field(default_factory=PauseGate, compare=False)
 
     def reached(self, completed: int, round_: int) -> bool:
         """Whether a machine that completed `completed` rounds and holds the state of `round_` is done."""
@@ -180,6 +185,7 @@ class RoundMachine:
         if self.state.round == 0 and lim.min_peers > 1:
             await self.wait_for_peers(lim.min_peers, lim.min_peers_timeout_s)
         while not self.done():
+            await hold(lim.pause, self.phases, self.announcer, self.state.round)
             await self.catch_up()
             if self.done():
                 break
@@ -308,7 +314,10 @@ class RoundMachine:
     # ---- a round -------------------------------------------------------------------------------------
 
     async def round(self) -> None:
-        trained = await self.train(self.state.round + 1)
+        try:
+            trained = await self.train(self.state.round + 1)
+        except RoundAbandoned as e:  # paused: like a failed average, θ kept and the local copy reset
+            return await self.state.discard_local(f"round {self.state.round + 1} abandoned: {e}")
         averaged = await self.average(trained)
         if averaged is not None:
             await self.commit(averaged)
@@ -322,7 +331,8 @@ class RoundMachine:
         t0 = time.monotonic()
         intent = asyncio.create_task(self._intend(r, t0), name="intent")
         try:
-            stats = await train_round(self.trainer, self._steps_for(r), self._emit, self._pacer)
+            steps = self._steps_for(r)
+            stats = await train_round(self.trainer, steps, self._emit, self._pacer, self.limits.pause.closed)
         finally:
             intent.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -348,10 +358,8 @@ class RoundMachine:
         return steps
 
     def _expected(self, r: int) -> list[str]:
-        """Who we expect in round r's lobbies: every counted member of the run. The bucket count follows
-        their number, which must not change with who happens to have finished round r - 1 yet (that
-        split one round's peers over different lobbies); a member still behind has no intent in the
-        lobby, and a leader gives it only a moment (`MatchConfig.grace_s`)."""
+        """Who we expect in round r's lobbies: every counted member of the run, not only who finished
+        round r - 1 (the bucket count follows their number; a leader gives one behind only a moment)."""
         return [p for p in self.book.members if p == self.me or self.book.counts(p)]
 
     async def _intend(self, r: int, started: float) -> None:
@@ -431,11 +439,8 @@ class RoundMachine:
                 "state_hash": view.state_hash,
             },
         )
-        self._emit(
-            Committed(
-                t.round, view.state_hash, stats.mean_loss, stats.tokens, len(res.group), averaged.seconds
-            )
-        )
+        n, secs = len(res.group), averaged.seconds
+        self._emit(Committed(t.round, view.state_hash, stats.mean_loss, stats.tokens, n, secs))
         await self.announcer.state(view, self.state.outer_state(), self.tokens_per_s)
         await self.announcer.progress(
             view, self.trainer.trainer.step, self.tokens, stats.mean_loss, stats.tokens_per_s

@@ -31,6 +31,8 @@ class Phase(StrEnum):
     AVERAGING = "averaging"
     #: Outer step, new state hash and checkpoint of a completed average.
     CHECKPOINTING = "checkpointing"
+    #: Paused by the volunteer or a volunteer limit: out of the run, state kept; resumes by catching up.
+    PAUSED = "paused"
     #: Orderly shutdown: finishing a commit in flight, leaving notice, closing services.
     STOPPING = "stopping"
     #: Everything is closed.
@@ -38,21 +40,32 @@ class Phase(StrEnum):
 
 
 _AFTER_LOAD = frozenset(
-    {Phase.WAITING_FOR_PEERS, Phase.WAITING_FOR_ROUND, Phase.SYNCING, Phase.TRAINING, Phase.STOPPING}
+    {
+        Phase.WAITING_FOR_PEERS,
+        Phase.WAITING_FOR_ROUND,
+        Phase.SYNCING,
+        Phase.TRAINING,
+        Phase.PAUSED,
+        Phase.STOPPING,
+    }
 )
+_NEXT_ROUND = frozenset({Phase.WAITING_FOR_ROUND, Phase.SYNCING, Phase.TRAINING, Phase.PAUSED})
 #: Which phases may follow each phase. STOPPING may follow any phase (a signal can come at any time).
 TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.STARTING: frozenset({Phase.JOINING}),
     Phase.JOINING: frozenset({Phase.LOADING}),
     Phase.LOADING: _AFTER_LOAD,
     Phase.WAITING_FOR_PEERS: _AFTER_LOAD,
-    Phase.WAITING_FOR_ROUND: frozenset({Phase.SYNCING, Phase.TRAINING}),
+    Phase.WAITING_FOR_ROUND: frozenset({Phase.SYNCING, Phase.TRAINING, Phase.PAUSED}),
     # A failed sync goes back to deciding: wait again, sync again, or train on.
-    Phase.SYNCING: frozenset({Phase.WAITING_FOR_ROUND, Phase.SYNCING, Phase.TRAINING}),
-    Phase.TRAINING: frozenset({Phase.AVERAGING}),
+    Phase.SYNCING: _NEXT_ROUND,
+    # A pause abandons the round between chunks of inner steps.
+    Phase.TRAINING: frozenset({Phase.AVERAGING, Phase.PAUSED}),
     # A failed average starts the next round: catch up (wait or sync) or train.
-    Phase.AVERAGING: frozenset({Phase.CHECKPOINTING, Phase.WAITING_FOR_ROUND, Phase.SYNCING, Phase.TRAINING}),
-    Phase.CHECKPOINTING: frozenset({Phase.WAITING_FOR_ROUND, Phase.SYNCING, Phase.TRAINING}),
+    Phase.AVERAGING: _NEXT_ROUND | {Phase.CHECKPOINTING},
+    Phase.CHECKPOINTING: _NEXT_ROUND,
+    # Resuming catches up first (wait for or sync the run's state), then trains.
+    Phase.PAUSED: frozenset({Phase.WAITING_FOR_ROUND, Phase.SYNCING, Phase.TRAINING}),
     Phase.STOPPING: frozenset({Phase.STOPPED}),
     Phase.STOPPED: frozenset(),
 }

@@ -180,7 +180,8 @@ class RunService:
         self, announcer: Announcer, state: GlobalState, machine: RoundMachine, server: StateServer
     ) -> None:
         while True:
-            await announcer.membership_record(state.view(), machine.tokens_per_s)
+            if not self.settings.limits.pause.paused:  # a paused node left the run: no record keeps it in
+                await announcer.membership_record(state.view(), machine.tokens_per_s)
             await self.refresh_members()
             self._emit(self._gossip_counters())
             self._emit(StateServed(server.stats.bytes_sent))

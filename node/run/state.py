@@ -168,8 +168,10 @@ class GlobalState:
         flat.add_(self.residual)
         return unflatten(flat, delta)
 
-    async def discard_local(self) -> None:
-        """A failed average: keep θ, reset the local copy to it."""
+    async def discard_local(self, why: str = "") -> None:
+        """A failed average (or an abandoned round: `why`, logged): keep θ, reset the local copy to it."""
+        if why:
+            logger.info("%s; keeping the global weights", why)
         await asyncio.to_thread(self.outer.copy_to, self.model)
 
     async def commit(

@@ -112,11 +112,24 @@ class Pacer:
     steps: int = 1
 
 
-async def train_round(trainer: RoundTrainer, steps: int, emit: EventSink, pacer: Pacer) -> InnerStats:
-    """Run `steps` inner steps in chunks of about `pacer.chunk_s`, reporting throughput after each chunk."""
+class RoundAbandoned(Exception):
+    """The node paused between two chunks of a round's inner steps: the round is given up."""
+
+
+async def train_round(
+    trainer: RoundTrainer,
+    steps: int,
+    emit: EventSink,
+    pacer: Pacer,
+    paused: Callable[[], bool] = lambda: False,
+) -> InnerStats:
+    """Run `steps` inner steps in chunks of about `pacer.chunk_s`, reporting throughput after each chunk;
+    RoundAbandoned when `paused()` says so between two chunks."""
     done, tokens, loss_sum, seconds = 0, 0, 0.0, 0.0
     last: InnerStats | None = None
     while done < steps:
+        if paused():
+            raise RoundAbandoned(f"paused after {done} of {steps} inner steps")
         n = min(pacer.steps, steps - done)
         t0 = time.monotonic()
         last = await trainer.steps(n)
