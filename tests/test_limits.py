@@ -4,6 +4,7 @@ as applied, and a started node that stays paused outside its schedule."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -13,12 +14,21 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from intellect.node.app.conditions import IdleTracker, LimitsService, Sample, decide, parse_idle
+from intellect.node.app.conditions import (
+    DailyTransfer,
+    IdleTracker,
+    LimitsService,
+    Sample,
+    decide,
+    parse_idle,
+)
 from intellect.node.app.config import ConfigError, NodeConfig, load_config
 from intellect.node.app.schedule import DAYS, ScheduleError, parse_schedule
 from intellect.node.app.status import fetch_status
 from intellect.node.app.volunteer import apply_cpu, own_cgroup, set_cpu_weight
 from intellect.node.cli.main import cli
+from intellect.node.net.shaping import Shaper, TokenBucket, mbps
+from intellect.node.net.transport import StreamConn
 from intellect.node.run.pause import PauseGate
 from nodeproc import bootstrap_node, kill_session, spawn, start_node, wait_for, wait_joining
 
@@ -178,3 +188,69 @@ def test_a_node_outside_its_schedule_stays_paused(tmp_path: Path, seeded: str) -
         assert proc.returncode == 0
     finally:
         kill_session(proc)
+
+
+# ---- transfer limits ------------------------------------------------------------------------------------
+
+
+async def test_a_token_bucket_waits_off_its_debt_on_an_injected_clock() -> None:
+    now, slept = [0.0], []
+
+    async def sleep(s: float) -> None:
+        slept.append(s)
+        now[0] += s
+
+    bucket = TokenBucket(1000.0, burst=100.0, clock=lambda: now[0], sleep=sleep)
+    await bucket.take(100)  # the burst: no wait
+    await bucket.take(500)  # 500 bytes of debt at 1000 B/s
+    await bucket.take(1000)
+    assert slept == [0.5, 1.0] and now[0] == 1.5
+    assert mbps(0) is None and mbps(8).rate == 1e6  # type: ignore[union-attr]
+
+
+async def test_a_shaped_stream_pair_moves_n_bytes_no_faster_than_the_limit(tmp_path: Path) -> None:
+    """A real asyncio stream pair (what the p2p daemon hands the data plane) through `StreamConn`s with a
+    200 kB/s upload limit on one side and a 200 kB/s download limit on the other: 600 kB take at least
+    (600 kB - burst) / rate. A correctness property of the limiter, not a speed benchmark."""
+    rate, n = 200_000.0, 600_000
+    up, down = TokenBucket(rate, burst=50_000.0), TokenBucket(rate, burst=50_000.0)
+    got: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = StreamConn(reader, writer, "sender", Shaper(down=down))
+        buf = bytearray(n)
+        view = memoryview(buf)
+        for i in range(0, n, 60_000):
+            await conn.recv_into(view[i : i + 60_000])
+        got.set_result(bytes(buf))
+        conn.close()
+
+    path = str(tmp_path / "s")
+    server = await asyncio.start_unix_server(serve, path)
+    async with server:
+        reader, writer = await asyncio.open_unix_connection(path)
+        shaper = Shaper(up=up)
+        conn = StreamConn(reader, writer, "receiver", shaper)
+        payload = os.urandom(n)
+        t0 = time.monotonic()
+        for i in range(0, n, 100_000):
+            await conn.send(payload[i : i + 50_000], payload[i + 50_000 : i + 100_000])
+        assert await asyncio.wait_for(got, 30) == payload
+        elapsed = time.monotonic() - t0
+        conn.close()
+    assert elapsed >= (n - 50_000) / rate * 0.98, elapsed
+    assert shaper.sent == n and shaper.moved == n
+
+
+def test_the_daily_transfer_count_survives_a_restart_and_starts_again_each_utc_day(tmp_path: Path) -> None:
+    moved, day = [0], ["2026-12-02"]
+    path = tmp_path / "transfer.json"
+    count = DailyTransfer(path, lambda: moved[0], lambda: day[0])
+    moved[0] = 700
+    assert count() == 700
+    again = DailyTransfer(path, lambda: 5, lambda: day[0])  # a restart: a new shaper counts from 5
+    assert again() == 700
+    day[0] = "2026-12-03"
+    assert count() == 0
+    moved[0] = 900
+    assert count() == 200

@@ -10,13 +10,16 @@ processes' CPU load under a threshold at every sample of the last N minutes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
 import shutil
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -149,6 +152,33 @@ def on_battery() -> bool:
     return battery is not None and not battery.power_plugged
 
 
+class DailyTransfer:
+    """Bytes moved on this UTC day through the shaped streams, kept in `<data dir>/transfer.json` so that a
+    restart does not reset the day's count."""
+
+    def __init__(self, path: Path, moved: Callable[[], int], today: Callable[[], str] | None = None) -> None:
+        self.path, self._moved = path, moved
+        self._today = today or (lambda: datetime.now(UTC).date().isoformat())
+        self.day, self.base = self._today(), 0
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+            saved = json.loads(path.read_text())
+            if saved.get("day") == self.day:
+                self.base = int(saved["bytes"])
+        self._mark = moved()
+
+    def __call__(self) -> int:
+        """Bytes moved today (a new UTC day starts from 0)."""
+        day, moved = self._today(), self._moved()
+        if day != self.day:
+            self.day, self.base, self._mark = day, 0, moved
+        total = self.base + moved - self._mark
+        with contextlib.suppress(OSError):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps({"day": self.day, "bytes": total}))
+            tmp.replace(self.path)
+        return total
+
+
 class LimitsService:
     """Evaluates the limits every INTERVAL_S and sets their reasons on `gate`; `notes` go to the status."""
 
@@ -184,7 +214,10 @@ class LimitsService:
 
     def evaluate(self, sample: Sample, now: datetime | None = None) -> None:
         now = now or datetime.now()
-        reasons = decide(self.config, self.schedule, self.idle, now, sample, self.moved_today())
+        moved = self.moved_today()
+        if self.config.daily_transfer_gb:
+            self.notes["transferred_today_gb"] = round(moved / 1e9, 3)
+        reasons = decide(self.config, self.schedule, self.idle, now, sample, moved)
         for source, reason in reasons.items():
             if self.gate.set(source, reason):
                 logger.info("%s: %s", source, reason or "no longer pausing the node")

@@ -33,7 +33,7 @@ from typing import Any
 
 from intellect.node.app.body import run_body
 from intellect.node.app.children import ChildRegistry, SigintRouter, exit_now, hold_sigint, run_async
-from intellect.node.app.conditions import LimitsService
+from intellect.node.app.conditions import DailyTransfer, LimitsService
 from intellect.node.app.config import NodeConfig
 from intellect.node.app.control import Controls
 from intellect.node.app.lock import DataDirLock
@@ -44,6 +44,7 @@ from intellect.node.app.roundlog import EventRecorder
 from intellect.node.app.status import HTTP_PORT_FILE, NodeStatus, StatusServer
 from intellect.node.app.volunteer import apply_cpu, apply_gpu, configured
 from intellect.node.net.dht import DhtError
+from intellect.node.net.shaping import Shaper, install, mbps
 from intellect.node.run.pause import PauseGate
 from intellect.node.run.phase import Phase, PhaseTracker
 
@@ -54,6 +55,8 @@ SHUTDOWN_TIMEOUT_S = 20.0
 #: Exit codes: 0 clean (signal or max rounds), 1 error, 130 second signal.
 EXIT_OK, EXIT_ERROR, EXIT_FORCED = 0, 1, 130
 PID_FILE = "daemon.pid"
+#: Bytes moved this UTC day (the daily transfer cap survives a restart).
+TRANSFER_FILE = "transfer.json"
 #: Failures that are bugs rather than circumstances: logged with their traceback at any log level.
 _BUGS = (
     AssertionError,
@@ -145,7 +148,10 @@ class NodeDaemon:
                 await self.http.ready.wait()
                 tg.create_task(self._lag_into_status(), name="lag")
                 tg.create_task(self._report_loop(), name="report")
-                limits = LimitsService(self.config, self.gate, self.status.limits)
+                shaper = Shaper(mbps(self.config.max_upload_mbps), mbps(self.config.max_download_mbps))
+                install(shaper)  # the all-reduce's streams and the state sync take their tokens from it
+                moved = DailyTransfer(self.config.data_dir / TRANSFER_FILE, lambda: shaper.moved)
+                limits = LimitsService(self.config, self.gate, self.status.limits, moved)
                 if limits.needed():  # schedule, idle, battery, transfer cap: evaluated while we run
                     tg.create_task(limits.run(), name="limits")
                 body = tg.create_task(self._body_fn(self), name="body")

@@ -43,6 +43,7 @@ import torch
 from hivemind.p2p import P2P, PeerID
 from intellect.crypto.identity import Identity, verify
 from intellect.node.engine import statehash
+from intellect.node.net import shaping
 from intellect.protocol.codec import decode, encode
 from intellect.protocol.errors import ProtocolError
 from intellect.protocol.merkle import merkle_root
@@ -111,6 +112,7 @@ class SyncReport:
 
 
 async def _write_frame(writer: asyncio.StreamWriter, payload: bytes) -> None:
+    await shaping.current().send(_HEADER_LEN + len(payload))  # the volunteer's upload limit
     writer.write(len(payload).to_bytes(_HEADER_LEN, "big"))
     writer.write(payload)
     await writer.drain()
@@ -121,7 +123,9 @@ async def _read_frame(reader: asyncio.StreamReader, limit: int) -> bytes:
     length = int.from_bytes(await reader.readexactly(_HEADER_LEN), "big")
     if length > limit:
         raise ProtocolError(f"frame of {length} bytes exceeds the limit of {limit}")
-    return await reader.readexactly(length)
+    body = await reader.readexactly(length)
+    await shaping.current().recv(_HEADER_LEN + length)  # the volunteer's download limit
+    return body
 
 
 # ---------------------------------------------------------------------------------------------- server
@@ -220,7 +224,11 @@ class StateServer:
             prepared = await asyncio.to_thread(_prepare, snapshot, self.chunk_size)
             self._remember(prepared)
         return sign_announcement(
-            self.identity, self.run_id, prepared.round, prepared.state_hash, self.chunk_size,
+            self.identity,
+            self.run_id,
+            prepared.round,
+            prepared.state_hash,
+            self.chunk_size,
             len(prepared.blob),
         )
 
@@ -287,7 +295,10 @@ class StateServer:
             self.stats.chunk_lists += 1
             reply = encode(
                 ChunkList(
-                    prepared.state_hash, prepared.round, prepared.chunk_size, len(prepared.blob),
+                    prepared.state_hash,
+                    prepared.round,
+                    prepared.chunk_size,
+                    len(prepared.blob),
                     prepared.hashes,
                 )
             )
@@ -480,7 +491,14 @@ async def fetch_state(
         "syncing state of round %d (%s…) from %d peers", target.round, target.state_hash[:12], len(peers)
     )
     fetch = _StateFetch(
-        p2p, target, run_id, peers, report, max_bytes, streams_per_peer, request_timeout,
+        p2p,
+        target,
+        run_id,
+        peers,
+        report,
+        max_bytes,
+        streams_per_peer,
+        request_timeout,
         max_transient_failures,
     )
     try:
@@ -502,7 +520,11 @@ async def fetch_state(
     report.seconds = time.monotonic() - started
     log.info(
         "state of round %d synced in %.2fs from %d peers (%d bad, %d refetched)",
-        target.round, report.seconds, len(report.bytes_from), len(report.bad_peers), report.refetched,
+        target.round,
+        report.seconds,
+        len(report.bytes_from),
+        len(report.bad_peers),
+        report.refetched,
     )
     return StateSnapshot(target.round, target.state_hash, tensors)
 

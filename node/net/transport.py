@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, Protocol
 
 from hivemind.p2p import PeerID
+from intellect.node.net import shaping
 from intellect.protocol import averaging_messages as am
 from intellect.protocol.codec import decode, encode
 from intellect.protocol.errors import ProtocolError
@@ -103,6 +104,7 @@ class SocketConn:
 
     async def send(self, *buffers: bytes | bytearray | memoryview) -> None:
         async with self.write_lock:
+            await shaping.current().send(sum(memoryview(b).nbytes for b in buffers))
             for buf in buffers:
                 await self.loop.sock_sendall(self.sock, buf)
 
@@ -113,6 +115,7 @@ class SocketConn:
             if got == 0:
                 raise ConnectionError("peer closed the connection")
             filled += got
+        await shaping.current().recv(total)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -122,15 +125,24 @@ class SocketConn:
 class StreamConn:
     """A libp2p stream through the p2p daemon, as the asyncio reader and writer hivemind hands us."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, remote: str) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        remote: str,
+        shaper: shaping.Shaper | None = None,
+    ) -> None:
         self.reader = reader
         self.writer = writer
         self.remote = remote
+        #: The volunteer's rate limits and transfer count (None: the process's, `shaping.current()`).
+        self.shaper = shaper
         self.write_lock = asyncio.Lock()
         self.closed = asyncio.Event()
 
     async def send(self, *buffers: bytes | bytearray | memoryview) -> None:
         async with self.write_lock:
+            await (self.shaper or shaping.current()).send(sum(memoryview(b).nbytes for b in buffers))
             for buf in buffers:
                 self.writer.write(buf)
             await self.writer.drain()
@@ -141,6 +153,7 @@ class StreamConn:
         except asyncio.IncompleteReadError as e:
             raise ConnectionError("peer closed the stream") from e
         view[:] = data
+        await (self.shaper or shaping.current()).recv(len(data))
 
     def close(self) -> None:
         with contextlib.suppress(Exception):  # the daemon may already have torn the stream down
