@@ -12,6 +12,7 @@ import torch
 from intellect.crypto.identity import Identity
 from intellect.node.net.allreduce import AllReduceError
 from intellect.node.net.averaging import Averager, AveragerConfig
+from intellect.node.net.memboard import MemoryBoard
 from intellect.protocol.averaging_messages import AbortReason
 from intellect.protocol.matchmaking import (
     Declaration,
@@ -143,26 +144,6 @@ def test_a_blamed_peer_is_left_out_until_it_heart_beats_again() -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 # the drift, with real sockets: two members whose attempts fail differently meet again at once
-
-
-class MemoryBoard:
-    """A DHT dictionary in memory, with hivemind's rule: per subkey, the value that expires last wins."""
-
-    def __init__(self) -> None:
-        self.data: dict[str, dict[str, tuple[bytes, float]]] = {}
-
-    async def publish(self, key: str, subkey: str, value: bytes, expires: float) -> bool:
-        await asyncio.sleep(0.005)
-        old = self.data.setdefault(key, {}).get(subkey)
-        if old is not None and old[1] >= expires:
-            return False
-        self.data[key][subkey] = (value, expires)
-        return True
-
-    async def read(self, key: str) -> dict[str, bytes]:
-        await asyncio.sleep(0.005)
-        now = time.time()
-        return {s: v for s, (v, exp) in self.data.get(key, {}).items() if exp > now}
 
 
 def _tensors(seed: int) -> dict[str, torch.Tensor]:
