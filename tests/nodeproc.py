@@ -102,3 +102,17 @@ def wait_joining(data_dir: Path, proc: subprocess.Popen[Any], timeout_s: float =
         return False
 
     wait_for(joined, timeout_s, "the node never reached the DHT")
+
+
+@contextlib.contextmanager
+def seeded_bootstrap(boot_dir: Path, researcher_dir: Path, manifest: Path) -> Iterator[str]:
+    """A bootstrap node with `manifest` seeded into its DHT by a fresh researcher; yields its address."""
+    with bootstrap_node(boot_dir) as boot:
+        spawn(["init", "--data-dir", str(researcher_dir)]).communicate(timeout=60)
+        proc = spawn(["seed", str(manifest), "--bootstrap", boot, "--data-dir", str(researcher_dir)])
+        try:
+            _, err = proc.communicate(timeout=120)
+        finally:
+            kill_session(proc)
+        assert proc.returncode == 0, err.decode()[-2000:]
+        yield boot

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import os
 import struct
+from typing import Any
 
 import pytest
 import torch
@@ -37,8 +38,8 @@ def _identities(n: int) -> list[Identity]:
 
 
 class _Planes:
-    def __init__(self, n: int) -> None:
-        self.planes = [DataPlane(ident) for ident in _identities(n)]
+    def __init__(self, n: int, **kwargs: Any) -> None:
+        self.planes = [DataPlane(ident, **kwargs) for ident in _identities(n)]
 
     async def __aenter__(self) -> list[DataPlane]:
         for p in self.planes:

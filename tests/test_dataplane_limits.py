@@ -31,6 +31,7 @@ from intellect.crypto.identity import Identity
 from intellect.node.net.allreduce import DataPlane, butterfly_allreduce, get_payload_codec
 from intellect.node.net.transport import ALLREDUCE_PROTOCOL, Libp2pTransport, OverCap, TcpTransport
 from intellect.protocol.groups import GroupMember, GroupSpec
+from test_allreduce import _Planes
 
 pytestmark = [
     pytest.mark.timeout(120),
@@ -112,20 +113,6 @@ def _close_all(socks: list[socket.socket]) -> None:
     socks.clear()
 
 
-class _TcpPlanes:
-    def __init__(self, n: int, **kwargs: Any) -> None:
-        self.planes = [DataPlane(ident, **kwargs) for ident in _identities(n)]
-
-    async def __aenter__(self) -> list[DataPlane]:
-        for p in self.planes:
-            await p.__aenter__()
-        return self.planes
-
-    async def __aexit__(self, *exc: object) -> None:
-        for p in self.planes:
-            await p.close()
-
-
 def _tcp(plane: DataPlane) -> TcpTransport:
     assert isinstance(plane.transport, TcpTransport)
     return plane.transport
@@ -148,7 +135,7 @@ async def test_idle_flood_is_capped_and_the_allreduce_still_completes(nofile: in
     flood = min(1200, nofile - 400)
     sources = ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"]
     socks: list[socket.socket] = []
-    async with _TcpPlanes(3) as planes:
+    async with _Planes(3) as planes:
         target = _tcp(planes[0])
         numel = 4_000_001
         without = await _allreduce(planes, _tcp_spec(planes, 0), numel)
@@ -218,7 +205,7 @@ async def test_the_accept_loop_survives_emfile(caplog: pytest.LogCaptureFixture)
     caplog.set_level(logging.INFO, logger="intellect.node.net.transport")
     loop = asyncio.get_running_loop()
     socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(3)]  # before the limit
-    async with _TcpPlanes(2) as planes:
+    async with _Planes(2) as planes:
         transport = _tcp(planes[0])
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         await asyncio.sleep(0.1)  # both accept loops wait for a connection before descriptors run out
@@ -249,7 +236,7 @@ async def test_the_accept_loop_survives_emfile(caplog: pytest.LogCaptureFixture)
 async def test_the_accept_loop_is_restarted_when_it_dies(monkeypatch: pytest.MonkeyPatch) -> None:
     loop = asyncio.get_running_loop()
     socks: list[socket.socket] = []
-    async with _TcpPlanes(2) as planes:
+    async with _Planes(2) as planes:
         transport = _tcp(planes[0])
         try:
             first = transport._accept

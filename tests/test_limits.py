@@ -30,7 +30,7 @@ from intellect.node.cli.main import cli
 from intellect.node.net.shaping import Shaper, TokenBucket, mbps
 from intellect.node.net.transport import StreamConn
 from intellect.node.run.pause import PauseGate
-from nodeproc import bootstrap_node, kill_session, spawn, start_node, wait_for, wait_joining
+from nodeproc import kill_session, seeded_bootstrap, start_node, wait_for, wait_joining
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_RUN = REPO / "node" / "runs" / "tiny-run.toml"
@@ -154,15 +154,9 @@ def test_cpu_threads_reach_the_workers_and_the_cgroup_weight_is_never_faked(
 
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with bootstrap_node(tmp_path_factory.mktemp("boot")) as boot:
-        researcher = tmp_path_factory.mktemp("researcher")
-        spawn(["init", "--data-dir", str(researcher)]).communicate(timeout=60)
-        proc = spawn(["seed", str(TINY_RUN), "--bootstrap", boot, "--data-dir", str(researcher)])
-        try:
-            _, err = proc.communicate(timeout=120)
-        finally:
-            kill_session(proc)
-        assert proc.returncode == 0, err.decode()[-2000:]
+    with seeded_bootstrap(
+        tmp_path_factory.mktemp("boot"), tmp_path_factory.mktemp("researcher"), TINY_RUN
+    ) as boot:
         yield boot
 
 

@@ -21,7 +21,7 @@ from intellect.node.app.daemon import DaemonOptions, NodeDaemon
 from intellect.node.app.status import fetch_status, read_port
 from intellect.node.run.pause import USER, PauseGate, hold
 from intellect.node.run.phase import Phase, PhaseTracker
-from nodeproc import bootstrap_node, kill_session, spawn, start_node, wait_for, wait_joining
+from nodeproc import kill_session, seeded_bootstrap, spawn, start_node, wait_for, wait_joining
 
 REPO = Path(__file__).resolve().parent.parent
 TINY_RUN = REPO / "node" / "runs" / "tiny-run.toml"
@@ -94,15 +94,9 @@ async def test_control_api_pauses_resumes_and_refuses_requests_without_its_heade
 
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with bootstrap_node(tmp_path_factory.mktemp("boot")) as boot:
-        researcher = tmp_path_factory.mktemp("researcher")
-        spawn(["init", "--data-dir", str(researcher)]).communicate(timeout=60)
-        proc = spawn(["seed", str(TINY_RUN), "--bootstrap", boot, "--data-dir", str(researcher)])
-        try:
-            _, err = proc.communicate(timeout=120)
-        finally:
-            kill_session(proc)
-        assert proc.returncode == 0, err.decode()[-2000:]
+    with seeded_bootstrap(
+        tmp_path_factory.mktemp("boot"), tmp_path_factory.mktemp("researcher"), TINY_RUN
+    ) as boot:
         yield boot
 
 
