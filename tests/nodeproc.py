@@ -98,7 +98,9 @@ def wait_joining(data_dir: Path, proc: subprocess.Popen[Any], timeout_s: float =
 
     def joined() -> bool:
         with contextlib.suppress(OSError, ValueError):
-            return fetch_status(data_dir)["phase"] == "joining" and len(session_pids(proc.pid)) >= 2
+            # Joining, or already past it (a run found at once moves on before we look).
+            phase = fetch_status(data_dir)["phase"]
+            return phase not in ("starting", "stopping", "stopped") and len(session_pids(proc.pid)) >= 2
         return False
 
     wait_for(joined, timeout_s, "the node never reached the DHT")
