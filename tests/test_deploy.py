@@ -274,7 +274,12 @@ def _env_file(path: Path, include_commented: bool = True) -> dict[str, str]:
 
 
 def _dockerfile_instructions() -> list[tuple[str, str]]:
-    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    return dockerfile_instructions(DEPLOY / "Dockerfile")
+
+
+def dockerfile_instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, rest) per Dockerfile line, continuations joined, comments skipped."""
+    text = dockerfile.read_text().replace("\\\n", " ")
     out = []
     for line in text.splitlines():
         if line.strip() and not line.lstrip().startswith("#"):

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+from test_deploy import dockerfile_instructions
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -64,13 +65,7 @@ def _compose(name: str) -> dict[str, Any]:
 
 
 def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
-    text = dockerfile.read_text().replace("\\\n", " ")
-    out = []
-    for line in text.splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            word, _, rest = line.strip().partition(" ")
-            out.append((word.upper(), rest.strip()))
-    return out
+    return dockerfile_instructions(dockerfile)
 
 
 def copy_sources(dockerfile: Path) -> list[str]:
