@@ -294,7 +294,8 @@ class Peer:
         # As the round machine: a peer that committed round r - 1 after the run did trains a shorter
         # round r (fewer inner steps, less weight), to meet the others in round r's lobby in phase.
         behind = self.sim.now - self.sim.done_at.get(r - 1, self.sim.now)
-        if behind > CATCH_UP_AFTER * duration:
+        split = bucket_count(len(self.sim.expected_for(r)) + 1, self.sim.p.group_size) > 1
+        if split and behind > CATCH_UP_AFTER * duration:
             duration = max(duration * MIN_ROUND_FRACTION, duration - behind)
 
         def trained() -> None:

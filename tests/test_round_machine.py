@@ -157,9 +157,13 @@ def test_a_node_far_behind_the_run_trains_a_shorter_round(run: OfflineRun) -> No
     for peer in ("12D3KooWa", "12D3KooWb"):
         run.book.on_checkpoint(peer, CheckpointAnnounce(1, "ab" * 32, 10, 10))
     m._step_s = 0.5
-    assert m._steps_for(2) == full  # just announced: we are not behind
     reached = run.book.round_reached_at(1)
     assert reached is not None
+    m.book._clock = lambda: reached + 10 * full * 0.5
+    assert m._steps_for(2) == full  # far behind, but the run meets in one lobby: no catch-up round
+    m._expected = lambda r: [f"12D3KooW{i}" for i in range(64)]  # a run of several lobbies
+    m.book._clock = lambda: reached
+    assert m._steps_for(2) == full  # just announced: we are not behind
     m.book._clock = lambda: reached + 0.5 * full * 0.5  # half a round behind
     assert m._steps_for(2) == full - full // 2
     m.book._clock = lambda: reached + 10 * full * 0.5  # ten rounds behind: the shortest round
