@@ -347,20 +347,7 @@ class RoundMachine:
 
     def _steps_for(self, r: int) -> int:
         """Inner steps of round r: the manifest's, fewer when we are far behind the run (CATCH_UP_AFTER)."""
-        full = self.manifest.diloco.inner_steps
-        reached = self.book.round_reached_at(r - 1)
-        if reached is None or not self._step_s:
-            return full
-        if bucket_count(len(self._expected(r)) + 1, self.manifest.averaging.group_size) < 2:
-            # One lobby for the whole run: its leader waits for every expected peer by its intent, and a
-            # peer arriving early only changes who leads (the 4-daemon freeze test split such a round).
-            return full
-        behind = self.book.now() - reached
-        if behind <= CATCH_UP_AFTER * full * self._step_s:
-            return full
-        steps = max(math.ceil(full * MIN_ROUND_FRACTION), full - int(behind / self._step_s))
-        logger.info("round %d: %.1f s behind the run; training %d of %d inner steps", r, behind, steps, full)
-        return steps
+        return catch_up_steps(self, r)
 
     def _expected(self, r: int) -> list[str]:
         """Who we expect in round r's lobbies: every counted member of the run, not only who finished
@@ -450,3 +437,21 @@ class RoundMachine:
         await self.announcer.progress(
             view, self.trainer.trainer.step, self.tokens, stats.mean_loss, stats.tokens_per_s
         )
+
+
+def catch_up_steps(m: RoundMachine, r: int) -> int:
+    """`RoundMachine._steps_for`: the manifest's inner steps, or fewer far behind a multi-lobby run."""
+    full = m.manifest.diloco.inner_steps
+    reached = m.book.round_reached_at(r - 1)
+    if reached is None or not m._step_s:
+        return full
+    if bucket_count(len(m._expected(r)) + 1, m.manifest.averaging.group_size) < 2:
+        # One lobby for the whole run: its leader waits for every expected peer by its intent, and a
+        # peer arriving early only changes who leads (the 4-daemon freeze test split such a round).
+        return full
+    behind = m.book.now() - reached
+    if behind <= CATCH_UP_AFTER * full * m._step_s:
+        return full
+    steps = max(math.ceil(full * MIN_ROUND_FRACTION), full - int(behind / m._step_s))
+    logger.info("round %d: %.1f s behind the run; training %d of %d inner steps", r, behind, steps, full)
+    return steps
