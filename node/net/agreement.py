@@ -178,6 +178,14 @@ class Agreement:
             raise AgreementError(AbortReason.PEER_FAILED, detail=f"{peer}: {e}") from e
         except ProtocolError as e:
             raise AgreementError(AbortReason.BAD_DIGEST, culprit=peer, detail=str(e)) from e
+        except Exception as e:
+            # A member that withholds its digest (or an owner its relay) is named like one that never
+            # connected, so the retry goes on without it instead of stalling attempt after attempt.
+            if getattr(e, "failure", None) is AbortReason.STALLED:
+                raise AgreementError(
+                    AbortReason.STALLED, culprit=peer, detail=f"{peer} sent no digest"
+                ) from e
+            raise
         self.received_bytes += n + _LEN.size
         if isinstance(msg, am.Abort):
             raise AgreementError(
