@@ -13,7 +13,7 @@ from intellect.node.app.config import NodeConfig
 from intellect.node.app.roundlog import EventRecorder
 from intellect.node.app.status import NodeStatus
 from intellect.node.run.peerbook import PeerBook
-from intellect.node.run.service import data_root
+from intellect.node.run.service import make_global_state
 from intellect.node.run.state import GlobalState
 from intellect.node.run.training import Engine, EngineSettings, build_engine
 from intellect.protocol.manifest import Manifest, SignedManifest
@@ -51,12 +51,11 @@ def offline_run() -> MakeOfflineRun:
         me = Identity.generate()
         status = NodeStatus()
         events = EventRecorder(status, config.data_dir)
-        engine = build_engine(
-            signed.manifest, EngineSettings(config.data_dir, config.device, config.local_ranks)
+        settings = EngineSettings(
+            config.data_dir, config.device, config.local_ranks, int(config.max_disk_gb * 1e9)
         )
-        root = data_root(config.data_dir, signed.run_id)
-        trainer, check = engine.trainer.trainer, engine.loss_check
-        state = GlobalState(signed.run_id, engine.model, engine.outer, trainer, root, events, check)
+        engine = build_engine(signed.manifest, settings)
+        state = make_global_state(signed.run_id, engine, settings, events)
         asyncio.run(state.start(config.data_dir, signed.manifest.init.sha256))
         book = PeerBook(me.peer_id, signed.run_id, events)
         return OfflineRun(config, me, signed, engine, state, book, status)

@@ -100,7 +100,9 @@ def run_settings(daemon: NodeDaemon) -> RunSettings:
     """The run layer's settings, from the node's config and the daemon's options."""
     config, opts = daemon.config, daemon.options
     return RunSettings(
-        engine=EngineSettings(config.data_dir, config.device, config.local_ranks),
+        engine=EngineSettings(
+            config.data_dir, config.device, config.local_ranks, int(config.max_disk_gb * 1e9)
+        ),
         limits=Limits(
             opts.max_rounds, opts.min_peers, opts.min_peers_timeout_s, opts.until_round, daemon.gate
         ),

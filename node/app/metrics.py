@@ -115,6 +115,11 @@ class StatusCollector(Collector):
             "Checkpoints that could not be written (disk full or failing).",
             s.checkpoint_errors,
         )
+        yield counter(
+            "checkpoints_skipped",
+            "Checkpoints not written because they would have passed the disk cap (max_disk_gb).",
+            s.checkpoints_skipped,
+        )
         rej = CounterMetricFamily(
             "intellect_rejected_messages", "Peer messages dropped, by reason.", labels=["run", "reason"]
         )

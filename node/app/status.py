@@ -102,6 +102,8 @@ class NodeStatus:
     served_bytes: int = 0
     #: Checkpoints that could not be written (full or failing disk); training went on.
     checkpoint_errors: int = 0
+    #: Checkpoints not written because they would have passed the volunteer's disk cap.
+    checkpoints_skipped: int = 0
     loop_lag_s: float = 0.0
     max_loop_lag_s: float = 0.0
     started_at: float = field(default_factory=time.time)
@@ -204,6 +206,12 @@ def _on_checkpoint_failed(s: NodeStatus, e: ev.CheckpointFailed) -> None:
     s.checkpoint_errors += 1
 
 
+def _on_disk_checked(s: NodeStatus, e: ev.DiskChecked) -> None:
+    s.limits["max_disk_gb"] = e.note
+    if not e.fits:
+        s.checkpoints_skipped += 1
+
+
 def _on_rejected(s: NodeStatus, e: ev.Rejected) -> None:
     s.rejected[e.reason.value] += 1
 
@@ -225,6 +233,7 @@ _FOLD: dict[type, Any] = {
     ev.MembersChanged: _on_members,
     ev.StateServed: _on_served,
     ev.CheckpointFailed: _on_checkpoint_failed,
+    ev.DiskChecked: _on_disk_checked,
     ev.Rejected: _on_rejected,
     ev.GossipCounters: _on_gossip,
 }

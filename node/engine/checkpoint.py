@@ -214,7 +214,23 @@ class CheckpointStore:
             for path in target.glob(f"{stem}.*"):
                 path.unlink(missing_ok=True)
 
-    def _prune(self) -> None:
+    def clear_quarantine(self) -> None:
+        """Delete the quarantined corrupt checkpoints (kept for a post-mortem only): the disk cap's first
+        resort."""
+        target = self.directory / CORRUPT_DIR
+        if target.is_dir():
+            for path in target.iterdir():
+                if path.is_file():
+                    path.unlink(missing_ok=True)
+                    log.info("disk cap: removed quarantined %s", path.name)
+
+    def prune(self, keep: int | None = None) -> None:
+        """Verify the unverified checkpoints (quarantining the corrupt ones), then delete the oldest good
+        ones beyond the newest `keep` (default: the store's own); at least the newest good one stays."""
+        self._prune(max(1, self.keep if keep is None else keep))
+
+    def _prune(self, keep: int | None = None) -> None:
+        keep = self.keep if keep is None else keep
         # Corrupt checkpoints first: they must not hold a slot while a good older one is deleted.
         for round_ in self.rounds():
             fingerprint = self._fingerprint(round_)
@@ -227,7 +243,7 @@ class CheckpointStore:
                 continue
             self._verified[round_] = fingerprint
         rounds = self.rounds()
-        for old in rounds[: max(0, len(rounds) - self.keep)]:
+        for old in rounds[: max(0, len(rounds) - keep)]:
             self._verified.pop(old, None)
             data_path, side_path = self._paths(old)
             # Sidecar first: a half-pruned checkpoint then looks incomplete rather than corrupt.

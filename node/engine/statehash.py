@@ -52,12 +52,8 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def iter_serialized(tensors: Mapping[str, torch.Tensor]) -> Iterator[bytes]:
-    """Yield the deterministic safetensors bytes of ``tensors`` piece by piece (header, then each tensor).
-
-    Streaming lets a checkpoint be written and hashed without holding a second copy of the state.
-    """
-    names = sorted(tensors)
+def _header(tensors: Mapping[str, torch.Tensor], names: list[str]) -> bytes:
+    """The safetensors header of `tensors` in `names` order: its length (8 bytes), then padded JSON."""
     header: dict[str, object] = {}
     offset = 0
     for name in names:
@@ -75,11 +71,26 @@ def iter_serialized(tensors: Mapping[str, torch.Tensor]) -> Iterator[bytes]:
         offset += size
     raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
-    yield struct.pack("<Q", len(raw)) + raw
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def iter_serialized(tensors: Mapping[str, torch.Tensor]) -> Iterator[bytes]:
+    """Yield the deterministic safetensors bytes of ``tensors`` piece by piece (header, then each tensor).
+
+    Streaming lets a checkpoint be written and hashed without holding a second copy of the state.
+    """
+    names = sorted(tensors)
+    yield _header(tensors, names)
     for name in names:
         data = _tensor_bytes(tensors[name])
         if data:
             yield data
+
+
+def serialized_size(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Length of `serialize_state(tensors)` without building it (the header, then the tensors' bytes)."""
+    data = sum(t.numel() * t.element_size() for t in tensors.values())
+    return len(_header(tensors, sorted(tensors))) + data
 
 
 def serialize_state(tensors: Mapping[str, torch.Tensor]) -> bytes:

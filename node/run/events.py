@@ -151,6 +151,18 @@ class CheckpointFailed:
     error: str
 
 
+@dataclass(frozen=True)
+class DiskChecked:
+    """The disk cap's verdict on a checkpoint: the data directory's bytes, the cap, and whether the
+    checkpoint of `round` was written (`fits`) or skipped, in words (`note`)."""
+
+    round: int
+    used: int
+    cap: int
+    fits: bool
+    note: str
+
+
 Event = (
     PhaseChanged
     | StateChanged
@@ -165,6 +177,7 @@ Event = (
     | GossipCounters
     | StateServed
     | CheckpointFailed
+    | DiskChecked
 )
 EventSink = Callable[[Event], None]
 E = TypeVar("E")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from intellect.crypto.identity import Identity
+from intellect.node.engine.diskcap import DiskCap
 from intellect.node.net.averaging import Averager, AveragerConfig
 from intellect.node.net.dht import DhtService
 from intellect.node.net.gossip import GossipService
@@ -87,9 +88,7 @@ class RunService:
             await engine.trainer.close()
 
     def global_state(self, engine: Engine) -> GlobalState:
-        root = data_root(self.settings.engine.data_dir, self.run_id)
-        trainer, check = engine.trainer.trainer, engine.loss_check
-        return GlobalState(self.run_id, engine.model, engine.outer, trainer, root, self._emit, check)
+        return make_global_state(self.run_id, engine, self.settings.engine, self._emit)
 
     async def _serve(self, engine: Engine, state: GlobalState) -> None:
         admits = self.membership.admits
@@ -211,6 +210,14 @@ class RunService:
 
 def _log_progress(sender: str, msg: Any) -> None:
     logger.debug("progress of %s: round %d loss %.4f", sender, msg.round, msg.loss)
+
+
+def make_global_state(run_id: str, engine: Engine, settings: EngineSettings, emit: EventSink) -> GlobalState:
+    """The run's global state over `engine`, its checkpoints under the data directory, under the disk cap."""
+    root = data_root(settings.data_dir, run_id)
+    trainer, check = engine.trainer.trainer, engine.loss_check
+    disk = DiskCap(settings.data_dir, settings.max_disk_bytes) if settings.max_disk_bytes else None
+    return GlobalState(run_id, engine.model, engine.outer, trainer, root, emit, check, disk)
 
 
 def data_root(data_dir: Path, run_id: str) -> Path:

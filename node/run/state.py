@@ -17,20 +17,23 @@ from pathlib import Path
 
 import torch
 from intellect.node.engine.checkpoint import CheckpointError, CheckpointStore
+from intellect.node.engine.diskcap import DiskCap, Room
 from intellect.node.engine.initstate import InitStateError, init_state_path, load_init_state
 from intellect.node.engine.losscheck import LossCheck
 from intellect.node.engine.model import Llama
 from intellect.node.engine.outer import STEP_KEY, OuterOptimizer
-from intellect.node.engine.statehash import state_hash
+from intellect.node.engine.statehash import serialized_size, state_hash
 from intellect.node.engine.trainer import InnerTrainer
 from intellect.node.net.allreduce import PayloadCodec, flatten, unflatten
 from intellect.node.net.averaging import contribution_error
-from intellect.node.run.events import CheckpointFailed, EventSink, StateChanged, Synced
+from intellect.node.run.events import CheckpointFailed, DiskChecked, EventSink, StateChanged, Synced
 
 logger = logging.getLogger(__name__)
 
 #: Name of the error-feedback residual in the trainer checkpoint (next to the optimizer state).
 RESIDUAL_TENSOR = "error_feedback.residual"
+#: Room reserved for a checkpoint's two JSON sidecars when the disk cap reckons its size.
+SIDECAR_ALLOWANCE = 64 << 10
 Tensors = Mapping[str, torch.Tensor]
 
 
@@ -54,6 +57,7 @@ class GlobalState:
         root: Path,
         emit: EventSink,
         loss_check: LossCheck | None = None,
+        disk: DiskCap | None = None,
     ) -> None:
         self.run_id = run_id
         self.model = model
@@ -71,6 +75,8 @@ class GlobalState:
         self._inflight: asyncio.Task[None] | None = None
         #: The held-out loss a state from peers must pass before `adopt` takes it (None: not checked).
         self.loss_check = loss_check
+        #: The volunteer's disk cap on the data directory (None: no cap).
+        self.disk = disk
 
     # ---- reading ---------------------------------------------------------------------------------------
 
@@ -280,8 +286,7 @@ class GlobalState:
         (writes are atomic), and the next round's checkpoint tries again."""
         view = self._view
         try:
-            await asyncio.to_thread(self._write, view)
-            return True
+            room = await asyncio.to_thread(self._write, view)
         except (OSError, CheckpointError) as e:
             self._emit(CheckpointFailed(view.round, str(e)))
             logger.error(
@@ -291,14 +296,36 @@ class GlobalState:
                 e,
             )
             return False
+        if room is None or self.disk is None:
+            return True
+        self._emit(DiskChecked(view.round, room.used, self.disk.cap, room.fits, room.describe(self.disk.cap)))
+        if not room.fits:
+            logger.warning(
+                "max_disk_gb: %s; training on with the state in memory (round %d)",
+                room.describe(self.disk.cap),
+                view.round,
+            )
+        return room.fits
 
-    def _write(self, view: StateView) -> None:
+    def _write(self, view: StateView) -> Room | None:
+        """Both checkpoints of `view`, after making room under the disk cap; the cap's verdict (None when
+        there is no cap), whose `fits` is False when nothing was written."""
         meta = {"round": view.round, "run_id": self.run_id, "state_hash": view.state_hash}
-        self.global_store.save(self.outer.state_dict(), meta)
+        global_tensors = self.outer.state_dict()
         tensors, tmeta = self.trainer.export_state()
         if self.residual is not None:
             tensors = {**tensors, RESIDUAL_TENSOR: self.residual}
+        room = None
+        if self.disk is not None:
+            need = serialized_size(global_tensors) + serialized_size(tensors) + SIDECAR_ALLOWANCE
+            room = self.disk.make_room(need, (self.global_store, self.trainer_store))
+            if not room.fits:
+                return room
+        self.global_store.save(global_tensors, meta)
         self.trainer_store.save(tensors, {"round": view.round, "trainer": tmeta})
+        if self.disk is not None:
+            room = Room(True, self.disk.used(), 0, 0)
+        return room
 
 
 __all__ = ["RESIDUAL_TENSOR", "GlobalState", "StateView"]

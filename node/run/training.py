@@ -160,6 +160,8 @@ class EngineSettings:
     device: str = "auto"
     #: Ranks inside this node; 0: one per GPU that splits the batch (CUDA), else 1.
     local_ranks: int = 0
+    #: The volunteer's cap on the data directory, in bytes (0: none), kept when checkpoints are written.
+    max_disk_bytes: int = 0
 
 
 @dataclass(frozen=True)
