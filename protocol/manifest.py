@@ -609,7 +609,7 @@ def load_manifest_toml(path: Path | str) -> Manifest:
         raise ManifestError(str(path), f"not valid TOML: {e}") from None
     except RecursionError:  # tomllib parses nested arrays and inline tables recursively
         raise ManifestError(str(path), "nested too deeply to be a manifest") from None
-    if _depth(raw) > MAX_TOML_DEPTH:
+    if toml_depth(raw) > MAX_TOML_DEPTH:
         raise ManifestError(str(path), f"nested deeper than {MAX_TOML_DEPTH} levels")
     return parse_manifest(raw)
 
@@ -618,7 +618,7 @@ def load_manifest_toml(path: Path | str) -> Manifest:
 MAX_TOML_DEPTH = 16
 
 
-def _depth(value: object) -> int:
+def toml_depth(value: object) -> int:
     """How deeply `value` nests dicts and lists, without recursion."""
     deepest, stack = 0, [(value, 0)]
     while stack:

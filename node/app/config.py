@@ -17,6 +17,7 @@ from typing import Any
 
 import platformdirs
 from intellect.node.app.runid import RunIdError, check_prefix
+from intellect.protocol.manifest import MAX_TOML_DEPTH, toml_depth
 
 ENV_PREFIX = "INTELLECT_NODE_"
 CONFIG_FILE_NAME = "config.toml"
@@ -240,6 +241,9 @@ def _from_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
     except RecursionError:  # tomllib parses nested arrays and inline tables recursively
         raise ConfigError(f"{path}: nested too deeply to be a configuration") from None
+    # Whether tomllib recursed out depends on how deep the caller's stack already was: check the result too.
+    if toml_depth(raw) > MAX_TOML_DEPTH:
+        raise ConfigError(f"{path}: nested too deeply to be a configuration (over {MAX_TOML_DEPTH} levels)")
     out: dict[str, Any] = {}
     for name, value in raw.items():
         _known(name, str(path))
