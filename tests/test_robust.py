@@ -30,6 +30,27 @@ def test_a_minority_moves_the_result_a_bounded_amount(attack: float) -> None:
     assert float(torch.linalg.vector_norm(plain - target)) > 100 * spread
 
 
+def test_a_far_outlier_is_cut_out_and_the_result_still_passes_the_owner_check() -> None:
+    from intellect.node.engine.verify import Contribution, Projector, check_partition, distance
+
+    honest = _honest(3, 4096, 3)
+    flipped = -1000.0 * honest[0]  # the sign flip ×1000 of the Byzantine benchmark
+    alone = centered_clip(honest, [1.0] * 3)
+    cc = centered_clip([*honest, flipped], [1.0] * 4)
+    spread = max(distance(h, alone) for h in honest)
+    # Plain clipping let it pull by τ/4 every round; now it pulls nothing: what is left is the change of
+    # τ (a median over four distances rather than three).
+    assert distance(cc, alone) < 0.05 * spread
+    proj = Projector(b"seed", 0, 4096)
+    reports = [Contribution(1.0, proj(x), distance(x, cc)) for x in (*honest, flipped)]
+    ok, worst, tol = check_partition("centered_clip", reports, cc, proj, 0.0)
+    assert ok, (worst, tol)
+    # An owner that kept the outlier at full clip (the old rule) fails the check under the new one.
+    old = cc + (flipped - cc) * (0.25 * spread / distance(flipped, cc))
+    bad = [Contribution(1.0, proj(x), distance(x, old)) for x in (*honest, flipped)]
+    assert not check_partition("centered_clip", bad, old, proj, 0.0)[0]
+
+
 def test_agreeing_contributions_and_determinism() -> None:
     same = [torch.linspace(-1, 1, 1000)] * 4
     assert torch.equal(centered_clip(same, [1.0, 2.0, 3.0, 4.0]), same[0])

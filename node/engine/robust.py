@@ -8,10 +8,11 @@ contribution by at most `tau` in L2 norm per iteration, until it reaches the fix
     v <- v + sum_i w_i * (x_i - v) * min(1, tau / ||x_i - v||) / sum_i w_i
 
 so a minority of contributions, however large, moves the result by a bounded amount, while contributions
-within `tau` of the centre average exactly as the mean does. `tau` is the median distance of the
-contributions from the current centre (a scale estimate a minority cannot inflate), times `tau_scale`,
-recomputed every iteration, so that the result is the fixed point of one equation every member can check
-(`intellect.node.engine.verify`).
+within `tau` of the centre average exactly as the mean does. The clip redescends: a contribution beyond
+`verify.REJECT` x tau pulls less the farther it is, and one beyond twice that not at all. `tau` is the
+median distance of the contributions from the current centre (a scale estimate a minority cannot
+inflate), times `tau_scale`, recomputed every iteration, so that the result is the fixed point of one
+equation every member can check (`intellect.node.engine.verify`).
 Deterministic: the same inputs in the same order give bit-identical output on every machine, which the
 all-gather relies on (only the partition's owner computes it, and everyone receives its bytes).
 """
@@ -21,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from intellect.node.engine.verify import CONVERGED, clip_tau
+from intellect.node.engine.verify import CONVERGED, REJECT, clip_tau
 
 REDUCERS = ("mean", "centered_clip")
 
@@ -57,7 +58,9 @@ def centered_clip(
         tau = clip_tau(norms.tolist()) * tau_scale
         if tau <= 0.0:
             break
-        scale = torch.clamp(tau / torch.clamp(norms, min=1e-300), max=1.0).to(torch.float32)
+        # verify.clip_factor, vectorised: min(1, τ/d), redescending to 0 between REJECT·τ and 2·REJECT·τ.
+        scale = torch.clamp(tau / torch.clamp(norms, min=1e-300), max=1.0)
+        scale = (scale * torch.clamp(2.0 - norms / (REJECT * tau), min=0.0, max=1.0)).to(torch.float32)
         step = (diff * (w * scale).unsqueeze(1)).sum(dim=0)
         if float(torch.linalg.vector_norm(step.to(torch.float64))) <= CONVERGED * tau:
             break

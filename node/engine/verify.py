@@ -6,8 +6,8 @@ can check cheaply is that the result satisfies the equation that defines it:
 
 - `mean`: r = Σ wᵢ pᵢ / W, i.e. the residual Σ wᵢ (pᵢ − r) / W is zero;
 - `centered_clip` (as computed by `node.engine.robust.centered_clip`): r is a fixed point of centered
-  clipping, Σ wᵢ mᵢ (pᵢ − r) / W ≈ 0 with mᵢ = min(1, τ / ‖pᵢ − r‖) and τ the median of the distances
-  ‖pᵢ − r‖.
+  clipping, Σ wᵢ mᵢ (pᵢ − r) / W ≈ 0 with mᵢ = min(1, τ / ‖pᵢ − r‖) (redescending to 0 beyond
+  `REJECT`·τ, `clip_factor`) and τ the median of the distances ‖pᵢ − r‖.
 
 Both are linear in the contributions once the distances are known. So after the all-gather, when every
 member holds the same result r̂ and a seed nobody could know before the owners sent it (a hash of every
@@ -47,6 +47,13 @@ SKETCHES = 8
 Z = 6.0
 #: The owner iterates centered clipping until the residual is at most this fraction of τ.
 CONVERGED = 1e-3
+#: Centered clipping redescends: a contribution farther than `REJECT`·τ from the centre pulls less the
+#: farther it is, and one beyond 2·`REJECT`·τ not at all (its clip factor falls linearly from τ/d to 0).
+#: Plain clipping lets every outlier pull by τ, whatever its size: a sign flip ×1000 by one of four members
+#: moved the result by a quarter of τ every round (docs/decisions.md). Honest contributions lie within a
+#: few τ of the centre (τ is the median distance), so they are never cut; continuous, so the owner's
+#: iteration settles as plain clipping does.
+REJECT = 4.0
 #: Values per chunk when projecting (bounds the temporaries to about 40 MiB).
 _CHUNK = 1 << 21
 
@@ -123,14 +130,22 @@ def clip_tau(dists: Sequence[float]) -> float:
     return ordered[-1] if len(ordered) <= 2 else ordered[(len(ordered) - 1) // 2]
 
 
+def clip_factor(d: float, tau: float) -> float:
+    """mᵢ of centered clipping at distance `d` from the centre: 1 within τ, τ/d up to `REJECT`·τ, then
+    falling linearly to 0 at 2·`REJECT`·τ (see `REJECT`)."""
+    if d <= tau:
+        return 1.0
+    return tau / d * min(1.0, max(0.0, 2.0 - d / (REJECT * tau)))
+
+
 def clip_factors(reducer: str, dists: Sequence[float]) -> list[float]:
-    """mᵢ of the residual: 1 for `mean`; min(1, τ/dᵢ) with τ = `clip_tau(d)` for `centered_clip`."""
+    """mᵢ of the residual: 1 for `mean`; `clip_factor(dᵢ, τ)` with τ = `clip_tau(d)` for `centered_clip`."""
     if reducer == "mean":
         return [1.0] * len(dists)
     if reducer != "centered_clip":
         raise ValueError(f"no residual check for reducer {reducer!r}")
     tau = clip_tau(dists)
-    return [1.0 if d <= tau else tau / d for d in dists]
+    return [clip_factor(d, tau) for d in dists]
 
 
 def residual(
