@@ -51,6 +51,31 @@ def test_a_far_outlier_is_cut_out_and_the_result_still_passes_the_owner_check() 
     assert not check_partition("centered_clip", bad, old, proj, 0.0)[0]
 
 
+def test_identical_contributions_of_half_the_group_are_checked_without_dividing_by_zero() -> None:
+    from intellect.node.engine.verify import Contribution, Projector, check_partition, distance
+
+    honest = _honest(2, 512, 4)
+    zeros = [torch.zeros(512), torch.zeros(512)]  # two free riders at full weight: τ is 0 at their point
+    cc = centered_clip([*honest, *zeros], [1.0] * 4)
+    proj = Projector(b"seed", 1, 512)
+    reports = [Contribution(1.0, proj(x), distance(x, cc)) for x in (*honest, *zeros)]
+    ok, _worst, _tol = check_partition("centered_clip", reports, cc, proj, 0.0)
+    assert ok and torch.isfinite(cc).all()
+
+
+def test_half_the_group_flipping_its_own_pseudo_gradients_does_not_steer_the_result() -> None:
+    from intellect.node.engine.verify import distance
+
+    values = _honest(4, 4096, 5)
+    honest = centered_clip(values[:2], [1.0] * 2)
+    attacked = [*values[:2], -1000.0 * values[2], -1000.0 * values[3]]  # as the benchmark's two attackers
+    cc = centered_clip(attacked, [1.0] * 4)
+    spread = distance(values[0], values[1])
+    # It starts from an honest contribution (the medoid), where the coordinate-wise median would sit
+    # half-way to the flipped ones, and the flipped ones, far beyond 8τ, pull nothing.
+    assert distance(cc, honest) <= spread
+
+
 def test_agreeing_contributions_and_determinism() -> None:
     same = [torch.linspace(-1, 1, 1000)] * 4
     assert torch.equal(centered_clip(same, [1.0, 2.0, 3.0, 4.0]), same[0])

@@ -135,6 +135,8 @@ def clip_factor(d: float, tau: float) -> float:
     falling linearly to 0 at 2·`REJECT`·τ (see `REJECT`)."""
     if d <= tau:
         return 1.0
+    if tau <= 0.0:  # half the contributions sit exactly on the centre: the rest pull nothing
+        return 0.0
     return tau / d * min(1.0, max(0.0, 2.0 - d / (REJECT * tau)))
 
 
