@@ -1,10 +1,12 @@
 """Benchmark pseudo-gradient compressors on the same Gaussian tensor: ours against hivemind's.
 
-Measures, per method, quantise + dequantise throughput in GB/s of fp32 input and the relative L2 error
-||x - x̂|| / ||x||. Timing is the best of `--repeat` runs (the machine may be shared; the minimum is the
-least disturbed run). hivemind's quantizers are called the way its all-reduce calls them: on parts of
-`--part` values (hivemind's default part size is 512 KiB = 128K fp32 values) through `compress`/`extract`,
-which includes its protobuf serialisation, as ours includes building the `CompressedTensor`.
+Measures, per method, quantise + dequantise throughput in GB/s of fp32 input, the relative L2 error
+||x - x̂|| / ||x|| and the compression ratio (fp32 bytes / bytes on the wire: our `to_wire` bytes, header
+included; hivemind's serialised protobuf parts). Timing is the best of `--repeat` runs (the machine may be
+shared; the minimum is the least disturbed run). hivemind's quantizers are called the way its all-reduce
+calls them: on parts of `--part` values (hivemind's default part size is 512 KiB = 128K fp32 values)
+through `compress`/`extract`, which includes its protobuf serialisation, as ours includes building the
+`CompressedTensor`.
 
     python bench/compression.py --json [--numel N] [--threads T] [--repeat R] [--clock wall|cpu]
 
@@ -13,9 +15,10 @@ page faults comparable to the arithmetic; `THP_MEM_ALLOC_ENABLE=1` (read by torc
 start) backs large tensors with transparent huge pages where the kernel allows it (`madvise` mode) and
 removes most of that cost for every method alike. The header line says whether it is set.
 
-The last line printed is one JSON object ``{NAME: {"gbps": float, "rel_l2": float}, ...}``; ours is under
-"ours_int8" (eager, error feedback on as the node runs it) and "ours_int8_compiled" when torch.compile
-works here. hivemind is imported only inside this script (the node's core never imports it for this).
+The last line printed is one JSON object ``{NAME: {"gbps": float, "rel_l2": float, "ratio": float}}``;
+ours are "ours_int8", "ours_int4", "ours_int2" (eager, error feedback on as the node runs it), and
+"ours_int8_compiled" when torch.compile works here. hivemind is imported only inside this script (the
+node's core never imports it for this).
 """
 
 from __future__ import annotations
@@ -29,7 +32,16 @@ import time
 from collections.abc import Callable
 
 import torch
-from intellect.node.engine.compression import Fp16, Int8Blockwise, _compiled_kernel, decompress
+from intellect.node.engine.compression import (
+    CompressedTensor,
+    Compressor,
+    Fp16,
+    Int2Blockwise,
+    Int4Blockwise,
+    Int8Blockwise,
+    _compiled_kernel,
+    decompress,
+)
 
 log = logging.getLogger("bench.compression")
 
@@ -48,14 +60,22 @@ def _time(
     return best, first
 
 
-def _ours(compressor: Int8Blockwise | Fp16, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+#: A method: (quantise + dequantise once, bytes on the wire of the last call's payload).
+Method = tuple[Callable[[], torch.Tensor], Callable[[], int]]
+
+
+def _ours(compressor: Compressor, x: torch.Tensor) -> Method:
+    last: list[CompressedTensor] = []
+
     def run() -> torch.Tensor:
-        return decompress(compressor.compress("delta", x))
+        ct = compressor.compress("delta", x)
+        last[:] = [ct]
+        return decompress(ct)
 
-    return run
+    return run, lambda: len(last[0].to_wire())
 
 
-def _hivemind(kind: str, x: torch.Tensor, part: int) -> Callable[[], torch.Tensor]:
+def _hivemind(kind: str, x: torch.Tensor, part: int) -> Method:
     from hivemind.compression import (
         CompressionInfo,
         Float16Compression,
@@ -70,11 +90,13 @@ def _hivemind(kind: str, x: torch.Tensor, part: int) -> Callable[[], torch.Tenso
     }[kind]()
     info = CompressionInfo.from_tensor(x)
     parts = list(x.split(part))
+    last: list = []
 
     def run() -> torch.Tensor:
-        return torch.cat([comp.extract(comp.compress(p, info)) for p in parts])
+        last[:] = [comp.compress(p, info) for p in parts]
+        return torch.cat([comp.extract(m) for m in last])
 
-    return run
+    return run, lambda: sum(m.ByteSize() for m in last)
 
 
 def main() -> None:
@@ -83,7 +105,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per method (best is reported)")
     parser.add_argument("--part", type=int, default=128 * 1024, help="hivemind part size in values")
-    parser.add_argument("--block", type=int, default=256, help="our int8 block size")
+    parser.add_argument("--block", type=int, default=256, help="our int8/int4/int2 block size")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--no-quantile", action="store_true", help="skip hivemind Quantile8Bit (slow)")
     parser.add_argument(
@@ -101,9 +123,11 @@ def main() -> None:
     gb = x.numel() * 4 / 1e9
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
-    methods: dict[str, tuple[Callable[[], torch.Tensor], int]] = {
+    methods: dict[str, tuple[Method, int]] = {
         "ours_int8": (_ours(Int8Blockwise(block=args.block, error_feedback=True), x), args.repeat),
         "ours_int8_no_ef": (_ours(Int8Blockwise(block=args.block, error_feedback=False), x), args.repeat),
+        "ours_int4": (_ours(Int4Blockwise(block=args.block, error_feedback=True), x), args.repeat),
+        "ours_int2": (_ours(Int2Blockwise(block=args.block, error_feedback=True), x), args.repeat),
     }
     if not args.no_compile:
         start = time.perf_counter()
@@ -124,11 +148,12 @@ def main() -> None:
         f"{x.numel()} Gaussian fp32 values ({gb * 1e3:.0f} MB), {args.threads} threads, "
         f"{args.clock} clock, THP_MEM_ALLOC_ENABLE={thp}, best of runs"
     )
-    for name, (fn, repeat) in methods.items():
+    for name, ((fn, wire_bytes), repeat) in methods.items():
         seconds, out = _time(fn, repeat, clock)
         rel = float((out.view(-1) - x).norm() / x.norm())
-        results[name] = {"gbps": round(gb / seconds, 4), "rel_l2": round(rel, 6)}
-        print(f"  {name:24s} {gb / seconds:7.3f} GB/s   rel L2 {rel:.4%}")
+        ratio = x.numel() * 4 / wire_bytes()
+        results[name] = {"gbps": round(gb / seconds, 4), "rel_l2": round(rel, 6), "ratio": round(ratio, 3)}
+        print(f"  {name:24s} {gb / seconds:7.3f} GB/s   rel L2 {rel:8.4%}   ratio {ratio:6.2f}")
     if args.json:
         print(json.dumps(results))
 

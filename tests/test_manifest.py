@@ -60,7 +60,7 @@ def test_example_loads_and_is_tiny() -> None:
         ("diloco.nesterov", 1, "diloco.nesterov", "true or false"),
         ("model.dim", ..., "model.dim", "missing"),
         ("model.n_heads", 3, "model.n_heads", "must divide"),
-        ("averaging.compression", "int4", "averaging.compression", "must be one of"),
+        ("averaging.compression", "int3", "averaging.compression", "must be one of"),
         ("averaging.min_group", 99, "averaging.min_group", "at most"),
         ("admission.policy", "allowlist", "admission.peers", "at least one"),
         ("tokenizer.kind", "sentencepiece", "tokenizer.kind", "must be one of"),

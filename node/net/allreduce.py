@@ -224,6 +224,32 @@ class CompressorCodec:
             return (2.0**-11 * float(torch.linalg.vector_norm(flat)) + 2.0**-25 * flat.numel() ** 0.5) * (
                 1 + 1e-3
             )
+        if self.name in ("int4", "int2"):
+            block = int(self._impl.block)
+            pad = (-flat.numel()) % block
+            counts = torch.full(((flat.numel() + pad) // block,), float(block), dtype=torch.float64)
+            if pad:
+                counts[-1] = block - pad
+            # 2^-90 per value: blocks whose scale is subnormal or 0 (all their values below 2^-123), where
+            # the relative arguments below do not hold, move by less than that.
+            tiny = 2.0**-90 * flat.numel() ** 0.5
+            if self.name == "int4":
+                # As int8 with levels -7..7: scale = absmax / 7, every value moved by at most scale / 2.
+                blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, block)
+                scale = blocks.abs().amax(dim=1) / 7.0
+                return float(torch.sqrt((counts * (scale / 2) ** 2).sum())) * (1 + 1e-3) + tiny
+            # int2: levels ±s, ±3s with s = max(RMS / 2, absmax / 6) over the block's n values, so
+            # Σx² <= 4ns² and every |x| <= 6s. A value sent as ±s had |x| < 2s: it moved by at most s. One
+            # sent as ±3s had u = x² in [4s², 36s²], and its squared move (√u - 3s)², convex in u, lies
+            # under the chord s² + (u - 4s²) / 4 there (and under 9s²): summed over the outer values with
+            # Σu <= 4ns², at most s² min(n, 9 n_out). So ‖x - x̂‖² <= s² (n_in + min(n, 9 n_out)) per block.
+            # s is the block's smallest |x̂| when a ±s is present; a block of one magnitude v is all ±s
+            # (s = v) or all ±3s (s = v / 3), and s = v with n_out = 0 bounds both (n v² >= n v² / 9).
+            mags = torch.nn.functional.pad(flat.abs(), (0, pad), value=math.inf).view(-1, block)
+            s = mags.amin(dim=1, keepdim=True)
+            n_out = ((mags > 2 * s) & (mags < math.inf)).sum(dim=1).to(torch.float64)
+            sq = (s.view(-1) ** 2 * (counts - n_out + torch.minimum(counts, 9 * n_out))).sum()
+            return float(torch.sqrt(sq)) * (1 + 1e-3) + tiny
         return 0.0
 
 
