@@ -911,6 +911,10 @@ class _Attempt(_PartWire):
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+            elif not task.cancelled():
+                # It finished while we woke for the slot's failure: its error is moot, but must be retrieved
+                # (asyncio logs an unretrieved one as "Task exception was never retrieved").
+                task.exception()
 
     # -- connections ---------------------------------------------------------------------------------------
 

@@ -68,7 +68,14 @@ from intellect.protocol.matchmaking import (
 logger = logging.getLogger(__name__)
 
 #: Assumed bytes per value on the wire for each compression (int8 carries one fp32 scale per 256 values).
-_BYTES_PER_VALUE = {"none": 4.0, "fp16": 2.0, "int8": 1.0 + 4.0 / 256, "int8_blockwise": 1.0 + 4.0 / 256}
+_BYTES_PER_VALUE = {
+    "none": 4.0,
+    "fp16": 2.0,
+    "int8": 1.0 + 4.0 / 256,
+    "int8_blockwise": 1.0 + 4.0 / 256,
+    "int4": 0.5 + 4.0 / 256,
+    "int2": 0.25 + 4.0 / 256,
+}
 
 
 @dataclass(frozen=True)
