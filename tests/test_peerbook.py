@@ -99,3 +99,14 @@ def test_a_peer_that_says_it_is_leaving_is_no_member_although_its_record_lingers
     book.on_checkpoint(a, CheckpointAnnounce(4, HASH, 1 << 20, 1 << 16))
     book.on_members([record(a, 1090.0)])
     assert a in book.members
+
+
+def test_vouchers_count_each_peers_latest_claim_once() -> None:
+    me, a, b, c = (Identity.generate().peer_id for _ in range(4))
+    other = "ef" * 32
+    book = PeerBook(me, RUN, lambda event: None)
+    book.on_members([_record(a, (), round_=3), _record(b, (), round_=3)])  # DHT records: round 3, HASH
+    assert book.vouchers(3, HASH) == 2
+    book.on_checkpoint(b, CheckpointAnnounce(4, HASH, 1 << 20, 1 << 16))  # b moved on
+    book.on_checkpoint(c, CheckpointAnnounce(3, other, 1 << 20, 1 << 16))
+    assert (book.vouchers(3, HASH), book.vouchers(4, HASH), book.vouchers(3, other)) == (1, 1, 1)

@@ -106,3 +106,18 @@ def test_the_rules_load_without_torch_or_asyncio_networking() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_split_round_of_a_one_lobby_run_heals_to_the_side_more_peers_hold() -> None:
+    other = SyncTarget(5, H, 0, 0, ("a", "b", "c", "d"))  # four peers hold the other state of round 5
+    mine = "cd" * 32
+
+    def view(side: int, one_lobby: bool = True, our_hash: str = mine) -> View:
+        return View(5, 5, other, 99.9, 100.0, our_hash, side, one_lobby)
+
+    d = decide(view(side=1), fresh_s=2.0)  # we and one peer against four
+    assert d.action is Action.SYNC and d.target == other
+    assert decide(view(side=3), fresh_s=2.0).action is Action.TRAIN  # four against four: keep ours
+    assert decide(view(side=1, our_hash=H), fresh_s=2.0).action is Action.TRAIN  # the same state
+    # Several lobbies: each bucket's group commits its own state of the round by design.
+    assert decide(view(side=0, one_lobby=False), fresh_s=2.0).action is Action.TRAIN

@@ -37,6 +37,12 @@ class View:
     heard_at: float
     #: Now, on the same clock as `heard_at`.
     now: float
+    #: The hash of the state we hold, and how many counted peers vouch for that same (round, hash).
+    our_hash: str = ""
+    our_side: int = 0
+    #: Whether the whole run meets in one lobby (one group a round): then two states of one round are a
+    #: fork, not two buckets' groups.
+    one_lobby: bool = False
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,8 @@ def decide(view: View, fresh_s: float, waited: bool = False) -> Decision:
     """Train, sync now or wait. After a wait (`waited`), any target past our round is synced, however
     stale: if none fresher came, the others have probably stopped, and their state still beats ours."""
     ahead = max(view.ahead, view.target.round if view.target is not None else 0)
+    if forked(view):
+        return Decision(Action.SYNC, view.target, ahead)
     if ahead <= view.our_round:
         return Decision(Action.TRAIN, ahead=ahead)
     target = view.target
@@ -66,6 +74,22 @@ def decide(view: View, fresh_s: float, waited: bool = False) -> Decision:
     if target is None or target.round < ahead or view.now - view.heard_at > fresh_s:
         return Decision(Action.WAIT, ahead=ahead)
     return Decision(Action.SYNC, target, ahead)
+
+
+def forked(view: View) -> bool:
+    """A one-lobby run split in a round (two groups formed when members blamed different peers), and more
+    peers vouch for the other state of our round than for ours, us included: we take theirs. Otherwise the
+    split never heals: the next round's single group averages pseudo-gradients taken from two different
+    states, and each side applies the average to its own."""
+    t = view.target
+    return (
+        view.one_lobby
+        and t is not None
+        and bool(view.our_hash)
+        and t.round == view.our_round
+        and t.state_hash != view.our_hash
+        and len(t.peers) > view.our_side + 1
+    )
 
 
 def wait_is_over(target: SyncTarget | None, heard_at: float, ahead: int, now: float) -> bool:

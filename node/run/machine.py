@@ -214,7 +214,10 @@ class RoundMachine:
         found = self.book.target()
         target, heard = found if found is not None else (None, 0.0)
         ahead = max(self.book.peer_rounds().values(), default=0)
-        return rules.View(self.state.round, ahead, target, heard, time.time())
+        ours = self.state.view()
+        side = self.book.vouchers(ours.round, ours.state_hash)
+        one = bucket_count(len(self.book.members), self.manifest.averaging.group_size) < 2
+        return rules.View(self.state.round, ahead, target, heard, time.time(), ours.state_hash, side, one)
 
     async def catch_up(self) -> None:
         """Sync from peers when they are at a later round than ours (newcomer, laggard, failed round)."""

@@ -219,6 +219,16 @@ class PeerBook:
         ]
         return target, max(heard, default=0.0)
 
+    def vouchers(self, round_: int, state_hash: str) -> int:
+        """How many counted peers' latest claim (gossip or DHT) is this (round, hash)."""
+        latest: dict[str, tuple[int, str]] = {}
+        vouches = [h.vouch for p, h in self._heard.items() if self.counts(p)]
+        vouches += [v for p, r in self._records.items() if self.counts(p) and (v := Vouch.from_membership(r))]
+        for v in vouches:
+            if v.peer_id not in latest or v.round > latest[v.peer_id][0]:
+                latest[v.peer_id] = (v.round, v.state_hash)
+        return sum(1 for claim in latest.values() if claim == (round_, state_hash))
+
     def _can_serve(self, peer: str) -> bool:
         """Whether `peer` announced an address that is not a relay circuit (unknown peers get a try)."""
         rec = self._records.get(peer)
