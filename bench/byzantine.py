@@ -19,7 +19,8 @@ The attacks (A of the N peers, the last A slots; in the clean run these slots ar
   Gaussian vector with the norm of its honest Δ), `free_rider` (zeros at the full token weight);
 * owners, through `Averager._tamper`: `biased_owner` (adds the partition's RMS to every value of its reduced
   partition), `inconsistent_owner` (sends one honest member its reduced partition × 1.5, the others the true
-  one), `false_abort` (sends every honest owner an `Abort` naming another honest member instead of its part);
+  one), `false_abort` (sends every honest owner an `Abort` naming another honest member instead of its part;
+  unsigned) and `false_abort_signed` (the same Abort, signed, so honest members relay it);
 * `gossip_flood`: N real p2p daemons with a `GossipService` each (one process, the daemons are separate
   processes); honest nodes publish signed `Progress` at a low rate while the A attackers publish valid,
   signed messages at `--flood-rate` each. Reported: honest delivery and p99 latency before and during the
@@ -82,7 +83,7 @@ from multiaddr import Multiaddr
 log = logging.getLogger("bench.byzantine")
 RUN = "bench-byzantine"
 INPUT_ATTACKS = ("sign_flip", "huge_norm", "nan", "noise", "free_rider")
-OWNER_ATTACKS = ("biased_owner", "inconsistent_owner", "false_abort")
+OWNER_ATTACKS = ("biased_owner", "inconsistent_owner", "false_abort", "false_abort_signed")
 ATTACKS = (*INPUT_ATTACKS, *OWNER_ATTACKS, "gossip_flood")
 
 
@@ -200,10 +201,13 @@ class InconsistentOwner(Tamper):
 
 
 class FalseAbort(Tamper):
-    """Sends each honest owner an Abort naming another honest member (the lowest other peer ID)."""
+    """Sends each honest owner an Abort naming another honest member (the lowest other peer ID): unsigned
+    (a protocol violation wherever it is read), or signed as an honest member's Abort is, so that honest
+    members pass it on to the others."""
 
-    def __init__(self, honest: set[str]) -> None:
+    def __init__(self, honest: set[str], signs: bool = False) -> None:
         self.honest = sorted(honest)
+        self.sign_aborts = signs
 
     def false_abort(self, receiver: str) -> str | None:
         if receiver not in self.honest:
@@ -326,8 +330,8 @@ def _tamper(attack: str | None, codec: PayloadCodec, honest: set[str]) -> Tamper
         return BiasedOwner()
     if attack == "inconsistent_owner":
         return InconsistentOwner(codec, honest)
-    if attack == "false_abort":
-        return FalseAbort(honest)
+    if attack in ("false_abort", "false_abort_signed"):
+        return FalseAbort(honest, signs=attack == "false_abort_signed")
     return None
 
 

@@ -420,13 +420,30 @@ class Equivocation:
 @message(307, max_size=MAX_CONTROL_FRAME)
 @dataclass(frozen=True)
 class Abort:
-    """The sender gives up this attempt; `culprit` names a member it caught misbehaving, or is empty.
+    """`origin` gives up this attempt; `culprit` names a member it caught misbehaving, or is empty.
 
     `reason` is an `AbortReason` value, possibly with a suffix (at most 100 characters); a receiver only
-    reports it, never acts on it."""
+    reports it, never acts on it. `sig` is the origin's signature over the attempt's group id, the reason
+    and the culprit (`signing_bytes`), so that a member that gives up because of someone else's Abort can
+    pass that Abort on unchanged, and the others blame its signer rather than the member that relayed it.
+    An Abort without a valid signature of a member of the group is a protocol violation of its sender."""
 
     reason: str
     culprit: str = ""
+    origin: str = ""
+    sig: bytes = b""
+
+    def signing_bytes(self, group_id: bytes) -> bytes:
+        return packb_canonical(["abort-v1", group_id, self.origin, self.reason, self.culprit])
+
+    def signed(self, identity: Identity, group_id: bytes) -> Abort:
+        mine = replace(self, origin=identity.peer_id)
+        return replace(mine, sig=identity.sign(domains.ALLREDUCE, mine.signing_bytes(group_id)))
+
+    def verify(self, group_id: bytes) -> bool:
+        if not self.origin or not self.sig:
+            return False
+        return verify(self.origin, domains.ALLREDUCE, self.signing_bytes(group_id), self.sig)
 
 
 @message(308, max_size=64)

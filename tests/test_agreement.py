@@ -242,20 +242,26 @@ def test_the_residual_check_separates_honest_from_biased_reductions() -> None:
 
 
 class _FalseAborter(Tamper):
+    def __init__(self, signs: bool) -> None:
+        self.sign_aborts = signs
+
     def false_abort(self, receiver: str) -> str | None:
         return receiver  # "you sent me a non-finite part", to each receiver about itself
 
 
-async def test_a_false_abort_costs_one_attempt_and_frames_nobody() -> None:
+@pytest.mark.parametrize("signs", [True, False], ids=["signed", "unsigned"])
+async def test_a_false_abort_costs_one_attempt_and_frames_nobody(signs: bool) -> None:
     """One member sends each honest member an Abort naming that member. The attempt fails for everyone,
     but nobody takes the word of the Abort: no honest member concludes it was excluded (which used to
-    end its round), and the retry leaves the accuser out."""
+    end its round). Signed, the Abort is blamed on the liar by every honest member, including those that
+    only got it relayed by another honest member (who used to take the blame); unsigned, it convicts the
+    liar of a protocol violation wherever it is read, and no honest member is excluded."""
     from intellect.node.net.averaging import AverageFailure, _failed_attempt, _RoundState
 
     async with _Planes(4) as planes:
         spec = _group(planes)
         liar = 1
-        outs = await _run(planes, spec, _deltas(4, 4001, 10), "none", "mean", {liar: _FalseAborter()})
+        outs = await _run(planes, spec, _deltas(4, 4001, 10), "none", "mean", {liar: _FalseAborter(signs)})
     liar_id = planes[liar].identity.peer_id
     ids = [p.identity.peer_id for p in planes]
     for i, o in enumerate(outs):
@@ -265,6 +271,8 @@ async def test_a_false_abort_costs_one_attempt_and_frames_nobody() -> None:
         state = _RoundState(group=list(ids))
         blamed = _failed_attempt(ids[i], 3, state, o)
         assert not state.reason.startswith(AverageFailure.EXCLUDED), state.reason
-        assert ids[i] not in blamed and not state.excluded
-        if o.failure is AbortReason.ABORTED_BY_PEER:
-            assert o.sender == liar_id and liar_id in blamed
+        assert ids[i] not in blamed and state.excluded <= {liar_id}
+        if signs:
+            assert o.failure is AbortReason.ABORTED_BY_PEER and o.sender == liar_id and blamed == [liar_id]
+        elif o.failure is AbortReason.MALFORMED_PART:
+            assert o.culprit == liar_id and state.excluded == {liar_id}

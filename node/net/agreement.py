@@ -91,6 +91,9 @@ class AgreementError(Exception):
         self.reason, self.culprit, self.detail, self.suspects = reason, culprit, detail, suspects
         #: Signed proof against the culprit that any peer can check, when there is one.
         self.evidence: am.Equivocation | None = None
+        #: An Abort that member `via` sent us instead of its digest (judged by `allreduce.abort_error`).
+        self.abort: am.Abort | None = None
+        self.via = ""
 
 
 @dataclass
@@ -188,9 +191,9 @@ class Agreement:
             raise
         self.received_bytes += n + _LEN.size
         if isinstance(msg, am.Abort):
-            raise AgreementError(
-                AbortReason.ABORTED_BY_PEER, culprit="", detail=f"{peer} aborted: {msg.reason}"
-            )
+            err = AgreementError(AbortReason.ABORTED_BY_PEER, detail=f"{peer} aborted: {msg.reason}")
+            err.abort, err.via = msg, peer
+            raise err
         return msg
 
     def _admit(self, got: dict[str, am.Digest], msg: object, via: str) -> None:

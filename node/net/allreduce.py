@@ -89,6 +89,29 @@ class AllReduceError(Exception):
         self.suspects: tuple[str, ...] = ()
         #: Signed proof against `culprit` that any peer can check (`am.Equivocation`), when there is one.
         self.evidence: am.Equivocation | None = None
+        #: For ABORTED_BY_PEER: the signed Abort itself, which we pass on unchanged (`abort_error`).
+        self.abort: am.Abort | None = None
+
+
+def abort_error(msg: am.Abort, via: str, spec: GroupSpec) -> AllReduceError:
+    """What an Abort that member `via` sent us means. Signed by a member of the group for this attempt: that
+    member (its *origin*) gave up, whether `via` is the origin or relays its Abort, so the origin is whom
+    the failed attempt is blamed on (`sender`), never a relay. Otherwise `via` broke the protocol: an
+    unsigned Abort could only be blamed on whoever passed it on, which is how one aborting member made
+    honest members blame each other for a whole round (docs/decisions.md, "Byzantine benchmark")."""
+    if msg.origin not in spec.peer_ids or not msg.verify(spec.group_id):
+        detail = f"{via} sent an Abort that no member of the group signed"
+        return AllReduceError(AbortReason.MALFORMED_PART, culprit=via, detail=detail)
+    relayed = f", relayed by {via}" if msg.origin != via else ""
+    err = AllReduceError(
+        AbortReason.ABORTED_BY_PEER,
+        culprit=msg.culprit,
+        detail=f"{msg.origin} aborted{relayed}",
+        peer_reason=msg.reason,
+        sender=msg.origin,
+    )
+    err.abort = msg
+    return err
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -540,6 +563,9 @@ class Tamper:
     """Fault injection for tests and bench/byzantine.py only: how a malicious member deviates from the
     protocol. Every method here is honest; an attack overrides one."""
 
+    #: Whether our false Aborts (`false_abort`) carry our signature, as an honest member's do.
+    sign_aborts: bool = False
+
     def reduced(self, part: torch.Tensor) -> None:
         """Change our reduced partition in place before it is encoded (a biased owner)."""
 
@@ -744,13 +770,7 @@ class _PartWire:
         except (ConnectionError, OSError, ProtocolError, struct.error) as e:
             raise AllReduceError(AbortReason.PEER_FAILED, detail=f"{m.peer_id}: {e}") from e
         if isinstance(header, am.Abort):
-            raise AllReduceError(
-                AbortReason.ABORTED_BY_PEER,
-                culprit=header.culprit,
-                detail=f"{m.peer_id} aborted",
-                peer_reason=header.reason,
-                sender=m.peer_id,
-            )
+            raise abort_error(header, m.peer_id, self.spec)
         numel = self.sizes[part_index]
         if (
             not isinstance(header, am.PartHeader)
@@ -872,8 +892,10 @@ class _Attempt(_PartWire):
                 result, total, self.sent, self.received, seconds, self.timings, sizes, self.check_bytes
             )
         except AllReduceError as e:
-            # Tell whoever still listens, so they fail fast instead of waiting for the stall timeout.
-            abort = am.Abort(e.reason[:100], e.culprit)
+            # Tell whoever still listens, so they fail fast instead of waiting for the stall timeout: the
+            # Abort that stopped us, unchanged (blame goes to its signer), else our own, signed.
+            own = am.Abort(e.reason[:100], e.culprit)
+            abort = e.abort or own.signed(self.plane.identity, self.spec.group_id)
             await asyncio.gather(
                 *(asyncio.wait_for(send_frame(c, abort), 1.0) for c in self.outgoing.values()),
                 return_exceptions=True,
@@ -991,7 +1013,10 @@ class _Attempt(_PartWire):
             await self.fault(f"scatter:{m.peer_id}")
         framed = self.tamper.false_abort(m.peer_id)
         if framed is not None:  # fault injection only
-            await send_frame(self.outgoing[m.peer_id], am.Abort(AbortReason.NON_FINITE_PART.value, framed))
+            abort = am.Abort(AbortReason.NON_FINITE_PART.value, framed)
+            if self.tamper.sign_aborts:
+                abort = abort.signed(self.plane.identity, self.spec.group_id)
+            await send_frame(self.outgoing[m.peer_id], abort)
             return
         await self._send_part(m, am.PartKind.SCATTER, j, payload, seal)
         if self.mine.owner and m.peer_id == self.witness.peer_id:
@@ -1084,6 +1109,8 @@ class _Attempt(_PartWire):
             digests = await agreement.exchange(mine)
             await _offload(agreement.check, digests, big=self.big)
         except AgreementError as e:
+            if e.abort is not None:
+                raise abort_error(e.abort, e.via, self.spec) from None
             err = AllReduceError(e.reason, culprit=e.culprit, detail=e.detail)
             err.suspects, err.evidence = e.suspects, e.evidence
             raise err from None
