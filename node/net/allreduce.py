@@ -93,6 +93,25 @@ class AllReduceError(Exception):
         self.abort: am.Abort | None = None
 
 
+async def _settle(task: asyncio.Future[Any]) -> None:
+    """Cancel `task` if it still runs, and take its outcome either way: one that finished while we woke for
+    something else (a slot's failure) must still be retrieved, or asyncio logs "Task exception was never
+    retrieved"."""
+    if not task.done():
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    elif not task.cancelled():
+        task.exception()
+
+
+def _false_abort(attempt: Any, framed: str) -> am.Abort:
+    """Fault injection (`Tamper.false_abort`): an Abort naming `framed`, signed if the tamper says so."""
+    abort = am.Abort(AbortReason.NON_FINITE_PART.value, framed)
+    if attempt.tamper.sign_aborts:
+        abort = abort.signed(attempt.plane.identity, attempt.spec.group_id)
+    return abort
+
+
 def abort_error(msg: am.Abort, via: str, spec: GroupSpec) -> AllReduceError:
     """What an Abort that member `via` sent us means. Signed by a member of the group for this attempt: that
     member (its *origin*) gave up, whether `via` is the origin or relays its Abort, so the origin is whom
@@ -930,13 +949,7 @@ class _Attempt(_PartWire):
                 raise self.slot.failure.result()
             raise AllReduceError(AbortReason.STALLED, detail=f"no progress within {self.stall_timeout:.1f}s")
         finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-            elif not task.cancelled():
-                # It finished while we woke for the slot's failure: its error is moot, but must be retrieved
-                # (asyncio logs an unretrieved one as "Task exception was never retrieved").
-                task.exception()
+            await _settle(task)
 
     # -- connections ---------------------------------------------------------------------------------------
 
@@ -1013,10 +1026,7 @@ class _Attempt(_PartWire):
             await self.fault(f"scatter:{m.peer_id}")
         framed = self.tamper.false_abort(m.peer_id)
         if framed is not None:  # fault injection only
-            abort = am.Abort(AbortReason.NON_FINITE_PART.value, framed)
-            if self.tamper.sign_aborts:
-                abort = abort.signed(self.plane.identity, self.spec.group_id)
-            await send_frame(self.outgoing[m.peer_id], abort)
+            await send_frame(self.outgoing[m.peer_id], _false_abort(self, framed))
             return
         await self._send_part(m, am.PartKind.SCATTER, j, payload, seal)
         if self.mine.owner and m.peer_id == self.witness.peer_id:
