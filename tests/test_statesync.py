@@ -144,7 +144,9 @@ async def test_newcomer_syncs_from_three_servers(tmp_path: Path) -> None:
         assert sum(report.bytes_from.values()) == len(statehash.serialize_state(snap.tensors))
         assert not report.bad_peers and not report.evidence
         n_chunks = len(statehash.chunk_hashes(statehash.serialize_state(snap.tensors), CHUNK))
-        assert sum(s.stats.chunks for s in servers) == n_chunks
+        # Each chunk served once, plus those asked again after a request timed out under load (a server
+        # counts a chunk it sent even when the answer came too late).
+        assert n_chunks <= sum(s.stats.chunks for s in servers) <= n_chunks + report.refetched
 
 
 async def test_corrupted_chunks_detected_refetched_and_reported(tmp_path: Path) -> None:
