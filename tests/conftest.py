@@ -12,10 +12,11 @@ from intellect.node.app.body import load_run_manifest
 from intellect.node.app.config import NodeConfig
 from intellect.node.app.roundlog import EventRecorder
 from intellect.node.app.status import NodeStatus
+from intellect.node.net.allreduce import get_payload_codec
 from intellect.node.run.peerbook import PeerBook
 from intellect.node.run.service import make_global_state
 from intellect.node.run.state import GlobalState
-from intellect.node.run.training import Engine, EngineSettings, build_engine
+from intellect.node.run.training import Engine, EngineSettings, build_engine, plan_round
 from intellect.protocol.manifest import Manifest, SignedManifest
 
 
@@ -34,6 +35,20 @@ class OfflineRun:
     @property
     def run_id(self) -> str:
         return self.signed.run_id
+
+    def commit(self, r: int, steps: int) -> None:
+        """Train round `r` alone for `steps` inner steps and commit our own pseudo-gradient as its average
+        (uncompressed): what a one-member group does, checkpoint included."""
+        me = self.identity.peer_id
+
+        async def go() -> None:
+            await self.engine.trainer.begin_round(plan_round(self.run_id, r, me, [me], self.engine.shards))
+            await self.engine.trainer.steps(steps)
+            delta = await self.state.pseudo_gradient()
+            codec = get_payload_codec("none")
+            await self.state.commit(r, {k: v.clone() for k, v in delta.items()}, delta, [me], me, codec)
+
+        asyncio.run(go())
 
 
 MakeOfflineRun = Callable[..., OfflineRun]

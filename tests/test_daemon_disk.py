@@ -6,7 +6,6 @@ so the errors are the kernel's ENOSPC at whatever point of the atomic write they
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import subprocess
@@ -18,8 +17,6 @@ import pytest
 import torch
 from intellect.node.app.config import NodeConfig
 from intellect.node.app.roundlog import append_round_log
-from intellect.node.net.allreduce import get_payload_codec
-from intellect.node.run.training import plan_round
 
 if TYPE_CHECKING:  # the fixture's type; conftest is pytest's to import, not ours
     from conftest import MakeOfflineRun
@@ -61,17 +58,10 @@ def test_full_disk_during_checkpoint_keeps_training_and_the_last_good_checkpoint
     with tmpfs(tmp_path / "disk", "48m") as disk:
         config = NodeConfig(data_dir=disk / "node", listen=("/ip4/127.0.0.1/tcp/0",))
         run = offline_run(config)
-        state, me, status = run.state, run.identity.peer_id, run.status
-        codec = get_payload_codec("none")
+        state, status = run.state, run.status
 
         def commit(r: int) -> None:
-            async def go() -> None:
-                await run.engine.trainer.begin_round(plan_round(run.run_id, r, me, [me], run.engine.shards))
-                await run.engine.trainer.steps(2)
-                delta = await state.pseudo_gradient()
-                await state.commit(r, {k: v.clone() for k, v in delta.items()}, delta, [me], me, codec)
-
-            asyncio.run(go())
+            run.commit(r, steps=2)
 
         commit(1)
         first = state.global_store.load_latest()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,8 +11,6 @@ from intellect.node.app.config import NodeConfig
 from intellect.node.engine.checkpoint import CORRUPT_DIR, CheckpointStore
 from intellect.node.engine.diskcap import DiskCap, tree_bytes
 from intellect.node.engine.statehash import serialize_state, serialized_size
-from intellect.node.net.allreduce import get_payload_codec
-from intellect.node.run.training import plan_round
 
 if TYPE_CHECKING:  # the fixture's type; conftest is pytest's to import, not ours
     from conftest import MakeOfflineRun
@@ -84,18 +81,11 @@ def test_a_capped_node_keeps_checkpointing_within_the_cap_and_skips_what_cannot_
 ) -> None:
     config = NodeConfig(data_dir=tmp_path / "node", listen=("/ip4/127.0.0.1/tcp/0",), max_disk_gb=1.0)
     run = offline_run(config)
-    state, me, status = run.state, run.identity.peer_id, run.status
+    state, status = run.state, run.status
     assert state.disk is not None and state.disk.cap == 10**9  # the config's cap reaches the state
-    codec = get_payload_codec("none")
 
     def commit(r: int) -> None:
-        async def go() -> None:
-            await run.engine.trainer.begin_round(plan_round(run.run_id, r, me, [me], run.engine.shards))
-            await run.engine.trainer.steps(1)
-            delta = await state.pseudo_gradient()
-            await state.commit(r, {k: v.clone() for k, v in delta.items()}, delta, [me], me, codec)
-
-        asyncio.run(go())
+        run.commit(r, steps=1)
 
     before = tree_bytes(config.data_dir)
     commit(1)

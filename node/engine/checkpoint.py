@@ -173,7 +173,7 @@ class CheckpointStore:
                 raise CheckpointError(f"no space left on device writing checkpoint {data_path}") from e
             raise CheckpointError(f"cannot write checkpoint {data_path}: {e}") from e
         log.info("checkpoint round %d saved to %s (%d bytes)", round_, data_path, sidecar["size"])
-        self._prune()
+        self._prune(self.keep)
         return data_path
 
     def _remove_stale_temps(self) -> None:
@@ -229,8 +229,7 @@ class CheckpointStore:
         ones beyond the newest `keep` (default: the store's own); at least the newest good one stays."""
         self._prune(max(1, self.keep if keep is None else keep))
 
-    def _prune(self, keep: int | None = None) -> None:
-        keep = self.keep if keep is None else keep
+    def _prune(self, keep: int) -> None:
         # Corrupt checkpoints first: they must not hold a slot while a good older one is deleted.
         for round_ in self.rounds():
             fingerprint = self._fingerprint(round_)

@@ -61,7 +61,6 @@ class Room:
     fits: bool
     used: int
     need: int
-    freed: int
 
     def describe(self, cap: int) -> str:
         if self.fits:
@@ -88,26 +87,18 @@ class DiskCap:
         of any store; `fits` is False when that is not enough."""
         used = self.used()
         if used + need <= self.cap:
-            return Room(True, used, need, 0)
+            return Room(True, used, need)
         start = used
-        for step in (self._drop_quarantine, self._thin):
+        for store in stores:  # cheapest first: corrupt checkpoints, kept for a post-mortem only
+            store.clear_quarantine()
+        used = self.used()
+        if used + need > self.cap:
             for store in stores:
-                step(store)
+                store.prune(keep=1)
             used = self.used()
-            if used + need <= self.cap:
-                break
-        freed = max(0, start - used)
-        if freed:
-            log.info("disk cap %s: freed %s of older checkpoints", human(self.cap), human(freed))
-        return Room(used + need <= self.cap, used, need, freed)
-
-    @staticmethod
-    def _drop_quarantine(store: CheckpointStore) -> None:
-        store.clear_quarantine()
-
-    @staticmethod
-    def _thin(store: CheckpointStore) -> None:
-        store.prune(keep=1)
+        if start > used:
+            log.info("disk cap %s: freed %s of older checkpoints", human(self.cap), human(start - used))
+        return Room(used + need <= self.cap, used, need)
 
 
 __all__ = ["GB", "DiskCap", "Room", "human", "tree_bytes"]

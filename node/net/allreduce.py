@@ -104,7 +104,7 @@ async def _settle(task: asyncio.Future[Any]) -> None:
         task.exception()
 
 
-def _false_abort(attempt: Any, framed: str) -> am.Abort:
+def _false_abort(attempt: _Attempt, framed: str) -> am.Abort:
     """Fault injection (`Tamper.false_abort`): an Abort naming `framed`, signed if the tamper says so."""
     abort = am.Abort(AbortReason.NON_FINITE_PART.value, framed)
     if attempt.tamper.sign_aborts:

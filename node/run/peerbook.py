@@ -198,10 +198,7 @@ class PeerBook:
     def target(self) -> tuple[SyncTarget, float] | None:
         """The state most distinct counted peers vouch for (ties: higher round), from gossip and DHT
         together, with when we last heard a gossip announcement of it (0.0 when only the DHT vouches)."""
-        vouches = [h.vouch for p, h in self._heard.items() if self.counts(p)]
-        from_dht = (Vouch.from_membership(rec) for p, rec in self._records.items() if self.counts(p))
-        vouches += [v for v in from_dht if v is not None]
-        target = pick_target(vouches, self.run_id)
+        target = pick_target(self._vouches(), self.run_id)
         if target is None:
             return None
         # Everyone's vouch counts, but only peers others can dial can serve the download: a member behind
@@ -219,12 +216,16 @@ class PeerBook:
         ]
         return target, max(heard, default=0.0)
 
+    def _vouches(self) -> list[Vouch]:
+        """What counted peers claim to hold, from gossip and the DHT together (several per peer)."""
+        vouches = [h.vouch for p, h in self._heard.items() if self.counts(p)]
+        from_dht = (Vouch.from_membership(rec) for p, rec in self._records.items() if self.counts(p))
+        return vouches + [v for v in from_dht if v is not None]
+
     def vouchers(self, round_: int, state_hash: str) -> int:
         """How many counted peers' latest claim (gossip or DHT) is this (round, hash)."""
         latest: dict[str, tuple[int, str]] = {}
-        vouches = [h.vouch for p, h in self._heard.items() if self.counts(p)]
-        vouches += [v for p, r in self._records.items() if self.counts(p) and (v := Vouch.from_membership(r))]
-        for v in vouches:
+        for v in self._vouches():
             if v.peer_id not in latest or v.round > latest[v.peer_id][0]:
                 latest[v.peer_id] = (v.round, v.state_hash)
         return sum(1 for claim in latest.values() if claim == (round_, state_hash))

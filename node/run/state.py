@@ -324,7 +324,7 @@ class GlobalState:
         self.global_store.save(global_tensors, meta)
         self.trainer_store.save(tensors, {"round": view.round, "trainer": tmeta})
         if self.disk is not None:
-            room = Room(True, self.disk.used(), 0, 0)
+            room = Room(True, self.disk.used(), 0)
         return room
 
 
