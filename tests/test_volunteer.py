@@ -282,7 +282,9 @@ def test_ctrl_c_on_a_terminal_reaches_the_daemon_alone(tmp_path: Path, seeded: s
         assert proc.returncode == 0, text[-3000:]
         assert "Traceback" not in text and "KeyboardInterrupt" not in text, text[-3000:]
         assert "SIGINT received" in text
-        assert session_pids(proc.pid) == [], "a child outlived the daemon"
+        # Nothing left: the p2p daemon is told to stop, not waited for to the last instant, so allow its
+        # exit a moment (CI once saw it still listed just after the node's own exit).
+        wait_for(lambda: session_pids(proc.pid) == [], 15, "a child outlived the daemon")
     finally:
         kill_session(proc)
 
