@@ -58,6 +58,8 @@ COMPRESSIONS = ("int8", "int4", "int2", "fp16", "none")
 #: How a partition's contributions are combined (see node/engine/robust.py; protocol/ stays torch-free).
 REDUCERS = ("mean", "centered_clip")
 SCHEDULES = ("cosine", "linear", "constant")
+#: How the outer step relates to the next round's inner steps (`DilocoSpec.outer_update`).
+OUTER_UPDATES = ("sequential", "overlapped")
 ADMISSION_POLICIES = ("open", "allowlist", "tickets")
 TOKENIZER_KINDS = ("byte", "hf")
 
@@ -279,6 +281,11 @@ class DilocoSpec:
     outer_lr: float
     outer_momentum: float
     nesterov: bool
+    #: "sequential": round r's outer step before round r + 1's inner steps. "overlapped": round r's
+    #: all-reduce runs while round r + 1 trains, and its outer step is applied one round late
+    #: (docs/architecture.md, "Overlapped outer steps"). In the canonical form only when overlapped, so
+    #: that runs published before it existed keep their run_id.
+    outer_update: str = "sequential"
 
 
 @dataclass(frozen=True)
@@ -375,6 +382,7 @@ class Manifest:
                 "outer_lr": self.diloco.outer_lr,
                 "outer_momentum": self.diloco.outer_momentum,
                 "nesterov": self.diloco.nesterov,
+                **({"outer_update": self.diloco.outer_update} if self.diloco.outer_update != "sequential" else {}),
             },
             "averaging": {
                 "group_size": self.averaging.group_size,
@@ -506,6 +514,7 @@ def parse_manifest(raw: Any) -> Manifest:
         outer_lr=g.get_float("outer_lr", 0.0, 10.0, lo_open=True, default=0.7),
         outer_momentum=g.get_float("outer_momentum", 0.0, 0.999999, default=0.9),
         nesterov=g.get_bool("nesterov", default=True),
+        outer_update=g.get_str("outer_update", default="sequential", choices=OUTER_UPDATES),
     )
     g.done()
     if diloco.seq_len > model.max_seq_len:

@@ -258,3 +258,16 @@ def test_the_gossip_rate_comes_from_the_manifest_and_old_run_ids_stay() -> None:
         parse_manifest(with_change("gossip", {"author_rate": 0.0}))
     with pytest.raises(ManifestError, match=r"gossip\.typo"):
         parse_manifest(with_change("gossip", {"typo": 1}))
+
+
+def test_the_outer_update_mode_is_chosen_by_the_manifest_and_old_run_ids_stay() -> None:
+    """`diloco.outer_update`: sequential unless a run says overlapped; only then in the canonical form."""
+    base = parse_manifest(example_raw())
+    assert base.diloco.outer_update == "sequential"
+    assert "outer_update" not in base.to_plain()["diloco"]
+    assert parse_manifest(with_change("diloco.outer_update", "sequential")).run_id == base.run_id
+    over = parse_manifest(with_change("diloco.outer_update", "overlapped"))
+    assert over.diloco.outer_update == "overlapped" and over.run_id != base.run_id
+    assert parse_manifest(over.to_plain()) == over
+    with pytest.raises(ManifestError, match=r"diloco\.outer_update"):
+        parse_manifest(with_change("diloco.outer_update", "eager"))

@@ -136,3 +136,19 @@ def test_rejects_bad_inputs_without_changing_state() -> None:
     assert opt.steps == 0 and not opt.momentum_buffers
     with pytest.raises(OuterError):
         opt.load_state_dict({"outer.step": torch.tensor(0), "outer.global.a": torch.ones(3)})
+
+
+@pytest.mark.parametrize(("momentum", "nesterov"), [(0.0, False), (0.9, False), (0.9, True)])
+def test_preview_is_the_step_it_would_take_and_changes_nothing(momentum: float, nesterov: bool) -> None:
+    g = torch.Generator().manual_seed(3)
+    params = {"w": torch.randn(5, 4, generator=g), "b": torch.randn(4, generator=g)}
+    a = OuterOptimizer(params, lr=0.7, momentum=momentum, nesterov=nesterov)
+    a.step({n: torch.randn(t.shape, generator=g) for n, t in params.items()})  # a momentum buffer to use
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    delta = {n: torch.randn(t.shape, generator=g) for n, t in params.items()}
+    seen = a.preview(delta)
+    assert all(torch.equal(before[k], v) for k, v in a.state_dict().items())  # nothing moved
+    a.step(delta)
+    assert all(torch.equal(seen[n], a.global_params[n]) for n in params)  # bit for bit what the step did
+    with pytest.raises(OuterError):
+        a.preview({"w": delta["w"]})

@@ -122,6 +122,26 @@ class OuterOptimizer:
         self.steps += 1
         log.debug("outer step %d applied to %d tensors", self.steps, len(grads))
 
+    def preview(self, delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The global weights `step(delta)` would give, as new tensors; the state is unchanged.
+
+        The overlapped outer update starts a round's inner steps here, with our own Δ standing in for the
+        average that is still in flight (the "eager" update of Kale et al. 2025); the average itself is
+        applied by `step` when it arrives, so the global state never holds the guess."""
+        self._check_keys(delta, "delta")
+        out: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name, param in self.global_params.items():
+                grad = delta[name].detach().to(device="cpu", dtype=torch.float32)
+                if grad.shape != param.shape:
+                    raise OuterError(f"delta {name!r} has shape {tuple(grad.shape)}, global {tuple(param.shape)}")
+                if self.momentum:
+                    buf = self.momentum_buffers.get(name)
+                    buf = grad if buf is None else buf.mul(self.momentum).add_(grad)
+                    grad = grad.add(buf, alpha=self.momentum) if self.nesterov else buf
+                out[name] = param.add(grad, alpha=-self.lr)
+        return out
+
     def copy_to(self, model: nn.Module | Mapping[str, torch.Tensor]) -> None:
         """Reset the local weights to the global ones (in place, keeping their dtype and device).
 
