@@ -360,6 +360,7 @@ class Manifest:
         return plain
 
     def _plain(self) -> dict[str, Any]:
+        d = self.diloco
         return {
             "name": self.name,
             "protocol_version": self.protocol_version,
@@ -382,7 +383,7 @@ class Manifest:
                 "outer_lr": self.diloco.outer_lr,
                 "outer_momentum": self.diloco.outer_momentum,
                 "nesterov": self.diloco.nesterov,
-                **({"outer_update": self.diloco.outer_update} if self.diloco.outer_update != "sequential" else {}),
+                **({"outer_update": d.outer_update} if d.outer_update != "sequential" else {}),
             },
             "averaging": {
                 "group_size": self.averaging.group_size,

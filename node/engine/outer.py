@@ -134,7 +134,7 @@ class OuterOptimizer:
             for name, param in self.global_params.items():
                 grad = delta[name].detach().to(device="cpu", dtype=torch.float32)
                 if grad.shape != param.shape:
-                    raise OuterError(f"delta {name!r} has shape {tuple(grad.shape)}, global {tuple(param.shape)}")
+                    raise OuterError(f"delta {name!r} has shape {tuple(grad.shape)}")
                 if self.momentum:
                     buf = self.momentum_buffers.get(name)
                     buf = grad if buf is None else buf.mul(self.momentum).add_(grad)
