@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,8 @@ import pytest
 import torch
 from intellect.node.app.config import NodeConfig
 from intellect.node.app.status import make_registry
+from intellect.node.engine.outer import GLOBAL_PREFIX, OuterOptimizer
+from intellect.node.engine.statehash import state_hash
 from intellect.node.net.allreduce import get_payload_codec
 from intellect.node.net.averaging import AverageResult
 from intellect.node.net.statesync import StateSnapshot, SyncReport
@@ -29,6 +32,7 @@ from intellect.node.run.events import (
     Rejected,
     RunReject,
     SyncFailed,
+    Trained,
 )
 from intellect.node.run.machine import Limits, RoundMachine
 from intellect.node.run.phase import Phase, PhaseTracker
@@ -331,3 +335,90 @@ def test_a_synced_state_the_model_cannot_use_is_refused_and_its_vouchers_distrus
     assert set(liars) <= run.book.distrusted
     (failed,) = events.of(SyncFailed)
     assert failed.round == 5 and "unusable state" in failed.reason
+
+
+# ---- overlapped outer updates (#17) -------------------------------------------------------------------
+
+
+class Recording(Averager):
+    """Averages with nobody (the average is our own Δ), recording each Δ; fails the rounds in `fail` once."""
+
+    def __init__(self, fail: Collection[int] = ()) -> None:
+        super().__init__()
+        self.fail = set(fail)
+        self.sent: list[tuple[int, dict[str, torch.Tensor]]] = []
+
+    async def average(
+        self,
+        round: int,
+        tensors: Mapping[str, torch.Tensor],
+        weight: float,
+        deadline: float,
+        overtaken: Callable[[], bool] | None = None,
+        expected: Collection[str] | None = None,
+    ) -> AverageResult:
+        await asyncio.sleep(0.05)  # in flight while the next round's first steps run
+        self.rounds.append(round)
+        if round in self.fail:
+            self.fail.discard(round)
+            return AverageResult(False, None, [], reason="deadline")
+        self.sent.append((round, {k: v.clone() for k, v in tensors.items()}))
+        return AverageResult(True, {k: v.clone() for k, v in tensors.items()}, ["solo"])
+
+
+def overlapped(run: OfflineRun) -> None:
+    m = run.signed.manifest
+    object.__setattr__(
+        run.signed, "manifest", replace(m, diloco=replace(m.diloco, outer_update="overlapped"))
+    )
+
+
+def replay(
+    run: OfflineRun, initial: Mapping[str, torch.Tensor], averages: list[dict[str, torch.Tensor]]
+) -> str:
+    """The global state hash after applying `averages` in order to `initial`, as a sequential node would."""
+    d = run.signed.manifest.diloco
+    ref = OuterOptimizer({n: initial[GLOBAL_PREFIX + n] for n in run.engine.outer.global_params},
+                         lr=d.outer_lr, momentum=d.outer_momentum, nesterov=d.nesterov)  # fmt: skip
+    for avg in averages:
+        ref.step(avg)
+    return state_hash(ref.state_dict())
+
+
+def test_overlapped_rounds_apply_each_completed_average_once_in_order(run: OfflineRun) -> None:
+    """Round r's average is in flight while round r + 1 trains; it is committed as round r at the end of
+    round r + 1, onto round r − 1's state, and the next round starts from the global weights stepped with
+    our own Δ. The committed hashes are those of applying the same averages sequentially; the run stops
+    after committing its last round without training another."""
+    overlapped(run)
+    events = Recorder()
+    averager = Recording()
+    m, announcer = machine(run, averager, 3, events)
+    initial = {k: v.clone() for k, v in run.state.outer_state().items()}
+    asyncio.run(m.run())
+    assert averager.rounds == [1, 2, 3] and m.inflight is None
+    assert [e.round for e in events.of(Trained)] == [1, 2, 3]  # no fourth round trained for nothing
+    assert [s.round for s in announcer.states] == [1, 2, 3] and run.state.round == 3
+    assert run.state.state_hash == replay(run, initial, [t for _, t in averager.sent])
+    commits = events.of(Committed)
+    assert [c.round for c in commits] == [1, 2, 3]
+    assert commits[0].state_hash == replay(run, initial, [averager.sent[0][1]])
+    ckpt = run.state.global_store.load_latest()
+    assert ckpt is not None and ckpt.meta["round"] == 3 and ckpt.state_hash == run.state.state_hash
+
+
+def test_an_overlapped_failed_average_keeps_the_global_weights(run: OfflineRun) -> None:
+    """Round 2's average fails while round 3 trains: round 1's state stays (never stepped on round 2's
+    failure), round 3's Δ is not averaged onto a state it does not belong to, and the node trains round 2
+    again from round 1's weights; the committed states are the sequential replay of what completed."""
+    overlapped(run)
+    events = Recorder()
+    averager = Recording(fail={2})
+    m, _ = machine(run, averager, 3, events)
+    initial = {k: v.clone() for k, v in run.state.outer_state().items()}
+    asyncio.run(m.run())
+    assert averager.rounds == [1, 2, 2, 3]  # round 3's first Δ was dropped with the failed round 2
+    assert [e.round for e in events.of(Trained)] == [1, 2, 3, 2, 3]
+    assert [c.round for c in events.of(Committed)] == [1, 2, 3]
+    assert [r for r, _ in averager.sent] == [1, 2, 3]
+    assert run.state.state_hash == replay(run, initial, [t for _, t in averager.sent])

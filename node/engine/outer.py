@@ -82,13 +82,21 @@ class OuterOptimizer:
         if missing:
             raise OuterError(f"{what} lacks {len(missing)} tensors, e.g. {sorted(missing)[0]!r}")
 
-    def pseudo_gradient(self, local_state: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Δ = θ_global − θ_local in fp32 on CPU, for every global tensor (extra local tensors ignored)."""
+    def pseudo_gradient(
+        self,
+        local_state: nn.Module | Mapping[str, torch.Tensor],
+        base: Mapping[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Δ = θ_global − θ_local in fp32 on CPU, for every global tensor (extra local tensors ignored); with
+        `base` (where the round's inner steps started, when that was not θ_global), Δ = base − θ_local."""
         local = _named_tensors(local_state)
         self._check_keys(local, "local state")
+        if base is not None:
+            self._check_keys(base, "base")
         delta: dict[str, torch.Tensor] = {}
         with torch.no_grad():
-            for name, g in self.global_params.items():
+            for name, g0 in self.global_params.items():
+                g = g0 if base is None else base[name]
                 loc = local[name]
                 if loc.shape != g.shape:
                     raise OuterError(f"local {name!r} has shape {tuple(loc.shape)}, global {tuple(g.shape)}")

@@ -31,6 +31,7 @@ from intellect.node.net.averaging import AverageResult
 from intellect.node.net.statesync import StateSnapshot, StateSyncError, SyncReport
 from intellect.node.run import decide as rules
 from intellect.node.run.events import Averaged, Committed, EventSink, RunReject, SyncFailed, Trained
+from intellect.node.run.overlap import abandon, overlapped_round
 from intellect.node.run.pause import PauseGate, hold
 from intellect.node.run.peerbook import PeerBook
 from intellect.node.run.phase import Phase, PhaseTracker
@@ -177,6 +178,11 @@ class RoundMachine:
         self.tokens = 0
         #: Rounds this machine trained, averaged and committed (what `Limits.max_rounds` counts).
         self.completed = 0
+        #: Overlapped runs (`run.overlap`): the round whose average is in flight, and its task.
+        self.overlapped = manifest.diloco.outer_update == "overlapped"
+        self.inflight: tuple[int, asyncio.Task[AveragedRound | None]] | None = None
+        #: Overlapped runs: nobody held the state our last round needed; train held + 1 next.
+        self.lost_phase = False
 
     def done(self) -> bool:
         return self.limits.reached(self.completed, self.state.round)
@@ -185,14 +191,18 @@ class RoundMachine:
         lim = self.limits
         if self.state.round == 0 and lim.min_peers > 1:
             await self.wait_for_peers(lim.min_peers, lim.min_peers_timeout_s)
-        while not self.done():
-            await hold(lim.pause, self.phases, self.announcer, self.state.round)
-            await self.catch_up()
-            if self.done():
-                break
-            if self.state.round == 0 and self.state.init_error is not None:
-                raise self.state.init_error  # training from another origin would poison everyone's average
-            await self.round()
+        try:
+            while not self.done():
+                await hold(lim.pause, self.phases, self.announcer, self.state.round)
+                if self.inflight is None:  # (mid-pipeline, the state we need comes with the average)
+                    await self.catch_up()
+                if self.done():
+                    break
+                if self.state.round == 0 and self.state.init_error is not None:
+                    raise self.state.init_error  # training from another origin would poison every average
+                await self.round()
+        finally:
+            await abandon(self)  # (only when stopped or failed mid-pipeline: nothing of it is applied)
         logger.info("completed %d rounds here, holding round %d: done", self.completed, self.state.round)
 
     async def wait_for_peers(self, n: int, timeout_s: float) -> None:
@@ -225,38 +235,13 @@ class RoundMachine:
         fresh_s = rules.fresh_window_s(self.manifest.averaging.matchmaking_s)
         decision = rules.decide(self._view(), fresh_s)
         if decision.action is rules.Action.WAIT:
-            await self._wait_for_announcement(decision.ahead)
+            await wait_for_announcement(self, decision.ahead)
             await self.net.refresh_members()
             decision = rules.decide(self._view(), fresh_s, waited=True)
             if decision.action is rules.Action.TRAIN:
                 logger.warning("no usable state announcement from peers ahead of us; training on")
         if decision.action is rules.Action.SYNC and decision.target is not None:
             await self.sync(decision.target)
-
-    async def _wait_for_announcement(self, ahead: int) -> None:
-        self.phases.enter(Phase.WAITING_FOR_ROUND)
-        logger.info(
-            "peers are at round %d, we are at %d: waiting for their next announcement",
-            ahead,
-            self.state.round,
-        )
-        a = self.manifest.averaging
-        wait_s = rules.catch_up_wait_s(
-            self.book.round_period,
-            self.book.throughputs(),
-            self.manifest.max_tokens_per_round(),
-            a.matchmaking_s,
-            a.round_deadline_s,
-        )
-        self.book.new_announcement.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(wait_s):
-                while True:
-                    await self.book.new_announcement.wait()
-                    self.book.new_announcement.clear()
-                    found = self.book.target()
-                    if found is not None and rules.wait_is_over(found[0], found[1], ahead, time.time()):
-                        return
 
     async def sync(self, target: SyncTarget) -> None:
         """Fetch, verify and adopt `target`; gossip any proof that a server lied, whether or not it worked."""
@@ -318,6 +303,8 @@ class RoundMachine:
     # ---- a round -------------------------------------------------------------------------------------
 
     async def round(self) -> None:
+        if self.overlapped:
+            return await overlapped_round(self)
         try:
             trained = await self.train(self.state.round + 1)
         except RoundAbandoned as e:  # paused: like a failed average, θ kept and the local copy reset
@@ -346,7 +333,7 @@ class RoundMachine:
         self.tokens += stats.tokens
         self.tokens_per_s = stats.tokens_per_s
         self._emit(Trained(r, stats.steps, stats.tokens, stats.mean_loss, stats.tokens_per_s))
-        return TrainedRound(r, stats, await self.state.pseudo_gradient())
+        return TrainedRound(r, stats, await self.state.pseudo_gradient(consume=self.overlapped))
 
     def _steps_for(self, r: int) -> int:
         """Inner steps of round r: the manifest's, fewer when we are far behind the run (CATCH_UP_AFTER)."""
@@ -366,9 +353,11 @@ class RoundMachine:
                 logger.debug("could not store our intent for round %d: %s", r, e)
             await asyncio.sleep(INTENT_S)
 
-    async def average(self, trained: TrainedRound) -> AveragedRound | None:
-        """All-reduce our Δ; None (θ kept, local copy reset) unless the average completed."""
-        self.phases.enter(Phase.AVERAGING)
+    async def average(self, trained: TrainedRound, background: bool = False) -> AveragedRound | None:
+        """All-reduce our Δ; None (θ kept, local copy reset) unless the average completed. `background`:
+        an overlapped run's average, while the next round trains (no phase, the local copy left alone)."""
+        if not background:
+            self.phases.enter(Phase.AVERAGING)
         r = trained.round
         t0 = time.monotonic()
 
@@ -405,7 +394,8 @@ class RoundMachine:
         if not result.ok or result.tensors is None:
             # STYLE 11: never step on a failed average. Keep θ, reset the local copy, catch up next round.
             logger.warning("round %d: average failed (%s); keeping the global weights", r, result.reason)
-            await self.state.discard_local()
+            if not background:
+                await self.state.discard_local()
             return None
         return AveragedRound(trained, result, seconds)
 
@@ -458,3 +448,30 @@ def catch_up_steps(m: RoundMachine, r: int) -> int:
     steps = max(math.ceil(full * MIN_ROUND_FRACTION), full - int(behind / m._step_s))
     logger.info("round %d: %.1f s behind the run; training %d of %d inner steps", r, behind, steps, full)
     return steps
+
+
+async def wait_for_announcement(m: RoundMachine, ahead: int) -> None:
+    """`RoundMachine.catch_up`: wait (bounded) for a fresh announcement of the state peers ahead hold."""
+    m.phases.enter(Phase.WAITING_FOR_ROUND)
+    logger.info(
+        "peers are at round %d, we are at %d: waiting for their next announcement",
+        ahead,
+        m.state.round,
+    )
+    a = m.manifest.averaging
+    wait_s = rules.catch_up_wait_s(
+        m.book.round_period,
+        m.book.throughputs(),
+        m.manifest.max_tokens_per_round(),
+        a.matchmaking_s,
+        a.round_deadline_s,
+    )
+    m.book.new_announcement.clear()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(wait_s):
+            while True:
+                await m.book.new_announcement.wait()
+                m.book.new_announcement.clear()
+                found = m.book.target()
+                if found is not None and rules.wait_is_over(found[0], found[1], ahead, time.time()):
+                    return

@@ -49,7 +49,10 @@ _AFTER_LOAD = frozenset(
         Phase.STOPPING,
     }
 )
-_NEXT_ROUND = frozenset({Phase.WAITING_FOR_ROUND, Phase.SYNCING, Phase.TRAINING, Phase.PAUSED})
+#: (AVERAGING: an overlapped run's last average in flight, settled before it stops; `run.overlap`.)
+_NEXT_ROUND = frozenset(
+    {Phase.WAITING_FOR_ROUND, Phase.SYNCING, Phase.TRAINING, Phase.PAUSED, Phase.AVERAGING}
+)
 #: Which phases may follow each phase. STOPPING may follow any phase (a signal can come at any time).
 TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.STARTING: frozenset({Phase.JOINING}),

@@ -70,6 +70,9 @@ class GlobalState:
         #: Error feedback: what earlier all-reduces lost of our pseudo-gradients to compression (flat fp32,
         #: in `allreduce.flatten` order), added to the next one. Kept in the trainer checkpoint.
         self.residual: torch.Tensor | None = None
+        #: Overlapped runs: where this round's inner steps started (`rebase`), what Δ is taken against; None:
+        #: from the global weights (sequential runs, and after a reset or a sync).
+        self.round_start: dict[str, torch.Tensor] | None = None
         #: Why we lack the run's pinned initial state; fatal only if we must train round 0.
         self.init_error: InitStateError | None = None
         self._inflight: asyncio.Task[None] | None = None
@@ -158,26 +161,40 @@ class GlobalState:
 
     # ---- a round -------------------------------------------------------------------------------------
 
-    async def pseudo_gradient(self) -> dict[str, torch.Tensor]:
-        """Δ = θ_global − θ_local, plus what compression lost of earlier rounds' Δ (error feedback)."""
-        return await asyncio.to_thread(self._pseudo_gradient)
+    async def pseudo_gradient(self, consume: bool = False) -> dict[str, torch.Tensor]:
+        """Δ = θ_global (θ_start after a `rebase`) − θ_local, plus what compression lost of earlier rounds'
+        Δ (error feedback); `consume`: into this Δ only (overlapped: the next one comes with its commit)."""
+        return await asyncio.to_thread(self._pseudo_gradient, consume)
 
-    def _pseudo_gradient(self) -> dict[str, torch.Tensor]:
-        delta = self.outer.pseudo_gradient(self.model)
-        if self.residual is None:
+    def _pseudo_gradient(self, consume: bool) -> dict[str, torch.Tensor]:
+        delta = self.outer.pseudo_gradient(self.model, base=self.round_start)
+        residual = self.residual
+        if consume:
+            self.residual = None
+        if residual is None:
             return delta
         flat = flatten(delta)
-        if flat.numel() != self.residual.numel():
+        if flat.numel() != residual.numel():
             logger.warning("dropping an error-feedback residual of the wrong size")
             self.residual = None
             return delta
-        flat.add_(self.residual)
+        flat.add_(residual)
         return unflatten(flat, delta)
+
+    async def rebase(self, delta: Tensors) -> None:
+        """Overlapped: the next round starts where an outer step with our own `delta` would take θ_global
+        (`OuterOptimizer.preview`); the average of `delta`, when it arrives, is applied to θ_global."""
+        await asyncio.to_thread(self._rebase, delta)
+
+    def _rebase(self, delta: Tensors) -> None:
+        self.round_start = self.outer.preview(delta)
+        _load_weights(self.model, self.round_start)
 
     async def discard_local(self, why: str = "") -> None:
         """A failed average (or an abandoned round: `why`, logged): keep θ, reset the local copy to it."""
         if why:
             logger.info("%s; keeping the global weights", why)
+        self.round_start = None
         await asyncio.to_thread(self.outer.copy_to, self.model)
 
     async def commit(
@@ -233,6 +250,7 @@ class GlobalState:
             self.residual = err if bool(err.any()) else None
         self.outer.step(avg)
         self.outer.copy_to(self.model)
+        self.round_start = None  # an overlapped round rebases after this (`rebase`)
         return self._hash_now()
 
     async def settle(self, timeout: float) -> None:
@@ -275,6 +293,7 @@ class GlobalState:
         self.outer.load_state_dict(tensors)
         # A new global state from peers: what compression owed our old trajectory no longer applies.
         self.residual = None
+        self.round_start = None
         self.outer.copy_to(self.model)
 
     # ---- checkpoints ---------------------------------------------------------------------------------
@@ -326,6 +345,14 @@ class GlobalState:
         if self.disk is not None:
             room = Room(True, self.disk.used(), 0)
         return room
+
+
+def _load_weights(model: torch.nn.Module, weights: Tensors) -> None:
+    """Copy `weights` into the model's parameters of the same names (keeping their dtype and device)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in weights:
+                p.copy_(weights[name])
 
 
 __all__ = ["RESIDUAL_TENSOR", "GlobalState", "StateView"]

@@ -1,0 +1,146 @@
+"""Overlapped outer updates: round r's all-reduce runs while round r + 1's inner steps compute (#17).
+
+A run whose manifest says `diloco.outer_update = "overlapped"` drives each round through
+`overlapped_round` instead of train → average → commit. At the end of round r's inner steps (the model
+idle, the average of round r − 1 in flight since round r began):
+
+1. Δ_r = θ_start − θ_local, plus the error-feedback residual, which this Δ consumes;
+2. the average of round r − 1 is awaited and, if it completed, committed as round r − 1: the outer step on
+   the global state, the hash, the checkpoint and the announcement, exactly as a sequential commit;
+3. without the state of round r − 1 (its average failed here, or we have just joined the run), it is synced
+   from the peers that announce it, with a bounded wait (they commit it at the end of their round r);
+4. the average of Δ_r starts in the background, and round r + 1 starts at θ_start = the global weights
+   after an outer step with our own Δ_r (`OuterOptimizer.preview`): our own pseudo-gradient stands in for
+   the average still in flight (the "eager" update of Kale et al. 2025, one round of delay as in Streaming
+   DiLoCo). Δ_{r+1} is then what round r + 1's inner steps did, whatever the average of Δ_r turns out to be.
+
+The rules of the sequential path hold: only a completed average is ever applied (step 2 applies it to the
+state of round r − 1 and to nothing else), a failed one leaves the global weights as they were, and every
+member of a group applies the same bytes to the same state, so the hashes agree after each commit. The
+global state never holds the guess of step 4; checkpoints and state sync carry the committed state only,
+and the average in flight is not checkpointed (a node that restarts lost that round, as with a crash in a
+sequential round).
+
+With nothing in flight (the first round, after a restart, a sync or a pause), a node holding round j trains
+round j + 2 when peers hold round j too: they are averaging round j + 1 now, and a Δ for it would come a
+whole round late. It then needs round j + 1's state from them at step 3. If nobody announces it (the whole
+run restarted together), it trains round j + 1 next time (`lost_phase`), which starts the pipeline afresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from intellect.node.run import decide as rules
+from intellect.node.run.phase import Phase
+from intellect.node.run.training import RoundAbandoned
+
+if TYPE_CHECKING:  # the machine imports this module; only its type is needed here
+    from intellect.node.run.machine import RoundMachine
+
+logger = logging.getLogger(__name__)
+
+
+async def overlapped_round(m: RoundMachine) -> None:
+    """One round of an overlapped run (module docstring): train, settle the previous average, start ours."""
+    flight = m.inflight
+    if flight is not None and m.limits.reached(m.completed + 1, flight[0]):
+        # Committing the average in flight ends our run: there is no next round to train.
+        m.phases.enter(Phase.AVERAGING)
+        await settle(m)
+        return
+    r = flight[0] + 1 if flight is not None else next_round(m)
+    try:
+        trained = await m.train(r)
+    except RoundAbandoned as e:  # paused: the average in flight is dropped too; we catch up on resume
+        await abandon(m)
+        return await m.state.discard_local(f"round {r} abandoned: {e}")
+    m.phases.enter(Phase.AVERAGING)  # (waiting for the average in flight, if any)
+    await settle(m)
+    if m.state.round < r - 1:
+        await fetch_round(m, r - 1)
+    if m.state.round != r - 1 or m.done():
+        # The average of Δ_r could only be applied to round r − 1's state, which we do not hold (or we are
+        # done). Nobody announcing it when we started in phase means the run is not in flight: restart it.
+        m.lost_phase = flight is None and m.state.round < r - 1
+        return await m.state.discard_local(f"round {r}: holding round {m.state.round}, not averaged")
+    m.lost_phase = False
+    task = asyncio.create_task(m.average(trained, background=True), name=f"average-{r}")
+    m.inflight = (r, task)
+    await m.state.rebase(trained.delta)
+
+
+def next_round(m: RoundMachine) -> int:
+    """The round to train with nothing in flight: held + 2 when peers hold our round (they average held +
+    1 now, module docstring), else held + 1."""
+    held = m.state.round
+    if held == 0 or m.lost_phase:
+        return held + 1
+    if any(rr >= held for rr in m.book.peer_rounds().values()):
+        return held + 2
+    return held + 1
+
+
+async def settle(m: RoundMachine) -> None:
+    """Wait for the average in flight and commit it, if it completed, onto the state it belongs to."""
+    flight = m.inflight
+    if flight is None:
+        return
+    r, task = flight
+    try:
+        averaged = await task
+    finally:
+        m.inflight = None
+    if averaged is None:
+        return  # failed: the global weights stay (`RoundMachine.average` logged why)
+    if m.state.round != r - 1:
+        # We synced past it meanwhile (a pause, a fork healed): the average belongs to another state.
+        logger.warning("round %d averaged while we hold round %d: not applied", r, m.state.round)
+        return
+    await m.commit(averaged)
+
+
+async def abandon(m: RoundMachine) -> None:
+    """Drop the average in flight, if any (shutdown, pause): nothing of it is applied."""
+    flight, m.inflight = m.inflight, None
+    if flight is not None and not flight[1].done():
+        flight[1].cancel()
+    if flight is not None:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await flight[1]
+
+
+async def fetch_round(m: RoundMachine, want: int) -> None:
+    """Sync round `want` (or a later one) from the peers that announce it, waiting for an announcement
+    about as long as a catch-up does (`decide.catch_up_wait_s`)."""
+    a = m.manifest.averaging
+    wait_s = rules.catch_up_wait_s(
+        m.book.round_period,
+        m.book.throughputs(),
+        m.manifest.max_tokens_per_round(),
+        a.matchmaking_s,
+        a.round_deadline_s,
+    )
+    deadline = time.monotonic() + wait_s
+    logger.info("round %d's state is needed before our average can apply: fetching it", want)
+    while True:
+        await m.net.refresh_members()
+        found = m.book.target()
+        if found is not None and found[0].round >= want:
+            await m.sync(found[0])
+            if m.state.round >= want:
+                return
+        left = deadline - time.monotonic()
+        if not any(rr >= want - 1 for rr in m.book.peer_rounds().values()):
+            return  # nobody is in the run at our phase: nobody will announce it
+        if left <= 0:
+            logger.warning("nobody announced round %d's state within %.0f s", want, wait_s)
+            return
+        m.phases.enter(Phase.WAITING_FOR_ROUND)
+        m.book.new_announcement.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(m.book.new_announcement.wait(), min(left, 1.0))
