@@ -7,9 +7,10 @@ idle, the average of round r − 1 in flight since round r began):
 1. Δ_r = θ_start − θ_local, plus the error-feedback residual, which this Δ consumes;
 2. the average of round r − 1 is awaited and, if it completed, committed as round r − 1: the outer step on
    the global state, the hash, the checkpoint and the announcement, exactly as a sequential commit;
-3. without the state of round r − 1 (its average failed here, or we have just joined the run), it is synced
-   from the peers that announce it, with a bounded wait (they commit it at the end of their round r);
-4. the average of Δ_r starts in the background, and round r + 1 starts at θ_start = the global weights
+3. the average of Δ_r starts in the background; without the state of round r − 1 (its average failed here,
+   or we have just joined the run), that state is then synced from the peers that announce it, with a
+   bounded wait (they commit it at the end of their round r), and the average dropped if it never comes;
+4. round r + 1 starts at θ_start = the global weights
    after an outer step with our own Δ_r (`OuterOptimizer.preview`): our own pseudo-gradient stands in for
    the average still in flight (the "eager" update of Kale et al. 2025, one round of delay as in Streaming
    DiLoCo). Δ_{r+1} is then what round r + 1's inner steps did, whatever the average of Δ_r turns out to be.
@@ -61,16 +62,19 @@ async def overlapped_round(m: RoundMachine) -> None:
         return await m.state.discard_local(f"round {r} abandoned: {e}")
     m.phases.enter(Phase.AVERAGING)  # (waiting for the average in flight, if any)
     await settle(m)
+    if m.state.round > r - 1 or m.done():
+        return await m.state.discard_local(f"round {r}: holding round {m.state.round}, not averaged")
+    # Our Δ goes to round r's lobby now, in time with the others, even when the state it applies to must
+    # still come from peers: fetched after the average has started, the sync delays nobody.
+    m.inflight = (r, asyncio.create_task(m.average(trained, background=True), name=f"average-{r}"))
     if m.state.round < r - 1:
         await fetch_round(m, r - 1)
-    if m.state.round != r - 1 or m.done():
-        # The average of Δ_r could only be applied to round r − 1's state, which we do not hold (or we are
-        # done). Nobody announcing it when we started in phase means the run is not in flight: restart it.
-        m.lost_phase = flight is None and m.state.round < r - 1
-        return await m.state.discard_local(f"round {r}: holding round {m.state.round}, not averaged")
+        if m.state.round != r - 1:
+            # Nobody announcing it when we started in phase means the run is not in flight: restart it.
+            m.lost_phase = flight is None and m.state.round < r - 1
+            await abandon(m)
+            return await m.state.discard_local(f"round {r}: round {r - 1}'s state not found, not averaged")
     m.lost_phase = False
-    task = asyncio.create_task(m.average(trained, background=True), name=f"average-{r}")
-    m.inflight = (r, task)
     await m.state.rebase(trained.delta)
 
 
