@@ -50,7 +50,8 @@ LATE_BUCKET = -1
 #: Most members of one declaration (what `GroupDeclaration.verify` accepts).
 MAX_MEMBERS = 4096
 #: Failed attempts with one leader's declarations after which we stop following it for the round (a live
-#: leader that declares and then withholds its part must not stall a round by re-declaring forever).
+#: leader that declares and then withholds its part must not stall a round by re-declaring forever); an
+#: attempt whose blame lies on a member we saw in the lobby ourselves does not count against its leader.
 MAX_FAILS_PER_LEADER = 2
 #: How many heartbeat lifetimes a leader waits for an expected peer it has read no record of at all: a
 #: lagging DHT view shows a live peer's heartbeat within a few of its re-publications; a frozen peer's
@@ -287,7 +288,15 @@ class Matchmaker:
         are their heartbeats as last read): do not join it again (its leader re-declares), and leave the
         blamed out until they heart-beat again."""
         self.tried[declaration.leader] = max(self.tried.get(declaration.leader, -1), declaration.seq)
-        if declaration.leader != self.me:
+        blamed = [p for p in blamed if p != self.me]
+        # Held against the leader unless the blame is on a member we too saw in the lobby: a member that
+        # aborts or stalls attempts must not also use up, one after the other, every honest leader the
+        # others follow (the Byzantine benchmark's lost rounds with two aborting members); a leader that
+        # brings in members nobody saw, or is itself to blame, is followed twice at most.
+        seen = offers or {}
+        if declaration.leader != self.me and (
+            not blamed or declaration.leader in blamed or any(p not in seen for p in blamed)
+        ):
             self.fails[declaration.leader] = self.fails.get(declaration.leader, 0) + 1
         for p in blamed:
             if p != self.me:

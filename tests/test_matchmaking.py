@@ -244,6 +244,29 @@ def test_a_live_leader_that_keeps_failing_its_groups_is_no_longer_followed() -> 
     assert mm.step(_offers(peers), [again], now=3.0) == Wait(second)  # the next owner in rank leads
 
 
+def test_attempts_another_member_broke_are_not_held_against_an_honest_leader() -> None:
+    """#15: two members that abort every attempt used to spend two failures of each honest leader in turn,
+    until nobody was followed and the round was lost. Blame on a member we saw in the lobby ourselves does
+    not count against the leader; blame on the leader itself, on nobody, or on a member nobody saw does."""
+    peers = PEERS[:5]
+    leader, second, *rest = _by_rank(peers)
+    follower, aborter = rest[0], rest[1]
+    seen = _offers(peers)
+    mm = _mm(follower, set(peers))
+    for seq in range(4):  # the aborter is blamed each time (and left out after two): the leader stays
+        d = Declaration(leader, seq, tuple(sorted(peers)))
+        assert mm.step(seen, [d], now=float(seq)) == Join(d)
+        mm.failed(d, [aborter], seen)
+    assert mm.fails.get(leader, 0) == 0
+    stranger = PEERS[5]  # an admitted peer that never appeared in our lobby
+    for seq in range(4, 6):
+        d = Declaration(leader, seq, tuple(sorted([*peers, stranger])))
+        mm.failed(d, [stranger], seen)
+    assert mm.fails[leader] == 2
+    again = Declaration(leader, 6, tuple(sorted(peers)))
+    assert mm.step(seen, [again], now=7.0) == Wait(second)  # no longer followed
+
+
 def test_a_peer_blamed_twice_in_a_round_stays_out_although_it_heart_beats() -> None:
     three = PEERS[:3]
     leader, *others = _by_rank(three)

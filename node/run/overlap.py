@@ -61,7 +61,13 @@ async def overlapped_round(m: RoundMachine) -> None:
         await abandon(m)
         return await m.state.discard_local(f"round {r} abandoned: {e}")
     m.phases.enter(Phase.AVERAGING)  # (waiting for the average in flight, if any)
-    await settle(m)
+    # Until our heartbeat is in round r's lobby, an intent there says we are about to come: a leader that
+    # saw our training intent go overdue while we settled would declare without us (seen in the swarm).
+    coming = asyncio.create_task(_coming(m, r), name=f"intent-{r}")
+    try:
+        await settle(m)
+    finally:
+        await _stop(coming)
     if m.state.round > r - 1 or m.done():
         return await m.state.discard_local(f"round {r}: holding round {m.state.round}, not averaged")
     # Our Δ goes to round r's lobby now, in time with the others, even when the state it applies to must
@@ -76,6 +82,24 @@ async def overlapped_round(m: RoundMachine) -> None:
             return await m.state.discard_local(f"round {r}: round {r - 1}'s state not found, not averaged")
     m.lost_phase = False
     await m.state.rebase(trained.delta)
+
+
+#: How often the intent of a node that finished its inner steps, and is settling, is renewed (with an ETA of
+#: now: a leader waits for it as for a peer due, at most `matchmaking_s`).
+COMING_S = 0.5
+
+
+async def _coming(m: RoundMachine, r: int) -> None:
+    while True:
+        with contextlib.suppress(Exception):  # best effort, as the training intent (`RoundMachine._intend`)
+            await m.averager.intend(r, 0.0, m._expected(r), ttl=4 * COMING_S)
+        await asyncio.sleep(COMING_S)
+
+
+async def _stop(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def next_round(m: RoundMachine) -> int:
