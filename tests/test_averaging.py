@@ -15,7 +15,7 @@ import torch
 from hivemind.dht.node import DHTNode
 from intellect.crypto import domains
 from intellect.crypto.identity import Identity
-from intellect.node.net.averaging import Averager, AveragerConfig
+from intellect.node.net.averaging import Averager, AveragerConfig, _measured
 from intellect.protocol import averaging_messages as am
 from intellect.protocol.codec import encode
 from intellect.protocol.keys import lobby_key
@@ -104,7 +104,7 @@ async def test_nan_peer_is_excluded_and_the_others_still_average(
     dht: Callable[[int], Awaitable[list[DHTNode]]],
 ) -> None:
     dht_nodes = await dht(3)
-    config = AveragerConfig(target_group_size=3, matchmaking_time=2, compression="none", min_stall_timeout=5)
+    config = AveragerConfig(target_group_size=3, matchmaking_time=2, compression="none", initial_latency=1.25)
     avs = await _averagers(dht_nodes, config)
     try:
         inputs = [_tensors(1.0), _tensors(2.0), _tensors(3.0)]
@@ -191,12 +191,17 @@ async def test_stall_timeout_follows_measured_bandwidth(
     try:
         av = avs[0]
         slow = av.stall_timeout(10_000_000, 4)
-        av._record_throughput(1e9, 1.0)
+        assert av.stall_timeout(0, 4) == 4.0 * 2.0  # before any measurement: slack × the latency prior
+        # A completed attempt: 1 GB moved in 1 s of scatter and gather, 0.1 s of everything else.
+        _measured(av, 1e9, {"connect": 0.02, "scatter": 0.5, "reduce": 0.05, "gather": 0.5, "agree": 0.03})
         fast = av.stall_timeout(10_000_000, 4)
+        quiet = av.stall_timeout(0, 4)
     finally:
         await _close(avs)
-    # 60 MB per peer at 1 MB/s is a minute-scale budget; at 1 GB/s it shrinks to near the floor.
-    assert slow > 200 and fast < 3
+    # 60 MB per peer at 1 MB/s is a minute-scale budget; at 1 GB/s (and 0.1 s of latency) it is well
+    # under a second: no fixed floor is left.
+    assert slow > 200 and fast < 1.0
+    assert quiet == pytest.approx(4.0 * 0.1)
 
 
 async def test_lone_laggard_stops_waiting_once_overtaken(

@@ -158,7 +158,7 @@ async def test_members_whose_attempts_fail_differently_meet_again() -> None:
     back to the same lobby and average together in the next attempt, with carol if she is still there."""
     board = MemoryBoard()
     ids = [Identity.from_seed(bytes([90 + i]) * 32) for i in range(3)]
-    config = AveragerConfig(compression="none", matchmaking_time=3.0, min_stall_timeout=1.0, stall_slack=1.0)
+    config = AveragerConfig(compression="none", matchmaking_time=3.0, initial_latency=1.0, stall_slack=1.0)
     avs = [Averager(board, ident, RUN, config) for ident in ids]
     for av in avs:
         await av.__aenter__()

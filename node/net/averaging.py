@@ -97,10 +97,11 @@ class AveragerConfig:
     reducer: str = "mean"
     #: Throughput assumed before the first measured round, in bytes per second (deliberately low).
     initial_bandwidth: float = 10e6
-    #: Stall timeout = slack × (expected transfer time at measured throughput) + `min_stall_timeout`.
+    #: Stall timeout = slack × (measured latency + expected transfer time at measured throughput).
     stall_slack: float = 4.0
-    #: Floor of the stall timeout in seconds (connection setup, scheduling jitter).
-    min_stall_timeout: float = 2.0
+    #: Latency assumed before the first measured attempt, in seconds (deliberately high, as the bandwidth
+    #: is low): what an attempt spends besides moving parts (connecting, reducing, agreeing, closing).
+    initial_latency: float = 2.0
     #: Most all-reduce attempts per round (each with a fresh group); the deadline usually ends it first.
     max_attempts: int = 8
     #: Seconds between DHT reads while matchmaking.
@@ -121,8 +122,8 @@ class AveragerConfig:
             raise ValueError(f"compression: one of {sorted(_BYTES_PER_VALUE)}, got {self.compression!r}")
         if not self.max_weight > 0:
             raise ValueError("max_weight: must be positive")
-        if self.initial_bandwidth <= 0 or self.stall_slack < 1 or self.min_stall_timeout <= 0:
-            raise ValueError("initial_bandwidth, stall_slack (>= 1) and min_stall_timeout must be positive")
+        if self.initial_bandwidth <= 0 or self.stall_slack < 1 or self.initial_latency <= 0:
+            raise ValueError("initial_bandwidth, stall_slack (>= 1) and initial_latency must be positive")
 
 
 class AverageFailure(enum.StrEnum):
@@ -369,8 +370,10 @@ class Averager:
         self.owner = owner
         if transport is not None and not transport.port:
             self.announce_host = ""  # members dial us by peer ID (libp2p), not by a published address
-        #: Measured all-reduce throughput (bytes per second per peer, both directions averaged): an EWMA.
+        #: Measured all-reduce throughput (bytes per second per peer, both directions averaged) and latency
+        #: (seconds of a completed attempt not spent moving parts): EWMAs (`_measured`).
         self.bandwidth = self.config.initial_bandwidth
+        self.latency = self.config.initial_latency
         self.rounds_ok = 0
         self.rounds_failed = 0
         self.lobbies = LobbyClient(
@@ -408,17 +411,12 @@ class Averager:
     # -- timeouts from measured throughput ------------------------------------------------------------------
 
     def stall_timeout(self, numel: int, group_size: int) -> float:
-        """Seconds any single wait may take: slack × the expected transfer time of one phase + a floor."""
+        """Seconds any single wait may take: slack × (the measured latency + the expected transfer time of
+        one phase at the measured throughput); no fixed floor (before the first measurement, the priors
+        `initial_latency` and `initial_bandwidth`)."""
         bytes_per_value = _BYTES_PER_VALUE[self.config.compression]
         per_peer = 2 * (group_size - 1) / max(group_size, 1) * numel * bytes_per_value
-        return self.config.min_stall_timeout + self.config.stall_slack * per_peer / self.bandwidth
-
-    def _record_throughput(self, bytes_moved: float, seconds: float) -> None:
-        if seconds <= 0 or bytes_moved <= 0:
-            return
-        measured = bytes_moved / seconds
-        # EWMA: one slow round (a busy CPU) should not halve the next stall timeout's budget at once.
-        self.bandwidth = measured if self.rounds_ok == 0 else 0.5 * self.bandwidth + 0.5 * measured
+        return self.config.stall_slack * (self.latency + per_peer / self.bandwidth)
 
     # -- the round -------------------------------------------------------------------------------------------
 
@@ -596,9 +594,7 @@ class Averager:
     ) -> AverageResult:
         """The result of the attempt that completed; its transfer rate updates the measured throughput."""
         moved = (reduced.bytes_sent + reduced.bytes_received) / 2
-        self._record_throughput(
-            moved, reduced.timings.get("scatter", 0.0) + reduced.timings.get("gather", 0.0)
-        )
+        _measured(self, moved, reduced.timings)
         averaged = await asyncio.to_thread(unflatten, reduced.flat, tensors)
         logger.info(
             "round %s averaged with %d peers (attempt %d) in %.2fs, total weight %.0f",
@@ -630,6 +626,23 @@ class Averager:
 def _match_config(av: Averager) -> MatchConfig:
     c = av.config
     return MatchConfig(c.target_group_size, c.min_group_size, c.matchmaking_time, av.lobbies.freshness())
+
+
+#: Phases of an attempt that move parts (`ReducedVector.timings`); the others make its latency.
+_TRANSFER_PHASES = ("scatter", "gather")
+
+
+def _measured(av: Averager, bytes_moved: float, timings: Mapping[str, float]) -> None:
+    """A completed attempt's throughput and latency into the averager's EWMAs: one slow attempt (a busy
+    CPU) must not halve the next stall timeout's budget at once, nor one fast attempt."""
+    transfer = sum(timings.get(p, 0.0) for p in _TRANSFER_PHASES)
+    latency = sum(t for p, t in timings.items() if p not in _TRANSFER_PHASES)
+    first = av.rounds_ok == 0
+    if transfer > 0 and bytes_moved > 0:
+        rate = bytes_moved / transfer
+        av.bandwidth = rate if first else 0.5 * av.bandwidth + 0.5 * rate
+    if latency > 0:
+        av.latency = latency if first else 0.5 * av.latency + 0.5 * latency
 
 
 def _tally(av: Averager, result: AverageResult, start: float) -> AverageResult:
