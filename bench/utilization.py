@@ -644,7 +644,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reducer", choices=("mean", "centered_clip"), default="centered_clip")
     p.add_argument("--row-timeout", type=float, default=600.0, help="seconds one row may take")
     p.add_argument("--quick", action="store_true", help="smoke run: a small model, 2 counted rounds")
-    p.add_argument("--workdir", type=Path, default=None, help="keep peers' data and logs here")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep peers' data and logs here (checkpoints included: about 5 GB a row at the default size)",
+    )
     p.add_argument("--json", action="store_true", help="(the JSON line is always printed last)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
