@@ -31,7 +31,7 @@ from intellect.node.net.averaging import AverageResult
 from intellect.node.net.statesync import StateSnapshot, StateSyncError, SyncReport
 from intellect.node.run import decide as rules
 from intellect.node.run.events import Averaged, Committed, EventSink, RunReject, SyncFailed, Trained
-from intellect.node.run.overlap import abandon, overlapped_round
+from intellect.node.run.overlap import abandon, announcement_wait_s, overlapped_round
 from intellect.node.run.pause import PauseGate, hold
 from intellect.node.run.peerbook import PeerBook
 from intellect.node.run.phase import Phase, PhaseTracker
@@ -458,14 +458,7 @@ async def wait_for_announcement(m: RoundMachine, ahead: int) -> None:
         ahead,
         m.state.round,
     )
-    a = m.manifest.averaging
-    wait_s = rules.catch_up_wait_s(
-        m.book.round_period,
-        m.book.throughputs(),
-        m.manifest.max_tokens_per_round(),
-        a.matchmaking_s,
-        a.round_deadline_s,
-    )
+    wait_s = announcement_wait_s(m)
     m.book.new_announcement.clear()
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(wait_s):

@@ -142,17 +142,22 @@ async def abandon(m: RoundMachine) -> None:
             await flight[1]
 
 
-async def fetch_round(m: RoundMachine, want: int) -> None:
-    """Sync round `want` (or a later one) from the peers that announce it, waiting for an announcement
-    about as long as a catch-up does (`decide.catch_up_wait_s`)."""
+def announcement_wait_s(m: RoundMachine) -> float:
+    """How long a node waits for peers to announce a state (`decide.catch_up_wait_s`)."""
     a = m.manifest.averaging
-    wait_s = rules.catch_up_wait_s(
+    return rules.catch_up_wait_s(
         m.book.round_period,
         m.book.throughputs(),
         m.manifest.max_tokens_per_round(),
         a.matchmaking_s,
         a.round_deadline_s,
     )
+
+
+async def fetch_round(m: RoundMachine, want: int) -> None:
+    """Sync round `want` (or a later one) from the peers that announce it, waiting for an announcement
+    about as long as a catch-up does (`decide.catch_up_wait_s`)."""
+    wait_s = announcement_wait_s(m)
     deadline = time.monotonic() + wait_s
     logger.info("round %d's state is needed before our average can apply: fetching it", want)
     while True:
