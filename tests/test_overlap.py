@@ -56,11 +56,13 @@ async def test_overlapped_swarm_agrees_survives_a_kill_in_flight_and_admits_a_ne
         by_round = {e["round"]: e["peers"] for e in summary["rounds"]}
         for r in range(1, rounds + 1):
             entries = by_round[r]
-            assert len({e["state_hash"] for e in entries.values()}) == 1, (
-                f"round {r}: hashes differ: {entries}"
-            )
-            for p in survivors:
-                assert p.peer_id in entries, f"round {r}: {p.name} did not report"
+            hashes = {e["state_hash"] for e in entries.values()}
+            assert len(hashes) == 1, f"round {r}: hashes differ: {entries}"
+        # A survivor may miss a round (late to its lobby) and sync past it, as in a sequential run; it still
+        # commits most rounds itself, and never a state the others did not hold.
+        for p in survivors:
+            own = [e for e in p.rounds() if 1 <= e["round"] <= rounds and not e["synced"]]
+            assert len(own) >= rounds - 4, f"{p.name} committed only {[e['round'] for e in own]}"
         # The newcomer synced, then averaged and committed rounds of its own with the others.
         mine = [e for e in newcomer.rounds() if 1 <= e["round"] <= rounds]
         assert any(e["synced"] for e in mine), mine
