@@ -453,9 +453,7 @@ async def _diloco_peer(
                 inflight = (task, flat, progress)
                 await asyncio.sleep(0)  # let it send its hellos before the preview's torch work
                 start = outer.preview(unflatten(flat, progress))
-                with torch.no_grad():
-                    for n, t in start.items():
-                        params[n].copy_(t)  # the inner optimizer's state is kept
+                outer.copy_to(model, start)  # the inner optimizer's state is kept
             if inflight is not None:
                 task, prev_flat, prev_like = inflight
                 outcome = await task

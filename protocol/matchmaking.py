@@ -299,9 +299,8 @@ class Matchmaker:
         ):
             self.fails[declaration.leader] = self.fails.get(declaration.leader, 0) + 1
         for p in blamed:
-            if p != self.me:
-                self.suspects[p] = offers[p].fresh_until if offers and p in offers else 0.0
-                self.blames[p] = self.blames.get(p, 0) + 1
+            self.suspects[p] = seen[p].fresh_until if p in seen else 0.0
+            self.blames[p] = self.blames.get(p, 0) + 1
         if declaration.leader == self.me:
             self.mine = None
             self.leading_since = None

@@ -150,5 +150,8 @@ def test_preview_is_the_step_it_would_take_and_changes_nothing(momentum: float, 
     assert all(torch.equal(before[k], v) for k, v in a.state_dict().items())  # nothing moved
     a.step(delta)
     assert all(torch.equal(seen[n], a.global_params[n]) for n in params)  # bit for bit what the step did
+    local = {n: torch.zeros_like(t) for n, t in params.items()}
+    a.copy_to(local, seen)  # the model starts at the preview (what an overlapped round does)
+    assert all(torch.equal(local[n], seen[n]) for n in params)
     with pytest.raises(OuterError):
         a.preview({"w": delta["w"]})

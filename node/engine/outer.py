@@ -150,16 +150,23 @@ class OuterOptimizer:
                 out[name] = param.add(grad, alpha=-self.lr)
         return out
 
-    def copy_to(self, model: nn.Module | Mapping[str, torch.Tensor]) -> None:
-        """Reset the local weights to the global ones (in place, keeping their dtype and device).
+    def copy_to(
+        self,
+        model: nn.Module | Mapping[str, torch.Tensor],
+        weights: Mapping[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Reset the local weights to the global ones, or to `weights` (names of the global ones, e.g. a
+        `preview`), in place, keeping their dtype and device.
 
         Only weights are touched; the inner optimizer's state belongs to the trainer and is kept.
         """
         target = _named_tensors(model)
         self._check_keys(target, "model")
+        source = self.global_params if weights is None else weights
+        self._check_keys(source, "weights")
         with torch.no_grad():
-            for name, g in self.global_params.items():
-                target[name].copy_(g)
+            for name in self.global_params:
+                target[name].copy_(source[name])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Flat tensor dict (global weights, momentum buffers, step count): safetensors- and hash-ready.

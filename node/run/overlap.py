@@ -135,11 +135,16 @@ async def settle(m: RoundMachine) -> None:
 async def abandon(m: RoundMachine) -> None:
     """Drop the average in flight, if any (shutdown, pause): nothing of it is applied."""
     flight, m.inflight = m.inflight, None
-    if flight is not None and not flight[1].done():
-        flight[1].cancel()
-    if flight is not None:
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await flight[1]
+    if flight is None:
+        return
+    r, task = flight
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    except Exception:  # dropped either way, but an averaging bug must not vanish silently
+        logger.exception("the average of round %d failed while it was being dropped", r)
 
 
 def announcement_wait_s(m: RoundMachine) -> float:

@@ -188,7 +188,7 @@ class GlobalState:
 
     def _rebase(self, delta: Tensors) -> None:
         self.round_start = self.outer.preview(delta)
-        _load_weights(self.model, self.round_start)
+        self.outer.copy_to(self.model, self.round_start)
 
     async def discard_local(self, why: str = "") -> None:
         """A failed average (or an abandoned round: `why`, logged): keep θ, reset the local copy to it."""
@@ -345,14 +345,6 @@ class GlobalState:
         if self.disk is not None:
             room = Room(True, self.disk.used(), 0)
         return room
-
-
-def _load_weights(model: torch.nn.Module, weights: Tensors) -> None:
-    """Copy `weights` into the model's parameters of the same names (keeping their dtype and device)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in weights:
-                p.copy_(weights[name])
 
 
 __all__ = ["RESIDUAL_TENSOR", "GlobalState", "StateView"]
