@@ -28,12 +28,14 @@ The attacks (A of the N peers, the last A slots; in the clean run these slots ar
   link penalised or dropped. Its `loss_ratio_to_clean` is 1.0 (no training in it) and `rounds_lost` 0.
 
 Per attack and (N, A): the final held-out loss (the honest peers' global weights, every held-out batch)
-against the clean run of the same N, rounds lost (rounds in which some honest peer committed no average),
-whether and when an attacker was caught (named as culprit or suspect by an honest peer's own check, the
-sender of an Abort an honest peer blamed, or excluded by one), detection rate (of the rounds in which an
-attacker was in the group of an honest peer's attempt: those in which it was caught and no honest peer
-committed an average with it in the group), honest peers wrongly excluded (distinct (round, peer) pairs an
-honest peer excluded for misbehaviour; `honest_blamed` also counts the ones only left out of the next
+against the clean run of the same N and against the honest peers alone (the same run with the A attackers'
+slots empty: the N − A honest peers on their own shards, which is the best any defence can do once it has
+excluded the attackers, since their data is gone either way), rounds lost (rounds in which some honest peer
+committed no average), whether and when an attacker was caught (named as culprit or suspect by an honest
+peer's own check, the sender of an Abort an honest peer blamed, or excluded by one), detection rate (of the
+rounds in which an attacker was in the group of an honest peer's attempt: those in which it was caught and no
+honest peer committed an average with it in the group), honest peers wrongly excluded (distinct (round, peer)
+pairs an honest peer excluded for misbehaviour; `honest_blamed` also counts the ones only left out of the next
 declaration), and crashes (peer round tasks that raised).
 
     python bench/byzantine.py --json                       # the whole matrix
@@ -41,7 +43,8 @@ declaration), and crashes (peer round tasks that raised).
 
 The last line is one JSON object: `{"clean_loss": float, "clean": {"4p": {...}}, "attacks":
 {"sign_flip/4p1a": {"peers", "attackers", "loss_ratio_to_clean", "rounds_lost", "detection_rate",
-"honest_excluded", "crashes", ...}}, "settings": {...}}`; `clean_loss` is the clean run of the smallest N.
+"honest_excluded", "crashes", "honest_alone_loss", "loss_ratio_to_honest_alone", ...}}, "honest_alone":
+{"4p1a": {...}}, "settings": {...}}`; `clean_loss` is the clean run of the smallest N.
 Losses that are not finite appear as JSON's `NaN` / `Infinity` (Python's json reads them).
 """
 
@@ -85,6 +88,8 @@ RUN = "bench-byzantine"
 INPUT_ATTACKS = ("sign_flip", "huge_norm", "nan", "noise", "free_rider")
 OWNER_ATTACKS = ("biased_owner", "inconsistent_owner", "false_abort", "false_abort_signed")
 ATTACKS = (*INPUT_ATTACKS, *OWNER_ATTACKS, "gossip_flood")
+#: Not an attack: the baseline of the honest peers alone (the A attackers' slots left empty).
+ABSENT = "absent"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,7 +341,8 @@ def _tamper(attack: str | None, codec: PayloadCodec, honest: set[str]) -> Tamper
 
 
 async def run_training(cfg: Config, shared: Shared, n: int, attack: str | None, a: int) -> dict[str, Any]:
-    """One run of `cfg.rounds` rounds with N peers, the last `a` of them running `attack` (None: clean)."""
+    """One run of `cfg.rounds` rounds with N peers, the last `a` of them running `attack` (None: clean;
+    `ABSENT`: those `a` peers do not exist, the honest peers train and average alone on their own shards)."""
     s = cfg.settings(n)
     bad = set(range(n - a, n)) if attack else set()
     ids = [_identity(n, i) for i in range(n)]
@@ -354,12 +360,14 @@ async def run_training(cfg: Config, shared: Shared, n: int, attack: str | None, 
     async with contextlib.AsyncExitStack() as stack:
         peers = []
         for i in range(n):
+            if attack == ABSENT and i in bad:
+                continue
             av = await stack.enter_async_context(Averager(board, ids[i], RUN, av_cfg))
             model = _initial_model(s, shared.warm)
             stream = _peer_stream(s, shared.resolver, shared.infos, i)
             trainer = InnerTrainer(model, s.trainer_config(cfg.rounds * cfg.h), stream, "cpu")
             outer = OuterOptimizer.from_model(model, lr=s.outer_lr, momentum=s.outer_momentum)
-            kind = attack if i in bad else None
+            kind = attack if i in bad and attack != ABSENT else None
             gen = torch.Generator().manual_seed(cfg.seed * 1000 + i)
             peer = Peer(i, av, model, trainer, outer, kind, gen)
             peer.record_attempts()
@@ -647,7 +655,9 @@ def _line(name: str, r: dict[str, Any], clean: float) -> str:
         )
     first = r["first_caught_round"]
     return (
-        f"{name}: loss {r['loss']:.4f} vs clean {clean:.4f} (x{r['loss_ratio_to_clean']:.4f}), "
+        f"{name}: loss {r['loss']:.4f} vs clean {clean:.4f} (x{r['loss_ratio_to_clean']:.4f}"
+        + (f"; x{r['loss_ratio_to_honest_alone']:.4f} of honest alone" if "honest_alone_loss" in r else "")
+        + "), "
         f"rounds lost {r['rounds_lost']}, "
         f"caught in {r['detection_rate']:.0%} of {r['attacked_rounds']} attacked rounds "
         f"(first: {'never' if first is None else f'round {first}'}), "
@@ -662,6 +672,7 @@ async def run_matrix(
     loop = asyncio.get_running_loop()
     loop.set_default_executor(ThreadPoolExecutor(max_workers=16))
     clean: dict[str, dict[str, Any]] = {}
+    alone: dict[str, dict[str, Any]] = {}
     out: dict[str, dict[str, Any]] = {}
     for n in peers:
         training = [x for x in attacks if x != "gossip_flood"]
@@ -676,6 +687,15 @@ async def run_matrix(
                 flush=True,
             )
         for a in attackers:
+            if training and n - a >= 2:
+                h = await run_training(cfg, shared, n, ABSENT, a)
+                alone[f"{n}p{a}a"] = h
+                print(
+                    f"honest alone/{n}p{a}a ({n - a} peers, attackers' slots empty): loss {h['loss']:.4f} "
+                    f"(x{h['loss'] / clean[f'{n}p']['loss']:.4f} of clean), rounds lost {h['rounds_lost']}, "
+                    f"{h['wall_s']}s",
+                    flush=True,
+                )
             for attack in attacks:
                 name = f"{attack}/{n}p{a}a"
                 if attack == "gossip_flood":
@@ -684,10 +704,15 @@ async def run_matrix(
                     r = await run_training(cfg, shared, n, attack, a)
                     base = clean[f"{n}p"]["loss"]
                     r["loss_ratio_to_clean"] = r["loss"] / base if math.isfinite(r["loss"]) else math.inf
+                    if (h := alone.get(f"{n}p{a}a")) is not None:
+                        r["honest_alone_loss"] = h["loss"]
+                        r["loss_ratio_to_honest_alone"] = (
+                            r["loss"] / h["loss"] if math.isfinite(r["loss"]) else math.inf
+                        )
                 out[name] = {"peers": n, "attackers": a} | r
                 print(_line(name, out[name], clean.get(f"{n}p", {}).get("loss", math.nan)), flush=True)
     first = clean[f"{min(peers)}p"]["loss"] if clean else math.nan
-    return {"clean_loss": first, "clean": clean, "attacks": out}
+    return {"clean_loss": first, "clean": clean, "honest_alone": alone, "attacks": out}
 
 
 def main(argv: list[str] | None = None) -> int:

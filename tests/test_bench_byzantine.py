@@ -42,6 +42,9 @@ def test_quick_byzantine_bench_prints_the_schema_and_catches_the_biased_owner() 
         assert entry["crashes"] == 0, entry["crash_details"]
         assert entry["honest_excluded"] == 0 and entry["forks"] == 0
         assert not math.isnan(entry["loss_ratio_to_clean"])
+        # The baseline of the honest peers alone (the attacker's slot empty) is run and compared with.
+        assert entry["honest_alone_loss"] == out["honest_alone"]["4p1a"]["loss"]
+        assert math.isfinite(entry["loss_ratio_to_honest_alone"])
     biased = out["attacks"]["biased_owner/4p1a"]
     # Caught by the agreement phase in the first round it owns a partition, and never committed with.
     assert biased["attacked_rounds"] >= 1 and biased["detection_rate"] == 1.0
