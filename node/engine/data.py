@@ -5,6 +5,10 @@
   Files written by `prepare_shards` are raw arrays opened with `numpy.memmap`; the built-in corpus is cut
   into virtual shards `builtin://corpus/<k>` plus a held-out split `builtin://heldout` that no peer
   trains on. Which peer trains on which shard is `intellect.protocol.shards.assign_shards`.
+- A shard may also be a text source (JSONL, Parquet, a Hugging Face `datasets` directory), tokenized with
+  the run's tokenizer when it is opened, and may live behind an `http(s)://` URL that the node downloads
+  into its data directory: `sources.py` says what such a shard's URI and sha256 mean, `fetch.py` how it
+  is downloaded. `describe_shard` computes the manifest entry for one.
 - `TokenStream` cuts the assigned shards into windows of `seq_len + 1` tokens and visits them in a
   seeded permutation per epoch; its cursor (epoch, position) is the whole state, so a restart resumes at
   exactly the same sample.
@@ -22,6 +26,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from intellect.node.engine.fetch import FetchConfig, download
+from intellect.node.engine.sources import (
+    DEFAULT_FIELD,
+    DataError,
+    ShardLocation,
+    detect_format,
+    files_sha256,
+    iter_text_batches,
+    parse_shard_uri,
+    source_files,
+)
 from intellect.node.engine.tokenizer import Tokenizer
 from intellect.protocol.manifest import ShardSpec
 
@@ -33,10 +48,6 @@ BUILTIN_NUM_SHARDS = 16
 #: Fraction of the built-in corpus (its tail) held out for evaluation.
 BUILTIN_HELDOUT_FRACTION = 0.05
 _CORPUS_FILE = "pydoc_topics.jsonl"
-
-
-class DataError(ValueError):
-    """A shard is missing, has the wrong hash or size, or a stream cannot be built or restored."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype[Any]:
@@ -103,31 +114,55 @@ def builtin_heldout(tokenizer: Tokenizer) -> ShardSpec:
 
 
 class ShardResolver:
-    """Opens shards by URI and verifies their token count and sha256 before anything trains on them."""
+    """Opens shards by URI and verifies their token count and sha256 before anything trains on them.
+
+    Raw token files are memory-mapped; text sources are hashed, then tokenized into memory; `http(s)://`
+    shards are first downloaded to `<base_dir>/downloads/<sha256>.<format>` (so a URL is fetched once,
+    and two URLs with the same content share the file).
+    """
 
     def __init__(
-        self, tokenizer: Tokenizer, base_dir: Path | None = None, num_builtin_shards: int = BUILTIN_NUM_SHARDS
+        self,
+        tokenizer: Tokenizer,
+        base_dir: Path | None = None,
+        num_builtin_shards: int = BUILTIN_NUM_SHARDS,
+        fetch: FetchConfig | None = None,
     ):
         self.tokenizer = tokenizer
         self.base_dir = base_dir
         self.num_builtin_shards = num_builtin_shards
+        self.fetch = fetch or FetchConfig()
         self._verified: dict[ShardSpec, np.ndarray] = {}
 
-    def _open(self, info: ShardSpec) -> np.ndarray:
-        dtype = token_dtype(self.tokenizer.vocab_size)
-        if info.uri.startswith(BUILTIN_SCHEME):
-            shards, held = _builtin_split(builtin_corpus_tokens(self.tokenizer), self.num_builtin_shards)
-            rest = info.uri[len(BUILTIN_SCHEME) :]
-            if rest == "heldout":
-                return held
-            if rest.startswith("corpus/") and rest[7:].isdigit() and int(rest[7:]) < len(shards):
-                return shards[int(rest[7:])]
-            raise DataError(f"{info.uri}: no such built-in shard")
-        path = Path(info.uri[len("file://") :]) if info.uri.startswith("file://") else Path(info.uri)
+    def _builtin(self, info: ShardSpec, name: str) -> np.ndarray:
+        shards, held = _builtin_split(builtin_corpus_tokens(self.tokenizer), self.num_builtin_shards)
+        if name == "heldout":
+            return held
+        if name.startswith("corpus/") and name[7:].isdigit() and int(name[7:]) < len(shards):
+            return shards[int(name[7:])]
+        raise DataError(f"{info.uri}: no such built-in shard")
+
+    def _local(self, info: ShardSpec, loc: ShardLocation) -> tuple[Path, str]:
+        """The shard's path on this node (downloading it first) and its format."""
+        if loc.kind == "http":
+            if self.base_dir is None:
+                raise DataError(f"{info.uri}: downloading a shard needs a data directory")
+            assert loc.format is not None  # parse_shard_uri always names one for a URL
+            if len(info.sha256) != 64 or not all(c in "0123456789abcdef" for c in info.sha256):
+                raise DataError(f"{info.uri}: sha256 must be 64 lowercase hex characters")  # a file name
+            dest = self.base_dir / "downloads" / f"{info.sha256}.{loc.format}"
+            return download(loc.target, dest, info.sha256, self.fetch), loc.format
+        path = Path(loc.target).expanduser()
         if not path.is_absolute() and self.base_dir is not None:
             path = self.base_dir / path
-        if not path.is_file():
+        if not path.exists():
             raise DataError(f"{info.uri}: shard file {path} not found")
+        return path, detect_format(path, loc.format)
+
+    def _raw(self, info: ShardSpec, path: Path) -> np.ndarray:
+        dtype = token_dtype(self.tokenizer.vocab_size)
+        if not path.is_file():
+            raise DataError(f"{info.uri}: {path} is not a file of token ids")
         size = path.stat().st_size
         if size != info.tokens * dtype.itemsize:
             raise DataError(
@@ -137,18 +172,65 @@ class ShardResolver:
             return np.zeros(0, dtype=dtype)
         return np.memmap(path, dtype=dtype, mode="r")
 
+    def _text(self, info: ShardSpec, path: Path, fmt: str, field: str) -> np.ndarray:
+        """A text source: its bytes must hash to the manifest's sha256 before it is parsed at all."""
+        actual = files_sha256(source_files(path, fmt))
+        if actual != info.sha256:
+            raise DataError(f"{info.uri}: sha256 mismatch: manifest {info.sha256}, data {actual}")
+        arr = encode_source(self.tokenizer, path, fmt, field)
+        arr.setflags(write=False)
+        return arr
+
     def load(self, info: ShardSpec) -> np.ndarray:
-        """The shard's tokens (memory-mapped for files); raises DataError on a wrong size or hash."""
+        """The shard's tokens (memory-mapped for token files); raises DataError on a wrong size or hash."""
         if info in self._verified:
             return self._verified[info]
-        arr = self._open(info)
+        loc = parse_shard_uri(info.uri)
+        if loc.kind == "builtin":
+            arr, hashed = self._builtin(info, loc.target), False
+        else:
+            path, fmt = self._local(info, loc)
+            if fmt == "tokens":
+                arr, hashed = self._raw(info, path), False
+            else:
+                arr, hashed = self._text(info, path, fmt, loc.field), True
         if len(arr) != info.tokens:
             raise DataError(f"{info.uri}: has {len(arr)} tokens, manifest says {info.tokens}")
-        actual = tokens_sha256(arr)
-        if actual != info.sha256:
+        if not hashed and (actual := tokens_sha256(arr)) != info.sha256:
             raise DataError(f"{info.uri}: sha256 mismatch: manifest {info.sha256}, data {actual}")
         self._verified[info] = arr
         return arr
+
+
+def encode_source(tokenizer: Tokenizer, path: Path, fmt: str, field: str = DEFAULT_FIELD) -> np.ndarray:
+    """All documents of a text source, tokenized and each followed by EOS (as `prepare_shards` joins)."""
+    parts = [encode_documents(tokenizer, batch) for batch in iter_text_batches(path, fmt, field)]
+    return np.concatenate(parts)
+
+
+def describe_shard(uri: str, tokenizer: Tokenizer, base_dir: Path | None = None) -> ShardSpec:
+    """The manifest entry (`uri`, `sha256`, `tokens`) for a local shard: a raw token file or a text source.
+
+    For a shard to be served over http(s), describe the local copy and put the URL (with the same `#`
+    options) in the manifest: the sha256 covers the bytes, which the URL serves unchanged.
+    """
+    loc = parse_shard_uri(uri)
+    if loc.kind != "file":
+        raise DataError(f"{uri}: describe a local copy of the shard (a path or file:// URI)")
+    path = Path(loc.target).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    if not path.exists():
+        raise DataError(f"{uri}: {path} not found")
+    fmt = detect_format(path, loc.format)
+    if fmt == "tokens":
+        dtype = token_dtype(tokenizer.vocab_size)
+        if not path.is_file() or path.stat().st_size == 0 or path.stat().st_size % dtype.itemsize:
+            raise DataError(f"{uri}: {path} is not a non-empty file of {dtype.itemsize}-byte token ids")
+        arr = np.memmap(path, dtype=dtype, mode="r")
+        return ShardSpec(uri, tokens_sha256(arr), len(arr))
+    tokens = encode_source(tokenizer, path, fmt, loc.field)
+    return ShardSpec(uri, files_sha256(source_files(path, fmt)), len(tokens))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -265,25 +347,18 @@ def heldout_batches(
 # Preparing shards from text or JSONL
 
 
-def iter_documents(path: Path) -> Iterator[str]:
-    """A `.jsonl` file yields each line's `text`; any other file is one UTF-8 text document."""
-    if path.suffix.lower() in (".jsonl", ".ndjson"):
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not JSON: {e}") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise DataError(f"{path}:{lineno}: expected an object with a string 'text' field")
-                yield obj["text"]
-    else:
-        try:
-            yield path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"{path}: not UTF-8 text: {e}") from None
+def iter_documents(path: Path, field: str = DEFAULT_FIELD) -> Iterator[str]:
+    """The documents of an input file: each line's `field` of a `.jsonl`, each row's of a `.parquet` or
+    `.arrow` file or a `datasets` directory; any other file is one UTF-8 text document."""
+    fmt = detect_format(path, None)
+    if fmt != "tokens":
+        for batch in iter_text_batches(path, fmt, field):
+            yield from batch
+        return
+    try:
+        yield path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text: {e}") from None
 
 
 def prepare_shards(
