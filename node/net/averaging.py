@@ -106,6 +106,12 @@ class AveragerConfig:
     max_attempts: int = 8
     #: Seconds between DHT reads while matchmaking.
     poll_interval: float = 0.25
+    #: A completed average is refused (the attempt fails, blaming nobody, and the round tries another group)
+    #: when its norm exceeds this many times our own contribution's, scaled up by max_weight / our weight
+    #: (a member that trained less sent a smaller Δ); 0 turns the check off. A group in which hostile
+    #: members outnumber the honest ones (an honest member late to the lobby) can put anything in the
+    #: average, whatever the reducer; no honest majority gives an average far beyond its members' norms.
+    max_update_ratio: float = 4.0
 
     def __post_init__(self) -> None:
         if self.min_group_size < 1:
@@ -124,6 +130,8 @@ class AveragerConfig:
             raise ValueError("max_weight: must be positive")
         if self.initial_bandwidth <= 0 or self.stall_slack < 1 or self.initial_latency <= 0:
             raise ValueError("initial_bandwidth, stall_slack (>= 1) and initial_latency must be positive")
+        if not (self.max_update_ratio == 0 or self.max_update_ratio >= 1):
+            raise ValueError("max_update_ratio: must be 0 (off) or at least 1")
 
 
 class AverageFailure(enum.StrEnum):
@@ -145,6 +153,8 @@ class AverageFailure(enum.StrEnum):
     DEADLINE = "deadline"
     #: An attempt failed naming us as the culprit: we must not retry with the same input.
     EXCLUDED = "we were excluded"
+    #: An attempt completed with an average far larger than our own contribution (`max_update_ratio`).
+    IMPLAUSIBLE = "implausible average"
 
 
 @dataclass(frozen=True)
@@ -412,11 +422,15 @@ class Averager:
 
     def stall_timeout(self, numel: int, group_size: int) -> float:
         """Seconds any single wait may take: slack × (the measured latency + the expected transfer time of
-        one phase at the measured throughput); no fixed floor (before the first measurement, the priors
-        `initial_latency` and `initial_bandwidth`)."""
+        one phase at the measured throughput); before the first measurement, the priors `initial_latency`
+        and `initial_bandwidth`. The latency is taken as at least one matchmaking poll interval: members
+        start an attempt when they next read its declaration, so they may connect that far apart, even
+        after an attempt in which they happened to start together (measured on loopback: 0.01 s, then the
+        next attempt stalled at once on a member that was one poll late)."""
         bytes_per_value = _BYTES_PER_VALUE[self.config.compression]
         per_peer = 2 * (group_size - 1) / max(group_size, 1) * numel * bytes_per_value
-        return self.config.stall_slack * (self.latency + per_peer / self.bandwidth)
+        latency = max(self.latency, self.config.poll_interval)
+        return self.config.stall_slack * (latency + per_peer / self.bandwidth)
 
     # -- the round -------------------------------------------------------------------------------------------
 
@@ -562,7 +576,12 @@ class Averager:
         state.group = list(spec.peer_ids)
         try:
             async with asyncio.timeout(max(0.0, deadline - time.time())):
-                return await self._allreduce(spec, flat, weight)
+                reduced = await self._allreduce(spec, flat, weight)
+            if not _implausible(self, spec.round, reduced, flat, weight):
+                return reduced
+            state.reason = AverageFailure.IMPLAUSIBLE
+            mm.failed(decl)
+            return None
         except TimeoutError:
             state.reason = AverageFailure.DEADLINE
             mm.failed(decl)
@@ -621,6 +640,28 @@ class Averager:
     def status(self) -> dict[str, Any]:
         """Plain data for the node's status API."""
         return _status(self)
+
+
+def _implausible(av: Averager, round: int, reduced: ReducedVector, own: torch.Tensor, weight: float) -> bool:
+    """Whether a completed average is too large to apply (`AveragerConfig.max_update_ratio`), logged.
+
+    The bound is scaled by the most weight a member can have had over ours (at most `max_weight`, at most
+    the group's total): a Δ grows at most about linearly with the tokens trained, so an honest member that
+    trained half as much as the others sent about half their norm."""
+    ratio = av.config.max_update_ratio
+    own_norm = float(torch.linalg.vector_norm(own, dtype=torch.float64))
+    if ratio == 0 or own_norm == 0 or weight <= 0:  # (a zero Δ gives no scale to judge by)
+        return False
+    norm = float(torch.linalg.vector_norm(reduced.flat, dtype=torch.float64))
+    heaviest = min(av.config.max_weight, reduced.total_weight)
+    bound = ratio * own_norm * max(1.0, heaviest / weight)
+    if norm <= bound:  # (a NaN norm is refused too)
+        return False
+    logger.warning(
+        "round %s: refusing an average of norm %.3g, over %.3g (%g x our own %.3g); another group is tried",
+        round, norm, bound, ratio, own_norm,
+    )  # fmt: skip
+    return True
 
 
 def _match_config(av: Averager) -> MatchConfig:
