@@ -250,9 +250,12 @@ class TokenizerSpec:
 class ShardSpec:
     """One data shard: where it is, its content hash, and how many tokens it holds."""
 
-    #: `builtin://corpus/<k>`, `builtin://heldout`, a path (relative to the shard index) or `file://…`.
+    #: `builtin://corpus/<k>`, `builtin://heldout`, a path (relative to the shard index), `file://…` or
+    #: `http(s)://…` (downloaded by each node); a text shard (JSONL, Parquet, Arrow, a `datasets`
+    #: directory) may carry options after `#` (`#field=content&format=parquet`).
     uri: str
-    #: sha256 (hex) of the shard's token array as little-endian bytes.
+    #: sha256 (hex) of the shard as stored: a token file's little-endian token array, a text file's bytes,
+    #: a `datasets` directory's data files concatenated in `state.json` order.
     sha256: str
     #: Number of tokens.
     tokens: int

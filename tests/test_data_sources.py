@@ -34,6 +34,7 @@ from intellect.node.engine.tokenizer import (
     Tokenizer,
     TokenizerError,
     load_tokenizer,
+    tokenizer_uri,
 )
 from intellect.protocol.manifest import ShardSpec, parse_manifest
 
@@ -269,6 +270,9 @@ def test_hub_tokenizer_from_the_local_cache(tmp_path: Path, monkeypatch: pytest.
     assert isinstance(tok, HFTokenizer) and tok.name == "acme/tiny-tok" and tok.sha256 == digest
     assert tok.eos_id == 2
     assert load_tokenizer("acme/tiny-tok").sha256 == digest  # a bare name, as typed on the command line
+    # What `data prepare` writes into the manifest: the hub name, not the cache's path; a file by URI.
+    assert tokenizer_uri("acme/tiny-tok") == "hf://acme/tiny-tok"
+    assert tokenizer_uri(str(file)) == file.resolve().as_uri()
     revision = file.parent.name
     assert load_tokenizer(f"hf://acme/tiny-tok@{revision}", digest).sha256 == digest
     # The manifest's hash still binds: another file under the same name is refused.

@@ -33,7 +33,7 @@ from intellect.node.engine.model import Llama, ModelConfig
 from intellect.node.engine.tokenizer import ByteTokenizer, HFTokenizer, file_sha256
 from intellect.node.net.allreduce import get_payload_codec
 from intellect.node.run.events import discard
-from intellect.node.run.service import data_root, make_global_state
+from intellect.node.run.service import data_root, keep_manifest, make_global_state
 from intellect.node.run.training import EngineSettings, build_engine, plan_round
 from intellect.protocol.manifest import SignedManifest
 from nodeproc import CLI, clean_env
@@ -61,6 +61,7 @@ class Trained:
     weights: dict[str, torch.Tensor]
     state_hash: str
     cfg: ModelConfig
+    signed: SignedManifest
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +94,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     )
     weights = {k: v.clone() for k, v in state.outer.global_params.items()}
     cfg = ModelConfig.from_dict(signed.manifest.model.to_dict())
-    return Trained(data_dir, signed.run_id, manifest, weights, state.state_hash, cfg)
+    return Trained(data_dir, signed.run_id, manifest, weights, state.state_hash, cfg, signed)
 
 
 def _cli(*args: str | Path) -> Result:
@@ -323,3 +324,31 @@ def test_a_run_on_an_hf_tokenizer_ships_its_tokenizer_json(tmp_path: Path) -> No
     assert auto("héllo")["input_ids"] == list("héllo".encode())
     model, back = load_hf_dir(tmp_path / "hf")
     assert isinstance(back, ByteTokenizer) and model.cfg == cfg
+
+
+@pytest.mark.timeout(120)
+def test_the_manifest_the_node_kept_is_used_and_checked(trained: Trained, tmp_path: Path) -> None:
+    """A node keeps the run's signed manifest beside its checkpoints (`keep_manifest`, what the run service
+    does at start); export then needs no --manifest, and refuses a kept file that is forged or another
+    run's."""
+    data_dir = tmp_path / "data"
+    shutil.copytree(trained.data_dir, data_dir)
+    keep_manifest(data_dir, trained.signed)
+    kept = data_root(data_dir, trained.run_id) / "manifest.signed"
+    assert kept.read_bytes() == trained.signed.to_bytes()
+    assert not kept.with_name("manifest.signed.tmp").exists()
+    ok = _cli("export", trained.run_id[:8], "--out", tmp_path / "a", "--data-dir", data_dir)
+    assert ok.exit_code == 0, ok.output
+    assert "cannot be matched" not in ok.output
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["hidden_size"] == trained.cfg.dim
+    # Another run's manifest (another researcher), validly signed, under this run's directory.
+    other = SignedManifest.sign(load_run_manifest(), Identity.generate())
+    kept.write_bytes(other.to_bytes())
+    wrong = _cli("export", trained.run_id[:8], "--out", tmp_path / "b", "--data-dir", data_dir)
+    assert wrong.exit_code == 1 and "is the manifest of run" in wrong.output, wrong.output
+    # The run's manifest with its signature's last byte changed.
+    blob = bytearray(trained.signed.to_bytes())
+    blob[-1] ^= 0x01
+    kept.write_bytes(bytes(blob))
+    forged = _cli("export", trained.run_id[:8], "--out", tmp_path / "c", "--data-dir", data_dir)
+    assert forged.exit_code == 1 and "manifest.signed" in forged.output, forged.output

@@ -5,11 +5,12 @@ A run's checkpoints live in ``<data dir>/runs/<run_id[:16]>/global`` (`run.servi
 read, never changed: the daemon may be training the run at the same time, so a corrupt checkpoint is
 skipped (and reported) here, not quarantined as `CheckpointStore.load_latest` would do.
 
-The node keeps no copy of a run's manifest (it reads the manifest from the DHT when it starts), and a
-state's tensors do not fix everything a model is: the head count, the RoPE base, the sequence length and
-the tokenizer are not in the shapes. So the manifest comes from ``--manifest`` (default: the built-in tiny
-run), and is matched against the state: its model must fit the tensors, and when it names its researcher
-(as the manifest a run was seeded with does once signed) its run ID must be the checkpoint's.
+A state's tensors do not fix everything a model is: the head count, the RoPE base, the sequence length and
+the tokenizer are not in the shapes. So the manifest comes from ``--manifest``, else from the signed copy a
+node keeps beside the run's checkpoints (``runs/<id>/manifest.signed``, `run.service.keep_manifest`; its
+signature and run ID are checked), else it is the built-in tiny run's. It is matched against the state:
+its model must fit the tensors, and when it names its researcher (as the manifest a run was seeded with
+does once signed) its run ID must be the checkpoint's.
 
 How a state file is verified: a checkpoint by its sidecar (sha256 and size), an initial state named
 ``<hash>.safetensors`` by its state hash; any other file only by safetensors' parser and the weights'
@@ -32,8 +33,9 @@ from intellect.node.engine.losscheck import check_batches, check_source
 from intellect.node.engine.model import Llama, ModelConfig
 from intellect.node.engine.statehash import blob_state_hash, deserialize_state
 from intellect.node.engine.tokenizer import load_tokenizer
-from intellect.node.run.service import data_root
-from intellect.protocol.manifest import Manifest, ShardSpec
+from intellect.node.run.service import MANIFEST_FILE, data_root
+from intellect.protocol.errors import ProtocolError
+from intellect.protocol.manifest import Manifest, ShardSpec, SignedManifest
 
 _CKPT = re.compile(r"^ckpt-(\d{8})\.safetensors$")
 _HASH_NAME = re.compile(r"^[0-9a-f]{64}$")
@@ -143,9 +145,33 @@ def read_state(data_dir: Path, run: str | None, state: Path | None) -> StateSour
     return source
 
 
-def run_manifest(path: Path | None, run_id: str | None) -> tuple[Manifest, str | None]:
-    """The manifest at `path` (default: the built-in tiny run) and a note when it cannot be matched to
-    `run_id`; ExportError when it names its researcher and is another run."""
+def kept_manifest(data_dir: Path, run_id: str) -> Manifest | None:
+    """The signed manifest the node kept for run `run_id` (None when it kept none); ExportError when the
+    file is malformed, its signature fails or it is another run's."""
+    path = data_root(data_dir, run_id) / MANIFEST_FILE
+    if not path.is_file():
+        return None
+    try:
+        signed = SignedManifest.from_bytes(path.read_bytes())
+    except (ProtocolError, ValueError, OSError) as e:
+        raise ExportError(f"{path} is not a readable signed manifest: {e}") from None
+    if not signed.verify():
+        raise ExportError(f"{path}: the researcher's signature does not cover this manifest")
+    if signed.run_id != run_id:
+        raise ExportError(f"{path} is the manifest of run {signed.run_id[:16]}, not {run_id[:16]}")
+    return signed.manifest
+
+
+def run_manifest(
+    path: Path | None, run_id: str | None, data_dir: Path | None = None
+) -> tuple[Manifest, str | None]:
+    """The manifest at `path`, else the one the node kept for `run_id` under `data_dir`, else the built-in
+    tiny run's; and a note when it cannot be matched to `run_id`; ExportError when it names its researcher
+    and is another run."""
+    if path is None and run_id and data_dir is not None:
+        kept = kept_manifest(data_dir, run_id)
+        if kept is not None:
+            return kept, None
     manifest = load_run_manifest(path)
     where = str(path) if path is not None else "the built-in tiny run's manifest"
     if run_id is None:

@@ -30,7 +30,7 @@ def data_group() -> None:
     "tokenizer_spec",
     default="byte",
     show_default=True,
-    help="'byte' (built-in) or a path to a Hugging Face tokenizer.json.",
+    help="'byte' (built-in), a path to a Hugging Face tokenizer.json, or a hub name in the local cache.",
 )
 @click.option(
     "--tokenizer-sha256", default=None, help="Refuse the tokenizer unless its content has this sha256."
@@ -54,7 +54,7 @@ def prepare(
     Prints the tokenizer and one [[data.shards]] table per shard, ready to paste into a manifest.
     """
     from intellect.node.engine.data import DataError, prepare_shards, shards_toml
-    from intellect.node.engine.tokenizer import TokenizerError, load_tokenizer
+    from intellect.node.engine.tokenizer import TokenizerError, load_tokenizer, tokenizer_uri
 
     try:
         tok = load_tokenizer(tokenizer_spec, tokenizer_sha256)
@@ -69,7 +69,7 @@ def prepare(
         click.echo('kind = "byte"')
     else:
         click.echo('kind = "hf"')
-        click.echo(f"uri = {json.dumps(Path(tokenizer_spec).resolve().as_uri())}")
+        click.echo(f"uri = {json.dumps(tokenizer_uri(tokenizer_spec))}")
     click.echo(f'sha256 = "{tok.sha256}"')
     click.echo("")
     # Manifests name shards by URI; the resolver also finds `file://NAME` under <data dir>/shards/.

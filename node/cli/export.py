@@ -72,7 +72,7 @@ def _load_state(
     source = read_state(data_dir, run, state)
     for why in source.skipped:
         click.echo(f"warning: skipped a checkpoint that does not verify: {why}", err=True)
-    m, note = run_manifest(manifest, source.run_id)
+    m, note = run_manifest(manifest, source.run_id, data_dir)
     if note:
         click.echo(f"note: {note}", err=True)
     return source, state_model(source, m), run_tokenizer(m), m.shards

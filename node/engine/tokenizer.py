@@ -165,6 +165,13 @@ def cached_hub_tokenizer(name: str) -> Path:
     return Path(found)
 
 
+def tokenizer_uri(spec: str) -> str:
+    """What a manifest's tokenizer table names for the command-line `spec` of an HF tokenizer: `hf://name`
+    for a hub tokenizer (every peer resolves it in its own cache), else the file's `file://` URI."""
+    path, name = _tokenizer_file(spec)
+    return f"{HUB_SCHEME}{name}" if name else path.resolve().as_uri()
+
+
 def _tokenizer_file(spec: str) -> tuple[Path, str | None]:
     """The tokenizer.json a spec names, and the hub name when it came from the cache."""
     if spec.startswith(HUB_SCHEME):

@@ -78,6 +78,7 @@ class RunService:
 
     async def run(self) -> None:
         self.phases.enter(Phase.LOADING)
+        await asyncio.to_thread(keep_manifest, self.settings.engine.data_dir, self.signed)
         engine = await asyncio.to_thread(build_engine, self.signed.manifest, self.settings.engine)
         self._on_child_pids(engine.pids)
         try:
@@ -223,3 +224,22 @@ def make_global_state(run_id: str, engine: Engine, settings: EngineSettings, emi
 def data_root(data_dir: Path, run_id: str) -> Path:
     """Where a run's checkpoints live under the data dir."""
     return data_dir / "runs" / run_id[:16]
+
+
+#: The signed manifest a node keeps beside the run's checkpoints (`keep_manifest`).
+MANIFEST_FILE = "manifest.signed"
+
+
+def keep_manifest(data_dir: Path, signed: SignedManifest) -> None:
+    """Keep the run's signed manifest beside its checkpoints (written whole, then renamed into place), so
+    that `export` and `eval` know the model and tokenizer of a run's states without the DHT. Best effort: a
+    full disk is logged, not fatal (the manifest is in the DHT and the node needs no local copy)."""
+    root = data_root(data_dir, signed.run_id)
+    tmp = root / f"{MANIFEST_FILE}.tmp"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp.write_bytes(signed.to_bytes())
+        tmp.replace(root / MANIFEST_FILE)
+    except OSError as e:
+        logger.warning("could not keep the run's manifest in %s: %s", root, e)
+        tmp.unlink(missing_ok=True)
