@@ -38,6 +38,7 @@ import torch
 from intellect.crypto import domains
 from intellect.crypto.identity import Identity, verify
 from intellect.node.engine.robust import REDUCERS, reduce_partition
+from intellect.node.net import receipting
 from intellect.node.net.agreement import Agreement, AgreementError, Ledger, Seal, witness_of
 from intellect.node.net.transport import (
     Conn,
@@ -53,6 +54,7 @@ from intellect.protocol.averaging_messages import AbortReason, HandshakeRefusal
 from intellect.protocol.codec import encode, packb_canonical
 from intellect.protocol.errors import ProtocolError
 from intellect.protocol.groups import SEQ_BITS, GroupMember, GroupSpec
+from intellect.protocol.receipts import Receipt
 
 logger = logging.getLogger(__name__)
 
@@ -547,8 +549,11 @@ class ReducedVector:
     timings: dict[str, float] = field(default_factory=dict)
     #: Values of each member's partition, in member order (0 for members that own none).
     part_sizes: tuple[int, ...] = ()
-    #: Of `bytes_sent`, what the checks cost: our own contribution to our witness, digests and relays.
+    #: Of `bytes_sent`, what the checks cost: our own contribution to our witness, digests and relays,
+    #: and the receipt phase's signatures.
     check_bytes_sent: int = 0
+    #: The attempt's contribution receipt, with every signature we could verify (None for a group of one).
+    receipt: Receipt | None = None
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -646,6 +651,17 @@ async def butterfly_allreduce(
         return await attempt.run()
     finally:
         plane.close_slot(slot)
+
+
+async def _receipt(agreement: Agreement, digests: Mapping[str, am.Digest]) -> Receipt | None:
+    """The receipt phase (`intellect.node.net.receipting`): never fails the attempt."""
+    draft = receipting.draft(agreement, digests)
+    if draft is None:
+        return None
+    receipt, sent, received = await receipting.collect(agreement, draft)
+    agreement.sent_bytes += sent
+    agreement.received_bytes += received
+    return receipt
 
 
 #: Longest wait for a member's `Done` after our average is complete.
@@ -905,11 +921,8 @@ class _Attempt(_PartWire):
             total = await self._timed("gather", self._all_gather(result, total, my_payload))
             await self._timed("agree", self._agree(result))
             await self._timed("done", _say_done(self.incoming, self.outgoing, self._guarded))
-            seconds = time.perf_counter() - self.start
-            sizes = tuple(self.sizes)
-            return ReducedVector(
-                result, total, self.sent, self.received, seconds, self.timings, sizes, self.check_bytes
-            )
+            stats = (self.sent, self.received, time.perf_counter() - self.start, self.timings)
+            return ReducedVector(result, total, *stats, tuple(self.sizes), self.check_bytes, self.receipt)
         except AllReduceError as e:
             # Tell whoever still listens, so they fail fast instead of waiting for the stall timeout: the
             # Abort that stopped us, unchanged (blame goes to its signer), else our own, signed.
@@ -1118,6 +1131,7 @@ class _Attempt(_PartWire):
             mine = await _offload(agreement.digest, big=self.big)
             digests = await agreement.exchange(mine)
             await _offload(agreement.check, digests, big=self.big)
+            self.receipt = await _receipt(agreement, digests)
         except AgreementError as e:
             if e.abort is not None:
                 raise abort_error(e.abort, e.via, self.spec) from None
