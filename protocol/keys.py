@@ -5,6 +5,7 @@ hivemind). hivemind hashes each DHT key into a DHTID; a subkey makes a key a dic
 
     RUNS_KEY = "intellect/runs"                               subkey run_id   → signed manifest
     members_key(run_id)   intellect/run/<run_id>/members      subkey peer id  → signed membership record
+    control_key(run_id)   intellect/run/<run_id>/control      subkey signer   → researcher's control record
     lobby_key(...)        intellect/<run_id>/avg/<round>/b<bucket>/<schema hash>
                                                               subkey peer id  → signed group record
 
@@ -25,6 +26,11 @@ TOPIC_PREFIX = "intellect"
 def members_key(run_id: str) -> str:
     """DHT key of a run's membership dictionary (subkey: peer ID)."""
     return f"intellect/run/{run_id}/members"
+
+
+def control_key(run_id: str) -> str:
+    """DHT key of a run's control records (`intellect.protocol.control`; subkey: the signer's peer ID)."""
+    return f"intellect/run/{run_id}/control"
 
 
 def lobby_key(run_id: str, round: int, bucket: int, schema: str) -> str:

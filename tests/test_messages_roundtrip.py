@@ -43,6 +43,7 @@ STR_HINTS: dict[str, st.SearchStrategy[str]] = {
     "state_hash": HEX64,
     "schema_hash": HEX64,
     "role": st.sampled_from(["trainer", "bootstrap", "observer", "seed"]),
+    "action": st.sampled_from(["pause", "resume", "end"]),
 }
 
 

@@ -35,6 +35,9 @@ class RunReject(StrEnum):
     EQUIVOCATION = "equivocation"
     #: A misbehaviour report whose evidence does not hold against the state we serve.
     FALSE_MISBEHAVIOUR_REPORT = "false_misbehaviour_report"
+    #: A run control record (pause, resume, end) we refused: not the researcher's, forged, stale, expired
+    #: or malformed (`protocol.control.ControlReject` says which, in the log).
+    REFUSED_CONTROL = "refused_control"
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from intellect.node.net.averaging import AverageResult
 from intellect.node.net.statesync import StateSnapshot, StateSyncError, SyncReport
 from intellect.node.run import decide as rules
 from intellect.node.run.events import Averaged, Committed, EventSink, RunReject, SyncFailed, Trained
+from intellect.node.run.lifecycle import RunLifecycle, finish
 from intellect.node.run.overlap import abandon, announcement_wait_s, overlapped_round
 from intellect.node.run.pause import PauseGate, hold
 from intellect.node.run.peerbook import PeerBook
@@ -168,6 +169,8 @@ class RoundMachine:
         self.phases = phases
         self._emit = emit
         self.limits = limits
+        #: The run's final round (token budget, the researcher's end) and the researcher's orders.
+        self.lifecycle = RunLifecycle(manifest, run_id, limits.pause, emit)
         self._pacer = Pacer()
         #: How long our last round's training took (our ETA in the next round's intents).
         self._train_s: float | None = None
@@ -185,7 +188,7 @@ class RoundMachine:
         self.lost_phase = False
 
     def done(self) -> bool:
-        return self.limits.reached(self.completed, self.state.round)
+        return self.limits.reached(self.completed, self.state.round) or self.lifecycle.ended(self.state.round)
 
     async def run(self) -> None:
         lim = self.limits
@@ -203,6 +206,10 @@ class RoundMachine:
                 await self.round()
         finally:
             await abandon(self)  # (only when stopped or failed mid-pipeline: nothing of it is applied)
+        if self.lifecycle.ended(self.state.round):
+            await finish(
+                self.lifecycle, self.state.round, self.state.view().state_hash, self.book.peer_rounds
+            )
         logger.info("completed %d rounds here, holding round %d: done", self.completed, self.state.round)
 
     async def wait_for_peers(self, n: int, timeout_s: float) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 from intellect.crypto.identity import Identity
 from intellect.node.engine.diskcap import DiskCap
 from intellect.node.net.averaging import Averager, AveragerConfig
+from intellect.node.net.control import read_controls
 from intellect.node.net.dht import DhtService
 from intellect.node.net.gossip import GossipService
 from intellect.node.net.membership import MembershipService
@@ -25,6 +26,7 @@ from intellect.node.net.statesync import StateServer, StateSnapshot, SyncReport,
 from intellect.node.net.transport import Libp2pTransport
 from intellect.node.run.announcer import Announcer
 from intellect.node.run.events import EventSink, GossipCounters, StateServed
+from intellect.node.run.lifecycle import watch_control
 from intellect.node.run.machine import Limits, RoundMachine
 from intellect.node.run.peerbook import PeerBook
 from intellect.node.run.phase import Phase, PhaseTracker
@@ -128,6 +130,10 @@ class RunService:
                     ),
                     tg.create_task(
                         self._membership_loop(announcer, state, machine, server), name="membership"
+                    ),
+                    tg.create_task(
+                        watch_control(machine.lifecycle, lambda: read_controls(self.dht, self.run_id)),
+                        name="control",
                     ),
                 ]
                 try:

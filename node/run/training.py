@@ -26,6 +26,7 @@ from intellect.node.engine.outer import OuterOptimizer
 from intellect.node.engine.tokenizer import load_tokenizer
 from intellect.node.engine.trainer import InnerStats, InnerTrainer, TrainerConfig, resolve_device
 from intellect.node.run.events import EventSink, TrainingProgress
+from intellect.node.run.lifecycle import rounds_total as run_rounds
 from intellect.protocol.manifest import Manifest, ShardSpec
 from intellect.protocol.shards import assign_shards
 
@@ -194,7 +195,7 @@ def build_engine(manifest: Manifest, settings: EngineSettings) -> Engine:
     def stream_for(plan: RoundPlan) -> TokenStream:
         return rank_stream(resolver, list(plan.shards), 0, ranks, batch, d.seq_len, plan.seed)
 
-    rounds_total = max(1, manifest.token_budget // max(1, manifest.max_tokens_per_round()))
+    rounds_total = run_rounds(manifest)  # (every member stops after this round: run.lifecycle)
     tcfg = TrainerConfig(
         lr=d.inner_lr,
         warmup_steps=d.warmup_steps,
