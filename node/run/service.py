@@ -155,6 +155,7 @@ class RunService:
             compression=a.compression,
             max_weight=float(m.max_tokens_per_round()),
             reducer=a.reducer,
+            receipts_dir=data_root(self.settings.engine.data_dir, self.run_id) / "receipts",
         )
         # Members reach each other's data plane by peer ID over the node's libp2p connections.
         return Averager(
