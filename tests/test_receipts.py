@@ -8,18 +8,26 @@ credit without the group's signatures. The socket tests run real averagers over 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from click.testing import CliRunner
 from intellect.crypto import domains
 from intellect.crypto.identity import Identity
+from intellect.node.app.body import load_run_manifest
+from intellect.node.cli.main import cli
 from intellect.node.net import receipting
 from intellect.node.net.allreduce import DataPlane, butterfly_allreduce, get_payload_codec
+from intellect.node.net.receiptstore import store_receipt
+from intellect.node.run.service import data_root, keep_manifest
 from intellect.protocol.codec import decode, encode
 from intellect.protocol.groups import GroupMember, GroupSpec
+from intellect.protocol.manifest import SignedManifest
 from intellect.protocol.receipts import (
     MAX_RECEIPT_BYTES,
     Receipt,
@@ -179,7 +187,9 @@ def test_receipt_sizes_fit_their_limits() -> None:
 # -- real sockets ------------------------------------------------------------------------------------------
 
 
-async def _run(owners: tuple[bool, ...], ws: list[float]) -> tuple[GroupSpec, list[Any]]:
+async def _run(
+    owners: tuple[bool, ...], ws: list[float], run_id: str = "run", rnd: int = 7, cap: float = MAX_TOKENS
+) -> tuple[GroupSpec, list[Any]]:
     planes = [DataPlane(i) for i in _ids(len(owners))]
     for p in planes:
         await p.__aenter__()
@@ -188,13 +198,13 @@ async def _run(owners: tuple[bool, ...], ws: list[float]) -> tuple[GroupSpec, li
             GroupMember(p.identity.peer_id, "127.0.0.1", p.port, own)
             for p, own in zip(planes, owners, strict=True)
         )
-        spec = GroupSpec("run", 7, 0, "s", members)
+        spec = GroupSpec(run_id, rnd, 0, "s", members)
         codec = get_payload_codec("none")
         xs = [torch.randn(5_001) for _ in owners]
         outs = await asyncio.wait_for(
             asyncio.gather(
                 *(
-                    butterfly_allreduce(p, spec, x, w, codec, max_weight=MAX_TOKENS)
+                    butterfly_allreduce(p, spec, x, w, codec, max_weight=cap)
                     for p, x, w in zip(planes, xs, ws, strict=True)
                 )
             ),
@@ -247,3 +257,29 @@ async def test_a_member_that_refuses_to_sign_leaves_the_receipt_incomplete_not_t
     assert tally([o.receipt for o in honest], "run", MAX_TOKENS).credits == {}
     # The withholder received everyone's signatures: its receipt is complete, and credits all alike.
     assert outs[1].receipt is not None and check_receipt(outs[1].receipt, "run", MAX_TOKENS) is None
+
+
+@pytest.mark.timeout(120)
+async def test_contributions_sums_the_receipts_a_node_kept(tmp_path: Path) -> None:
+    """Receipts of two real all-reduces kept by a member, plus a forged one: `contributions` credits each
+    member the tokens it passed in, over two rounds, and counts the forgery as refused."""
+    signed = SignedManifest.sign(load_run_manifest(), Identity.generate())
+    keep_manifest(tmp_path, signed)
+    cap = float(signed.manifest.max_tokens_per_round())
+    ws = [cap / 4, cap / 2, cap]
+    kept = data_root(tmp_path, signed.run_id) / "receipts"
+    for rnd in (7, 8):
+        _, outs = await _run((True, False, True), ws, run_id=signed.run_id, rnd=rnd, cap=cap)
+        assert outs[0].receipt is not None
+        store_receipt(kept, outs[0].receipt)
+    forged = replace(outs[0].receipt, round=9, weights=(cap, cap, cap))
+    store_receipt(kept, forged)
+    args = ["contributions", signed.run_id[:12], "--data-dir", str(tmp_path)]
+    res = CliRunner().invoke(cli, [*args, "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output)
+    peers = outs[0].receipt.members
+    assert report["peers"] == {p: {"tokens": 2 * w, "rounds": 2} for p, w in zip(peers, ws, strict=True)}
+    assert report["receipts"] == 3 and report["refused"] == {"bad-signature": 1}
+    table = CliRunner().invoke(cli, args)
+    assert table.exit_code == 0 and peers[0] in table.output

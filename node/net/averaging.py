@@ -29,6 +29,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +48,7 @@ from intellect.node.net.allreduce import (
     unflatten,
 )
 from intellect.node.net.lobby import GroupBoard, HivemindBoard, Lobby, LobbyClient
+from intellect.node.net.receiptstore import store_receipt
 from intellect.node.net.transport import Transport
 from intellect.protocol import averaging_messages as am
 from intellect.protocol.averaging_messages import AbortReason
@@ -64,6 +66,7 @@ from intellect.protocol.matchmaking import (
     bucket_count,
     bucket_of,
 )
+from intellect.protocol.receipts import Receipt
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +115,9 @@ class AveragerConfig:
     #: members outnumber the honest ones (an honest member late to the lobby) can put anything in the
     #: average, whatever the reducer; no honest majority gives an average far beyond its members' norms.
     max_update_ratio: float = 4.0
+    #: Where completed attempts' contribution receipts are kept (`intellect.node.net.receiptstore`);
+    #: None keeps none.
+    receipts_dir: Path | None = None
 
     def __post_init__(self) -> None:
         if self.min_group_size < 1:
@@ -181,6 +187,8 @@ class AverageResult:
     part_sizes: tuple[int, ...] = ()
     #: Proofs, collected this round, that an owner sent members different results (for gossip).
     evidence: tuple[am.Equivocation, ...] = ()
+    #: The completed attempt's contribution receipt, with the signatures we hold (None: a group of one).
+    receipt: Receipt | None = None
 
 
 def contribution_error(
@@ -615,14 +623,7 @@ class Averager:
         moved = (reduced.bytes_sent + reduced.bytes_received) / 2
         _measured(self, moved, reduced.timings)
         averaged = await asyncio.to_thread(unflatten, reduced.flat, tensors)
-        logger.info(
-            "round %s averaged with %d peers (attempt %d) in %.2fs, total weight %.0f",
-            round,
-            len(state.group),
-            state.attempt,
-            reduced.seconds,
-            reduced.total_weight,
-        )
+        await _completed_note(self, round, state, reduced)
         return AverageResult(
             True,
             averaged,
@@ -635,11 +636,26 @@ class Averager:
             bytes_received=reduced.bytes_received,
             part_sizes=reduced.part_sizes,
             evidence=tuple(state.evidence),
+            receipt=reduced.receipt,
         )
 
     def status(self) -> dict[str, Any]:
         """Plain data for the node's status API."""
         return _status(self)
+
+
+async def _completed_note(av: Averager, round: int, state: _RoundState, reduced: ReducedVector) -> None:
+    """Log a completed attempt and keep its receipt (`AveragerConfig.receipts_dir`)."""
+    logger.info(
+        "round %s averaged with %d peers (attempt %d) in %.2fs, total weight %.0f",
+        round,
+        len(state.group),
+        state.attempt,
+        reduced.seconds,
+        reduced.total_weight,
+    )
+    if reduced.receipt is not None and av.config.receipts_dir is not None:
+        await asyncio.to_thread(store_receipt, av.config.receipts_dir, reduced.receipt)
 
 
 def _implausible(av: Averager, round: int, reduced: ReducedVector, own: torch.Tensor, weight: float) -> bool:
