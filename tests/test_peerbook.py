@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from intellect.crypto.identity import Identity
+from intellect.node.run.events import Event, MembersChanged
 from intellect.node.run.peerbook import PeerBook
 from intellect.protocol.gossip_messages import CheckpointAnnounce
 from intellect.protocol.records import MembershipRecord
@@ -70,7 +71,12 @@ def test_a_peer_that_says_it_is_leaving_is_no_member_although_its_record_lingers
     now = [1000.0]
     me, a, b = (Identity.generate().peer_id for _ in range(3))
     seen: list[tuple[str, ...]] = []
-    book = PeerBook(me, RUN, lambda e: seen.append(e.peers), clock=lambda: now[0])  # type: ignore[union-attr]
+
+    def members(e: Event) -> None:
+        if isinstance(e, MembersChanged):
+            seen.append(e.peers)
+
+    book = PeerBook(me, RUN, members, clock=lambda: now[0])
 
     def record(peer: str, issued_at: float) -> MembershipRecord:
         addr = (f"/ip4/192.0.2.7/tcp/4001/p2p/{peer}",)

@@ -4,7 +4,7 @@ Service tree (STYLE 2–3; each child has `run()` and a `ready` event, all under
 
     NodeDaemon.run()
       ├─ LoopLagCanary           event-loop lag, exported in status/metrics
-      ├─ StatusServer            127.0.0.1 control API (/status, /metrics, /)
+      ├─ StatusServer            127.0.0.1 control API (/status, /metrics, /, /run, /run.json)
       ├─ _report_loop            terminal panel or structured progress lines
       └─ body (app/body.py)      DhtService ─> pick + verify the run ─> GossipService ─> RunService.run()
 
@@ -31,6 +31,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from aiohttp import web
 from intellect.node.app.body import run_body
 from intellect.node.app.children import ChildRegistry, SigintRouter, exit_now, hold_sigint, run_async
 from intellect.node.app.conditions import DailyTransfer, LimitsService
@@ -41,6 +42,7 @@ from intellect.node.app.logs import LoopLagCanary
 from intellect.node.app.panel import live_panel
 from intellect.node.app.preflight import explain_dht_failure
 from intellect.node.app.roundlog import EventRecorder
+from intellect.node.app.runview import RunLog, RunPages
 from intellect.node.app.status import HTTP_PORT_FILE, NodeStatus, StatusServer
 from intellect.node.app.volunteer import apply_cpu, apply_gpu, configured
 from intellect.node.net.dht import DhtError
@@ -103,20 +105,24 @@ class NodeDaemon:
         self.config = config
         self.options = options or DaemonOptions()
         self.status = NodeStatus()
-        #: The one event stream of this node: status, metrics and rounds.jsonl are fed from it.
-        self.events = EventRecorder(self.status, config.data_dir)
+        #: What the run view (`/run`, `intellect-node watch`) knows of the other members.
+        self.run_log = RunLog()
+        #: The one event stream of this node: status, metrics, the run view and rounds.jsonl are fed from it.
+        self.events = EventRecorder(self.status, config.data_dir, also=(self.run_log.apply,))
         #: The one writer of the node's phase.
         self.phases = PhaseTracker(self.events)
         self.canary = LoopLagCanary()
         #: Closed while the node is paused (`intellect-node pause`, or a volunteer limit).
         self.gate = PauseGate()
         self.controls = Controls(self.gate, self.status)
+        pages = RunPages(self.run_log, self.status, config.data_dir)
+
+        def routes(app: web.Application) -> None:
+            self.controls.routes(app)
+            pages.routes(app)
+
         self.http = StatusServer(
-            self.status,
-            config.http_port,
-            config.data_dir / HTTP_PORT_FILE,
-            config.metrics_addr,
-            self.controls.routes,
+            self.status, config.http_port, config.data_dir / HTTP_PORT_FILE, config.metrics_addr, routes
         )
         self.children = ChildRegistry()
         self.ready = asyncio.Event()

@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from intellect.node.app.status import NodeStatus
-from intellect.node.run.events import Committed, Event, Synced
+from intellect.node.run.events import Committed, Event, EventSink, Synced
 
 logger = logging.getLogger(__name__)
 
@@ -33,14 +34,18 @@ def append_round_log(data_dir: Path, entry: dict[str, Any]) -> None:
 
 
 class EventRecorder:
-    """The daemon's event sink: fold into `status`, then log rounds (with the status's byte totals)."""
+    """The daemon's event sink: fold into `status` (and pass to each of `also`, e.g. the run view's
+    log), then log rounds (with the status's byte totals)."""
 
-    def __init__(self, status: NodeStatus, data_dir: Path) -> None:
+    def __init__(self, status: NodeStatus, data_dir: Path, also: Sequence[EventSink] = ()) -> None:
         self.status = status
         self.data_dir = data_dir
+        self.also = tuple(also)
 
     def __call__(self, event: Event) -> None:
         self.status.apply(event)
+        for sink in self.also:
+            sink(event)
         entry = self._entry(event)
         if entry is not None:
             s = self.status

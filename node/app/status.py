@@ -1,5 +1,6 @@
-"""The node's local control API: JSON status, Prometheus metrics and a tiny dashboard, on 127.0.0.1 only
-(plus, when configured, a metrics-only listener on `metrics_addr`).
+"""The node's local control API: JSON status, Prometheus metrics and the dashboard (`app.pages`), on
+127.0.0.1 only (plus, when configured, a metrics-only listener on `metrics_addr`). The run view (`/run`,
+`/run.json`: `app.runview`) and the control endpoints are added through `routes`.
 
 `NodeStatus` is the one mutable record of what the daemon is doing. The round machine never writes it: it
 emits typed events (`intellect.node.run.events`) and `NodeStatus.apply` folds them in; the HTTP handlers,
@@ -29,6 +30,7 @@ from typing import Any
 from aiohttp import web
 from intellect.node.app.config import parse_host_port
 from intellect.node.app.metrics import ALLREDUCE_BUCKETS, ROUND_BUCKETS, Durations, make_registry
+from intellect.node.app.pages import render_dashboard
 from intellect.node.run import events as ev
 from intellect.node.run.events import Event
 from intellect.node.run.phase import Phase
@@ -239,43 +241,6 @@ _FOLD: dict[type, Any] = {
 }
 
 
-_DASHBOARD = """<!doctype html>
-<html><head><meta charset="utf-8"><title>intellect-node</title>
-<style>body{font-family:sans-serif;margin:2em;max-width:60em}td{padding:.2em 1em}
-svg{border:1px solid #ccc}</style></head>
-<body><h1>intellect-node</h1><table id="t"></table>
-<h2>loss per round</h2><svg id="c" width="600" height="200"></svg>
-<script>
-async function tick(){
-  const s = await (await fetch('/status')).json();
-  const rows = [['peer', s.peer_id], ['run', s.run_name + ' ' + s.run_id.slice(0,16)], ['phase', s.phase],
-    ['paused', s.paused ? Object.values(s.pause_reasons).join('; ') : 'no'],
-    ['limits', Object.entries(s.limits).map(e => e[0] + '=' + e[1]).join(', ') || 'none'],
-    ['round', s.round], ['loss', s.loss],
-    ['tokens', s.tokens + ' averaged, ' + s.tokens_failed + ' in failed rounds, ' + s.tokens_pending
-      + ' this round'], ['tokens/s', s.tokens_per_s.toFixed(0)],
-    ['peers', s.peers], ['state hash', s.state_hash.slice(0,16)],
-    ['last all-reduce', !s.last_allreduce.at ? 'none yet' : 'round ' + s.last_allreduce.round + ': '
-      + (s.last_allreduce.ok ? 'ok ' : 'FAILED ') + s.last_allreduce.seconds.toFixed(2) + ' s '
-      + s.last_allreduce.reason],
-    ['last sync', !s.last_sync.at ? 'none yet'
-      : 'round ' + s.last_sync.round + ' from ' + s.last_sync.source],
-    ['bytes sent / received', s.bytes_sent + ' / ' + s.bytes_received],
-    ['rejected', JSON.stringify(s.rejected)], ['loop lag', s.loop_lag_s.toFixed(3) + ' s']];
-  document.getElementById('t').innerHTML = rows.map(r => '<tr><td>' + r[0] + '</td><td>' +
-    String(r[1]).replace(/</g, '&lt;') + '</td></tr>').join('');
-  const h = s.loss_history; if (h.length > 1) {
-    const ls = h.map(p => p[1]), lo = Math.min(...ls), hi = Math.max(...ls) + 1e-9;
-    const pts = h.map((p, i) => (i * 600 / (h.length - 1)) + ',' + (190 - 180 * (p[1] - lo) / (hi - lo)));
-    document.getElementById('c').innerHTML = '<polyline fill="none" stroke="blue" points="' +
-      pts.join(' ') + '"/>';
-  }
-}
-tick(); setInterval(tick, 2000);
-</script></body></html>
-"""
-
-
 class StatusServer:
     """aiohttp server on 127.0.0.1 serving `/status`, `/metrics` and `/`; a service with `run()`/`ready`.
 
@@ -308,7 +273,7 @@ class StatusServer:
         return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
     async def _index(self, request: web.Request) -> web.Response:
-        return web.Response(text=_DASHBOARD, content_type="text/html")
+        return web.Response(text=render_dashboard(self.status.to_json()), content_type="text/html")
 
     async def _metrics_site(self) -> web.AppRunner | None:
         """The metrics-only listener on `metrics_addr`, started; None without one."""

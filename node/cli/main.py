@@ -17,7 +17,16 @@ import click
 from intellect.node.app.config import DEFAULT_CONFIG_TEXT, ConfigError, NodeConfig, load_config
 
 #: Modules of `intellect.node` that add subcommands (each has `register(group: click.Group)`).
-_COMMAND_MODULES: tuple[str, ...] = ("contributions", "control", "daemon", "data", "dht", "doctor", "export")
+_COMMAND_MODULES: tuple[str, ...] = (
+    "contributions",
+    "control",
+    "daemon",
+    "data",
+    "dht",
+    "doctor",
+    "export",
+    "watch",
+)
 
 data_dir_option = click.option(
     "--data-dir",

@@ -131,6 +131,29 @@ class MembersChanged:
 
 
 @dataclass(frozen=True)
+class PeerProgress:
+    """Another member's signed PROGRESS gossip, as it says: the round it committed, that round's mean
+    loss and its throughput (a claim, for display only: nothing decides on it)."""
+
+    peer: str
+    round: int
+    loss: float
+    tokens_per_s: float
+
+
+@dataclass(frozen=True)
+class MemberSeen:
+    """A member's verified and admitted DHT membership record, as a refresh found it (us included):
+    its round and throughput, and how it can be reached (`relayed`: True when it announced only relay
+    circuit addresses, False with a direct one, None with no address at all)."""
+
+    peer: str
+    round: int
+    tokens_per_s: float
+    relayed: bool | None
+
+
+@dataclass(frozen=True)
 class GossipCounters:
     """The gossip service's counters (a snapshot): rejections by reason and deliveries (both monotone),
     the neighbours linked now, and how many distinct authors we have heard from."""
@@ -177,6 +200,8 @@ Event = (
     | SyncFailed
     | Rejected
     | MembersChanged
+    | PeerProgress
+    | MemberSeen
     | GossipCounters
     | StateServed
     | CheckpointFailed

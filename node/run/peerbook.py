@@ -11,12 +11,20 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from intellect.node.run.events import EventSink, MembersChanged, Rejected, RunReject
-from intellect.protocol.gossip_messages import CheckpointAnnounce, Misbehaviour
+from intellect.node.run.events import (
+    EventSink,
+    MembersChanged,
+    MemberSeen,
+    PeerProgress,
+    Rejected,
+    RunReject,
+)
+from intellect.protocol.gossip_messages import CheckpointAnnounce, Misbehaviour, Progress
 from intellect.protocol.records import MembershipRecord
 from intellect.protocol.vouching import EQUIVOCATION, SyncTarget, Vouch, judge_report, pick_target
 
@@ -86,6 +94,17 @@ class PeerBook:
         self.new_announcement.set()
         return True
 
+    def on_progress(self, sender: str, msg: Progress) -> None:
+        """A gossiped PROGRESS (envelope verified as `sender`'s): passed on for display (the run view),
+        never decided on; one with a negative round or a loss or rate that is not a finite number is
+        dropped."""
+        logger.debug("progress of %s: round %d loss %.4f", sender, msg.round, msg.loss)
+        if sender == self.me:
+            return
+        sane = msg.round >= 0 and math.isfinite(msg.loss) and math.isfinite(msg.tokens_per_s)
+        if sane and msg.tokens_per_s >= 0:
+            self._emit(PeerProgress(sender, msg.round, msg.loss, msg.tokens_per_s))
+
     def round_reached_at(self, round_: int) -> float | None:
         """When the run reached `round_` as far as we heard (our clock): the second peer to announce a
         state of that round, or the first while only one has (one early liar cannot rush us)."""
@@ -117,6 +136,8 @@ class PeerBook:
             self._left.pop(rec.peer_id, None)
             found.append(rec.peer_id)
             self._records[rec.peer_id] = rec
+            relayed = all("/p2p-circuit" in m for m in rec.maddrs) if rec.maddrs else None
+            self._emit(MemberSeen(rec.peer_id, rec.round, rec.throughput, relayed))
         for gone in set(self._left) - listed:  # its record expired: nothing left to hold against it
             del self._left[gone]
         self._set_members(found)

@@ -117,7 +117,7 @@ class RunService:
                     tg.create_task(
                         self._listen(TopicKind.CHECKPOINT, self.book.on_checkpoint), name="checkpoints"
                     ),
-                    tg.create_task(self._listen(TopicKind.PROGRESS, _log_progress), name="progress"),
+                    tg.create_task(self._listen(TopicKind.PROGRESS, self.book.on_progress), name="progress"),
                     tg.create_task(
                         self._listen(TopicKind.LEAVING, lambda s, m: self.book.on_leaving(s)), name="leaving"
                     ),
@@ -214,10 +214,6 @@ class RunService:
             report=report,
             timeout=self.signed.manifest.averaging.round_deadline_s + 60,
         )
-
-
-def _log_progress(sender: str, msg: Any) -> None:
-    logger.debug("progress of %s: round %d loss %.4f", sender, msg.round, msg.loss)
 
 
 def make_global_state(run_id: str, engine: Engine, settings: EngineSettings, emit: EventSink) -> GlobalState:
