@@ -4,7 +4,8 @@ Four `intellect-node start` processes train the tiny run (groups of four) while 
 compete for the cores. After round 2, one daemon is frozen with SIGSTOP for 40 s (its p2p daemon keeps
 running, as when a laptop's Python process is stopped). The three healthy members must keep completing
 rounds during the freeze; after SIGCONT the frozen member must average with the others again; every
-round's global-state hash must agree across everyone who logged it.
+round's global-state hash must agree across everyone who logged it. The same in a run with the overlapped
+outer update (`diloco.outer_update = "overlapped"`), where the frozen member has an average in flight.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from intellect.node.cli.swarm import Swarm
+from test_overlap import overlapped_manifest
 from test_swarm import fast_manifest, wait_until
 
 pytestmark = pytest.mark.swarm
@@ -27,8 +29,11 @@ FREEZE_S = 40.0
 
 
 @pytest.mark.timeout(720)
-async def test_a_frozen_member_does_not_stop_the_others_and_rejoins(tmp_path: Path) -> None:
-    manifest = fast_manifest(tmp_path)
+@pytest.mark.parametrize("outer_update", ["sequential", "overlapped"])
+async def test_a_frozen_member_does_not_stop_the_others_and_rejoins(
+    tmp_path: Path, outer_update: str
+) -> None:
+    manifest = overlapped_manifest(tmp_path) if outer_update == "overlapped" else fast_manifest(tmp_path)
     manifest.write_text(manifest.read_text().replace("group_size = 3", "group_size = 4"))
     hogs = [
         subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(2)
