@@ -200,8 +200,8 @@ def render_run_page(d: dict[str, Any]) -> str:
         + f'<h2>members</h2><div id="members">{members}</div>'
         + f'<h2>mean loss per round (as members report it)</h2><div id="chart">{chart}</div>'
         + f'<h2>rounds</h2><div id="timeline">{timeline}</div>'
-        + '<p class="muted">groups from the contribution receipts this node holds (rounds it took part '
-        "in); a member's loss, round and throughput are its own signed claims. "
+        + '<p class="muted">groups from the contribution receipts this node holds; failed attempts are '
+        "this node's own; a member's loss, round and throughput are its own signed claims. "
         '<a href="/run.json">data</a> · <a href="/">this node</a></p>'
     )
     return _page(f"run {name}", body)

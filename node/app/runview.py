@@ -4,8 +4,8 @@
 gossip (round, loss, tokens/s: `PeerProgress`), its verified DHT membership record (round, tokens/s and
 whether it announced a direct address or only relay circuits: `MemberSeen`), who is a member now
 (`MembersChanged`), and our own rounds (`Committed`, `Averaged`). `snapshot` joins that with the node's
-status and the contribution receipts it keeps (`<data dir>/runs/<id[:16]>/receipts`: the groups of the
-rounds it took part in) into the plain data of `/run.json`, numbers already formatted for people
+status and the contribution receipts it keeps (`<data dir>/runs/<id[:16]>/receipts`: the groups of
+the rounds it knows of) into the plain data of `/run.json`, numbers already formatted for people
 (`app.fmt`); `/run` (`app.pages`) and `intellect-node watch` only lay it out.
 
 What a member says of itself (its loss, round, throughput) is its own claim, shown as such; nothing here
