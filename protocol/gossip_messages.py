@@ -2,7 +2,8 @@
 
 - **Gossip payloads** (200–219): the bodies of signed envelopes published on a run's topics
   (`intellect.protocol.keys.topic_name`): progress, checkpoint/state announcements, leaving notices and
-  misbehaviour evidence. Each topic accepts exactly one payload type (`TOPIC_MESSAGE`).
+  misbehaviour evidence; contribution receipts (type 313, `intellect.protocol.receipts`) travel on the
+  receipt topic as they are. Each topic accepts exactly one payload type (`TOPIC_MESSAGE`).
 - **The link frame** (220): `GossipFrame`, what two neighbours send each other on a gossip stream
   (`intellect.node.net.gossip`), length-prefixed with `FRAME_HEADER`.
 
@@ -18,6 +19,7 @@ from intellect.protocol.codec import message
 
 # Topics are named in `intellect.protocol.keys`.
 from intellect.protocol.keys import TopicKind
+from intellect.protocol.receipts import Receipt
 
 # --------------------------------------------------------------------------------------------------------
 # Gossip payloads (the body of a signed envelope)
@@ -78,10 +80,14 @@ TOPIC_MESSAGE: dict[TopicKind, type] = {
     TopicKind.CHECKPOINT: CheckpointAnnounce,
     TopicKind.LEAVING: Leaving,
     TopicKind.MISBEHAVIOUR: Misbehaviour,
+    TopicKind.RECEIPT: Receipt,
 }
 
 #: Largest signed envelope we publish or accept on gossip (payload maximum plus envelope overhead).
 MAX_GOSSIP_DATA = 80 * 1024
+#: Largest group whose receipt is gossiped (at most 144 bytes a member: about 38 KB, inside
+#: MAX_GOSSIP_DATA); the receipt of a larger group is stored in the DHT only.
+MAX_GOSSIP_RECEIPT_MEMBERS = 256
 
 
 # --------------------------------------------------------------------------------------------------------

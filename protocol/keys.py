@@ -6,6 +6,8 @@ hivemind). hivemind hashes each DHT key into a DHTID; a subkey makes a key a dic
     RUNS_KEY = "intellect/runs"                               subkey run_id   → signed manifest
     members_key(run_id)   intellect/run/<run_id>/members      subkey peer id  → signed membership record
     control_key(run_id)   intellect/run/<run_id>/control      subkey signer   → researcher's control record
+    receipts_key(run_id, round)  intellect/run/<run_id>/receipts/<round>
+                                                              subkey group id (hex) → contribution receipt
     lobby_key(...)        intellect/<run_id>/avg/<round>/b<bucket>/<schema hash>
                                                               subkey peer id  → signed group record
 
@@ -33,6 +35,12 @@ def control_key(run_id: str) -> str:
     return f"intellect/run/{run_id}/control"
 
 
+def receipts_key(run_id: str, round: int) -> str:
+    """DHT key of the contribution receipts of one round of a run (`intellect.protocol.receipts`; subkey:
+    the hex group ID of the all-reduce the receipt is of)."""
+    return f"intellect/run/{run_id}/receipts/{round}"
+
+
 def lobby_key(run_id: str, round: int, bucket: int, schema: str) -> str:
     """The DHT key where peers of one (run, round, lobby bucket, tensor schema) meet to form averaging
     groups (heartbeats and leaders' declarations; `intellect.protocol.matchmaking`). No attempt number:
@@ -41,12 +49,14 @@ def lobby_key(run_id: str, round: int, bucket: int, schema: str) -> str:
 
 
 class TopicKind(enum.StrEnum):
-    """The four gossip topics of a run; the topic name is `intellect/<run_id>/<kind>`."""
+    """The gossip topics of a run; the topic name is `intellect/<run_id>/<kind>`."""
 
     PROGRESS = "progress"
     CHECKPOINT = "checkpoint"
     LEAVING = "leaving"
     MISBEHAVIOUR = "misbehaviour"
+    #: Complete contribution receipts of the groups a member averaged in (`protocol.receipts.Receipt`).
+    RECEIPT = "receipt"
 
 
 def topic_name(run_id: str, kind: TopicKind | str) -> str:

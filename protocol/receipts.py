@@ -29,6 +29,8 @@ from intellect.protocol.codec import message, packb_canonical
 MAX_RECEIPT_MEMBERS = 1024
 #: Per member at most: a peer ID (64 + 2), a float64 weight (9) and a signature (64 + 2), rounded up.
 MAX_RECEIPT_BYTES = MAX_RECEIPT_MEMBERS * 144 + 1024
+#: How long a receipt stays in the DHT (`keys.receipts_key`); nodes keep the ones they saw on disk.
+RECEIPT_TTL_S = 7 * 86_400.0
 
 
 class ReceiptRefusal(enum.StrEnum):

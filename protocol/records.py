@@ -34,6 +34,10 @@ SIGNED_MANIFEST_TYPE = 100
 MEMBERSHIP_TYPE = 101
 SIGNED_MEMBERSHIP_TYPE = 102
 TICKET_TYPE = 103
+#: Type ids of the other records a DHT validator recognises (`protocol.control`, `protocol.receipts`);
+#: a receipt's type id (313) is a msgpack uint16.
+RUN_CONTROL_TYPE = 110
+_RECEIPT_HEADER = b"\xcd\x01\x39"
 
 #: A node refreshes its membership well before this; longer TTLs are refused (a dead node must vanish).
 MAX_MEMBER_TTL_S = 600.0
@@ -206,11 +210,16 @@ def as_bytes(value: object) -> bytes:
 def sniff(value: bytes) -> str | None:
     """Which of our signed records `value` claims to be, from its msgpack header, without decoding it.
 
-    Our messages encode as a 3-element array whose first item is the type id (a positive fixint here).
+    Our messages encode as a 3-element array whose first item is the type id (a positive fixint, or a
+    uint16 for the receipt's 313): "manifest", "membership", "control", "receipt", or None.
     """
     if len(value) >= 2 and value[0] == 0x93:
         if value[1] == SIGNED_MANIFEST_TYPE:
             return "manifest"
         if value[1] == SIGNED_MEMBERSHIP_TYPE:
             return "membership"
+        if value[1] == RUN_CONTROL_TYPE:
+            return "control"
+        if value[1:4] == _RECEIPT_HEADER:
+            return "receipt"
     return None

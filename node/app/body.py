@@ -15,16 +15,19 @@ from typing import TYPE_CHECKING
 
 from intellect.crypto.identity import Identity
 from intellect.node.app.config import NodeConfig
+from intellect.node.app.metrics import ContributionsCollector
 from intellect.node.app.runid import matches, resolve
 from intellect.node.net.dht import DhtService
 from intellect.node.net.gossip import GossipConfig, GossipService
 from intellect.node.net.membership import MembershipService
 from intellect.node.net.probe import probe, summary, tcp_ports
+from intellect.node.net.receiptnet import ReceiptLedger, receipt_check
 from intellect.node.run.machine import Limits
 from intellect.node.run.phase import Phase
 from intellect.node.run.service import RunService, RunSettings
 from intellect.node.run.training import EngineSettings
 from intellect.protocol.admission import is_admitted
+from intellect.protocol.keys import TopicKind
 from intellect.protocol.manifest import Manifest, SignedManifest, load_manifest_toml
 
 if TYPE_CHECKING:
@@ -149,9 +152,14 @@ async def run_body(daemon: NodeDaemon) -> None:
         # membership record, and behind a NAT we dial out to public members (nobody dials us).
         limits = signed.manifest.gossip  # the run's per-author rate, the same at every node
         gossip_config = GossipConfig(author_rate=limits.author_rate, author_burst=limits.author_burst)
+        # A receipt is checked (every member's signature, the run's cap on tokens) before it is forwarded.
+        max_tokens = float(signed.manifest.max_tokens_per_round())
+        checks = {TopicKind.RECEIPT: receipt_check(signed.run_id, max_tokens)}
+        ledger = ReceiptLedger()
+        daemon.http.registry.register(ContributionsCollector(ledger))
         async with GossipService(
             dht.p2p, identity, signed.run_id, membership.admits, connect=dht.connect, private=dht.private,
-            config=gossip_config,
+            config=gossip_config, checks=checks,
         ) as gossip:  # fmt: skip
             run = RunService(
                 settings,
@@ -161,5 +169,6 @@ async def run_body(daemon: NodeDaemon) -> None:
                 daemon.phases,
                 daemon.events,
                 on_child_pids=daemon.children.add_pids,
+                ledger=ledger,
             )
             await run.run()

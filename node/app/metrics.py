@@ -7,6 +7,12 @@ yields, besides the run's counters and gauges, `intellect_build_info{version,pyt
 `intellect_phase{phase=…}` (1 for the current one, 0 for the others), `intellect_uptime_seconds`, and two
 histograms kept in the status record (`Durations`): whole rounds (training start to commit or failure) and
 all-reduce attempts, by outcome.
+
+`ContributionsCollector` (registered by the run body once a run starts) adds what the verified contribution
+receipts this node saw credit each peer with (`intellect.node.net.receiptnet.ReceiptLedger`):
+`intellect_peer_contributed_tokens{run,peer}` and `intellect_peer_contributed_rounds{run,peer}` for the
+`TOP_PEERS` peers with the most tokens (bounded label cardinality), plus the number of peers credited and of
+receipts counted.
 """
 
 from __future__ import annotations
@@ -27,12 +33,15 @@ from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from intellect.node.app.status import NodeStatus
+    from intellect.node.net.receiptnet import ReceiptLedger
 
 #: Upper bounds (seconds) of the round-duration buckets: a tiny CPU run's round takes seconds, a large
 #: model's an hour.
 ROUND_BUCKETS: tuple[float, ...] = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 #: Upper bounds (seconds) of the all-reduce-duration buckets.
 ALLREDUCE_BUCKETS: tuple[float, ...] = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+#: Peers given their own series in the per-peer contribution metrics (the most tokens first).
+TOP_PEERS = 100
 
 
 def build_version() -> str:
@@ -160,6 +169,39 @@ class StatusCollector(Collector):
         for outcome, d in sorted(s.allreduce_durations.items()):
             allreduce.add_metric([*run, outcome], d.cumulative(), d.total)
         yield allreduce
+
+
+class ContributionsCollector(Collector):
+    """Per-peer credits from the verified receipts a run's `ReceiptLedger` counted, at each scrape."""
+
+    def __init__(self, ledger: ReceiptLedger, top: int = TOP_PEERS) -> None:
+        self._ledger = ledger
+        self._top = top
+
+    def collect(self) -> Iterator[Metric]:
+        ledger = self._ledger
+        run = [ledger.run_id[:16]]
+        tokens = GaugeMetricFamily(
+            "intellect_peer_contributed_tokens",
+            f"Tokens verified receipts credit a peer with (the {self._top} peers with the most).",
+            labels=["run", "peer"],
+        )
+        rounds = GaugeMetricFamily(
+            "intellect_peer_contributed_rounds",
+            f"Rounds verified receipts credit a peer with (the {self._top} peers with the most tokens).",
+            labels=["run", "peer"],
+        )
+        for peer, credit in ledger.top(self._top):
+            tokens.add_metric([*run, peer], credit.tokens)
+            rounds.add_metric([*run, peer], float(credit.rounds))
+        yield tokens
+        yield rounds
+        yield _gauge("contributing_peers", "Peers credited by the verified receipts seen.", run, ledger.peers)
+        receipts = CounterMetricFamily(
+            "intellect_receipts_counted", "Verified contribution receipts counted.", labels=["run"]
+        )
+        receipts.add_metric(run, float(ledger.receipts))
+        yield receipts
 
 
 def _gauge(name: str, doc: str, run: list[str], value: float) -> GaugeMetricFamily:

@@ -405,6 +405,8 @@ class Averager:
         #: The tensor schema of our last average (part of the lobby key; intents need it).
         self._schema: str | None = None
         self.last_result: AverageResult | None = None
+        #: Called with each completed attempt's receipt once it is kept (the run publishes its own).
+        self.on_receipt: Callable[[Receipt], None] | None = None
         #: Fault injection for tests only: skip our own finiteness check so a NaN reaches the wire.
         self._validate_local = True
         #: Fault injection for tests only: awaited before each partition send (see `butterfly_allreduce`).
@@ -656,6 +658,8 @@ async def _completed_note(av: Averager, round: int, state: _RoundState, reduced:
     )
     if reduced.receipt is not None and av.config.receipts_dir is not None:
         await asyncio.to_thread(store_receipt, av.config.receipts_dir, reduced.receipt)
+    if reduced.receipt is not None and av.on_receipt is not None:
+        av.on_receipt(reduced.receipt)
 
 
 def _implausible(av: Averager, round: int, reduced: ReducedVector, own: torch.Tensor, weight: float) -> bool:

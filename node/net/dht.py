@@ -10,6 +10,8 @@ Record layout (key → subkey → value; hivemind hashes the key to a DHTID, msg
 
     intellect/runs                      run_id (hex)  → SignedManifest (researcher-signed manifest bytes)
     intellect/run/<run_id>/members      peer id       → SignedMembership (node-signed, expiring)
+    intellect/run/<run_id>/control      researcher    → RunControl (researcher-signed, expiring)
+    intellect/run/<run_id>/receipts/<round>  group id (hex) → Receipt (signed by every member)
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from hivemind.dht.node import DHTNode
-from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import CompositeValidator, DHTRecord, RecordValidatorBase
 from hivemind.p2p import P2P, PeerID
 from intellect.crypto.identity import Identity
 from intellect.node.net.probe import ProbeServer
+from intellect.node.net.recordchecks import RunFacts, control_ok, key_id, receipt_ok
 from intellect.protocol import keys, records
 from intellect.protocol.errors import ProtocolError
 from intellect.protocol.manifest import SignedManifest
@@ -89,16 +91,11 @@ class DhtError(RuntimeError):
     """The DHT could not start (daemon failure, bootstrap unreachable, identity mismatch)."""
 
 
-def _key_id(key: str) -> bytes:
-    """The DHTID bytes hivemind derives from a textual key: what a validator sees as `record.key`."""
-    return DHTID.generate(source=key).to_bytes()
-
-
-RUNS_KEY_ID = _key_id(keys.RUNS_KEY)
+RUNS_KEY_ID = key_id(keys.RUNS_KEY)
 
 
 def members_key_id(run_id: str) -> bytes:
-    return _key_id(keys.members_key(run_id))
+    return key_id(keys.members_key(run_id))
 
 
 @dataclass
@@ -118,19 +115,31 @@ class IntellectRecordValidator(RecordValidatorBase):
 
     hivemind calls `validate` when a peer asks us to store a record and on every record a peer returns
     to our lookups, so a forged record is refused at both ends. A record is *ours* when its key is
-    `intellect/runs` or the member key of a run we know (every run whose manifest we validated or asked
-    about), or when its value decodes as one of our signed records; ours must then verify completely.
-    Records under other keys (the averager's matchmaking keys, say) are left to other validators.
+    `intellect/runs`, or the member or control key of a run we know (every run whose manifest we validated
+    or asked about), or when its value decodes as one of our records (manifest, membership, control record,
+    receipt: `records.sniff`); ours must then verify completely (control records and receipts:
+    `intellect.node.net.recordchecks`). Records under other keys (the averager's matchmaking keys, say)
+    are left to other validators.
     """
 
     def __init__(self, now: Any = time.time) -> None:
         self._now = now
-        self._member_keys: dict[bytes, str] = {}
+        #: Protected keys of known runs: key id -> (the record kind it holds, run id).
+        self._run_keys: dict[bytes, tuple[str, str]] = {}
+        #: What the verified manifests we saw say about their runs.
+        self._runs: dict[str, RunFacts] = {}
         self.stats = ValidatorStats()
 
     def watch_run(self, run_id: str) -> None:
-        """Protect the member key of `run_id`: unsigned or foreign values under it are rejected."""
-        self._member_keys.setdefault(members_key_id(run_id), run_id)
+        """Protect the member and control keys of `run_id`: unsigned or foreign values under them are
+        rejected."""
+        self._run_keys.setdefault(members_key_id(run_id), ("membership", run_id))
+        self._run_keys.setdefault(key_id(keys.control_key(run_id)), ("control", run_id))
+
+    def learn_manifest(self, signed: SignedManifest) -> None:
+        """Watch a verified manifest's run and remember its researcher and tokens per round."""
+        self.watch_run(signed.run_id)
+        self._runs[signed.run_id] = RunFacts(signed.researcher, float(signed.manifest.max_tokens_per_round()))
 
     def validate(self, record: DHTRecord) -> bool:
         kind, ok = self._check(record)
@@ -141,28 +150,29 @@ class IntellectRecordValidator(RecordValidatorBase):
         return ok
 
     def _check(self, record: DHTRecord) -> tuple[str, bool]:
-        is_runs = record.key == RUNS_KEY_ID
-        watched_run = self._member_keys.get(record.key)
+        watched = self._run_keys.get(record.key)
+        expected = "manifest" if record.key == RUNS_KEY_ID else watched[0] if watched else None
         try:
             value = records.unwrap_dht_bytes(record.value)
         except ProtocolError:
             value = None
         if value is None:
-            if is_runs:
-                return "manifest", False
-            if watched_run is not None:
-                return "membership", False
+            return (expected, False) if expected else ("", True)
+        kind = records.sniff(value) or expected
+        if kind is None:
             return "", True
-        kind = records.sniff(value)
-        if kind == "manifest" or (is_runs and kind is None):
-            if not is_runs:
-                return "manifest", False  # our manifest under someone else's key: a misfiled copy
-            return "manifest", self._check_manifest(record, value)
-        if kind == "membership" or (watched_run is not None and kind is None):
-            return "membership", self._check_membership(record, value)
-        if is_runs or watched_run is not None:
-            return "membership" if watched_run else "manifest", False
-        return "", True
+        if expected is not None and kind != expected:
+            return expected, False  # another kind of record filed under a protected key
+        return kind, self._check_kind(kind, record, value)
+
+    def _check_kind(self, kind: str, record: DHTRecord, value: bytes) -> bool:
+        if kind == "manifest":
+            # our manifest under someone else's key is a misfiled copy
+            return record.key == RUNS_KEY_ID and self._check_manifest(record, value)
+        if kind == "membership":
+            return self._check_membership(record, value)
+        check = control_ok if kind == "control" else receipt_ok
+        return check(record, value, self._runs, self._now())
 
     def _check_manifest(self, record: DHTRecord, value: bytes) -> bool:
         try:
@@ -176,7 +186,7 @@ class IntellectRecordValidator(RecordValidatorBase):
         now = self._now()
         if record.expiration_time > now + records.MAX_MANIFEST_TTL_S + records.CLOCK_SKEW_S:
             return False
-        self.watch_run(signed.run_id)
+        self.learn_manifest(signed)
         return True
 
     def _check_membership(self, record: DHTRecord, value: bytes) -> bool:
@@ -463,7 +473,7 @@ class DhtService:
         if not signed.verify():
             raise ValueError("refusing to publish a manifest whose signature does not verify")
         ttl = min(ttl, records.MAX_MANIFEST_TTL_S)
-        self.validator.watch_run(signed.run_id)
+        self.validator.learn_manifest(signed)
         self._published[signed.run_id] = (signed, ttl, time.monotonic())
         return bool(
             await self.node.store(keys.RUNS_KEY, signed.to_bytes(), time.time() + ttl, subkey=signed.run_id)
@@ -487,7 +497,7 @@ class DhtService:
                 logger.info("ignoring run record %r: run_id or signature does not verify", subkey)
                 invalid += 1
                 continue
-            self.validator.watch_run(signed.run_id)
+            self.validator.learn_manifest(signed)
             out.append(signed)
         out.sort(key=lambda s: s.manifest.name)
         return out, invalid

@@ -12,7 +12,8 @@ What a node does with a frame it reads (`GossipService._on_frame`), in this orde
 2. Duplicates: the message ID (BLAKE2b of the envelope bytes) was seen before -> counted, dropped. This
    comes before any signature check, so the copies that flooding produces cost a hash, not a verify.
 3. Validation before anything else happens (`EnvelopeVerifier`): signature of the author, run,
-   admission, timestamp skew, replay window, and the payload type must be the topic's. A message that
+   admission, timestamp skew, replay window, the payload type must be the topic's, and the payload must
+   pass the topic's content check when the node gave one (`checks`: a receipt's signatures). A message that
    fails is neither delivered nor forwarded; the rejection is counted by reason and lowers the score of
    the neighbour that handed it over (the only identity the link authenticates, so a forged author cannot
    frame an honest peer). A neighbour whose score falls below `blacklist_score` is disconnected and
@@ -40,7 +41,7 @@ import hashlib
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,6 +77,9 @@ PENALTIES: dict[str, float] = {
     RejectReason.STALE.value: 0.5,
     RejectReason.FUTURE.value: 0.5,
     "rate_limited": 1.0,  # FLOOD_PENALTY: only charged when the neighbour is the author
+    # A payload that fails its topic's content check (a forged receipt): every honest forwarder runs the
+    # same check before forwarding, so only a forger or a peer that forwards unchecked hands one over.
+    "invalid_payload": 10.0,
 }
 DEFAULT_PENALTY = 2.0
 #: A valid first delivery raises the forwarder's score by this much, up to SCORE_CAP.
@@ -83,6 +87,8 @@ DELIVERY_REWARD, SCORE_CAP = 0.1, 10.0
 #: Rejection reasons of this module (beyond RejectReason): the topic does not carry that payload type; the
 #: author published above its rate.
 WRONG_TOPIC, RATE_LIMITED = "wrong_topic", "rate_limited"
+#: Rejection reason of a payload its topic's content check refused (`GossipService` `checks`).
+INVALID_PAYLOAD = "invalid_payload"
 #: What a message above its author's rate costs the neighbour that sent it, when that neighbour *is* the
 #: author: an author flooding its own messages at 300/s falls below the blacklist threshold within a
 #: fraction of a second. A neighbour that forwards someone else's flood pays nothing: an honest forwarder
@@ -329,6 +335,8 @@ def pick_neighbours(me: str, candidates: dict[str, tuple[str, ...]], private: bo
 
 
 Connect = Callable[[str, Sequence[str]], Awaitable[bool]]
+#: A topic's content check: None when the payload may be delivered and forwarded, else why not.
+PayloadCheck = Callable[[Any], str | None]
 
 
 class GossipService:
@@ -355,8 +363,10 @@ class GossipService:
         private: bool = False,
         config: GossipConfig | None = None,
         sequence: SequenceCounter | None = None,
+        checks: Mapping[TopicKind, PayloadCheck] | None = None,
     ) -> None:
         self.p2p = p2p
+        self.checks = dict(checks or {})
         self.identity = identity
         self.run_id = run_id
         self.admitted = admitted
@@ -590,8 +600,9 @@ class GossipService:
         except Rejected as e:
             self._reject(link.peer, e.reason.value, str(e))
             return
-        if not isinstance(opened.message, TOPIC_MESSAGE[kind]):
-            self._reject(link.peer, WRONG_TOPIC, f"{type(opened.message).__name__} on {kind.value}")
+        problem = _payload_problem(self.checks, kind, opened.message)
+        if problem is not None:
+            self._reject(link.peer, *problem)
             return
         if not _author_may_publish(self._authors, opened.sender, self.config):
             # The author is authenticated by its signature: a forwarder is not to blame, the author is.
@@ -635,6 +646,18 @@ def _admits(admitted: Callable[[str], bool], peer_id: str) -> bool:
     except Exception:  # the policy is someone else's code: refuse, but say why
         log.exception("admission policy raised for %s; treating it as not admitted", peer_id)
         return False
+
+
+def _payload_problem(
+    checks: Mapping[TopicKind, PayloadCheck], kind: TopicKind, msg: Any
+) -> tuple[str, str] | None:
+    """(reason, detail) when a verified envelope's payload must not be delivered: not the topic's payload
+    type, or refused by the topic's content check (`GossipService` `checks`, e.g. a receipt's)."""
+    if not isinstance(msg, TOPIC_MESSAGE[kind]):
+        return WRONG_TOPIC, f"{type(msg).__name__} on {kind.value}"
+    check = checks.get(kind)
+    why = check(msg) if check is not None else None
+    return None if why is None else (INVALID_PAYLOAD, f"{kind.value}: {why}")
 
 
 def _message_id(data: bytes) -> bytes:

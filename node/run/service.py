@@ -22,6 +22,7 @@ from intellect.node.net.control import read_controls
 from intellect.node.net.dht import DhtService
 from intellect.node.net.gossip import GossipService
 from intellect.node.net.membership import MembershipService
+from intellect.node.net.receiptnet import ReceiptBook, ReceiptLedger
 from intellect.node.net.statesync import StateServer, StateSnapshot, SyncReport, fetch_state
 from intellect.node.net.transport import Libp2pTransport
 from intellect.node.run.announcer import Announcer
@@ -66,6 +67,7 @@ class RunService:
         phases: PhaseTracker,
         emit: EventSink,
         on_child_pids: Callable[[Sequence[int]], None] = lambda pids: None,
+        ledger: ReceiptLedger | None = None,
     ) -> None:
         self.settings = settings
         self.identity = identity
@@ -77,6 +79,8 @@ class RunService:
         self._on_child_pids = on_child_pids
         self.book = PeerBook(identity.peer_id, self.run_id, emit)
         self.shards: tuple[ShardSpec, ...] = tuple(signed.manifest.shards)
+        #: The verified receipts this node saw, counted per peer (`/metrics` reads it).
+        self.ledger = ledger or ReceiptLedger()
 
     async def run(self) -> None:
         self.phases.enter(Phase.LOADING)
@@ -100,6 +104,8 @@ class RunService:
             self._averager() as averager,
         ):
             announcer = Announcer(self.gossip, self.membership, server)
+            receipts = self._receipts()
+            averager.on_receipt = receipts.ours
             parts = (self.book, state, engine.trainer, averager, announcer)
             machine = RoundMachine(
                 self.identity.peer_id,
@@ -135,6 +141,8 @@ class RunService:
                         watch_control(machine.lifecycle, lambda: read_controls(self.dht, self.run_id)),
                         name="control",
                     ),
+                    tg.create_task(receipts.run(), name="receipts"),
+                    tg.create_task(self._listen(TopicKind.RECEIPT, receipts.received), name="receipt-gossip"),
                 ]
                 try:
                     await machine.run()
@@ -144,6 +152,12 @@ class RunService:
                     await announcer.leaving(state.round)
                     for t in tasks:
                         t.cancel()
+
+    def _receipts(self) -> ReceiptBook:
+        """Publishes our groups' receipts, keeps the valid ones others gossip (`net.receiptnet`)."""
+        root = data_root(self.settings.engine.data_dir, self.run_id)
+        run = (self.run_id, float(self.signed.manifest.max_tokens_per_round()))
+        return ReceiptBook(self.dht, self.gossip, run, root / "receipts", self.ledger)
 
     def _averager(self) -> Averager:
         m = self.signed.manifest
