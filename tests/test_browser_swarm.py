@@ -3,7 +3,8 @@
 Headless Chromium (its command line only: `--dump-dom` for the page as drawn, `--screenshot` for a
 picture) loads `/` and `/run` of a node first alone, before its first round ("no data yet"), then once three
 real daemons on loopback have trained rounds together: the run view must count 3 members, show rounds, a
-loss to 4 significant digits and a loss curve with labelled axes. Screenshots are kept under
+loss to 4 significant digits and a loss curve with labelled axes, and `intellect-node watch RUN --once`
+the same 3 members. Screenshots are kept under
 `$TEST_ARTIFACTS` (default `test-artifacts/` at the repository root). Without Chromium the test skips,
 unless REQUIRE_BROWSER=1 (CI installs it), when it fails.
 """
@@ -25,7 +26,7 @@ from typing import Any
 import pytest
 from intellect.node.app.status import fetch_status, read_port
 
-from tests.nodeproc import kill_session, seeded_bootstrap, start_node, wait_for
+from tests.nodeproc import CLI, clean_env, kill_session, seeded_bootstrap, start_node, wait_for
 
 pytestmark = pytest.mark.swarm
 
@@ -152,6 +153,12 @@ def test_run_view_and_dashboard_in_chromium_against_three_live_peers(tmp_path: P
             data = run_json(alice)
             run_page = look(base, "/run", "run-swarm")
             dash = look(base, "/", "dashboard-swarm")
+            watch = subprocess.run(
+                [*CLI, "watch", data["run_id"][:12], "--once", "--data-dir", str(alice)],
+                env=clean_env(COLUMNS="200"),
+                capture_output=True,
+                timeout=60,
+            )
         finally:
             for p in procs:
                 kill_session(p)
@@ -175,4 +182,8 @@ def test_run_view_and_dashboard_in_chromium_against_three_live_peers(tmp_path: P
     assert re.search(r"\d+(\.\d+)? (B|KB|MB|GB) / \d+(\.\d+)? (B|KB|MB|GB)", dash)
     for name in ("dashboard-fresh", "run-fresh", "run-swarm", "dashboard-swarm"):
         assert (artifacts() / f"{name}.png").stat().st_size > 1000
+    # The terminal's view of the same node.
+    assert watch.returncode == 0, watch.stderr.decode()[-2000:]
+    out = watch.stdout.decode()
+    assert "3 members" in out and "(this node)" in out and "tokens/s" in out, out
     assert all(p.poll() is not None for p in procs)  # kill_session reaped every daemon we started
