@@ -23,6 +23,8 @@ from intellect.node.app.pages import NO_DATA, loss_svg, render_dashboard, render
 from intellect.node.app.runview import RunLog, RunPages, snapshot
 from intellect.node.app.status import AveragingOutcome, NodeStatus, StatusServer
 from intellect.node.cli.main import cli
+from intellect.node.cli.watch import render as watch_render
+from intellect.node.net.receiptnet import ReceiptLedger
 from intellect.node.net.receiptstore import store_receipt
 from intellect.node.run import events as ev
 from intellect.node.run.peerbook import PeerBook
@@ -30,6 +32,7 @@ from intellect.node.run.service import data_root
 from intellect.protocol.gossip_messages import Progress
 from intellect.protocol.receipts import Receipt
 from intellect.protocol.records import MembershipRecord
+from rich.console import Console
 
 RUN = "ab" * 32
 ME, BOB, CAROL = (Identity.generate().peer_id for _ in range(3))
@@ -134,6 +137,28 @@ def test_the_log_joins_members_losses_and_rounds() -> None:
     assert first["failure_reasons"] == ["timeout"] and first["outcome"] == "ok"
     assert second["round"] == 1 and second["groups"] == [3]
     json.dumps(snap)  # plain data
+
+
+def test_contributions_come_from_the_verified_ledger_on_the_page_and_in_watch() -> None:
+    """The run view lists what the node's ledger of verified receipts credits (the numbers `/metrics`
+    exports), not the unverified receipt files it reads for group sizes."""
+    log, status = _folded()
+    assert snapshot(log, status, [])["contributions"] == []
+    assert "no data yet" in render_run_page(snapshot(log, status, []))
+    ledger = ReceiptLedger()
+    ledger.run_id = RUN
+    ledger.add(_receipt(1, (ME, BOB, CAROL)))
+    ledger.add(_receipt(2, (ME, CAROL)))
+    snap = snapshot(log, status, [], ledger)
+    got = {c["peer"]: (c["tokens"], c["rounds"]) for c in snap["contributions"]}
+    assert got == {ME: (1024.0, 2), CAROL: (1024.0, 2), BOB: (512.0, 1)}
+    assert snap["contributing_peers"] == 3 and snap["contributions"][-1]["peer"] == BOB
+    page = render_run_page(snap)
+    assert 'id="contributions"' in page and fmt.peer(BOB) in page and "1.02k" in page
+    frame = Console(width=200, record=True)
+    frame.print(watch_render(snap))
+    text = frame.export_text()
+    assert "contributions (verified receipts)" in text and fmt.peer(CAROL) in text and "1.02k" in text
 
 
 def test_a_member_heard_only_by_gossip_is_unknown_until_its_record() -> None:

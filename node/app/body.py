@@ -157,6 +157,7 @@ async def run_body(daemon: NodeDaemon) -> None:
         checks = {TopicKind.RECEIPT: receipt_check(signed.run_id, max_tokens)}
         ledger = ReceiptLedger()
         daemon.http.registry.register(ContributionsCollector(ledger))
+        daemon.pages.ledger = ledger  # the run view lists the same verified counts
         async with GossipService(
             dht.p2p, identity, signed.run_id, membership.admits, connect=dht.connect, private=dht.private,
             config=gossip_config, checks=checks,

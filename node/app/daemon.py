@@ -115,7 +115,7 @@ class NodeDaemon:
         #: Closed while the node is paused (`intellect-node pause`, or a volunteer limit).
         self.gate = PauseGate()
         self.controls = Controls(self.gate, self.status)
-        pages = RunPages(self.run_log, self.status, config.data_dir)
+        self.pages = pages = RunPages(self.run_log, self.status, config.data_dir)
 
         def routes(app: web.Application) -> None:
             self.controls.routes(app)

@@ -147,6 +147,19 @@ def render_dashboard(s: dict[str, Any]) -> str:
     return _page("intellect-node", body)
 
 
+def _contributions(d: dict[str, Any]) -> str:
+    rows = d.get("contributions") or []
+    if not rows:
+        return NO_DATA
+    table = _table(
+        ("peer", "tokens", "rounds"),
+        ((c["peer_text"], c["tokens_text"], str(c["rounds"])) for c in rows),
+        numeric=(1, 2),
+    )
+    more = d.get("contributing_peers", 0) - len(rows)
+    return table + (f'<p class="muted">and {more} more peers</p>' if more > 0 else "")
+
+
 def render_run_page(d: dict[str, Any]) -> str:
     """The run view from the `/run.json` snapshot."""
     name = f"{d['run_name']} {d['run_id'][:16]}".strip() or "no run joined yet"
@@ -200,6 +213,7 @@ def render_run_page(d: dict[str, Any]) -> str:
         + f'<h2>members</h2><div id="members">{members}</div>'
         + f'<h2>mean loss per round (as members report it)</h2><div id="chart">{chart}</div>'
         + f'<h2>rounds</h2><div id="timeline">{timeline}</div>'
+        + f'<h2>contributions (verified receipts)</h2><div id="contributions">{_contributions(d)}</div>'
         + '<p class="muted">groups from the contribution receipts this node holds; failed attempts are '
         "this node's own; a member's loss, round and throughput are its own signed claims. "
         '<a href="/run.json">data</a> · <a href="/">this node</a></p>'

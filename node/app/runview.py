@@ -27,6 +27,7 @@ from aiohttp import web
 from intellect.node.app import fmt
 from intellect.node.app.pages import render_run_page
 from intellect.node.app.status import NodeStatus
+from intellect.node.net.receiptnet import ReceiptLedger
 from intellect.node.net.receiptstore import load_receipts
 from intellect.node.run import events as ev
 from intellect.node.run.service import data_root
@@ -37,6 +38,8 @@ KEEP_ROUNDS = 500
 MAX_MEMBERS = 1024
 #: Rounds shown in the timeline.
 TIMELINE_ROUNDS = 30
+#: Contributors listed on the run view (the most tokens first).
+CONTRIBUTORS_SHOWN = 20
 #: The key of our own losses in `RunLog.losses` (our peer ID is not known when the log starts).
 OURS = ""
 
@@ -201,7 +204,26 @@ def timeline(log: RunLog, receipts: list[Receipt]) -> list[dict[str, Any]]:
     return rows
 
 
-def snapshot(log: RunLog, status: NodeStatus, receipts: list[Receipt]) -> dict[str, Any]:
+def contributions(ledger: ReceiptLedger | None, top: int = CONTRIBUTORS_SHOWN) -> list[dict[str, Any]]:
+    """The peers credited with the most tokens by the verified receipts this node has seen (what
+    `/metrics` counts, and `intellect-node contributions` sums), most first."""
+    if ledger is None:
+        return []
+    return [
+        {
+            "peer": peer,
+            "peer_text": fmt.peer(peer),
+            "tokens": credit.tokens,
+            "tokens_text": fmt.count(credit.tokens),
+            "rounds": credit.rounds,
+        }
+        for peer, credit in ledger.top(top)
+    ]
+
+
+def snapshot(
+    log: RunLog, status: NodeStatus, receipts: list[Receipt], ledger: ReceiptLedger | None = None
+) -> dict[str, Any]:
     """The data of `/run.json` (and what `/run` and `watch` show)."""
     rows = member_rows(log, status, receipts)
     curve = log.loss_curve()
@@ -218,6 +240,8 @@ def snapshot(log: RunLog, status: NodeStatus, receipts: list[Receipt]) -> dict[s
         "latest_loss_text": fmt.loss(curve[-1][1]) if curve else fmt.UNKNOWN,
         "timeline": timeline(log, receipts),
         "receipts": len(receipts),
+        "contributions": contributions(ledger),
+        "contributing_peers": ledger.peers if ledger is not None else 0,
         "tokens_text": fmt.count(status.tokens),
         "bytes_text": f"{fmt.nbytes(status.bytes_sent)} sent, {fmt.nbytes(status.bytes_received)} received",
         "uptime_text": fmt.duration(time.time() - status.started_at),
@@ -231,6 +255,8 @@ class RunPages:
         self.log = log
         self.status = status
         self.data_dir = data_dir
+        #: The verified receipts' per-peer counts, once the node runs a run (set by the node's body).
+        self.ledger: ReceiptLedger | None = None
 
     def routes(self, app: web.Application) -> None:
         app.router.add_get("/run", self._page)
@@ -242,7 +268,7 @@ class RunPages:
             where = data_root(self.data_dir, self.status.run_id) / "receipts"
             receipts, _ = await asyncio.to_thread(load_receipts, where)
             receipts = [r for r in receipts if r.run_id == self.status.run_id][-KEEP_ROUNDS:]
-        return snapshot(self.log, self.status, receipts)
+        return snapshot(self.log, self.status, receipts, self.ledger)
 
     async def _data(self, request: web.Request) -> web.Response:
         return web.json_response(await self.data())

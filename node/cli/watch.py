@@ -61,7 +61,14 @@ def render(d: dict[str, Any]) -> Group:
         rounds.add_row(str(t["round"]), t["groups_text"], t["outcome"], fails, t["allreduce_text"])
     if not d["timeline"]:
         rounds.add_row("no data yet", "", "", "", "")
-    return Group(members, rounds)
+    credits = Table(title="contributions (verified receipts)", title_justify="left")
+    for name in ("peer", "tokens", "rounds"):
+        credits.add_column(name, justify="left" if name == "peer" else "right")
+    for c in d.get("contributions", []):
+        credits.add_row(c["peer_text"], c["tokens_text"], str(c["rounds"]))
+    if not d.get("contributions"):
+        credits.add_row("no data yet", "", "")
+    return Group(members, rounds, credits)
 
 
 def fetch(data_dir: Path, run: str) -> dict[str, Any]:
