@@ -143,7 +143,14 @@ def test_run_view_and_dashboard_in_chromium_against_three_live_peers(tmp_path: P
                 d = run_json(alice)
                 others = [m for m in d["members"] if not m["me"] and m["loss"] is not None]
                 ok = all(fetch_status(tmp_path / n)["rounds_ok"] >= 2 for n in names)
-                return ok and d["member_count"] == 3 and len(others) == 2 and len(d["loss_curve"]) >= 2
+                credited = len(d.get("contributions", [])) == 3  # every member in a verified receipt
+                return (
+                    ok
+                    and credited
+                    and d["member_count"] == 3
+                    and len(others) == 2
+                    and len(d["loss_curve"]) >= 2
+                )
 
             try:
                 wait_for(_quiet(trained), 420, "three members with two rounds each")
@@ -174,6 +181,9 @@ def test_run_view_and_dashboard_in_chromium_against_three_live_peers(tmp_path: P
     rounds = [t["round"] for t in data["timeline"]]
     assert rounds and all(f'<td class="n">{r}</td>' in timeline for r in rounds), timeline
     assert "no data yet" not in run_page
+    # Contributions: the three members, credited by receipts every member of a group signed.
+    credits = run_page.split('id="contributions"', 1)[1].split("</table>", 1)[0]
+    assert credits.count("<tr>") == 1 + 3 and all(c["rounds"] >= 1 for c in data["contributions"]), credits
     # The node's own dashboard: formatted numbers, a loss chart with axes.
     assert ">round</text>" in dash and ">loss</text>" in dash and "no data yet" not in dash
     assert re.search(r"<th>loss</th><td>\d+\.\d{1,3}</td>", dash) or re.search(
