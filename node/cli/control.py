@@ -56,7 +56,14 @@ async def _publish(config: Any, prefix: str, researcher: Any, action: str, end_r
             )
         if action == "end" and end_round is None:
             members = await svc.get_members(run_id)
-            end_round = max((m.round for m in members), default=0) + 1
+            if not members:
+                # (Paused nodes withdraw their membership records: "round 1" would be a guess, and nodes
+                # past it would stop wherever they are instead of on one round.)
+                raise click.ClickException(
+                    f"run {run_id[:12]} has no member records in the DHT (paused, or not started): "
+                    "name the last round with --round"
+                )
+            end_round = max(m.round for m in members) + 1
         data = sign_control(researcher, run_id, action, end_round=end_round or 0)
         if not await publish_control(svc, data):
             raise click.ClickException("no DHT node accepted the control record")
