@@ -299,7 +299,9 @@ def _load_env(environ: dict[str, str], tmp_path: Path, where: str) -> NodeConfig
 def _markdown_commands(path: Path) -> tuple[list[list[str]], list[list[str]]]:
     """Invocations in a markdown file's shell code blocks, and mentions in its inline code spans."""
     text = path.read_text()
-    scripts = re.findall(r"^ *```(?:bash|sh|shell|console)?\n(.*?)^ *```", text, flags=re.S | re.M)
+    # Fences pair in order (a closing fence is never an opening one); shell blocks and bare ones count.
+    fenced = re.findall(r"^ *```(\w*)\n(.*?)^ *```", text, flags=re.S | re.M)
+    scripts = [body for lang, body in fenced if lang in ("", "bash", "sh", "shell", "console")]
     blocks = []
     for script in scripts:
         blocks += shell_invocations(script)
