@@ -29,8 +29,8 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-run.toml"
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
 
 
-@pytest.fixture
-async def swarm(tmp_path: Path) -> AsyncIterator[list[DhtService]]:
+@pytest.fixture(name="swarm")
+async def dht_swarm(tmp_path: Path) -> AsyncIterator[list[DhtService]]:
     """alice (entry), bob, carol: honest; mallory: the attacker (also a DhtService, to get a DHT client)."""
     nodes: list[DhtService] = []
     try:

@@ -18,11 +18,8 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from hivemind.dht.routing import DHTID
 from hivemind.p2p import P2P, PeerID
-from hivemind.utils import MSGPackSerializer
 from intellect.crypto.identity import Identity
-from intellect.node.app.config import NodeConfig
 from intellect.node.app.metrics import ContributionsCollector
 from intellect.node.net.dht import DhtService
 from intellect.node.net.gossip import GOSSIP_PROTOCOL, GossipConfig, GossipService
@@ -44,6 +41,10 @@ from intellect.protocol.receipts import RECEIPT_TTL_S, Receipt, ReceiptRefusal, 
 from multiaddr import Multiaddr
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from test_dht_records import (
+    dht_swarm,  # noqa: F401  (the 4-node DHT fixture `swarm`)
+    raw_store,
+)
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny-run.toml"
 LOOPBACK = ("/ip4/127.0.0.1/tcp/0",)
@@ -149,38 +150,6 @@ async def test_the_book_publishes_ours_and_keeps_what_it_receives(tmp_path: Path
 
 
 # ---- a real DHT ------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-async def swarm(tmp_path: Path) -> AsyncIterator[list[DhtService]]:
-    nodes: list[DhtService] = []
-    try:
-        for i, name in enumerate(("alice", "bob", "carol", "mallory")):
-            boot = tuple(nodes[0].visible_maddrs) if i else ()
-            svc = DhtService(
-                NodeConfig(data_dir=tmp_path / name, listen=LOOPBACK, bootstrap=boot), Identity.generate()
-            )
-            await asyncio.wait_for(svc.start(), 30)
-            nodes.append(svc)
-        yield nodes
-    finally:
-        for svc in reversed(nodes):
-            await svc.stop()
-
-
-async def raw_store(
-    attacker: DhtService, target: DhtService, key: str, subkey: str, value: bytes, exp: float
-) -> bool:
-    """Ask `target` directly to store a value we did not sign through our validator."""
-    result = await attacker.node.protocol.call_store(
-        target.p2p.peer_id,
-        keys=[DHTID.generate(source=key)],
-        values=[MSGPackSerializer.dumps(value)],
-        expiration_time=[exp],
-        subkeys=[subkey],
-    )
-    assert result is not None, "target did not answer"
-    return bool(result[0])
 
 
 @pytest.mark.swarm
