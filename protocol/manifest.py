@@ -62,6 +62,8 @@ SCHEDULES = ("cosine", "linear", "constant")
 OUTER_UPDATES = ("sequential", "overlapped")
 ADMISSION_POLICIES = ("open", "allowlist", "tickets")
 TOKENIZER_KINDS = ("byte", "hf")
+#: What a run trains: DiLoCo pretraining on data shards, or asynchronous RL (GRPO) on an environment.
+RUN_KINDS = ("pretrain", "rl")
 
 
 class ManifestError(ProtocolError, ValueError):
@@ -330,6 +332,43 @@ class InitSpec:
 
 
 @dataclass(frozen=True)
+class RlSpec:
+    """An RL run's settings (`kind = "rl"`): environment, GRPO group, generation, staleness, checks."""
+
+    #: Entry-point name of the environment (group `intellect_node.environments`), e.g. "reverse".
+    env: str
+    #: Distinct prompts per policy step.
+    prompts_per_step: int
+    #: Completions sampled per prompt: the GRPO group whose rewards are normalised together (≥ 2).
+    samples_per_prompt: int
+    #: Most tokens generated per completion.
+    max_new_tokens: int
+    #: Sampling temperature (> 0).
+    temperature: float
+    #: How many policy versions a rollout may lag behind the trainer's current version.
+    max_async_level: int = 2
+    #: Fraction of rollout batches whose log-probabilities a trainer recomputes, in [0, 1].
+    verify_rate: float = 0.1
+    #: PPO clipping: the importance ratio is clipped to [1 − clip_eps, 1 + clip_eps].
+    clip_eps: float = 0.2
+    #: Weight of the KL penalty to the reference policy (k3 estimator); 0 disables it.
+    kl_coef: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "env": self.env,
+            "prompts_per_step": self.prompts_per_step,
+            "samples_per_prompt": self.samples_per_prompt,
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "max_async_level": self.max_async_level,
+            "verify_rate": self.verify_rate,
+            "clip_eps": self.clip_eps,
+            "kl_coef": self.kl_coef,
+        }
+
+
+@dataclass(frozen=True)
 class Manifest:
     """A validated run manifest: build with `load_manifest_toml`, `parse_manifest`, `from_canonical_bytes`."""
 
@@ -349,10 +388,19 @@ class Manifest:
     #: Peer ID of the researcher who signed the run. Empty in a TOML file; `SignedManifest.sign` fills it
     #: in, so the run_id covers the researcher: re-signing someone else's manifest makes another run.
     researcher: str = ""
+    #: "pretrain" or "rl". `kind` and the `rl` table are in the canonical form only for RL runs, so
+    #: pretraining runs published before RL existed keep their run_id.
+    kind: str = "pretrain"
+    #: The RL settings: present exactly when `kind == "rl"`.
+    rl: RlSpec | None = None
 
     def to_plain(self) -> dict[str, Any]:
         """Nested dicts/lists of str, int, float and bool: the manifest's canonical content."""
         plain = self._plain()
+        if self.kind != "pretrain":
+            plain["kind"] = self.kind
+        if self.rl is not None:
+            plain["rl"] = self.rl.to_dict()
         if self.researcher:
             plain["researcher"] = self.researcher
         if self.gossip != GossipSpec():
@@ -585,6 +633,8 @@ def parse_manifest(raw: Any) -> Manifest:
     )
     g.done()
     researcher = root.get_str("researcher", default="", check=lambda v: _peer_id(v) if v else None)
+    kind = root.get_str("kind", default="pretrain", choices=RUN_KINDS)
+    rl = _parse_rl(root, kind, model)
     root.done()
 
     manifest = Manifest(
@@ -600,11 +650,51 @@ def parse_manifest(raw: Any) -> Manifest:
         init=init,
         gossip=gossip,
         researcher=researcher,
+        kind=kind,
+        rl=rl,
     )
     size = len(manifest.canonical_bytes())
     if size > MAX_MANIFEST_BYTES:
         raise ManifestError("<manifest>", f"canonical form is {size} bytes, more than {MAX_MANIFEST_BYTES}")
     return manifest
+
+
+_ENV_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+
+
+def _env_name(v: str) -> str | None:
+    if _ENV_NAME.match(v):
+        return None
+    return "must be an environment entry-point name: 1-64 of a-z, 0-9, '_', '.', '-' (starting a-z or 0-9)"
+
+
+def _parse_rl(root: _Section, kind: str, model: ModelSpec) -> RlSpec | None:
+    """The `[rl]` table: required when kind = "rl", refused otherwise."""
+    if kind != "rl":
+        if "rl" in root.raw:
+            raise ManifestError("rl", f'only allowed with kind = "rl", not {kind!r}')
+        return None
+    if "rl" not in root.raw:
+        raise ManifestError("rl", 'missing (required when kind = "rl")')
+    r = root.table("rl")
+    spec = RlSpec(
+        env=r.get_str("env", check=_env_name),
+        prompts_per_step=r.get_int("prompts_per_step", 1, 1 << 16),
+        samples_per_prompt=r.get_int("samples_per_prompt", 2, 1024),
+        max_new_tokens=r.get_int("max_new_tokens", 1, 1 << 16),
+        temperature=r.get_float("temperature", 0.0, 10.0, lo_open=True),
+        max_async_level=r.get_int("max_async_level", 0, 64, default=RlSpec.max_async_level),
+        verify_rate=r.get_float("verify_rate", 0.0, 1.0, default=RlSpec.verify_rate),
+        clip_eps=r.get_float("clip_eps", 0.0, 1.0, lo_open=True, default=RlSpec.clip_eps),
+        kl_coef=r.get_float("kl_coef", 0.0, 100.0, default=RlSpec.kl_coef),
+    )
+    r.done()
+    if spec.max_new_tokens >= model.max_seq_len:
+        raise ManifestError(
+            "rl.max_new_tokens",
+            f"must be less than model.max_seq_len ({model.max_seq_len}), got {spec.max_new_tokens}",
+        )
+    return spec
 
 
 def load_manifest_toml(path: Path | str) -> Manifest:
