@@ -146,6 +146,7 @@ async def test_the_book_publishes_ours_and_keeps_what_it_receives(tmp_path: Path
     assert [(k, s) for k, _, _, s in dht.node.stored] == [(keys.receipts_key(RUN, 1), ours.group_id.hex())]
     assert gossip.published == [(keys.TopicKind.RECEIPT, ours)]
     assert load_receipts(tmp_path)[0] == [theirs]
+    assert load_receipts(tmp_path, newest=1)[0] == [theirs] and load_receipts(tmp_path, newest=0)[0] == []
     assert book.ledger.receipts == 2 and dict(book.ledger.top(9))[bob.peer_id].rounds == 2
 
 

@@ -266,8 +266,8 @@ class RunPages:
         receipts: list[Receipt] = []
         if self.status.run_id:
             where = data_root(self.data_dir, self.status.run_id) / "receipts"
-            receipts, _ = await asyncio.to_thread(load_receipts, where)
-            receipts = [r for r in receipts if r.run_id == self.status.run_id][-KEEP_ROUNDS:]
+            receipts, _ = await asyncio.to_thread(load_receipts, where, KEEP_ROUNDS)
+            receipts = [r for r in receipts if r.run_id == self.status.run_id]
         return snapshot(self.log, self.status, receipts, self.ledger)
 
     async def _data(self, request: web.Request) -> web.Response:

@@ -32,10 +32,13 @@ def store_receipt(directory: Path, receipt: Receipt) -> Path | None:
     return path
 
 
-def load_receipts(directory: Path) -> tuple[list[Receipt], list[str]]:
-    """Every receipt file in `directory` that decodes (unverified), and the names of those that do not."""
+def load_receipts(directory: Path, newest: int | None = None) -> tuple[list[Receipt], list[str]]:
+    """Every receipt file in `directory` that decodes (unverified), oldest round first, and the names of
+    those that do not; with `newest`, only the last `newest` files (names sort by their zero-padded round),
+    so that a page reloaded every few seconds reads a bounded number however long the run."""
     receipts, bad = [], []
-    for path in sorted(directory.glob(f"*{SUFFIX}")) if directory.is_dir() else []:
+    paths = sorted(directory.glob(f"*{SUFFIX}")) if directory.is_dir() else []
+    for path in paths[max(0, len(paths) - newest) :] if newest is not None else paths:
         try:
             if path.stat().st_size > MAX_RECEIPT_BYTES:
                 raise ProtocolError("too large")
