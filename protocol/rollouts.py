@@ -88,6 +88,8 @@ class RolloutRefusal(enum.StrEnum):
     LOGPROB_MISMATCH = "logprob-mismatch"
     #: Another batch with the same (worker, version, seq) and a different hash: evidence.
     EQUIVOCATION = "equivocation"
+    #: The worker was excluded by earlier evidence: its batches are no longer checked.
+    EXCLUDED = "excluded"
 
 
 #: The refusals that are misbehaviour any peer can verify (`RolloutEvidence`).
