@@ -28,7 +28,8 @@ The scheme:
    expecting nobody in particular: there the stragglers of every bucket form groups among themselves (a
    full group, or whoever is present after the straggler bound). Alone there too, or in a run with a
    single bucket (where a second group would only fork the round's state), it gives up the round and
-   catches up.
+   catches up. In a single-bucket run, a peer left out of an active declaration does not lead or join a
+   second group either (`MatchConfig.single_group`): it waits as a straggler would.
 6. **Stalls.** A frozen member stops heart-beating and leaves every view within the freshness window; a
    failed attempt makes its members read the lobby again, where only the live ones still are. Nobody is
    excluded for a stall: only proven misbehaviour (a non-finite or malformed part) excludes a peer.
@@ -154,6 +155,9 @@ class MatchConfig:
     #: How long a leader waits for an expected peer it has no record of at all (a frozen or departed
     #: peer, or a record still on its way): about one heartbeat freshness.
     grace_s: float = 1.0
+    #: The whole run meets in this one lobby (one bucket): a second group beside an active declaration
+    #: would commit a second state for the round (a fork), so a peer left out of it waits, as a straggler.
+    single_group: bool = False
 
 
 @dataclass
@@ -227,6 +231,14 @@ class Matchmaker:
         if joinable:
             return Join(min(joinable, key=lambda d: self._rank(d.leader)))
         taken = {p for d in active for p in d.members if self.me not in d.members}
+        if taken and self.config.single_group:
+            # One lobby for the whole run: the round's group is already declared without us. Leading or
+            # joining a second one would fork the round's state (the four-daemon freeze test saw two
+            # stragglers do exactly that); we wait, like a peer alone: its leader may re-declare with us if
+            # its attempt fails, else the round is averaged without us and we catch up.
+            first = min((d for d in active if self.me not in d.members), key=lambda d: self._rank(d.leader))
+            self.leading_since = None
+            return Wait(first.leader, alone=True)
         for p, seen in list(self.suspects.items()):
             # It heart-beat since it was blamed: alive, back in. Blamed again in this round, it stays out
             # (a live peer that joins and then withholds its part would otherwise stall every attempt).

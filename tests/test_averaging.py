@@ -233,6 +233,59 @@ async def test_lone_laggard_stops_waiting_once_overtaken(
         await _close([av])
 
 
+async def test_two_stragglers_of_a_one_lobby_run_do_not_average_a_round_two_others_hold(
+    dht: Callable[[int], Awaitable[list[DHTNode]]],
+) -> None:
+    """The fork the four-daemon freeze test caught: in a run of four that meets in one lobby, two members
+    commit round 3 together; the other two arrive late, find each other in the lobby and, until now,
+    averaged round 3 as a second group, a second state for the round. Now both see the two holders outside
+    their group and give up ("overtaken"), to catch up; with only one holder (one early claim, maybe a
+    lie) they still average."""
+    nodes = await dht(2)
+    config = AveragerConfig(target_group_size=4, min_group_size=2, matchmaking_time=0.5, compression="none")
+    avs = await _averagers(nodes, config)
+    others = [Identity.from_seed(bytes([90 + i]) * 32).peer_id for i in range(2)]
+    expected = [*others, *(av.peer_id for av in avs)]
+    try:
+        ran = await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    av.average(
+                        3,
+                        _tensors(1.0 + i),
+                        10.0,
+                        time.time() + 20,
+                        expected=expected,
+                        holders=lambda: others,
+                        overtaken=lambda: True,
+                    )
+                    for i, av in enumerate(avs)
+                )
+            ),
+            30,
+        )
+        assert [(r.ok, r.reason) for r in ran] == [(False, "overtaken")] * 2
+        ran = await asyncio.wait_for(
+            asyncio.gather(
+                *(
+                    av.average(
+                        4,
+                        _tensors(1.0 + i),
+                        10.0,
+                        time.time() + 20,
+                        expected=expected,
+                        holders=lambda: others[:1],
+                    )
+                    for i, av in enumerate(avs)
+                )
+            ),
+            30,
+        )
+        assert [r.ok for r in ran] == [True, True], [r.reason for r in ran]
+    finally:
+        await _close(avs)
+
+
 async def test_a_member_that_never_connects_is_left_out_of_the_retry(
     dht: Callable[[int], Awaitable[list[DHTNode]]],
 ) -> None:

@@ -125,6 +125,27 @@ def test_a_member_listed_twice_joins_the_lower_ranked_leader_and_a_failed_group_
     assert mm.step(_offers(peers), [high, redeclared], now=0.2) == Join(redeclared)
 
 
+def test_in_a_one_lobby_run_a_peer_left_out_of_the_declared_group_waits_instead_of_forming_a_second() -> None:
+    peers = PEERS[:4]
+    order = _by_rank(peers)
+    first = Declaration(order[0], 0, tuple(sorted(order[:2])))
+    late = order[2]  # the lowest-ranked owner outside the declared group: it would lead the others
+    multi = _mm(late, set(peers))
+    assert isinstance(multi.step(_offers(peers), [first], now=0.0), Declare)  # several groups per lobby
+    single = Matchmaker(
+        RUN, 1, late, True, frozenset(peers), MatchConfig(0, 2, 5.0, single_group=True), started=0.0
+    )
+    assert single.step(_offers(peers), [first], now=0.0) == Wait(order[0], alone=True)
+    assert single.step(_offers(peers), [first], now=10.0) == Wait(order[0], alone=True)  # not after max_wait
+    # Its leader re-declares with everyone (the first attempt failed): it joins that one.
+    again = Declaration(order[0], 1, tuple(sorted(peers)))
+    assert single.step(_offers(peers), [again], now=10.5) == Join(again)
+    # The declared group's leader is gone (no fresh heartbeat): its declaration no longer holds anyone, and
+    # the next-ranked owner leads everyone left.
+    gone = {p: o for p, o in _offers(peers).items() if p != order[0]}
+    assert single.step(gone, [first], now=11.0) == Wait(order[1], alone=False)
+
+
 def test_a_blamed_peer_is_left_out_until_it_heart_beats_again() -> None:
     three = PEERS[:3]
     leader, *others = _by_rank(three)

@@ -69,6 +69,7 @@ class Averager:
         deadline: float,
         overtaken: Callable[[], bool] | None = None,
         expected: Collection[str] | None = None,
+        holders: Callable[[], Collection[str]] | None = None,
     ) -> AverageResult:
         self.rounds.append(round)
         if not self.ok:
@@ -356,6 +357,7 @@ class Recording(Averager):
         deadline: float,
         overtaken: Callable[[], bool] | None = None,
         expected: Collection[str] | None = None,
+        holders: Callable[[], Collection[str]] | None = None,
     ) -> AverageResult:
         await asyncio.sleep(0.05)  # in flight while the next round's first steps run
         self.rounds.append(round)

@@ -452,6 +452,7 @@ class Averager:
         deadline: float,
         overtaken: Callable[[], bool] | None = None,
         expected: Collection[str] | None = None,
+        holders: Callable[[], Collection[str]] | None = None,
     ) -> AverageResult:
         """Average `tensors` with peers of this run and round, weighted by `weight` (tokens processed).
 
@@ -461,7 +462,9 @@ class Averager:
         `deadline` is a Unix time (`time.time()`); the call returns by then. On `ok=False` the caller
         keeps its global weights untouched. `overtaken()` says that peers have already finished this round
         without us (they announced a later state): a lone peer then stops waiting for a group at once,
-        instead of at the deadline, and the caller can catch up.
+        instead of at the deadline, and the caller can catch up. `holders()`: the peers that already hold a
+        state of this round; in a run with one lobby, we neither lead nor join a group once the round was
+        averaged without us (`_averaged_without`).
         """
         start = time.time()
         me = self.peer_id
@@ -477,7 +480,9 @@ class Averager:
             return _tally(self, AverageResult(False, None, [me], invalid), start)
         weight = min(weight, self.config.max_weight)
         state = _RoundState(group=[me])
-        result = await self._rounds(round, schema, flat, weight, deadline, overtaken, expected, state)
+        result = await self._rounds(
+            round, schema, flat, weight, deadline, overtaken, expected, state, holders
+        )  # fmt: skip
         if state.convicted:
             logger.warning(
                 "left out of every later group (convicted by the group's checks): %s", state.convicted
@@ -507,25 +512,22 @@ class Averager:
         overtaken: Callable[[], bool] | None,
         expected: Collection[str] | None,
         state: _RoundState,
+        holders: Callable[[], Collection[str]] | None = None,
     ) -> tuple[ReducedVector] | None:
         """Matchmaking and attempts until one completes (its reduced vector), or None (`state.reason`)."""
         me = self.peer_id
-        bucket, mine = _lobby_of(self.run_id, round, self.peer_id, expected, self.config.target_group_size)
-        mm = Matchmaker(
-            self.run_id, round, me, self.owner, frozenset(mine), _match_config(self), time.time()
-        )  # fmt: skip
-        mm.excluded |= self.banned
+        mm, bucket, split = _matchmaker(self, round, expected)
         lobbies = self.lobbies
         meeting = _Meeting(lobbies, (self.run_id, round, bucket, schema))
-        # The run meets in several lobbies this round: a straggler left alone in ours may meet the round's
-        # other stragglers (protocol/matchmaking.py, 5.) before it gives up; with one lobby it syncs.
-        split = len(mine) < len({*(expected or ()), me})
         try:
             while time.time() < deadline and state.attempt < self.config.max_attempts:
                 lobby = meeting.lobby
                 await lobbies.read(lobby, self.admitted)
                 offers = lobby.offers()
                 action = mm.step(offers, lobby.declarations(), time.time())
+                if not split and isinstance(action, Declare | Join) and _averaged_without(action, holders):
+                    state.reason = AverageFailure.OVERTAKEN
+                    return None
                 if isinstance(action, Declare):
                     await lobbies.declare(lobby, action.declaration, deadline)
                     continue
@@ -684,9 +686,39 @@ def _implausible(av: Averager, round: int, reduced: ReducedVector, own: torch.Te
     return True
 
 
-def _match_config(av: Averager) -> MatchConfig:
+def _matchmaker(av: Averager, round: int, expected: Collection[str] | None) -> tuple[Matchmaker, int, bool]:
+    """`Averager._rounds`: our matchmaker for `round`, our bucket, and whether the run meets in several
+    lobbies this round (then a straggler left alone in ours may meet the round's other stragglers,
+    protocol/matchmaking.py 5., before it gives up; with one lobby it syncs, and never forms a second
+    group beside the round's declared one)."""
+    me = av.peer_id
+    bucket, mine = _lobby_of(av.run_id, round, me, expected, av.config.target_group_size)
+    split = len(mine) < len({*(expected or ()), me})
+    config = _match_config(av, single_group=not split)
+    mm = Matchmaker(av.run_id, round, me, av.owner, frozenset(mine), config, time.time())
+    mm.excluded |= av.banned
+    return mm, bucket, split
+
+
+def _match_config(av: Averager, single_group: bool = False) -> MatchConfig:
     c = av.config
-    return MatchConfig(c.target_group_size, c.min_group_size, c.matchmaking_time, av.lobbies.freshness())
+    return MatchConfig(
+        c.target_group_size, c.min_group_size, c.matchmaking_time, av.lobbies.freshness(), single_group
+    )
+
+
+def _averaged_without(action: Declare | Join, holders: Callable[[], Collection[str]] | None) -> bool:
+    """One lobby for the run, and at least two peers outside the group we are about to lead or join (and
+    at least as many as its members) already hold a state of this round: the round was averaged without
+    us, and this group would commit a second state for it (a fork that `decide.forked` would settle in
+    their favour anyway). Its leader's declaration is gone from the lobby once that group is done, so
+    `MatchConfig.single_group` cannot see it; their announcements can. Two, not one, so that one early
+    liar cannot make a whole run give up a round."""
+    if holders is None:
+        return False
+    members = set(action.declaration.members)
+    outside = set(holders()) - members
+    return len(outside) >= max(2, len(members))
 
 
 #: Phases of an attempt that move parts (`ReducedVector.timings`); the others make its latency.

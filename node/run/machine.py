@@ -86,6 +86,7 @@ class Averaging(Protocol):
         deadline: float,
         overtaken: Callable[[], bool] | None = None,
         expected: Collection[str] | None = None,
+        holders: Callable[[], Collection[str]] | None = None,
     ) -> AverageResult: ...
 
     async def intend(self, round: int, eta: float, expected: Collection[str] | None, ttl: float) -> None: ...
@@ -368,9 +369,13 @@ class RoundMachine:
         r = trained.round
         t0 = time.monotonic()
 
+        def holders() -> list[str]:
+            # Counted peers still here that hold a state past round r - 1.
+            return [p for p, rr in self.book.peer_rounds().items() if rr >= r]
+
         def overtaken() -> bool:
             # Someone still here holds a state past round r - 1: round r was averaged without us.
-            return any(rr >= r for rr in self.book.peer_rounds().values())
+            return bool(holders())
 
         # A peer we no longer trust (it lied about a state, or signed two different averages) is left out of
         # our groups as well: what it contributes or reduces would not be checked any better next time.
@@ -382,6 +387,7 @@ class RoundMachine:
             deadline=time.time() + self.manifest.averaging.round_deadline_s,
             overtaken=overtaken,
             expected=self._expected(r),
+            holders=holders,
         )
         seconds = time.monotonic() - t0
         if result.evidence:
