@@ -156,7 +156,8 @@ class MatchConfig:
     #: peer, or a record still on its way): about one heartbeat freshness.
     grace_s: float = 1.0
     #: The whole run meets in this one lobby (one bucket): a second group beside an active declaration
-    #: would commit a second state for the round (a fork), so a peer left out of it waits, as a straggler.
+    #: would commit a second state for the round (a fork), so a peer left out of it waits, as a straggler,
+    #: up to `max_wait_s` from the start of its matchmaking.
     single_group: bool = False
 
 
@@ -231,11 +232,14 @@ class Matchmaker:
         if joinable:
             return Join(min(joinable, key=lambda d: self._rank(d.leader)))
         taken = {p for d in active for p in d.members if self.me not in d.members}
-        if taken and self.config.single_group:
+        if taken and self.config.single_group and now - self.started <= self.config.max_wait_s:
             # One lobby for the whole run: the round's group is already declared without us. Leading or
             # joining a second one would fork the round's state (the four-daemon freeze test saw two
             # stragglers do exactly that); we wait, like a peer alone: its leader may re-declare with us if
-            # its attempt fails, else the round is averaged without us and we catch up.
+            # its attempt fails, else the round is averaged without us and we catch up. Only up to the
+            # straggler bound: a declaration is no proof that a group exists (one member can publish a
+            # declaration that lists others and keep its heartbeat fresh), so it may delay us that long,
+            # never stall the round.
             first = min((d for d in active if self.me not in d.members), key=lambda d: self._rank(d.leader))
             self.leading_since = None
             return Wait(first.leader, alone=True)

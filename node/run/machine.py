@@ -32,7 +32,7 @@ from intellect.node.net.statesync import StateSnapshot, StateSyncError, SyncRepo
 from intellect.node.run import decide as rules
 from intellect.node.run.events import Averaged, Committed, EventSink, RunReject, SyncFailed, Trained
 from intellect.node.run.lifecycle import RunLifecycle, finish
-from intellect.node.run.overlap import abandon, announcement_wait_s, overlapped_round
+from intellect.node.run.overlap import abandon, announcement_wait_s, heal_fork, overlapped_round
 from intellect.node.run.pause import PauseGate, hold
 from intellect.node.run.peerbook import PeerBook
 from intellect.node.run.phase import Phase, PhaseTracker
@@ -200,6 +200,8 @@ class RoundMachine:
                 await hold(lim.pause, self.phases, self.announcer, self.state.round)
                 if self.inflight is None:  # (mid-pipeline, the state we need comes with the average)
                     await self.catch_up()
+                else:
+                    await heal_fork(self)
                 if self.done():
                     break
                 if self.state.round == 0 and self.state.init_error is not None:

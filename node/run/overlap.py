@@ -132,6 +132,26 @@ async def settle(m: RoundMachine) -> None:
     await m.commit(averaged)
 
 
+async def heal_fork(m: RoundMachine) -> None:
+    """Mid-pipeline, where `RoundMachine.catch_up` does not run: a one-lobby round split into two groups
+    and more peers vouch for the other state of the round we hold than for ours (`decide.forked`): we
+    take theirs. Left alone, the split never heals in this mode (the freeze test saw one member commit
+    nine rounds on its own line, in groups with the others): every later group averages the same bytes,
+    and each side applies them to its own state. The average in flight is then applied to their state
+    when it completes, exactly as they apply it, which puts us back on their line."""
+    view = m._view()
+    if view.target is None or not rules.forked(view):
+        return
+    logger.warning(
+        "round %d split: %d peers hold %s, we hold %s; taking theirs",
+        view.our_round,
+        len(view.target.peers),
+        view.target.state_hash[:12],
+        view.our_hash[:12],
+    )
+    await m.sync(view.target)
+
+
 async def abandon(m: RoundMachine) -> None:
     """Drop the average in flight, if any (shutdown, pause): nothing of it is applied."""
     flight, m.inflight = m.inflight, None
