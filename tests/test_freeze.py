@@ -33,12 +33,14 @@ FREEZE_S = 40.0
     "outer_update",
     [
         "sequential",
-        # A known bug of the opt-in overlapped mode (issue #17 stays open): now and then one round commits
-        # two states in two groups (seen at round 2, before the freeze, and at round 13; 3 failures in 4
-        # runs), where the sequential mode keeps one. Left running so that the fix shows, not hidden.
+        # The overlapped mode split a round into two groups (two states) in 3 of 4 runs, and a member then
+        # stayed on its own line (the split was only healed with nothing in flight); the sequential mode did
+        # it too, once in CI. Since the one-group rules of single-bucket runs and the mid-pipeline heal
+        # (protocol.md 10.1, 12), both variants passed 2 of 2 local runs each. Kept as a non-strict xfail
+        # until CI runs bear that out.
         pytest.param(
             "overlapped",
-            marks=pytest.mark.xfail(reason="overlapped mode: a round splits into two groups around a freeze"),
+            marks=pytest.mark.xfail(reason="overlapped mode: a round split into two groups around a freeze"),
         ),
     ],
 )
