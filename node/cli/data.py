@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -95,11 +96,38 @@ def prepare(
     type=click.Path(dir_okay=False, path_type=Path),
     help="File to write the initial state to.",
 )
-def init_state(manifest: Path, weights: Path | None, out: Path) -> None:
+@click.option(
+    "--warmup-steps",
+    default=0,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="RL runs: supervised steps on the environment's demonstrations before writing the state.",
+)
+@click.option("--warmup-lr", default=2e-3, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--warmup-batch", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--eval-prompts",
+    default=200,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Held-out prompts the warm-up's accuracy is measured on.",
+)
+def init_state(
+    manifest: Path,
+    weights: Path | None,
+    out: Path,
+    warmup_steps: int,
+    warmup_lr: float,
+    warmup_batch: int,
+    eval_prompts: int,
+) -> None:
     """Write the run's round-0 state and print the [init] table that pins it.
 
     Paste the table into MANIFEST before seeding it. Then give volunteers the file: a node looks for it
     at <data dir>/init/<sha256>.safetensors when it starts at round 0.
+
+    For an RL run (kind = "rl"), --warmup-steps N first trains the seeded weights on the environment's
+    demonstrations, so that the policy sometimes succeeds, and prints its held-out task accuracy.
     """
     import torch
     from intellect.node.engine.initstate import InitStateError, pack_weights, write_init_state
@@ -112,6 +140,12 @@ def init_state(manifest: Path, weights: Path | None, out: Path) -> None:
     except ManifestError as e:
         raise click.ClickException(f"invalid manifest {manifest}: {e}") from None
     model = Llama(ModelConfig.from_dict(m.model.to_dict()), seed=m.init.seed)
+    if warmup_steps:
+        if weights is not None:
+            raise click.ClickException(
+                "--warmup-steps starts from init.seed; it cannot be combined with --weights"
+            )
+        _warm_up(m, model, warmup_steps, warmup_lr, warmup_batch, eval_prompts)
     outer = OuterOptimizer.from_model(model)
     if weights is not None:
         try:
@@ -139,6 +173,34 @@ def init_state(manifest: Path, weights: Path | None, out: Path) -> None:
     click.echo("[init]")
     click.echo(f"seed = {m.init.seed}")
     click.echo(f'sha256 = "{sha256}"')
+
+
+def _warm_up(m: Any, model: Any, steps: int, lr: float, batch: int, eval_prompts: int) -> None:
+    """Train `model` on the RL environment's demonstrations and print its held-out accuracy."""
+    from intellect.node.engine.rlenv import EnvironmentNotFound, load_environment
+    from intellect.node.engine.rlwarmup import HELDOUT_SEED, WarmupConfig, warmup
+    from intellect.node.engine.tokenizer import TokenizerError, load_tokenizer
+
+    if m.rl is None:
+        raise click.ClickException('--warmup-steps needs an RL manifest (kind = "rl" with an [rl] table)')
+    try:
+        env = load_environment(m.rl.env)
+        spec = "byte" if m.tokenizer.kind == "byte" else m.tokenizer.uri
+        tok = load_tokenizer(spec, m.tokenizer.sha256 or None)
+    except (EnvironmentNotFound, TokenizerError) as e:
+        raise click.ClickException(str(e)) from None
+    cfg = WarmupConfig(steps=steps, batch_size=batch, lr=lr, eval_prompts=eval_prompts)
+    r = warmup(model, env, tok, cfg, m.rl.max_new_tokens, m.rl.temperature)
+    t = m.rl.temperature
+    click.echo(
+        f"# warm-up: {steps} steps of {batch} {m.rl.env!r} demonstrations at lr {lr:g} in {r.seconds:.0f} s, "
+        f"final loss {r.final_loss:.4f}"
+    )
+    click.echo(f"# held-out accuracy, {r.after.prompts} prompts of seed {HELDOUT_SEED}:")
+    for name, acc in (("before", r.before), ("after", r.after)):
+        click.echo(
+            f"#   {name:6s}: {acc.sampled:6.1%} sampled at temperature {t:g}, {acc.greedy:6.1%} greedy"
+        )
 
 
 def register(group: click.Group) -> None:
