@@ -260,3 +260,34 @@ def test_the_logprob_sample_has_the_rate_and_depends_on_the_trainer_secret() -> 
     assert a != b  # a worker that knows one trainer's choices knows nothing of another's
     assert all(selected_for_logprob_check(b"x", h, 1.0) for h in hashes[:10])
     assert not any(selected_for_logprob_check(b"x", h, 0.0) for h in hashes[:100])
+
+
+def test_only_accepted_batches_enter_the_ledger(policies: dict[int, Policy]) -> None:
+    """A batch refused without evidence (its own prompts) leaves no trace: the worker's honest batch
+    under the same seq is accepted, not taken for an equivocation."""
+    v = verifier(rate=0.0)
+    b = honest(policies[4], 0)
+    easy = [prompt_tokens(TOK, "reverse: a=")] * 4
+    mine = make_batch(WORKER, **{**_fields(b), "prompts": easy})
+    assert v.check(mine, 4, lookup(policies)).reason is RolloutRefusal.WRONG_PROMPTS
+    assert v.check(b, 4, lookup(policies)).accepted
+    assert v.check(mine, 4, lookup(policies)).reason is RolloutRefusal.EQUIVOCATION  # now it is one
+
+
+def test_more_prompts_than_a_step_are_refused(policies: dict[int, Policy]) -> None:
+    b = honest(policies[4], 0)
+    f = _fields(b)
+    k = b.samples_per_prompt
+    big = make_batch(
+        WORKER,
+        **{
+            **f,
+            "prompts": f["prompts"] * 2,
+            "completions": f["completions"] * 2,
+            "rewards": f["rewards"] * 2,
+            "logprobs": f["logprobs"] * 2,
+        },
+    )
+    assert len(big.completions()) == 2 * RL.prompts_per_step * k
+    verdict = verifier(rate=0.0).check(big, 4, lookup(policies))
+    assert verdict.reason is RolloutRefusal.WRONG_SHAPE and "prompts" in verdict.detail

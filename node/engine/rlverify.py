@@ -3,11 +3,13 @@
 Bytes from a worker first pass `intellect.protocol.rollouts.decode_batch` (size, shape, assigned prompt
 seed, signature). `RolloutVerifier.check` then applies what needs the run (docs/protocol.md §13.2):
 
-1. the manifest's GRPO group size and generation length (`wrong-shape`);
+1. the manifest's GRPO group size, prompts per step and generation length, token ids within the
+   vocabulary (`wrong-shape`);
 2. the claimed policy: a version the trainer knows, with that version's state hash (`unknown-policy`),
    at most `max_async_level` versions behind the trainer's (`stale`);
-3. the ledger: a batch hash seen before is a `replay` (dropped, not evidence); another batch under the
-   same (worker, version, seq) is an `equivocation` (evidence: the two signed batches);
+3. the ledger of accepted batches: a batch hash accepted before is a `replay` (dropped, not evidence);
+   another batch under the key of an accepted batch, (worker, version, seq), is an `equivocation`
+   (evidence: the two signed batches);
 4. the prompts: the environment's prompts for the assigned seed (`wrong-prompts`);
 5. every reward recomputed with the environment (`fabricated-reward`, evidence);
 6. for a sampled share `verify_rate`, the completion log-probs recomputed with one prefill under the
@@ -204,11 +206,20 @@ class RolloutVerifier:
             return _refuse(RolloutRefusal.EXCLUDED, "worker excluded by earlier evidence")
         if batch.run_id != self.run_id:
             return _refuse(RolloutRefusal.WRONG_RUN)
-        refused = (
-            self._shape(batch) or self._policy(batch, current, policy) or self._ledger_check(batch, current)
-        )
+        refused = self._shape(batch) or self._policy(batch, current, policy) or self._seen(batch, current)
         if refused is not None:
             return refused
+        verdict = self._content(batch, policy)
+        if verdict.accepted:
+            # Only accepted batches are kept: memory is then bounded by what the trainer takes anyway,
+            # and a refused batch cannot be the first half of an equivocation (its author is excluded
+            # when the refusal is evidence, and re-checked from scratch when it is not).
+            self._ledger.by_key[batch.key] = batch
+            self._ledger.hashes.add(batch.batch_hash())
+        return verdict
+
+    def _content(self, batch: RolloutBatch, policy: PolicyLookup) -> Verdict:
+        """Prompts, rewards and (for the sampled share) log-probs: the checks that cost work."""
         if prompts_mismatch(self.env, self.tokenizer, batch):
             return _refuse(RolloutRefusal.WRONG_PROMPTS, "prompts are not the environment's for the seed")
         bad_reward = reward_mismatch(self.env, self.tokenizer, batch)
@@ -231,6 +242,8 @@ class RolloutVerifier:
     def _shape(self, batch: RolloutBatch) -> Verdict | None:
         if batch.samples_per_prompt != self.rl.samples_per_prompt:
             return _refuse(RolloutRefusal.WRONG_SHAPE, f"{batch.samples_per_prompt} samples per prompt")
+        if len(batch.prompt_lens) // 2 > self.rl.prompts_per_step:
+            return _refuse(RolloutRefusal.WRONG_SHAPE, f"more prompts than {self.rl.prompts_per_step}")
         if any(len(c) > self.rl.max_new_tokens for c in batch.completions()):
             return _refuse(RolloutRefusal.WRONG_SHAPE, f"a completion over {self.rl.max_new_tokens} tokens")
         vocab = getattr(self.tokenizer, "vocab_size", 2**32)
@@ -251,17 +264,15 @@ class RolloutVerifier:
             return _refuse(RolloutRefusal.UNKNOWN_POLICY, f"no committed state {batch.policy_hash[:12]}")
         return None
 
-    def _ledger_check(self, batch: RolloutBatch, current: int) -> Verdict | None:
+    def _seen(self, batch: RolloutBatch, current: int) -> Verdict | None:
+        """A replay of an accepted batch, or another batch under an accepted batch's key."""
         self._ledger.prune(current - self.rl.max_async_level)
-        h = batch.batch_hash()
-        if h in self._ledger.hashes:
+        if batch.batch_hash() in self._ledger.hashes:
             return _refuse(RolloutRefusal.REPLAY, "this batch was received before")
         earlier = self._ledger.by_key.get(batch.key)
         if earlier is not None:
             ev = equivocation(earlier, batch)
             return Verdict(Outcome.REFUSED, RolloutRefusal.EQUIVOCATION, "two batches for one seq", ev)
-        self._ledger.by_key[batch.key] = batch
-        self._ledger.hashes.add(h)
         return None
 
 
