@@ -21,7 +21,9 @@ from intellect.node.engine.data import ShardResolver, builtin_heldout
 from intellect.node.engine.initstate import init_state_path, write_init_state
 from intellect.node.engine.losscheck import (
     LOSS_FACTOR,
+    MAX_SOFT_REFUSALS,
     LossCheck,
+    LossCheckError,
     check_batches,
     check_source,
     round0_writer,
@@ -182,6 +184,39 @@ def test_the_verdict_compares_against_the_lower_of_our_state_and_round_0(
     assert w.passed and w.candidate < w.own
     for name, p in run.engine.model.named_parameters():  # the model holds `own` again
         assert torch.equal(p.detach(), weights(round1)[name]), name
+
+
+def test_a_trained_state_only_worse_than_ours_is_refused_a_few_times_then_adopted(
+    honest: tuple[Manifest, list[Tensors]], offline_run: MakeOfflineRun, tmp_path: Path
+) -> None:
+    """What cut a member off from its run in CI: the run's next state was 1.118× our loss (the outer step
+    can do that for a round), the check refused it and distrusted the run's honest members for good. A
+    trained state worse than ours (closer to our loss than to round 0's) is now refused
+    `MAX_SOFT_REFUSALS` times in a row (soft: its vouchers stay trusted), then adopted; garbage is refused
+    every time. With margin 1.0, round 1's state offered to a node holding round 2 is such a state."""
+    manifest, (round1, round2) = honest
+    run = _node(offline_run, tmp_path / "node", manifest)
+    base = run.state.loss_check
+    assert isinstance(base, LossCheck)
+    check = LossCheck(base.batches, base.round0, factor=1.0)
+    trainer = run.engine.trainer.trainer
+
+    def weights(state: Tensors) -> Tensors:
+        return {k[len(GLOBAL_PREFIX) :]: v for k, v in state.items() if k.startswith(GLOBAL_PREFIX)}
+
+    older, ours = weights(round1), weights(round2)
+    for _ in range(MAX_SOFT_REFUSALS):
+        with pytest.raises(LossCheckError) as refused:
+            check.judge(trainer, older, ours, own_is_init=False)
+        v = refused.value.verdict
+        assert refused.value.soft and v.trained and not v.passed and v.own < v.candidate < v.init
+    adopted = check.judge(trainer, older, ours, own_is_init=False)
+    assert adopted.trained and not adopted.passed and check.soft_refusals == 0
+    noise = weights(_garbled(round2, "noise"))
+    for _ in range(MAX_SOFT_REFUSALS + 2):
+        with pytest.raises(LossCheckError) as refused:
+            check.judge(trainer, noise, ours, own_is_init=False)
+        assert not refused.value.soft and not refused.value.verdict.trained
 
 
 def test_held_out_batches_are_fixed_evenly_spaced_windows_of_the_heldout_split() -> None:

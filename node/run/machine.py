@@ -295,17 +295,16 @@ class RoundMachine:
         except OuterError as e:
             # The bytes match the hash its vouchers announced, but our model cannot use the state, or its
             # held-out loss says it is no trained state of this run (scaled, noise, reset): either way
-            # whoever vouched for it is not to be believed again. Our state and model are unchanged.
-            logger.warning(
-                "state of round %d not adopted (%s); its %d vouchers distrusted",
-                snap.round,
-                e,
-                len(target.peers),
-            )
+            # whoever vouched for it is not to be believed again. Our state and model are unchanged. A
+            # trained state only worse than ours (`soft`) is refused for now, its vouchers still trusted.
             failed_loss = isinstance(e, LossCheckError)
+            soft = isinstance(e, LossCheckError) and e.soft
+            outcome = "refused for now" if soft else f"its {len(target.peers)} vouchers distrusted"
+            logger.warning("state of round %d not adopted (%s); %s", snap.round, e, outcome)
             self._emit(SyncFailed(target.round, str(e) if failed_loss else f"unusable state: {e}", got))
             reason = RunReject.FAILED_LOSS_CHECK if failed_loss else RunReject.UNUSABLE_STATE
-            self.book.vouched_unusable_state(target.peers, reason)
+            if not soft:
+                self.book.vouched_unusable_state(target.peers, reason)
             return
         logger.info("synced state of round %d (%s) in %.2f s", snap.round, snap.state_hash[:12], seconds)
         await self.announcer.state(self.state.view(), self.state.outer_state(), self.tokens_per_s)
