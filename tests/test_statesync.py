@@ -74,12 +74,25 @@ class LyingListServer(StateServer):
         prepared = next(iter(self._states.values()))
         if isinstance(request, ChunkListRequest):
             fake = tuple(hashlib.sha256(h).digest() for h in prepared.hashes)
-            msg = ChunkList(prepared.state_hash, prepared.round, prepared.chunk_size, len(prepared.blob),
-                            fake)
+            msg = ChunkList(
+                prepared.state_hash, prepared.round, prepared.chunk_size, len(prepared.blob), fake
+            )
             await _write_frame(writer, encode(msg))
         else:
             junk = sign_chunk(self.identity, RUN, prepared.state_hash, request.index, b"x")
             await _write_frame(writer, encode(junk))
+
+
+class SilentServer(StateServer):
+    """Accepts every request and never answers: a frozen holder (SIGSTOPped Python, its p2p daemon still
+    accepting streams)."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        self._request_timeout = 3600.0  # its own handler never gives up on the stream either
+
+    async def _serve_one(self, peer, reader, writer):  # type: ignore[no-untyped-def]
+        await asyncio.sleep(3600)
 
 
 async def _start_p2p(tmp: Path, name: str, identity: Identity, initial: list | None = None) -> P2P:
@@ -259,3 +272,26 @@ async def test_busy_server_is_retried_not_dropped(tmp_path: Path) -> None:
         got = await fetch_state(dave, anns, RUN, report=report, streams_per_peer=4, timeout=60)
         assert got.state_hash == snap.state_hash
         assert not report.bad_peers and not report.unavailable
+
+
+async def test_a_frozen_holder_costs_the_sync_no_request_timeout(tmp_path: Path) -> None:
+    """Two holders, one of them frozen: asked in turn, the frozen one cost a whole request timeout (for the
+    chunk list, then again for the chunks it held), by which time, in the four-daemon freeze test, the
+    others had dropped the state. Requests to it are now hedged after `HEDGE_S`: whichever order the
+    holders are asked in, the sync completes from the live one well within one request timeout, and the
+    frozen one is never counted as bad."""
+    snap = _state(11)
+    timeout = 20.0
+    for attempt in range(3):  # the holders are asked in a random order: try both orders
+        (tmp_path / str(attempt)).mkdir()
+        async with swarm(tmp_path / str(attempt), [SilentServer, StateServer], [snap] * 2) as (
+            dave,
+            servers,
+            anns,
+        ):
+            report = SyncReport()
+            got = await fetch_state(dave, anns, RUN, report=report, request_timeout=timeout, timeout=60)
+            assert got.state_hash == snap.state_hash
+            assert report.seconds < timeout / 2, report.seconds
+            assert set(report.bytes_from) == {servers[1].identity.peer_id}
+            assert not report.bad_peers

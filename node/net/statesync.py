@@ -72,6 +72,8 @@ log = logging.getLogger(__name__)
 HANDLER_NAME = "intellect-node/v1/state-sync"
 #: Longest request frame a server reads (requests are a run id, a hash and an index).
 MAX_REQUEST_BYTES = 1024
+#: Seconds a chunk-list request may go unanswered before the next holder is asked as well.
+HEDGE_S = 1.0
 #: Longest response frame a client reads: a chunk list of `MAX_CHUNKS` digests or one maximal chunk.
 MAX_RESPONSE_BYTES = MAX_CHUNK_SIZE + (1 << 20)
 _HEADER_LEN = 8
@@ -573,20 +575,9 @@ class _StateFetch:
     async def verified_blob(self) -> bytes | None:
         """The serialised state: the first blob, downloaded after the chunk list of one peer after another,
         that hashes to the target as a whole; None when no peer's chunk list leads to one."""
-        report = self.report
-        for list_peer in self.peers:
-            if list_peer in report.bad_peers or list_peer in report.unavailable:
-                continue
-            try:
-                chunk_list = await _fetch_chunk_list(
-                    self.p2p, self.target, self.run_id, list_peer, self.request_timeout, self.max_bytes
-                )
-            except _PeerFailed as failure:
-                if failure.fatal:
-                    self.drop(list_peer, failure)
-                elif not failure.busy:  # gone or not answering: say so, the caller stops counting on it
-                    report.unavailable.setdefault(list_peer, failure.reason)
-                continue
+        tried: set[str] = set()
+        while (first := await self._first_chunk_list(tried)) is not None:
+            list_peer, chunk_list = first
             blob = await _ChunkDownload(self, chunk_list.hashes).run()
             # Every chunk matched its digest, so the digests (under the announced root) are right; only
             # the list's claimed chunking can still be wrong. Checking the whole catches it (and any
@@ -597,6 +588,47 @@ class _StateFetch:
             misstated = "chunk list misstates the chunk size or length"
             self.drop(list_peer, _PeerFailed(ServerFault.MISSTATED_CHUNKING, misstated))
         return None
+
+    async def _first_chunk_list(self, tried: set[str]) -> tuple[str, ChunkList] | None:
+        """The first valid chunk list from the peers not tried yet, asked one after another but hedged: a
+        peer that has not answered within `HEDGE_S` gets company (the next peer is asked too), and the
+        first valid answer wins. Asked strictly in turn, one frozen holder (its p2p daemon still accepts
+        streams, its Python does not answer) cost a whole request timeout before the next was asked, and
+        the others had dropped the state by then (the four-daemon freeze test: 30 s, then the sync
+        failed). A list is a few kilobytes and verified against the announced root, so asking twice is
+        cheap and safe."""
+        report = self.report
+        queue = [p for p in self.peers if p not in tried]
+        pending: dict[asyncio.Task[ChunkList], str] = {}
+        try:
+            while True:
+                queue = [p for p in queue if p not in report.bad_peers and p not in report.unavailable]
+                if queue:
+                    peer = queue.pop(0)
+                    tried.add(peer)
+                    fetch = _fetch_chunk_list(
+                        self.p2p, self.target, self.run_id, peer, self.request_timeout, self.max_bytes
+                    )
+                    pending[asyncio.create_task(fetch)] = peer
+                if not pending:
+                    return None
+                done, _ = await asyncio.wait(
+                    pending, timeout=HEDGE_S if queue else None, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    peer = pending.pop(task)
+                    try:
+                        return peer, task.result()
+                    except _PeerFailed as failure:
+                        if failure.fatal:
+                            self.drop(peer, failure)
+                        elif not failure.busy:  # gone or not answering: the caller stops counting on it
+                            report.unavailable.setdefault(peer, failure.reason)
+        finally:
+            for task, peer in pending.items():
+                task.cancel()
+                tried.discard(peer)  # overtaken, not failed: it may still serve a later try
+            await asyncio.gather(*pending, return_exceptions=True)
 
 
 class _ChunkDownload:
@@ -619,6 +651,8 @@ class _ChunkDownload:
         self.dead: set[str] = set(report.bad_peers) | set(report.unavailable)
         #: Consecutive transient failures per peer.
         self.failures: collections.Counter[str] = collections.Counter()
+        #: Chunks being fetched: when the first request went out, and which peers are asked.
+        self.inflight: dict[int, tuple[float, set[str]]] = {}
 
     async def run(self) -> bytes:
         """The chunks joined; `StateSyncError` once no live peer is left to ask for the missing ones."""
@@ -654,21 +688,45 @@ class _ChunkDownload:
         """One stream to `peer`: take chunk indices off the queue until it is done or the peer is dropped."""
         fetch = self.fetch
         while peer not in self.dead and not self.done.is_set():
-            index = await self.queue.get()
+            index = await self._next(peer)
             if self.chunks[index] is not None:
                 continue
             if peer in self.dead:  # another stream of this peer got it dropped while we waited
                 self.queue.put_nowait(index)
                 return
+            _, asked = self.inflight.setdefault(index, (time.monotonic(), set()))
+            asked.add(peer)
             try:
                 data = await _fetch_chunk(
                     fetch.p2p, fetch.target, fetch.run_id, self.hashes, peer, index, fetch.request_timeout
                 )
             except _PeerFailed as failure:
-                await self._failed(peer, index, failure)
+                # A late failure on a chunk another peer already delivered is no loss, unless it is
+                # misbehaviour.
+                if self.chunks[index] is None or failure.fatal:
+                    await self._failed(peer, index, failure)
                 continue
+            finally:
+                asked.discard(peer)
+                if not asked:
+                    self.inflight.pop(index, None)
             self.failures[peer] = 0
             self._store(peer, index, data)
+
+    async def _next(self, peer: str) -> int:
+        """The next chunk for a stream of `peer`: from the queue, or, once the queue is empty, a chunk
+        another peer has held for `HEDGE_S` without answering (asked again here, the first answer wins).
+        Without this, a frozen holder (its p2p daemon still accepts streams) kept its chunks until the
+        request timeout while every other stream sat idle."""
+        while True:
+            with contextlib.suppress(asyncio.QueueEmpty):
+                return self.queue.get_nowait()
+            now = time.monotonic()
+            for index, (since, asked) in self.inflight.items():
+                if self.chunks[index] is None and peer not in asked and now - since >= HEDGE_S:
+                    return index
+            with contextlib.suppress(TimeoutError):
+                return await asyncio.wait_for(self.queue.get(), HEDGE_S / 2)
 
     async def _failed(self, peer: str, index: int, failure: _PeerFailed) -> None:
         """Put the chunk back for another stream; drop the peer when asking it again is pointless."""
