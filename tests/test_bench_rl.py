@@ -1,0 +1,69 @@
+"""bench/rl.py at its smallest setting: 2 rollout workers and 2 trainers as real processes, one of the workers
+fabricating rewards; the JSON is whole, batches were verified, the cheater excluded, the replicas equal."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "rl.py"
+
+
+@pytest.mark.timeout(200)
+def test_rl_bench_smallest_setting_verifies_trains_and_excludes_a_cheater() -> None:
+    args = ["--json", "--warmup-steps", "20", "--minutes", "1", "--max-versions", "2", "--h", "2"]
+    args += ["--prompts-per-step", "4", "--samples-per-prompt", "4", "--eval-prompts", "32"]
+    args += ["--cheat", "fabricate"]
+    # Its own process group, so that a timeout kills the benchmark's children too (they are daemonic and
+    # die with a normally exiting parent, but not with a killed one).
+    proc = subprocess.Popen(
+        [sys.executable, str(BENCH), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    out = json.loads(stdout.strip().splitlines()[-1])
+    for key in (
+        "accuracy_before",
+        "accuracy_after",
+        "accuracy_before_greedy",
+        "accuracy_after_greedy",
+        "minutes",
+        "rollouts_per_s",
+        "verification_cost_fraction",
+        "trainer_idle_fraction",
+        "reward_curve",
+        "batches_verified",
+        "batches_refused",
+        "settings",
+    ):
+        assert key in out, key
+    for key in ("accuracy_before", "accuracy_after", "trainer_idle_fraction"):
+        assert 0.0 <= out[key] <= 1.0, key
+    assert out["versions"] == 2 and all(steps == 4 for steps in out["grpo_steps"])
+    assert out["replicas_identical"] and len(set(out["digests"])) == 1
+    assert out["batches_verified"] > 0 and out["completions_trained"] > 0
+    assert out["rollouts_per_s"] > 0 and out["verification_cost_fraction"] > 0
+    assert out["reward_curve"] and out["reward_curve"][0]["version"] == 0
+    assert out["heldout_prompts_seen_in_training"] + out["unseen_prompts"] == 32
+    # The fabricating worker: refused with evidence by both trainers, then excluded; another peer accepts it.
+    cheater = out["cheater"]
+    assert out["refused_by_reason"]["fabricated-reward"] >= 1
+    assert out["excluded"] == [cheater] and out["cheater_excluded_by_all"]
+    assert out["evidence_accepted_by_observer"][cheater] == "fabricated-reward: accepted"
+    assert out["settings"]["workers"] == out["settings"]["trainers"] == 2
+    assert out["minutes"] < 3
