@@ -36,8 +36,10 @@ FREEZE_S = 40.0
         # The overlapped mode split a round into two groups (two states) in 3 of 4 runs, and a member then
         # stayed on its own line (the split was only healed with nothing in flight); the sequential mode did
         # it too, once in CI. Since the one-group rules of single-bucket runs and the mid-pipeline heal
-        # (protocol.md 10.1, 12), both variants passed 2 of 2 local runs each. Kept as a non-strict xfail
-        # until CI runs bear that out.
+        # (protocol.md 10.1, 12), the sequential variant passed 5 of 5 runs; the overlapped one still
+        # splits now and then (1 of 3 local runs: two pairs declared at once, each healed within a round)
+        # and failed once for other reasons since fixed (a member cut off by the loss check, a sync stuck
+        # on the frozen holder). A known bug (issue #17 stays open), left running so that the fix shows.
         pytest.param(
             "overlapped",
             marks=pytest.mark.xfail(reason="overlapped mode: a round split into two groups around a freeze"),
