@@ -128,6 +128,11 @@ class Settings:
     error_feedback: bool = True
     #: How each partition's owner combines the contributions ("mean" or "centered_clip").
     reducer: str = "mean"
+    #: Overlapped mode only: what stands in for the average still in flight when the next round's start
+    #: is computed. "own": our own progress (the eager start of Kale et al., the daemon's); "last": the
+    #: average applied last, the same on every peer (none in the first round: own); "mix": our own
+    #: progress / peers + the last average × (peers − 1) / peers.
+    eager: str = "own"
     eval_batch: int = 16
     #: Record a held-out point every this many steps per peer (0: no curve).
     curve_every: int = 50
@@ -325,6 +330,18 @@ def _bits_alias(name: str) -> str | None:
     return None
 
 
+def _eager_guess(
+    s: Settings, own: dict[str, torch.Tensor], last: dict[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    """What the overlapped start steps the global weights with, standing in for the average in flight."""
+    if s.eager == "own" or last is None:
+        return own
+    if s.eager == "last":
+        return last
+    w = 1.0 / s.peers
+    return {n: own[n] * w + last[n] * (1.0 - w) for n in own}
+
+
 def _diloco_worker(
     rank: int, s: Settings, h: int, mode: str, name: str, barrier: Any, out_dir: Path, warm: Path | None
 ) -> None:
@@ -436,6 +453,7 @@ async def _diloco_peer(
             # average is applied to the global weights when it arrives, one round later.
             start = {n: t.clone() for n, t in outer.global_params.items()}
             inflight: tuple[asyncio.Task[ReducedVector], torch.Tensor, dict[str, torch.Tensor]] | None = None
+            last: dict[str, torch.Tensor] | None = None  # the average applied last (`Settings.eager`)
             for r in range(rounds):
                 stats = await train()
                 with torch.no_grad():
@@ -445,14 +463,15 @@ async def _diloco_peer(
                     task, prev_flat, prev_like = inflight
                     outcome = await task
                     residual = completed(outcome, prev_flat)
-                    outer.step(unflatten(outcome.flat, prev_like))
+                    last = unflatten(outcome.flat, prev_like)
+                    outer.step(last)
                     curve_point(tokens - stats.tokens)
                 # The barrier only lines up the hellos; round r's all-reduce starts before round r+1 trains.
                 await asyncio.to_thread(wait_all)
                 task = asyncio.create_task(allreduce(r, flat, float(stats.tokens), progress))
                 inflight = (task, flat, progress)
                 await asyncio.sleep(0)  # let it send its hellos before the preview's torch work
-                start = outer.preview(unflatten(flat, progress))
+                start = outer.preview(_eager_guess(s, unflatten(flat, progress), last))
                 outer.copy_to(model, start)  # the inner optimizer's state is kept
             if inflight is not None:
                 task, prev_flat, prev_like = inflight
@@ -659,6 +678,8 @@ def main(argv: list[str] | None = None) -> int:
     s = Settings(
         **{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings) if hasattr(args, f.name)}
     )
+    if s.eager not in ("own", "last", "mix"):
+        ap.error(f"--eager must be own, last or mix (got {s.eager!r})")
     for h in args.h:
         if h <= 0 or s.steps % h:
             ap.error(f"--steps ({s.steps}) must be a positive multiple of every H (got {h})")
