@@ -9,7 +9,8 @@ What runs, in order:
    ``accuracy_before``: one sample per prompt at the manifest temperature (and greedy, ``_greedy`` keys) on
    ``--eval-prompts`` prompts of seed `HELDOUT_SEED`, a seed no worker is ever assigned (worker seeds are
    hashes of (run, version, worker, seq)); ``heldout_prompts_seen_in_training`` reports how many held-out
-   prompt texts nevertheless coincide with a trained one (`reverse` has only 26 one-letter words).
+   prompt texts nevertheless coincide with a trained one (`reverse` has only 26 one-letter words), and the
+   ``_unseen`` keys and ``accuracy_by_answer_length`` give the accuracy on the others and per length.
 2. **RL phase** (``--minutes``), four `multiprocessing` spawn processes, one torch thread each:
 
    - *rollout worker* k: an Ed25519 identity of its own; holds the newest policy version it was sent
@@ -64,6 +65,7 @@ import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -503,22 +505,50 @@ def _warm_start(s: Settings, path: Path) -> dict[str, Any]:
     }
 
 
-def _evaluate(s: Settings, params: dict[str, torch.Tensor] | None, warm: Path, texts: set[str] | None) -> Any:
+def _evaluate(
+    s: Settings, params: dict[str, torch.Tensor] | None, warm: Path, keep: Callable[[Any], bool] | None
+) -> Any:
     """Held-out accuracy of `params` (None: the warm start) on the held-out prompts, or on those of them
-    whose text is not in `texts` (None: all)."""
+    that `keep` keeps (None when it keeps none)."""
     from intellect.node.engine.rlenv import load_environment
     from intellect.node.engine.rlwarmup import HELDOUT_SEED
     from intellect.node.engine.rollout import evaluate
     from intellect.node.engine.tokenizer import ByteTokenizer
 
+    env = load_environment(s.env)
+    heldout = env.prompts(HELDOUT_SEED, s.eval_prompts)
+    if keep is not None:
+        heldout = [p for p in heldout if keep(p)]
+    if not heldout:
+        return None
     model = _model(s, warm)
     if params is not None:
         _load_params(model, params)
-    env = load_environment(s.env)
-    heldout = env.prompts(HELDOUT_SEED, s.eval_prompts)
-    if texts is not None:
-        heldout = [p for p in heldout if p.text not in texts]
     return evaluate(model, env, ByteTokenizer(), heldout, s.max_new_tokens, s.temperature)
+
+
+def _by_length(s: Settings, final: dict[str, torch.Tensor], warm: Path, trained: set[str]) -> dict[str, Any]:
+    """Sampled held-out accuracy before and after per answer length, on all held-out prompts of that
+    length and on those whose text no trainer trained on ("unseen")."""
+    from intellect.node.engine.rlenv import load_environment
+    from intellect.node.engine.rlwarmup import HELDOUT_SEED
+
+    lengths = sorted({len(p.answer) for p in load_environment(s.env).prompts(HELDOUT_SEED, s.eval_prompts)})
+    out: dict[str, Any] = {}
+    for n in lengths:
+        row: dict[str, Any] = {}
+        for tag, keep in (
+            ("all", lambda p, n=n: len(p.answer) == n),
+            ("unseen", lambda p, n=n: len(p.answer) == n and p.text not in trained),
+        ):
+            b, a = _evaluate(s, None, warm, keep), _evaluate(s, final, warm, keep)
+            row[tag] = (
+                {"prompts": 0}
+                if a is None
+                else {"prompts": a.prompts, "before": b.sampled, "after": a.sampled}
+            )
+        out[str(n)] = row
+    return out
 
 
 def _run_children(procs: list[Any], hard_deadline: float, say: Any) -> None:
@@ -624,8 +654,9 @@ def main(argv: list[str] | None = None) -> int:
         # Held-out seeds are never assigned to a worker, but short prompts recur across seeds (`reverse`
         # has 26 one-letter words): the same measure on the held-out prompts no trainer trained on.
         trained_texts = {p for t in trainers for p in t["trained_prompts"]}
-        unseen_before = _evaluate(s, None, warm, trained_texts)
-        unseen_after = _evaluate(s, final, warm, trained_texts)
+        unseen = lambda p: p.text not in trained_texts  # noqa: E731
+        unseen_before, unseen_after = _evaluate(s, None, warm, unseen), _evaluate(s, final, warm, unseen)
+        by_length = _by_length(s, final, warm, trained_texts)
         evidence = {w: h for t in trainers for w, h in t["evidence"].items()}
         observed = _check_evidence(s, evidence, warm)
 
@@ -661,11 +692,12 @@ def main(argv: list[str] | None = None) -> int:
         "meets_bar": gain >= required,
         "eval_prompts": s.eval_prompts,
         "heldout_prompts_seen_in_training": sum(text in trained_texts for text in heldout),
-        "accuracy_before_unseen": unseen_before.sampled,
-        "accuracy_after_unseen": unseen_after.sampled,
-        "accuracy_before_unseen_greedy": unseen_before.greedy,
-        "accuracy_after_unseen_greedy": unseen_after.greedy,
-        "unseen_prompts": unseen_after.prompts,
+        "accuracy_before_unseen": unseen_before.sampled if unseen_before else None,
+        "accuracy_after_unseen": unseen_after.sampled if unseen_after else None,
+        "accuracy_before_unseen_greedy": unseen_before.greedy if unseen_before else None,
+        "accuracy_after_unseen_greedy": unseen_after.greedy if unseen_after else None,
+        "unseen_prompts": unseen_after.prompts if unseen_after else 0,
+        "accuracy_by_answer_length": by_length,
         "minutes": (time.perf_counter() - t_start) / 60,
         "rl_minutes": rl_seconds / 60,
         "warmup_seconds": before["seconds"],

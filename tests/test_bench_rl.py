@@ -47,6 +47,7 @@ def test_rl_bench_smallest_setting_verifies_trains_and_excludes_a_cheater() -> N
         "verification_cost_fraction",
         "trainer_idle_fraction",
         "reward_curve",
+        "accuracy_by_answer_length",
         "batches_verified",
         "batches_refused",
         "settings",
