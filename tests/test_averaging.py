@@ -16,7 +16,7 @@ import torch
 from hivemind.dht.node import DHTNode
 from intellect.crypto import domains
 from intellect.crypto.identity import Identity
-from intellect.node.net.averaging import Averager, AveragerConfig, _measured
+from intellect.node.net.averaging import Averager, AveragerConfig, AverageResult, _measured
 from intellect.protocol import averaging_messages as am
 from intellect.protocol.codec import encode
 from intellect.protocol.keys import lobby_key
@@ -247,40 +247,25 @@ async def test_two_stragglers_of_a_one_lobby_run_do_not_average_a_round_two_othe
     others = [Identity.from_seed(bytes([90 + i]) * 32).peer_id for i in range(2)]
     expected = [*others, *(av.peer_id for av in avs)]
     try:
-        ran = await asyncio.wait_for(
-            asyncio.gather(
-                *(
-                    av.average(
-                        3,
-                        _tensors(1.0 + i),
-                        10.0,
-                        time.time() + 20,
-                        expected=expected,
-                        holders=lambda: others,
-                        overtaken=lambda: True,
-                    )
-                    for i, av in enumerate(avs)
+
+        async def both(round_: int, holders: list[str], overtaken: bool) -> list[AverageResult]:
+            runs = (
+                av.average(
+                    round_,
+                    _tensors(1.0 + i),
+                    10.0,
+                    time.time() + 20,
+                    expected=expected,
+                    holders=lambda: holders,
+                    overtaken=(lambda: True) if overtaken else None,
                 )
-            ),
-            30,
-        )
+                for i, av in enumerate(avs)
+            )
+            return list(await asyncio.wait_for(asyncio.gather(*runs), 30))
+
+        ran = await both(3, others, overtaken=True)
         assert [(r.ok, r.reason) for r in ran] == [(False, "overtaken")] * 2
-        ran = await asyncio.wait_for(
-            asyncio.gather(
-                *(
-                    av.average(
-                        4,
-                        _tensors(1.0 + i),
-                        10.0,
-                        time.time() + 20,
-                        expected=expected,
-                        holders=lambda: others[:1],
-                    )
-                    for i, av in enumerate(avs)
-                )
-            ),
-            30,
-        )
+        ran = await both(4, others[:1], overtaken=False)
         assert [r.ok for r in ran] == [True, True], [r.reason for r in ran]
     finally:
         await _close(avs)
