@@ -72,7 +72,8 @@ class RolloutRefusal(enum.StrEnum):
     #: The batch belongs to another run.
     WRONG_RUN = "wrong-run"
     #: The prompt seed is not `prompt_seed(run, version, worker, seq)`, or the prompts are not the
-    #: environment's prompts for that seed: the worker chose its own prompts.
+    #: environment's prompts for that seed: the worker chose its own prompts, or re-signed old
+    #: completions under a new seq. The second is evidence (the environment re-derives the prompts).
     WRONG_PROMPTS = "wrong-prompts"
     #: Samples per prompt or generation length differ from the manifest's.
     WRONG_SHAPE = "wrong-shape"
@@ -94,7 +95,12 @@ class RolloutRefusal(enum.StrEnum):
 
 #: The refusals that are misbehaviour any peer can verify (`RolloutEvidence`).
 EVIDENCE_REASONS = frozenset(
-    {RolloutRefusal.FABRICATED_REWARD, RolloutRefusal.LOGPROB_MISMATCH, RolloutRefusal.EQUIVOCATION}
+    {
+        RolloutRefusal.WRONG_PROMPTS,
+        RolloutRefusal.FABRICATED_REWARD,
+        RolloutRefusal.LOGPROB_MISMATCH,
+        RolloutRefusal.EQUIVOCATION,
+    }
 )
 
 
@@ -393,3 +399,20 @@ class RolloutEvidence:
 def equivocation(a: RolloutBatch, b: RolloutBatch) -> RolloutEvidence:
     """The evidence that `a` and `b` (both signed, same run and key, different contents) equivocate."""
     return RolloutEvidence(reason=RolloutRefusal.EQUIVOCATION.value, batch=a, other=b)
+
+
+@message(502, version=1, max_size=1024)
+@dataclass(frozen=True)
+class RolloutReply:
+    """A trainer's answer to one batch on a rollout stream (`intellect-node/v1/rollouts`).
+
+    `outcome` is a `rlverify.Outcome` value when the batch was checked ("accepted", "refused", …), or
+    "full" (the trainer's inbox is full: try another trainer or later), "undecodable", "wrong-run" or
+    "busy". It is advice to an honest worker and nothing more: a trainer's word binds no one, and a
+    worker learns from it only whether to slow down."""
+
+    outcome: str
+    reason: str = ""
+    #: The trainer's current policy version (the round it trains on top of), so a worker knows when the
+    #: version it samples with became too old without waiting for the DHT.
+    version: int = 0

@@ -243,6 +243,7 @@ def test_own_prompts_and_wrong_shapes_are_refused(policies: dict[int, Policy]) -
     easy = [prompt_tokens(TOK, "reverse: a=")] * 4
     mine = make_batch(WORKER, **{**_fields(b), "prompts": easy, "seq": 5})
     assert v.check(mine, 4, lookup(policies)).reason is RolloutRefusal.WRONG_PROMPTS
+    v = verifier(rate=0.0)  # (own prompts are evidence: that worker is now excluded by `v`)
     long = make_batch(
         WORKER,
         **{**_fields(b), "seq": 6, "completions": [[97] * 9] * 16, "logprobs": [[-1.0] * 9] * 16},
@@ -263,15 +264,31 @@ def test_the_logprob_sample_has_the_rate_and_depends_on_the_trainer_secret() -> 
 
 
 def test_only_accepted_batches_enter_the_ledger(policies: dict[int, Policy]) -> None:
-    """A batch refused without evidence (its own prompts) leaves no trace: the worker's honest batch
+    """A batch refused without evidence (completions too long) leaves no trace: the worker's honest batch
     under the same seq is accepted, not taken for an equivocation."""
+    v = verifier(rate=0.0)
+    b = honest(policies[4], 0)
+    long = make_batch(WORKER, **{**_fields(b), "completions": [[97] * 9] * 16, "logprobs": [[-1.0] * 9] * 16})
+    assert v.check(long, 4, lookup(policies)).reason is RolloutRefusal.WRONG_SHAPE
+    assert v.check(b, 4, lookup(policies)).accepted
+    assert WORKER.peer_id not in v.excluded
+
+
+def test_own_prompts_are_evidence_any_peer_rechecks(policies: dict[int, Policy]) -> None:
+    """Prompts that are not the environment's for the batch's seed (a worker choosing easy prompts, or
+    re-signing old completions under a new seq) exclude the worker, and the evidence convinces others;
+    the honest batch of the same seq, presented as such evidence, does not."""
     v = verifier(rate=0.0)
     b = honest(policies[4], 0)
     easy = [prompt_tokens(TOK, "reverse: a=")] * 4
     mine = make_batch(WORKER, **{**_fields(b), "prompts": easy})
-    assert v.check(mine, 4, lookup(policies)).reason is RolloutRefusal.WRONG_PROMPTS
-    assert v.check(b, 4, lookup(policies)).accepted
-    assert v.check(mine, 4, lookup(policies)).reason is RolloutRefusal.EQUIVOCATION  # now it is one
+    verdict = v.check(mine, 4, lookup(policies))
+    assert verdict.reason is RolloutRefusal.WRONG_PROMPTS and verdict.evidence is not None
+    assert WORKER.peer_id in v.excluded
+    by_hash = {p.state_hash: p.model for p in policies.values()}.get
+    assert check_evidence(verdict.evidence, RUN, RL, ENV, TOK, by_hash) is None
+    forged = RolloutEvidence(RolloutRefusal.WRONG_PROMPTS.value, b)
+    assert check_evidence(forged, RUN, RL, ENV, TOK, by_hash) == "the prompts are the environment's"
 
 
 def test_more_prompts_than_a_step_are_refused(policies: dict[int, Policy]) -> None:

@@ -128,6 +128,34 @@ async def log_reachability(dht: DhtService, timeout_s: float = 15.0) -> None:
         logger.info("%s", line, extra={"event": "reachability"})
 
 
+async def run_rollout_worker(
+    daemon: NodeDaemon,
+    identity: Identity,
+    signed: SignedManifest,
+    net: tuple[DhtService, MembershipService],
+) -> None:
+    """The `rollout` role: no membership record, no gossip, no averaging; follow, generate, stream."""
+    from intellect.node.run.rolloutworker import RolloutWorker
+
+    if signed.manifest.rl is None:
+        raise RuntimeError(
+            f'--role rollout needs an RL run (kind = "rl"); run {signed.run_id[:16]} is not one'
+        )
+    daemon.phases.enter(Phase.LOADING)
+    worker = await asyncio.to_thread(
+        RolloutWorker,
+        identity,
+        signed,
+        net,
+        daemon.config.data_dir,
+        daemon.events,
+        daemon.gate.closed,
+    )
+    daemon.phases.enter(Phase.WAITING_FOR_ROUND)
+    worker.on_first_policy = lambda: daemon.phases.enter(Phase.TRAINING)
+    await worker.run(until_version=daemon.options.until_round)
+
+
 async def run_body(daemon: NodeDaemon) -> None:
     config = daemon.config
     identity = load_identity(config)
@@ -147,6 +175,9 @@ async def run_body(daemon: NodeDaemon) -> None:
         # Any node training a run keeps its self-authenticating manifest alive in the DHT.
         await dht.publish_manifest(signed)
         membership = MembershipService(dht, identity, signed, ticket=tickets(signed.run_id), ttl=MEMBER_TTL_S)
+        if config.role == "rollout":
+            await run_rollout_worker(daemon, identity, signed, (dht, membership))
+            return
         settings = run_settings(daemon)
         # Gossip links are streams of the p2p daemon: members find us by the peer ID and addresses of our
         # membership record, and behind a NAT we dial out to public members (nobody dials us).

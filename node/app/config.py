@@ -33,6 +33,10 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("intellect-node", appauthor=False))
 
 
+#: The roles a node can take (`NodeConfig.role`).
+ROLES = ("trainer", "rollout")
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     """Everything a node needs to start. Each field is documented where it is declared."""
@@ -58,6 +62,10 @@ class NodeConfig:
     #: Run to join (its ID or a unique prefix); empty means the best run this node can verify and is
     #: admitted to.
     run: str = ""
+    #: What the node does in its run: "trainer" (a member: trains and averages; the only role of a
+    #: pretraining run) or "rollout" (an RL run's rollout worker: generates verified rollouts for the
+    #: trainers, is never a member of a group).
+    role: str = "trainer"
     #: Training device: auto (CUDA when present), cpu or cuda.
     device: str = "auto"
     #: Ranks that train inside this node with torch.distributed, each on its share of the batch (one per
@@ -99,6 +107,8 @@ class NodeConfig:
     max_disk_gb: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ConfigError(f"role: must be one of {', '.join(ROLES)}, got {self.role!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device: must be auto, cpu or cuda, got {self.device!r}")
         if self.reachability not in ("auto", "public", "private"):
@@ -301,6 +311,10 @@ reachability = "auto"
 
 # Run to join: its ID or a unique prefix ("" = the best run this node can verify and is admitted to).
 run = ""
+
+# "trainer" (train and average: every pretraining node) or "rollout" (an RL run's rollout worker:
+# generates verified rollouts for the trainers and is never a member of an averaging group).
+role = "trainer"
 
 # Training device: "auto", "cpu" or "cuda".
 device = "auto"

@@ -67,6 +67,12 @@ def limit_options(f: Any) -> Any:
     help="Run to join: its ID or a unique prefix (default: the best run we are admitted to).",
 )
 @data_dir_option
+@click.option(
+    "--role",
+    type=click.Choice(["trainer", "rollout"]),
+    default=None,
+    help="trainer: train and average (default); rollout: generate rollouts for an RL run's trainers.",
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Training device.")
 @click.option(
     "--local-ranks",
@@ -112,6 +118,7 @@ def start(
     bootstrap: tuple[str, ...],
     run_id: str | None,
     data_dir: Path | None,
+    role: str | None,
     device: str | None,
     local_ranks: int | None,
     listen: tuple[str, ...],
@@ -136,6 +143,7 @@ def start(
         data_dir,
         bootstrap=bootstrap,
         run=run_id,
+        role=role,
         device=device,
         local_ranks=local_ranks,
         listen=listen,
@@ -276,6 +284,17 @@ def status(data_dir: Path | None, as_json: bool) -> None:
     help="Keep data dirs and logs here (default: a temporary directory, removed afterwards).",
 )
 @click.option("--timeout", "timeout_s", type=float, default=900.0, help="Give up after this many seconds.")
+@click.option(
+    "--rl",
+    is_flag=True,
+    help="The RL demo: a warm-started tiny policy, --peers trainers and --rollout-workers rollout workers.",
+)
+@click.option(
+    "--rollout-workers", type=click.IntRange(min=1, max=16), default=2, help="With --rl: rollout workers."
+)
+@click.option(
+    "--warmup-steps", type=click.IntRange(min=0), default=150, help="With --rl: supervised warm-up steps."
+)
 def swarm(
     peers: int,
     rounds: int,
@@ -283,16 +302,23 @@ def swarm(
     manifest: Path | None,
     workdir: Path | None,
     timeout_s: float,
+    rl: bool,
+    rollout_workers: int,
+    warmup_steps: int,
 ) -> None:
     """Start a bootstrap node, seed the tiny run and train it with N local daemons for R rounds.
 
-    Exits 0 only if every peer finished every round with identical global-state hashes.
+    Exits 0 only if every peer finished every round with identical global-state hashes. With --rl, the
+    RL demo instead (`intellect-node swarm --rl --peers 2`): trainers and rollout workers on loopback,
+    from a supervised warm start, printing the reward per policy version and the held-out accuracy.
     """
     from intellect.node.app.children import run_async
     from intellect.node.app.logs import setup_logging
     from intellect.node.cli.swarm import run_swarm
 
     setup_logging("text", "INFO")
+    if rl:
+        _rl_swarm(peers, rollout_workers, rounds, summary_json, workdir, warmup_steps, timeout_s)
     t0 = time.monotonic()
     # Its bootstrap node's p2p daemon in a process group of its own, like every node's (Ctrl-C is ours).
     code, summary = run_async(run_swarm(peers, rounds, summary_json, workdir, manifest, timeout_s))
@@ -305,6 +331,42 @@ def swarm(
         f"run {summary['run_id']}: {'OK' if code == 0 else 'FAILED'} in {time.monotonic() - t0:.0f} s; "
         f"mean loss {' '.join(losses)}"
     )
+    sys.exit(code)
+
+
+def _rl_swarm(
+    trainers: int,
+    workers: int,
+    rounds: int,
+    summary_json: Path | None,
+    workdir: Path | None,
+    warmup_steps: int,
+    timeout_s: float,
+) -> None:
+    from intellect.node.app.children import run_async
+    from intellect.node.cli.rlswarm import run_rl_swarm
+
+    code, summary = run_async(
+        run_rl_swarm(trainers, workers, rounds, summary_json, workdir, warmup_steps, timeout_s=timeout_s)
+    )
+    rl = summary["rl"]
+    curve = " ".join(f"v{c['version']}={c['mean_reward']:.3f}" for c in rl["reward_curve"])
+    warm, final = rl["warm_start"], rl["final"]
+    if "error" in final:
+        after = f"not measured ({final['error']})"
+    else:
+        after = f"{final['accuracy_sampled']:.1%} sampled / {final['accuracy_greedy']:.1%} greedy"
+        after += f" at round {final['round']}"
+    click.echo(f"run {summary['run_id']}: {'OK' if code == 0 else 'FAILED'} in {summary['seconds']:.0f} s")
+    click.echo(f"mean reward per policy version: {curve}")
+    click.echo(
+        f"held-out accuracy: warm start {warm['accuracy_sampled']:.1%} sampled / "
+        f"{warm['accuracy_greedy']:.1%} greedy; final {after}"
+    )
+    for name, w in rl["workers"].items():
+        click.echo(
+            f"{name}: {w['batches']} batches {w['outcomes']}, {w['completions_per_s']:.0f} completions/s"
+        )
     sys.exit(code)
 
 

@@ -56,6 +56,8 @@ class Peer:
     #: Process group id (= the peer's PID: it is started in a new session).
     pgid: int = 0
     killed: bool = False
+    #: "trainer" (a member: reports rounds) or "rollout" (an RL run's worker: no rounds of its own).
+    role: str = "trainer"
 
     @property
     def pid(self) -> int:
@@ -137,13 +139,15 @@ class Swarm:
         ]
         logger.info("bootstrap node %s at %s", pid, " ".join(self.bootstrap_maddrs))
 
-    async def seed(self) -> str:
-        """Sign the run's manifest with a fresh researcher key and publish it; return the run id."""
+    async def seed(self, manifest: Any = None) -> str:
+        """Sign the run's manifest (`manifest`, else the one at `manifest_path`, else the built-in tiny
+        run) with a fresh researcher key and publish it; return the run id."""
         from intellect.node.app.body import load_run_manifest
         from intellect.protocol.manifest import SignedManifest
 
         researcher = Identity.generate()
-        manifest = load_run_manifest(self.manifest_path)
+        if manifest is None:
+            manifest = load_run_manifest(self.manifest_path)
         signed = SignedManifest.sign(manifest, researcher)
         if not await self._dht.publish_manifest(signed):
             raise RuntimeError("the bootstrap node did not store the manifest")
@@ -159,6 +163,7 @@ class Swarm:
         min_peers: int = 1,
         extra_args: Sequence[str] = (),
         netns: str | None = None,
+        role: str = "trainer",
     ) -> Peer:
         """Start one `intellect-node start` process in its own session, logs to `<workdir>/<name>.log`;
         inside the network namespace `netns` when given (`ip netns exec` keeps the PID and session)."""
@@ -183,6 +188,8 @@ class Swarm:
             args += ["--bootstrap", m]
         if until_round is not None:
             args += ["--until-round", str(until_round)]
+        if role != "trainer":
+            args += ["--role", role]
         args += list(extra_args)
         # A stray INTELLECT_NODE_* of the caller must not reach the peers (only the log level may).
         env = {
@@ -201,7 +208,7 @@ class Swarm:
                 env=env,
                 start_new_session=True,
             )
-        peer = Peer(name, data_dir, proc, log_path, peer_id=ident.peer_id, pgid=proc.pid)
+        peer = Peer(name, data_dir, proc, log_path, peer_id=ident.peer_id, pgid=proc.pid, role=role)
         self.peers.append(peer)
         logger.info("launched %s (pid %d, peer %s)", name, proc.pid, ident.peer_id)
         return peer
@@ -267,7 +274,7 @@ class Swarm:
             if len(hashes) > 1:
                 problems.append(f"round {r}: {len(hashes)} different state hashes")
             for p in self.peers:
-                if not p.killed and p.peer_id not in entries:
+                if p.role == "trainer" and not p.killed and p.peer_id not in entries:
                     problems.append(f"round {r}: {p.name} ({p.peer_id}) did not report")
         peers = {}
         for p in self.peers:
@@ -287,6 +294,8 @@ class Swarm:
 def _progress_line(swarm: Swarm, rounds: int) -> str:
     parts = []
     for p in swarm.peers:
+        if p.role != "trainer":
+            continue
         rs = p.rounds()
         last = rs[-1] if rs else None
         loss = f"{last['loss']:.3f}" if last and last.get("loss") is not None else "-"

@@ -1,7 +1,7 @@
 """A trainer's inner step for RL runs: one GRPO step on verified rollout batches.
 
-This is what a `trainer` of an RL run will do instead of an LM step on data shards (the role itself is
-not wired into the node yet, issue 18): the batches have passed `rlverify`, their rewards are the
+This is what a `trainer` of an RL run does instead of an LM step on data shards
+(`intellect.node.run.rltrainer`): the batches have passed `rlverify`, their rewards are the
 environment's, and their claimed log-probs are the sampling policy's, which GRPO uses as `logp_old` in
 the importance ratio (the sampling policy can be up to `max_async_level` versions older than the model
 being trained; the clip keeps the step close to it).
@@ -74,12 +74,20 @@ class GrpoTrainer:
     """AdamW on `model` with the GRPO loss of `rl` (clip, KL to `ref` when `rl.kl_coef` > 0)."""
 
     def __init__(
-        self, model: nn.Module, rl: RlSpec, lr: float, pad_id: int, ref: nn.Module | None = None
+        self,
+        model: nn.Module,
+        rl: RlSpec,
+        lr: float,
+        pad_id: int,
+        ref: nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
     ) -> None:
         if rl.kl_coef > 0 and ref is None:
             raise ValueError("kl_coef > 0 needs a reference model")
         self.model, self.rl, self.pad_id, self.ref = model, rl, pad_id, ref
-        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        # A node's trainer role passes its `InnerTrainer`'s AdamW, so that the moments are checkpointed
+        # and resumed with the rest of the node's state; the benchmark and the tests make their own.
+        self.opt = optimizer or torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         self.steps = 0
 
     def step(self, batches: Sequence[RolloutBatch]) -> GrpoStats:

@@ -221,7 +221,11 @@ class RolloutVerifier:
     def _content(self, batch: RolloutBatch, policy: PolicyLookup) -> Verdict:
         """Prompts, rewards and (for the sampled share) log-probs: the checks that cost work."""
         if prompts_mismatch(self.env, self.tokenizer, batch):
-            return _refuse(RolloutRefusal.WRONG_PROMPTS, "prompts are not the environment's for the seed")
+            # An honest worker never signs this (the prompts follow from the seed): evidence, e.g. of
+            # old completions re-signed under a new seq to skip generation.
+            return _evidence(
+                RolloutRefusal.WRONG_PROMPTS, batch, "prompts are not the environment's for the seed"
+            )
         bad_reward = reward_mismatch(self.env, self.tokenizer, batch)
         if bad_reward is not None:
             return _evidence(RolloutRefusal.FABRICATED_REWARD, batch, bad_reward)
@@ -305,6 +309,8 @@ def check_evidence(
         return why
     if RolloutRefusal(ev.reason) not in EVIDENCE_REASONS:
         return f"{ev.reason} is not evidence"
+    if ev.reason == RolloutRefusal.WRONG_PROMPTS:
+        return None if prompts_mismatch(env, tokenizer, ev.batch) else "the prompts are the environment's"
     if ev.reason == RolloutRefusal.FABRICATED_REWARD:
         return None if reward_mismatch(env, tokenizer, ev.batch) else "every reward is right"
     model = policy_by_hash(ev.batch.policy_hash)

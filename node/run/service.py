@@ -9,6 +9,7 @@ docs/architecture.md shows where it sits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from intellect.node.net.dht import DhtService
 from intellect.node.net.gossip import GossipService
 from intellect.node.net.membership import MembershipService
 from intellect.node.net.receiptnet import ReceiptBook, ReceiptLedger
+from intellect.node.net.rolloutlink import RolloutReceiver
 from intellect.node.net.statesync import StateServer, StateSnapshot, SyncReport, fetch_state
 from intellect.node.net.transport import Libp2pTransport
 from intellect.node.run.announcer import Announcer
@@ -31,8 +33,10 @@ from intellect.node.run.lifecycle import watch_control
 from intellect.node.run.machine import Limits, RoundMachine
 from intellect.node.run.peerbook import PeerBook
 from intellect.node.run.phase import Phase, PhaseTracker
+from intellect.node.run.rltrainer import ROLLOUT_EVIDENCE, RlRoundTrainer
 from intellect.node.run.state import GlobalState
 from intellect.node.run.training import Engine, EngineSettings, build_engine
+from intellect.protocol.gossip_messages import Misbehaviour
 from intellect.protocol.keys import TopicKind
 from intellect.protocol.manifest import ShardSpec, SignedManifest
 from intellect.protocol.vouching import SyncTarget
@@ -81,6 +85,7 @@ class RunService:
         self.shards: tuple[ShardSpec, ...] = tuple(signed.manifest.shards)
         #: The verified receipts this node saw, counted per peer (`/metrics` reads it).
         self.ledger = ledger or ReceiptLedger()
+        self._publishing: set[asyncio.Task[None]] = set()
 
     async def run(self) -> None:
         self.phases.enter(Phase.LOADING)
@@ -99,9 +104,11 @@ class RunService:
 
     async def _serve(self, engine: Engine, state: GlobalState) -> None:
         admits = self.membership.admits
+        rl = engine.trainer if isinstance(engine.trainer, RlRoundTrainer) else None
         async with (
             StateServer(self.dht.p2p, self.identity, self.run_id, admitted=admits) as server,
             self._averager() as averager,
+            self._rollouts(rl, state),
         ):
             announcer = Announcer(self.gossip, self.membership, server)
             receipts = self._receipts()
@@ -130,7 +137,7 @@ class RunService:
                     tg.create_task(
                         self._listen(
                             TopicKind.MISBEHAVIOUR,
-                            lambda s, m: self.book.on_misbehaviour(s, m, server.chunk_list),
+                            lambda s, m: self._misbehaviour(s, m, server, rl),
                         ),
                         name="misbehaviour",
                     ),
@@ -152,6 +159,33 @@ class RunService:
                     await announcer.leaving(state.round)
                     for t in tasks:
                         t.cancel()
+
+    def _misbehaviour(
+        self, sender: str, msg: Misbehaviour, server: StateServer, rl: RlRoundTrainer | None
+    ) -> None:
+        if msg.kind == ROLLOUT_EVIDENCE:  # against a rollout worker, which is no member: the trainer's
+            if rl is not None:
+                rl.on_gossip(sender, msg)
+            return
+        self.book.on_misbehaviour(sender, msg, server.chunk_list)
+
+    def _rollouts(
+        self, rl: RlRoundTrainer | None, state: GlobalState
+    ) -> contextlib.AbstractAsyncContextManager[object]:
+        """An RL trainer takes rollout streams and gossips its evidence (nothing for a pretraining run)."""
+        if rl is None:
+            return contextlib.nullcontext()
+        rl.attach(state)
+
+        def publish(msg: Misbehaviour) -> None:
+            task = asyncio.create_task(
+                self.gossip.publish(TopicKind.MISBEHAVIOUR, msg), name="rollout-evidence"
+            )
+            self._publishing.add(task)
+            task.add_done_callback(self._publishing.discard)
+
+        rl.publish = publish
+        return RolloutReceiver(self.dht.p2p, rl.offer)
 
     def _receipts(self) -> ReceiptBook:
         """Publishes our groups' receipts, keeps the valid ones others gossip (`net.receiptnet`)."""

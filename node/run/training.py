@@ -23,7 +23,7 @@ from intellect.node.engine.localgroup import LocalGroup, local_batch, rank_strea
 from intellect.node.engine.losscheck import LossCheck, build_loss_check, round0_writer
 from intellect.node.engine.model import Llama, ModelConfig
 from intellect.node.engine.outer import OuterOptimizer
-from intellect.node.engine.tokenizer import load_tokenizer
+from intellect.node.engine.tokenizer import Tokenizer, load_tokenizer
 from intellect.node.engine.trainer import InnerStats, InnerTrainer, TrainerConfig, resolve_device
 from intellect.node.run.events import EventSink, TrainingProgress
 from intellect.node.run.lifecycle import rounds_total as run_rounds
@@ -210,7 +210,11 @@ def build_engine(manifest: Manifest, settings: EngineSettings) -> Engine:
     inner = InnerTrainer(model, tcfg, first, device=settings.device)
     trainer: RoundTrainer = SoloTrainer(inner, stream_for)
     pids: tuple[int, ...] = ()
-    if ranks > 1:
+    if manifest.rl is not None:
+        if ranks > 1:
+            raise ValueError("an RL trainer runs one local rank (local_ranks = 1)")
+        trainer = rl_trainer(manifest, inner, tok, settings.data_dir)
+    elif ranks > 1:
         group = LocalGroup(
             inner,
             world=ranks,
@@ -223,8 +227,21 @@ def build_engine(manifest: Manifest, settings: EngineSettings) -> Engine:
         trainer, pids = LocalRanksTrainer(inner, group, stream_for), tuple(group.pids)
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "0")) or torch.get_num_threads()))
     round0 = round0_writer(manifest.init.seed, settings.data_dir, manifest.init.sha256)
-    check = build_loss_check(resolver, shards, (batch, d.seq_len), round0)
+    # An RL policy is not trained on the shards' text: their held-out loss says nothing of its states.
+    check = (
+        None if manifest.rl is not None else build_loss_check(resolver, shards, (batch, d.seq_len), round0)
+    )
     return Engine(model, outer, trainer, shards, ranks, pids, check)
+
+
+def rl_trainer(manifest: Manifest, inner: InnerTrainer, tok: Tokenizer, data_dir: Path) -> RoundTrainer:
+    """The `trainer` role of an RL run: GRPO steps on verified rollouts (`run.rltrainer`)."""
+    from intellect.node.engine.rlenv import load_environment
+    from intellect.node.run.rltrainer import RlRoundTrainer
+
+    assert manifest.rl is not None
+    env = load_environment(manifest.rl.env)
+    return RlRoundTrainer(inner, manifest.run_id, manifest.rl, env, tok, log_dir=data_dir)
 
 
 def local_ranks(manifest: Manifest, settings: EngineSettings) -> int:
