@@ -636,6 +636,10 @@ def parse_manifest(raw: Any) -> Manifest:
     kind = root.get_str("kind", default="pretrain", choices=RUN_KINDS)
     rl = _parse_rl(root, kind, model)
     root.done()
+    if rl is not None and diloco.outer_update != "sequential":
+        # A policy version is a committed round, and round r's GRPO steps must start from version r - 1:
+        # the overlapped update starts them before that version exists.
+        raise ManifestError("diloco.outer_update", 'an RL run needs "sequential"')
 
     manifest = Manifest(
         name=name,

@@ -141,6 +141,14 @@ def test_rl_table_required_for_rl_and_refused_otherwise() -> None:
 
 
 @pytest.mark.timeout(30)
+def test_an_rl_run_refuses_the_overlapped_outer_update() -> None:
+    raw = rl_raw()
+    raw["diloco"]["outer_update"] = "overlapped"
+    with pytest.raises(ManifestError, match=r'^diloco.outer_update: an RL run needs "sequential"'):
+        parse_manifest(raw)
+
+
+@pytest.mark.timeout(30)
 def test_non_canonical_kind_is_refused_on_the_wire() -> None:
     from intellect.protocol.codec import packb_canonical
 

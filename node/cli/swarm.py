@@ -164,15 +164,17 @@ class Swarm:
         extra_args: Sequence[str] = (),
         netns: str | None = None,
         role: str = "trainer",
+        command: Sequence[str] | None = None,
     ) -> Peer:
         """Start one `intellect-node start` process in its own session, logs to `<workdir>/<name>.log`;
-        inside the network namespace `netns` when given (`ip netns exec` keeps the PID and session)."""
+        inside the network namespace `netns` when given (`ip netns exec` keeps the PID and session).
+        `command` replaces the `intellect-node start` prefix (a fault-injection wrapper in the tests)."""
         data_dir = self.workdir / name
         data_dir.mkdir(parents=True, exist_ok=True)
         ident = Identity.load_or_create(data_dir / "identity.key")
         args = [
             *(["ip", "netns", "exec", netns] if netns else []),
-            *_start_command(),
+            *(command or _start_command()),
             "--data-dir",
             str(data_dir),
             "--run",

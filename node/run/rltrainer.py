@@ -46,7 +46,7 @@ from intellect.protocol.codec import decode, encode
 from intellect.protocol.errors import ProtocolError
 from intellect.protocol.gossip_messages import Misbehaviour
 from intellect.protocol.manifest import RlSpec
-from intellect.protocol.rollouts import RolloutBatch, RolloutEvidence, RolloutReply
+from intellect.protocol.rollouts import RolloutBatch, RolloutEvidence, RolloutRefusal, RolloutReply
 from torch import nn
 
 if TYPE_CHECKING:
@@ -65,8 +65,14 @@ RL_LOG = "rl.jsonl"
 INBOX_STEPS = 2
 
 
+class _Weights(Protocol):
+    @property
+    def global_params(self) -> Mapping[str, torch.Tensor]: ...
+
+
 class CommittedState(Protocol):
-    """What the trainer needs of the node's global state (`run.state.GlobalState`)."""
+    """What the trainer needs of the node's global state (`run.state.GlobalState`): the committed round,
+    its hash, and θ of that round (`outer.global_params`, not the local copy being trained)."""
 
     @property
     def round(self) -> int: ...
@@ -74,7 +80,8 @@ class CommittedState(Protocol):
     @property
     def state_hash(self) -> str: ...
 
-    def committed_params(self) -> Mapping[str, torch.Tensor]: ...
+    @property
+    def outer(self) -> _Weights: ...
 
 
 class PolicyArchive:
@@ -150,7 +157,7 @@ class RlRoundTrainer:
         if self._state is None:
             return
         self.version = self._state.round
-        self.archive.add(self.version, self._state.state_hash, self._state.committed_params())
+        self.archive.add(self.version, self._state.state_hash, self._state.outer.global_params)
 
     # ---- RoundTrainer -------------------------------------------------------------------------------
 
@@ -199,6 +206,14 @@ class RlRoundTrainer:
             return RolloutReply(outcome, version=self.version)
         reason = verdict.reason.value if verdict.reason is not None else ""
         return RolloutReply(verdict.outcome.value, reason, self.version)
+
+    def screen(self, sender: str) -> RolloutReply | None:
+        """Before a stream's body is read: an excluded worker sending its own batches is refused unread.
+        (Its batches relayed by someone else are still decoded, and refused as `excluded` then.)"""
+        if sender in self.verifier.excluded:
+            self.inbox.counts["refused_unread"] += 1
+            return RolloutReply("refused", RolloutRefusal.EXCLUDED.value, self.version)
+        return None
 
     def _evidence(self, ev: RolloutEvidence) -> None:
         data = encode(ev)

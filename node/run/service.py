@@ -185,7 +185,7 @@ class RunService:
             task.add_done_callback(self._publishing.discard)
 
         rl.publish = publish
-        return RolloutReceiver(self.dht.p2p, rl.offer)
+        return RolloutReceiver(self.dht.p2p, rl.offer, rl.screen)
 
     def _receipts(self) -> ReceiptBook:
         """Publishes our groups' receipts, keeps the valid ones others gossip (`net.receiptnet`)."""

@@ -97,10 +97,6 @@ class GlobalState:
     def outer_state(self) -> dict[str, torch.Tensor]:
         return self.outer.state_dict()
 
-    def committed_params(self) -> Mapping[str, torch.Tensor]:
-        """θ of the committed round (an RL run's policy version `round`), not the local copy."""
-        return self.outer.global_params
-
     def _set(self, round_: int, hash_: str) -> None:
         """The only place round and hash change: together, on the event loop."""
         self._view = StateView(round_, hash_)
