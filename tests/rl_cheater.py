@@ -7,7 +7,10 @@ identity), with the batch it makes replaced by a cheat:
 - ``other-model``: samples from another model (the same architecture, another seed) while claiming the
   committed policy's version and hash;
 - ``replay``: generates its first batch honestly, then re-signs those same completions under every later
-  (version, seq) instead of generating (saving all the generation work).
+  (version, seq) instead of generating (saving all the generation work);
+- ``stale``: never follows the policy past the first version it synced, and keeps sending honest batches
+  of it (not misbehaviour a trainer can prove: they are refused as `stale` once the run is more than
+  `max_async_level` versions ahead).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from intellect.node.engine.rollout import Policy
 from intellect.node.run import rolloutworker
 from intellect.protocol.rollouts import RolloutBatch, make_batch
 
-CHEATS = ("fabricate", "other-model", "replay")
+CHEATS = ("fabricate", "other-model", "replay", "stale")
 
 
 def _fabricate(self: Any, policy: Policy, seq: int) -> RolloutBatch:
@@ -59,12 +62,21 @@ def _replay(self: Any, policy: Policy, seq: int) -> RolloutBatch:
     )
 
 
+async def _stay(self: Any) -> None:
+    if self.policy is None:
+        await _follow(self)
+
+
 _honest = rolloutworker.RolloutWorker._generate
+_follow = rolloutworker.RolloutWorker._follow
 
 if __name__ == "__main__":
     cheat = sys.argv.pop(1)
-    fake = {"fabricate": _fabricate, "other-model": _other_model, "replay": _replay}[cheat]
-    rolloutworker.RolloutWorker._generate = fake  # type: ignore[method-assign]
+    if cheat == "stale":
+        rolloutworker.RolloutWorker._follow = _stay  # type: ignore[method-assign]
+    else:
+        fake = {"fabricate": _fabricate, "other-model": _other_model, "replay": _replay}[cheat]
+        rolloutworker.RolloutWorker._generate = fake  # type: ignore[method-assign]
     from intellect.node.cli.main import main
 
     main()

@@ -68,3 +68,33 @@ def test_rl_bench_smallest_setting_verifies_trains_and_excludes_a_cheater() -> N
     assert out["evidence_accepted_by_observer"][cheater] == "fabricated-reward: accepted"
     assert out["settings"]["workers"] == out["settings"]["trainers"] == 2
     assert out["minutes"] < 3
+
+
+SWARM_BENCH = BENCH.with_name("rl_swarm.py")
+
+
+@pytest.mark.swarm
+@pytest.mark.timeout(300)
+def test_rl_swarm_bench_runs_the_node_roles_and_prints_one_json_line() -> None:
+    """bench/rl_swarm.py for half a minute: real daemons, the issue's keys in the last line."""
+    args = ["--json", "--minutes", "0.5", "--warmup-steps", "20", "--eval-prompts", "32"]
+    proc = subprocess.Popen(
+        [sys.executable, str(SWARM_BENCH), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=270)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    out = json.loads(stdout.strip().splitlines()[-1])
+    for key in ("accuracy_before", "accuracy_after", "minutes", "rollouts_per_s"):
+        assert isinstance(out[key], float), key
+    assert 0 <= out["verification_cost_fraction"] < 1 and 0 <= out["trainer_idle_fraction"] <= 1
+    assert out["versions"] >= 1 and out["replicas_identical"] and out["excluded"] == []
+    assert all(o.get("accepted", 0) > 0 for o in out["batches_by_outcome"].values())

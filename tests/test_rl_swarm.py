@@ -6,7 +6,9 @@
 - Three cheating workers (the real daemon with its batch replaced, tests/rl_cheater.py) beside an honest
   one: fabricated rewards, sampling from another model, and old completions re-signed under new seqs are
   each refused with evidence within a few batches, and both trainers exclude all three (one of them on
-  the other's gossiped evidence, which it re-checks); the honest worker is never excluded.
+  the other's gossiped evidence, which it re-checks); the honest worker is never excluded. A fourth
+  worker that never follows the policy past its first version has its batches refused as stale once
+  the run is more than `max_async_level` versions ahead, without being excluded.
 - SIGKILL of a rollout worker and of a trainer in the middle of its GRPO steps: the killed trainer's
   checkpoint verifies and holds a committed state of the run; restarted, it resumes from it and the two
   trainers go on with one hash per round.
@@ -115,12 +117,22 @@ async def test_cheating_rollout_workers_are_caught_and_excluded_by_every_trainer
             c: swarm.launch(c, role="rollout", command=[sys.executable, str(CHEATER), c, "start"])
             for c in ("fabricate", "other-model", "replay")
         }
-        peers = [*trainers, honest, *cheats.values()]
+        stale = swarm.launch(
+            "stale", role="rollout", command=[sys.executable, str(CHEATER), "stale", "start"]
+        )
+        peers = [*trainers, honest, *cheats.values(), stale]
         cheaters = {p.peer_id for p in cheats.values()}
         await wait_until(
             lambda: all(excluded(t) >= cheaters for t in trainers), 420, "every cheater excluded", peers
         )
-        await wait_until(lambda: all(t.last_round() >= 3 for t in trainers), 240, "round 3", peers)
+        # The run must get more than max_async_level (2) versions past the stale worker's.
+        await wait_until(lambda: all(t.last_round() >= 4 for t in trainers), 240, "round 4", peers)
+        await wait_until(
+            lambda: any(b["reason"] == "stale" for b in jsonl(stale.data_dir / "rollouts.jsonl")),
+            120,
+            "a stale batch refused",
+            peers,
+        )
         await swarm.stop_all()
     for t in trainers:
         assert honest.peer_id not in excluded(t)
@@ -136,6 +148,13 @@ async def test_cheating_rollout_workers_are_caught_and_excluded_by_every_trainer
         assert caught[0] < 10, (cheat, caught[0])  # within a few batches
         later = [b for b in batches[caught[0] + 1 :] if b["outcome"] != "dropped-stale"]
         assert all(b["outcome"] == "refused" for b in later), cheat  # never accepted again
+    # Batches of a version more than max_async_level behind are refused (no evidence: the worker may just
+    # be slow), the ones before were accepted, and the worker is not excluded.
+    stale_batches = jsonl(stale.data_dir / "rollouts.jsonl")
+    assert {b["version"] for b in stale_batches} == {stale_batches[0]["version"]}
+    assert any(b["outcome"] == "accepted" for b in stale_batches)
+    assert {b["reason"] for b in stale_batches} <= {"", "stale"}
+    assert all(stale.peer_id not in excluded(t) for t in trainers)
     # The honest worker: accepted, or refused only for reasons that are no evidence (a trainer that has not
     # yet committed or synced the version it sampled with).
     honest_batches = jsonl(honest.data_dir / "rollouts.jsonl")

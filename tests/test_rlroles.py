@@ -136,3 +136,15 @@ def test_batches_spread_over_trainers_without_coordination() -> None:
     assert rank_trainers("run", 3, "w", 5, trainers) == rank_trainers(
         "run", 3, "w", 5, list(reversed(trainers))
     )
+
+
+def test_the_rollout_role_needs_an_rl_run_and_the_role_is_checked(tmp_path: Path) -> None:
+    from intellect.node.app.config import ConfigError, NodeConfig
+    from intellect.node.run.rolloutworker import RolloutWorker
+
+    pretrain = SignedManifest.sign(load_manifest_toml(RL_RUN.with_name("tiny-run.toml")), Identity.generate())
+    with pytest.raises(ValueError, match="is not an RL run"):
+        RolloutWorker(Identity.generate(), pretrain, (None, None), tmp_path, lambda e: None)  # type: ignore[arg-type]
+    assert NodeConfig(data_dir=tmp_path, role="rollout").role == "rollout"
+    with pytest.raises(ConfigError, match="role: must be one of trainer, rollout"):
+        NodeConfig(data_dir=tmp_path, role="validator")

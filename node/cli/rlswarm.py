@@ -121,18 +121,21 @@ def rl_summary(swarm: Swarm) -> dict[str, Any]:
             last = steps[-1] if steps else {}
             trainers[p.name] = {
                 "steps": len(steps),
+                "check_cpu_s": last.get("check_cpu_s", 0.0),
                 "idle_fraction": last.get("idle_fraction"),
                 "verifier": last.get("verifier", {}),
                 "excluded": last.get("excluded", []),
             }
         else:
             batches = _jsonl(p.data_dir / "rollouts.jsonl")
-            gen = sum(b["generation_s"] for b in batches)
+            gen = sum(b["generation_cpu_s"] for b in batches)
             workers[p.name] = {
                 "peer_id": p.peer_id,
                 "batches": len(batches),
+                "completions": sum(b["completions"] for b in batches),
                 "outcomes": dict(Counter(b["outcome"] for b in batches)),
-                "completions_per_s": sum(b["completions"] for b in batches) / gen if gen > 0 else 0.0,
+                "generation_cpu_s": gen,
+                "completions_per_cpu_s": sum(b["completions"] for b in batches) / gen if gen > 0 else 0.0,
             }
     curve = [
         {"version": v, "mean_reward": sum(r) / len(r), "steps": len(r)} for v, r in sorted(rewards.items())
@@ -149,9 +152,10 @@ async def run_rl_swarm(
     warmup_steps: int = 150,
     eval_prompts: int = 200,
     timeout_s: float = 900.0,
+    minutes: float | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """Run the RL demo to `rounds` policy versions; (exit code, summary). Exit 0 only if every trainer
-    reached every round with identical hashes."""
+    """Run the RL demo to `rounds` policy versions, or (`minutes`) for that long whatever the rounds;
+    (exit code, summary). Exit 0 only if every trainer reached every round with identical hashes."""
     tmp = None
     if workdir is None:
         tmp = tempfile.TemporaryDirectory(prefix="intellect-rl-swarm-")
@@ -164,15 +168,17 @@ async def run_rl_swarm(
         logger.info("warm start: %.1f%% sampled, %.1f%% greedy on %d held-out prompts", *acc)
         async with Swarm(workdir) as swarm:
             await swarm.seed(manifest)
+            until = None if minutes is not None else rounds
             for i in range(trainers):
                 init_dir = workdir / f"trainer{i}" / "init"
                 init_dir.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(init_file, init_dir / init_file.name)
-                swarm.launch(f"trainer{i}", until_round=rounds, min_peers=trainers)
+                swarm.launch(f"trainer{i}", until_round=until, min_peers=trainers)
+            t_rl = time.monotonic()
             for k in range(workers):
                 swarm.launch(f"rollout{k}", role="rollout")
             ours = [p for p in swarm.peers if p.role == "trainer"]
-            deadline = time.monotonic() + timeout_s
+            deadline = time.monotonic() + (timeout_s if minutes is None else minutes * 60)
             last_line = ""
             while time.monotonic() < deadline and any(p.proc.poll() is None for p in ours):
                 await asyncio.sleep(1.0)
@@ -180,12 +186,17 @@ async def run_rl_swarm(
                 if line != last_line:
                     logger.info("%s", line)
                     last_line = line
-            if any(p.proc.poll() is None for p in ours):
+            if minutes is None and any(p.proc.poll() is None for p in ours):
                 logger.error("the RL swarm did not finish within %.0f s; stopping it", timeout_s)
             await swarm.stop_all()
+            rl_seconds = time.monotonic() - t_rl
+            if minutes is not None:  # every round that every trainer finished must agree
+                rounds = min(p.last_round() for p in ours)
             summary = swarm.summary(rounds)
             summary["rl"] = rl_summary(swarm)
             summary["rl"]["warm_start"] = warm
+            summary["rl"]["rl_seconds"] = round(rl_seconds, 1)
+            summary["rl"]["versions"] = rounds
             try:
                 summary["rl"]["final"] = await asyncio.to_thread(
                     final_accuracy, ours[0].data_dir, swarm.run_id, manifest, eval_prompts

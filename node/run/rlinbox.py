@@ -1,8 +1,7 @@
 """A trainer's inbox of rollout batches: bytes from workers in, verified batches out, idle time counted.
 
-This is the piece of the future `trainer` role (issue 18) between the stream that carries batches from
-rollout workers and the GRPO step (`intellect.node.engine.rltrain`); the stream and the role are not
-built yet, so nothing in the node uses it today. It is written so that the trainer never blocks on
+This is the piece of the `trainer` role (`intellect.node.run.rltrainer`) between the rollout stream
+and the GRPO step (`intellect.node.engine.rltrain`). It is written so that the trainer never blocks on
 checks it does not need: `offer` decodes and checks one batch (the torch prefill of a sampled check runs
 in a worker thread, so the event loop keeps serving other streams), and `take` hands the training loop
 what is queued, dropping batches that became stale while they waited, and waits only when too little is
@@ -47,6 +46,8 @@ class RolloutInbox:
         self.counts: Counter[str] = Counter()
         self._idle_s = 0.0
         self._started = time.monotonic()
+        #: Thread CPU seconds spent decoding and checking batches (the verification cost).
+        self.check_cpu_s = 0.0
 
     @property
     def queued_completions(self) -> int:
@@ -58,13 +59,16 @@ class RolloutInbox:
         if self._queued >= self.max_completions:
             self.counts["full"] += 1
             return None
+        t0 = time.thread_time()
         try:
             batch = decode_batch(data, self.verifier.run_id)
         except ProtocolError as e:
             self.counts["undecodable"] += 1
             log.debug("rollout bytes refused: %s", e)
             return None
-        verdict = await asyncio.to_thread(self.verifier.check, batch, current_version, policy)
+        finally:
+            self.check_cpu_s += time.thread_time() - t0
+        verdict = await asyncio.to_thread(self._check, batch, current_version, policy)
         if verdict.evidence is not None:
             self._on_evidence(verdict.evidence)
         if verdict.accepted:
@@ -73,6 +77,13 @@ class RolloutInbox:
             self._arrived.set()
         self.counts[verdict.outcome.value] += 1
         return verdict
+
+    def _check(self, batch: RolloutBatch, current_version: int, policy: PolicyLookup) -> Verdict:
+        t0 = time.thread_time()
+        try:
+            return self.verifier.check(batch, current_version, policy)
+        finally:
+            self.check_cpu_s += time.thread_time() - t0
 
     def _drop_stale(self, current_version: int) -> None:
         limit = self.verifier.rl.max_async_level

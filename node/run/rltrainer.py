@@ -259,6 +259,7 @@ class RlRoundTrainer:
             "loss": stats.loss,
             "completions": stats.completions,
             "idle_fraction": self.inbox.idle_fraction(),
+            "check_cpu_s": round(self.inbox.check_cpu_s, 4),
             "inbox": dict(self.inbox.counts),
             "verifier": dict(self.verifier.counts),
             "excluded": sorted(self.verifier.excluded),

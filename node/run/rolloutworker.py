@@ -16,7 +16,7 @@ and when all are full the worker waits (back-pressure). A batch that has become 
 `max_async_level` versions is dropped rather than sent.
 
 Every batch appends one JSON line to `<data dir>/rollouts.jsonl` (version, seq, trainer, outcome, mean
-reward, generation seconds): what `intellect-node swarm --rl` and the tests read.
+reward, thread CPU seconds of making it): what `intellect-node swarm --rl` and the tests read.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ class WorkerStats:
     refused: int = 0
     dropped_stale: int = 0
     syncs: int = 0
+    #: Thread CPU seconds of making batches.
     generation_s: float = 0.0
 
 
@@ -197,14 +198,18 @@ class RolloutWorker:
     async def _one_batch(self, policy: Policy) -> None:
         seq = self.seq
         self.seq += 1
-        t0 = time.monotonic()
-        batch = await asyncio.to_thread(self._generate, policy, seq)
-        gen_s = time.monotonic() - t0
-        self.stats.generation_s += gen_s
+        batch, cpu_s = await asyncio.to_thread(self._timed_generate, policy, seq)
+        self.stats.generation_s += cpu_s
         self.stats.batches += 1
         data = encode_batch(batch)
         reply, trainer = await self._deliver(batch, data)
-        self._record(batch, trainer, reply, gen_s)
+        self._record(batch, trainer, reply, cpu_s)
+
+    def _timed_generate(self, policy: Policy, seq: int) -> tuple[RolloutBatch, float]:
+        """The batch and the thread CPU seconds it took (generation, scoring, signing)."""
+        t0 = time.thread_time()
+        batch = self._generate(policy, seq)
+        return batch, time.thread_time() - t0
 
     def _generate(self, policy: Policy, seq: int) -> RolloutBatch:
         """Make batch `seq` of `policy` (a seam for the fault-injection tests: a cheating worker)."""
@@ -248,6 +253,7 @@ class RolloutWorker:
                 logger.debug("could not read the run's members: %s", e)
 
     def _record(self, batch: RolloutBatch, trainer: str, reply: RolloutReply | None, gen_s: float) -> None:
+        """One line of rollouts.jsonl (`gen_s`: thread CPU seconds of making the batch)."""
         outcome = "dropped-stale" if reply is None else reply.outcome
         if outcome == "accepted":
             self.stats.accepted += 1
@@ -266,7 +272,7 @@ class RolloutWorker:
             "reason": "" if reply is None else reply.reason,
             "mean_reward": sum(rewards) / max(1, len(rewards)),
             "completions": len(rewards),
-            "generation_s": round(gen_s, 4),
+            "generation_cpu_s": round(gen_s, 4),
         }
         try:
             with self._log.open("a") as f:
