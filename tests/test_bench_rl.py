@@ -9,10 +9,32 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "rl.py"
+
+
+def run_bench(path: Path, args: list[str], timeout_s: float) -> dict[str, Any]:
+    """Run a benchmark to completion and return its last line's JSON. Its own process group, so that a
+    timeout kills the benchmark's children too (they die with a normally exiting parent, not a killed one)."""
+    proc = subprocess.Popen(
+        [sys.executable, str(path), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
+    out: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    return out
 
 
 @pytest.mark.timeout(200)
@@ -20,23 +42,7 @@ def test_rl_bench_smallest_setting_verifies_trains_and_excludes_a_cheater() -> N
     args = ["--json", "--warmup-steps", "20", "--minutes", "1", "--max-versions", "2", "--h", "2"]
     args += ["--prompts-per-step", "4", "--samples-per-prompt", "4", "--eval-prompts", "32"]
     args += ["--cheat", "fabricate"]
-    # Its own process group, so that a timeout kills the benchmark's children too (they are daemonic and
-    # die with a normally exiting parent, but not with a killed one).
-    proc = subprocess.Popen(
-        [sys.executable, str(BENCH), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    assert proc.returncode == 0, stderr[-3000:]
-    out = json.loads(stdout.strip().splitlines()[-1])
+    out = run_bench(BENCH, args, 180)
     for key in (
         "accuracy_before",
         "accuracy_after",
@@ -78,21 +84,7 @@ SWARM_BENCH = BENCH.with_name("rl_swarm.py")
 def test_rl_swarm_bench_runs_the_node_roles_and_prints_one_json_line() -> None:
     """bench/rl_swarm.py for half a minute: real daemons, the issue's keys in the last line."""
     args = ["--json", "--minutes", "0.5", "--warmup-steps", "20", "--eval-prompts", "32"]
-    proc = subprocess.Popen(
-        [sys.executable, str(SWARM_BENCH), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = proc.communicate(timeout=270)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    assert proc.returncode == 0, stderr[-3000:]
-    out = json.loads(stdout.strip().splitlines()[-1])
+    out = run_bench(SWARM_BENCH, args, 270)
     for key in ("accuracy_before", "accuracy_after", "minutes", "rollouts_per_s"):
         assert isinstance(out[key], float), key
     assert 0 <= out["verification_cost_fraction"] < 1 and 0 <= out["trainer_idle_fraction"] <= 1

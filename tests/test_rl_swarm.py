@@ -24,28 +24,16 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from intellect.node.app.export import latest_checkpoint
 from intellect.node.cli.rlswarm import RL_MANIFEST, run_rl_swarm, warm_start
+from intellect.node.cli.rlswarm import read_jsonl as jsonl
 from intellect.node.cli.swarm import Peer, Swarm, group_pids
 
 pytestmark = pytest.mark.swarm
 
 CHEATER = Path(__file__).resolve().parent / "rl_cheater.py"
-
-
-def jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 async def wait_until(cond: Callable[[], bool], timeout_s: float, what: str, peers: list[Peer]) -> None:

@@ -31,7 +31,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from intellect.node.cli.swarm import Swarm
+from intellect.node.cli.swarm import Swarm, finish
 
 logger = logging.getLogger("intellect.node.cli.rlswarm")
 
@@ -95,7 +95,8 @@ def final_accuracy(data_dir: Path, run_id: str, manifest: Any, eval_prompts: int
     return {"round": source.round, "accuracy_sampled": acc.sampled, "accuracy_greedy": acc.greedy}
 
 
-def _jsonl(path: Path) -> list[dict[str, Any]]:
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The complete JSON lines of a per-step or per-batch log (a line cut by a kill is skipped)."""
     if not path.exists():
         return []
     out = []
@@ -114,7 +115,7 @@ def rl_summary(swarm: Swarm) -> dict[str, Any]:
     workers: dict[str, Any] = {}
     for p in swarm.peers:
         if p.role == "trainer":
-            steps = _jsonl(p.data_dir / "rl.jsonl")
+            steps = read_jsonl(p.data_dir / "rl.jsonl")
             for s in steps:
                 for v in set(s["batch_versions"]):
                     rewards[v].append(s["mean_reward"])
@@ -127,7 +128,7 @@ def rl_summary(swarm: Swarm) -> dict[str, Any]:
                 "excluded": last.get("excluded", []),
             }
         else:
-            batches = _jsonl(p.data_dir / "rollouts.jsonl")
+            batches = read_jsonl(p.data_dir / "rollouts.jsonl")
             gen = sum(b["generation_cpu_s"] for b in batches)
             workers[p.name] = {
                 "peer_id": p.peer_id,
@@ -212,8 +213,4 @@ async def run_rl_swarm(
     finally:
         if tmp is not None and summary_json is None:
             tmp.cleanup()
-    if summary_json is not None:
-        Path(summary_json).write_text(json.dumps(summary, indent=2) + "\n")
-    for problem in summary["problems"]:
-        logger.error("swarm: %s", problem)
-    return (0 if summary["ok"] else 1), summary
+    return finish(summary, summary_json)

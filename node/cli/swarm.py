@@ -342,6 +342,11 @@ async def run_swarm(
     finally:
         if tmp is not None and summary_json is None:
             tmp.cleanup()
+    return finish(summary, summary_json)
+
+
+def finish(summary: dict[str, Any], summary_json: Path | None) -> tuple[int, dict[str, Any]]:
+    """Write the summary where asked, log its problems; (exit code, summary)."""
     if summary_json is not None:
         Path(summary_json).write_text(json.dumps(summary, indent=2) + "\n")
     for problem in summary["problems"]:
