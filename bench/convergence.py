@@ -133,6 +133,12 @@ class Settings:
     #: average applied last, the same on every peer (none in the first round: own); "mix": our own
     #: progress / peers + the last average × (peers − 1) / peers.
     eager: str = "own"
+    #: Overlapped mode only: after how many of round r + 1's inner steps round r's average is applied
+    #: (0 ≤ K < H), and the local model moved by what the guess missed (θ_global − the eager start), so
+    #: that the rest of the round trains from the true global weights; H or more: at the round's end (the
+    #: one-round-late update). The all-reduce lands after K steps: a deterministic stand-in for "as soon
+    #: as it arrives", which on a real link is a time, not a step count.
+    land_after: int = 1_000_000
     eval_batch: int = 16
     #: Record a held-out point every this many steps per peer (0: no curve).
     curve_every: int = 50
@@ -424,10 +430,10 @@ async def _diloco_peer(
                 outer.copy_to(evaluated)
                 curve.append([done_tokens * s.peers, round(_eval(evaluated, held[:_CURVE_BATCHES]), 4)])
 
-        async def train() -> Any:
+        async def train(n: int = h) -> Any:
             nonlocal tokens, train_s
             t = time.perf_counter()
-            stats = await asyncio.to_thread(trainer.run_steps, h)
+            stats = await asyncio.to_thread(trainer.run_steps, n)
             train_s += time.perf_counter() - t
             tokens += stats.tokens
             return stats
@@ -455,7 +461,26 @@ async def _diloco_peer(
             inflight: tuple[asyncio.Task[ReducedVector], torch.Tensor, dict[str, torch.Tensor]] | None = None
             last: dict[str, torch.Tensor] | None = None  # the average applied last (`Settings.eager`)
             for r in range(rounds):
-                stats = await train()
+                if inflight is not None and s.land_after < h:
+                    # Round r − 1's average lands after K inner steps of round r: applied to θ_global,
+                    # and the local model moved by what the eager start missed (its progress is kept).
+                    first = await train(s.land_after) if s.land_after else None
+                    task, prev_flat, prev_like = inflight
+                    outcome = await task
+                    inflight = None
+                    residual = completed(outcome, prev_flat)
+                    last = unflatten(outcome.flat, prev_like)
+                    outer.step(last)
+                    with torch.no_grad():
+                        for n, g in outer.global_params.items():
+                            params[n].add_((g - start[n]).to(params[n].dtype))
+                    start = {n: t.clone() for n, t in outer.global_params.items()}
+                    curve_point(tokens)
+                    stats = await train(h - s.land_after)
+                    if first is not None:
+                        stats = dataclasses.replace(stats, tokens=stats.tokens + first.tokens)
+                else:
+                    stats = await train()
                 with torch.no_grad():
                     progress = {n: start[n] - params[n].detach().float() for n in outer.global_params}
                 flat = contribution(progress)
@@ -680,6 +705,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if s.eager not in ("own", "last", "mix"):
         ap.error(f"--eager must be own, last or mix (got {s.eager!r})")
+    if s.land_after < 0:
+        ap.error("--land-after must be >= 0")
     for h in args.h:
         if h <= 0 or s.steps % h:
             ap.error(f"--steps ({s.steps}) must be a positive multiple of every H (got {h})")
