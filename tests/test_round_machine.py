@@ -37,6 +37,7 @@ from intellect.node.run.events import (
 from intellect.node.run.machine import Limits, RoundMachine
 from intellect.node.run.phase import Phase, PhaseTracker
 from intellect.node.run.state import StateView
+from intellect.node.run.training import Pacer
 from intellect.protocol.gossip_messages import CheckpointAnnounce
 from intellect.protocol.sync_messages import BadChunkEvidence
 from intellect.protocol.vouching import SyncTarget
@@ -424,3 +425,46 @@ def test_an_overlapped_failed_average_keeps_the_global_weights(run: OfflineRun) 
     assert [c.round for c in events.of(Committed)] == [1, 2, 3]
     assert [r for r, _ in averager.sent] == [1, 2, 3]
     assert run.state.state_hash == replay(run, initial, [t for _, t in averager.sent])
+
+
+def test_overlapped_averages_land_between_chunks_of_the_next_round(run: OfflineRun) -> None:
+    """With one inner step per chunk, an average that completes while the next round trains is committed
+    there (`overlap.land_early`, `Committed.mid_round`), not at that round's end; the committed hashes are
+    still the sequential replay of the same averages, and the last one (no round after it) at the end."""
+    overlapped(run)
+    events = Recorder()
+    averager = Recording()
+    m, _ = machine(run, averager, 3, events)
+    m._pacer = Pacer(chunk_s=0.0)  # one step per chunk: a landing point after every step
+    initial = {k: v.clone() for k, v in run.state.outer_state().items()}
+    asyncio.run(m.run())
+    commits = events.of(Committed)
+    assert [c.round for c in commits] == [1, 2, 3]
+    assert [c.mid_round for c in commits] == [True, True, False], commits
+    assert run.state.state_hash == replay(run, initial, [t for _, t in averager.sent])
+
+
+def test_an_average_landing_mid_round_keeps_the_local_progress(run: OfflineRun) -> None:
+    """`overlap.land_early`: an average committed between two chunks of the next round's inner steps sets
+    the global state exactly as a commit at the round's end would (same hash as the sequential replay), and
+    the local copy goes on from the new global weights plus the progress made since the round started."""
+    state = run.state
+    initial = {k: v.clone() for k, v in state.outer_state().items()}
+    names = list(state.outer.global_params)
+    own = {n: 0.01 * torch.randn_like(state.outer.global_params[n]) for n in names}
+    asyncio.run(state.rebase(own))  # the eager start of the next round
+    start = {n: p.detach().clone() for n, p in state.model.named_parameters() if n in own}
+    with torch.no_grad():  # some inner steps' worth of progress
+        for n, p in state.model.named_parameters():
+            if n in own:
+                p.sub_(0.003 * torch.randn_like(p))
+    progress = {n: start[n] - p.detach() for n, p in state.model.named_parameters() if n in own}
+    avg = {n: 0.5 * own[n] for n in names}
+    none = get_payload_codec("none")
+    asyncio.run(state.commit(1, avg, own, ["solo"], run.identity.peer_id, none, (), keep_local=True))
+    assert state.round == 1 and state.state_hash == replay(run, initial, [avg])
+    for n, p in state.model.named_parameters():
+        if n in own:
+            expected = state.outer.global_params[n] - progress[n]
+            assert torch.allclose(p.detach(), expected.to(p.dtype), atol=1e-6), n
+    assert state.round_start is None  # the round's Δ is now taken against the new global weights

@@ -69,6 +69,7 @@ class EventRecorder:
                 "group_size": event.group_size,
                 "allreduce_s": round(event.allreduce_s, 3),
                 "synced": False,
+                "mid_round": event.mid_round,
             }
         if isinstance(event, Synced) and event.from_peers:
             return {"round": event.round, "state_hash": event.state_hash, "loss": None, "synced": True}

@@ -94,6 +94,8 @@ class Committed:
     tokens: int
     group_size: int
     allreduce_s: float
+    #: An overlapped average landed between two chunks of the next round's inner steps (`land_early`).
+    mid_round: bool = False
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from intellect.node.net.statesync import StateSnapshot, StateSyncError, SyncRepo
 from intellect.node.run import decide as rules
 from intellect.node.run.events import Averaged, Committed, EventSink, RunReject, SyncFailed, Trained
 from intellect.node.run.lifecycle import RunLifecycle, finish
-from intellect.node.run.overlap import abandon, announcement_wait_s, heal_fork, overlapped_round
+from intellect.node.run.overlap import abandon, announcement_wait_s, heal_fork, land_early, overlapped_round
 from intellect.node.run.pause import PauseGate, hold
 from intellect.node.run.peerbook import PeerBook
 from intellect.node.run.phase import Phase, PhaseTracker
@@ -332,7 +332,9 @@ class RoundMachine:
         intent = asyncio.create_task(self._intend(r, t0), name="intent")
         try:
             steps = self._steps_for(r)
-            stats = await train_round(self.trainer, steps, self._emit, self._pacer, self.limits.pause.closed)
+            land = (lambda: land_early(self)) if self.overlapped else None  # (overlap.land_early)
+            paused = self.limits.pause.closed
+            stats = await train_round(self.trainer, steps, self._emit, self._pacer, paused, land)
         finally:
             intent.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -413,12 +415,14 @@ class RoundMachine:
             return None
         return AveragedRound(trained, result, seconds)
 
-    async def commit(self, averaged: AveragedRound) -> None:
-        self.phases.enter(Phase.CHECKPOINTING)
+    async def commit(self, averaged: AveragedRound, mid_round: bool = False) -> None:
+        """Apply a completed average (`mid_round`: between chunks of the next round, `overlap.land_early`)."""
+        if not mid_round:
+            self.phases.enter(Phase.CHECKPOINTING)
         t, res = averaged.trained, averaged.result
         assert res.tensors is not None
-        group, codec = list(res.group), self.averager.codec
-        await self.state.commit(t.round, res.tensors, t.delta, group, self.me, codec, res.part_sizes)
+        group, codec, sizes = list(res.group), self.averager.codec, res.part_sizes
+        await self.state.commit(t.round, res.tensors, t.delta, group, self.me, codec, sizes, mid_round)
         self.completed += 1
         view = self.state.view()
         stats = t.stats
@@ -439,7 +443,7 @@ class RoundMachine:
             },
         )
         n, secs = len(res.group), averaged.seconds
-        self._emit(Committed(t.round, view.state_hash, stats.mean_loss, stats.tokens, n, secs))
+        self._emit(Committed(t.round, view.state_hash, stats.mean_loss, stats.tokens, n, secs, mid_round))
         await self.announcer.state(view, self.state.outer_state(), self.tokens_per_s)
         await self.announcer.progress(
             view, self.trainer.trainer.step, self.tokens, stats.mean_loss, stats.tokens_per_s

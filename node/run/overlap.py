@@ -14,6 +14,10 @@ idle, the average of round r − 1 in flight since round r began):
    after an outer step with our own Δ_r (`OuterOptimizer.preview`): our own pseudo-gradient stands in for
    the average still in flight (the "eager" update of Kale et al. 2025, one round of delay as in Streaming
    DiLoCo). Δ_{r+1} is then what round r + 1's inner steps did, whatever the average of Δ_r turns out to be.
+5. if that average completes while round r + 1 trains, it lands between two chunks of inner steps
+   (`land_early`): committed as in step 2, the local copy keeping its progress since θ_start, so the
+   rest of the round trains from the true global weights (at H=50, 2-bit: 1.004× the sequential int8
+   loss when it lands after one step, 1.124× at the round's end; docs/decisions.md).
 
 The rules of the sequential path hold: only a completed average is ever applied (step 2 applies it to the
 state of round r − 1 and to nothing else), a failed one leaves the global weights as they were, and every
@@ -130,6 +134,28 @@ async def settle(m: RoundMachine) -> None:
         logger.warning("round %d averaged while we hold round %d: not applied", r, m.state.round)
         return
     await m.commit(averaged)
+
+
+async def land_early(m: RoundMachine) -> None:
+    """Between two chunks of a round's inner steps: if the average in flight has completed, commit it now
+    (`settle`, the local copy keeping its progress) instead of at the round's end, so that the rest of the
+    round trains from the true global weights rather than from the eager guess. Measured in
+    `bench/convergence.py --land-after` (docs/decisions.md): landing after 1 of 50 inner steps took the
+    overlapped loss from 1.106× to 1.007× the sequential one. A failed or unfinished average is left to
+    `settle` at the round's end, as before."""
+    flight = m.inflight
+    if flight is None or not flight[1].done():
+        return
+    r, task = flight
+    m.inflight = None
+    averaged = task.result() if not task.cancelled() and task.exception() is None else None
+    if averaged is None:
+        m.inflight = flight  # settled at the round's end, where a failure is handled
+        return
+    if m.state.round != r - 1:
+        logger.warning("round %d averaged while we hold round %d: not applied", r, m.state.round)
+        return
+    await m.commit(averaged, mid_round=True)
 
 
 async def heal_fork(m: RoundMachine) -> None:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -206,30 +207,24 @@ class GlobalState:
         me: str,
         codec: PayloadCodec,
         part_sizes: tuple[int, ...] = (),
+        keep_local: bool = False,
     ) -> None:
         """Apply a completed average as round `round_`: residual, outer step, hash, checkpoint.
+        `keep_local`: the local copy keeps the progress made since its round started (an overlapped
+        average landing mid-round: the inner steps go on from the new global weights plus that progress).
 
         It runs to completion even if the caller is cancelled meanwhile (a half-applied step must never be
         announced or checkpointed under the wrong round); `settle` waits for it at shutdown."""
-        self._inflight = asyncio.ensure_future(
-            self._commit(round_, avg, sent, (group, part_sizes), me, codec)
-        )
+        apply = functools.partial(self._apply_step, avg, sent, (group, part_sizes), me, codec, keep_local)
+        self._inflight = asyncio.ensure_future(self._commit(round_, apply))
         try:
             await asyncio.shield(self._inflight)
         finally:
             if self._inflight.done():
                 self._inflight = None
 
-    async def _commit(
-        self,
-        round_: int,
-        avg: Tensors,
-        sent: Tensors,
-        layout: tuple[list[str], tuple[int, ...]],
-        me: str,
-        codec: PayloadCodec,
-    ) -> None:
-        new_hash = await asyncio.to_thread(self._apply_step, avg, sent, layout, me, codec)
+    async def _commit(self, round_: int, apply: Callable[[], str]) -> None:
+        new_hash = await asyncio.to_thread(apply)
         self._set(round_, new_hash)
         await self.checkpoint()
 
@@ -240,7 +235,9 @@ class GlobalState:
         layout: tuple[list[str], tuple[int, ...]],
         me: str,
         codec: PayloadCodec,
+        keep_local: bool,
     ) -> str:
+        progress = self.outer.pseudo_gradient(self.model, base=self.round_start) if keep_local else None
         # What the all-reduce lost of our contribution becomes the next round's residual.
         group, sizes = layout
         if codec.name == "none" or me not in group:
@@ -250,6 +247,8 @@ class GlobalState:
             self.residual = err if bool(err.any()) else None
         self.outer.step(avg)
         self.outer.copy_to(self.model)
+        if progress is not None:
+            _carry(self.model, progress)
         self.round_start = None  # an overlapped round rebases after this (`rebase`)
         return self._hash_now()
 
@@ -348,3 +347,12 @@ class GlobalState:
 
 
 __all__ = ["RESIDUAL_TENSOR", "GlobalState", "StateView"]
+
+
+def _carry(model: torch.nn.Module, progress: Tensors) -> None:
+    """θ_local = θ_global − progress: the local copy keeps the inner steps it made since its round started
+    (`progress` is their pseudo-gradient, start − local) on top of the global weights just committed."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in progress:
+                p.sub_(progress[name].to(p.dtype))

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -123,9 +123,11 @@ async def train_round(
     emit: EventSink,
     pacer: Pacer,
     paused: Callable[[], bool] = lambda: False,
+    between: Callable[[], Awaitable[None]] | None = None,
 ) -> InnerStats:
     """Run `steps` inner steps in chunks of about `pacer.chunk_s`, reporting throughput after each chunk;
-    RoundAbandoned when `paused()` says so between two chunks."""
+    RoundAbandoned when `paused()` says so between two chunks. `between` runs after each chunk but the
+    last, while the model is idle (an overlapped run lands the average in flight there)."""
     done, tokens, loss_sum, seconds = 0, 0, 0.0, 0.0
     last: InnerStats | None = None
     while done < steps:
@@ -141,6 +143,8 @@ async def train_round(
         loss_sum += last.mean_loss * n
         seconds += dt
         emit(TrainingProgress(tokens / seconds if seconds > 0 else 0.0))
+        if between is not None and done < steps:
+            await between()
     if last is None:
         raise ValueError("a round needs at least one inner step")
     return InnerStats(
