@@ -137,7 +137,9 @@ class Settings:
     #: (0 ≤ K < H), and the local model moved by what the guess missed (θ_global − the eager start), so
     #: that the rest of the round trains from the true global weights; H or more: at the round's end (the
     #: one-round-late update). The all-reduce lands after K steps: a deterministic stand-in for "as soon
-    #: as it arrives", which on a real link is a time, not a step count.
+    #: as it arrives", which on a real link is a time, not a step count. -1: as soon as it has completed,
+    #: checked after every inner step, as the daemon does (`overlap.land_early`; not deterministic; at
+    #: the latest before the round's last step).
     land_after: int = 1_000_000
     eval_batch: int = 16
     #: Record a held-out point every this many steps per peer (0: no curve).
@@ -398,6 +400,7 @@ async def _diloco_peer(
         sent = received = tokens = 0
         curve: list[list[float]] = []
         allreduce_s = train_s = 0.0
+        landed_after: list[int] = []  # `--land-after -1`: after how many inner steps each average landed
         #: Error feedback as the daemon keeps it (`GlobalState`): what the last completed all-reduce lost of
         #: our contribution (flat fp32), added to the next pseudo-gradient we send.
         residual: torch.Tensor | None = None
@@ -438,6 +441,17 @@ async def _diloco_peer(
             tokens += stats.tokens
             return stats
 
+        async def train_until_landing(task: asyncio.Task[ReducedVector]) -> tuple[int, int]:
+            """The inner steps of a round before its average in flight lands (`Settings.land_after`)."""
+            if s.land_after >= 0:
+                return s.land_after, (await train(s.land_after)).tokens if s.land_after else 0
+            k = done_tokens = 0
+            while k < h - 1 and not task.done():
+                done_tokens += (await train(1)).tokens
+                k += 1
+            landed_after.append(k)
+            return k, done_tokens
+
         rounds = s.steps // h
         t0 = time.perf_counter()
         if mode == "sequential":
@@ -464,7 +478,7 @@ async def _diloco_peer(
                 if inflight is not None and s.land_after < h:
                     # Round r − 1's average lands after K inner steps of round r: applied to θ_global,
                     # and the local model moved by what the eager start missed (its progress is kept).
-                    first = await train(s.land_after) if s.land_after else None
+                    k, first_tokens = await train_until_landing(inflight[0])
                     task, prev_flat, prev_like = inflight
                     outcome = await task
                     inflight = None
@@ -476,9 +490,8 @@ async def _diloco_peer(
                             params[n].add_((g - start[n]).to(params[n].dtype))
                     start = {n: t.clone() for n, t in outer.global_params.items()}
                     curve_point(tokens)
-                    stats = await train(h - s.land_after)
-                    if first is not None:
-                        stats = dataclasses.replace(stats, tokens=stats.tokens + first.tokens)
+                    stats = await train(h - k)
+                    stats = dataclasses.replace(stats, tokens=stats.tokens + first_tokens)
                 else:
                     stats = await train()
                 with torch.no_grad():
@@ -513,6 +526,7 @@ async def _diloco_peer(
         "seconds": seconds,
         "allreduce_seconds": allreduce_s,
         "train_seconds": train_s,
+        "landed_after": landed_after,
         "rounds": rounds,
         "digest": _digest(outer.global_params.values()),
     }
@@ -536,6 +550,7 @@ def _diloco_result(s: Settings, h: int, name: str, out_dir: Path) -> dict[str, A
         "allreduce_seconds": max(r["allreduce_seconds"] for r in ranks),
         "train_seconds": max(r["train_seconds"] for r in ranks),
         "rounds": ranks[0]["rounds"],
+        "landed_after": [r.get("landed_after", []) for r in ranks],
         "replicas_identical": len({r["digest"] for r in ranks}) == 1,
         "digest": ranks[0]["digest"],
         "curve": ranks[0]["curve"],
@@ -705,8 +720,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if s.eager not in ("own", "last", "mix"):
         ap.error(f"--eager must be own, last or mix (got {s.eager!r})")
-    if s.land_after < 0:
-        ap.error("--land-after must be >= 0")
+    if s.land_after < -1:
+        ap.error("--land-after must be >= 0, or -1 (as soon as the average has completed)")
     for h in args.h:
         if h <= 0 or s.steps % h:
             ap.error(f"--steps ({s.steps}) must be a positive multiple of every H (got {h})")
@@ -764,6 +779,8 @@ def main(argv: list[str] | None = None) -> int:
         out[f"{name}_seconds"] = d["seconds"]
         out[f"{name}_allreduce_seconds"] = d["allreduce_seconds"]
         out[f"{name}_train_seconds"] = d["train_seconds"]
+        if any(d["landed_after"]):
+            out[f"{name}_landed_after"] = d["landed_after"]
         h = d["h"]
         base = results.get(f"diloco_h{h}")
         if base is not None and name != f"diloco_h{h}":
