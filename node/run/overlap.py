@@ -117,7 +117,7 @@ def next_round(m: RoundMachine) -> int:
     return held + 1
 
 
-async def settle(m: RoundMachine) -> None:
+async def settle(m: RoundMachine, mid_round: bool = False) -> None:
     """Wait for the average in flight and commit it, if it completed, onto the state it belongs to."""
     flight = m.inflight
     if flight is None:
@@ -133,29 +133,23 @@ async def settle(m: RoundMachine) -> None:
         # We synced past it meanwhile (a pause, a fork healed): the average belongs to another state.
         logger.warning("round %d averaged while we hold round %d: not applied", r, m.state.round)
         return
-    await m.commit(averaged)
+    await m.commit(averaged, mid_round)
 
 
 async def land_early(m: RoundMachine) -> None:
-    """Between two chunks of a round's inner steps: if the average in flight has completed, commit it now
-    (`settle`, the local copy keeping its progress) instead of at the round's end, so that the rest of the
-    round trains from the true global weights rather than from the eager guess. Measured in
-    `bench/convergence.py --land-after` (docs/decisions.md): landing after 1 of 50 inner steps took the
-    overlapped loss from 1.106× to 1.007× the sequential one. A failed or unfinished average is left to
-    `settle` at the round's end, as before."""
+    """Between two chunks of a round's inner steps: if the average in flight has completed, `settle` it now,
+    the local copy keeping its progress, instead of at the round's end, so that the rest of the round trains
+    from the true global weights rather than from the eager guess. Measured in `bench/convergence.py
+    --land-after` (docs/decisions.md): landing after 1 of 50 inner steps took the overlapped loss from
+    1.106× to 1.007× the sequential one. A failed or unfinished average is left to the round's end, where a
+    failure is handled, as before."""
     flight = m.inflight
     if flight is None or not flight[1].done():
         return
-    r, task = flight
-    m.inflight = None
-    averaged = task.result() if not task.cancelled() and task.exception() is None else None
-    if averaged is None:
-        m.inflight = flight  # settled at the round's end, where a failure is handled
+    task = flight[1]
+    if task.cancelled() or task.exception() is not None or task.result() is None:
         return
-    if m.state.round != r - 1:
-        logger.warning("round %d averaged while we hold round %d: not applied", r, m.state.round)
-        return
-    await m.commit(averaged, mid_round=True)
+    await settle(m, mid_round=True)
 
 
 async def heal_fork(m: RoundMachine) -> None:
