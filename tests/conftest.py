@@ -47,6 +47,7 @@ class OfflineRun:
             delta = await self.state.pseudo_gradient()
             codec = get_payload_codec("none")
             await self.state.commit(r, {k: v.clone() for k, v in delta.items()}, delta, [me], me, codec)
+            await self.state.flushed()  # its checkpoint, written behind the next round, is on disk
 
         asyncio.run(go())
 

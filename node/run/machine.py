@@ -209,6 +209,7 @@ class RoundMachine:
                 await self.round()
         finally:
             await abandon(self)  # (only when stopped or failed mid-pipeline: nothing of it is applied)
+        await self.state.flushed()  # the last commit's checkpoint, written behind, is on disk
         if self.lifecycle.ended(self.state.round):
             await finish(
                 self.lifecycle, self.state.round, self.state.view().state_hash, self.book.peer_rounds

@@ -12,29 +12,28 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from intellect.node.engine.checkpoint import CheckpointError, CheckpointStore
-from intellect.node.engine.diskcap import DiskCap, Room
+from intellect.node.engine.diskcap import DiskCap
 from intellect.node.engine.initstate import InitStateError, init_state_path, load_init_state
 from intellect.node.engine.losscheck import LossCheck
 from intellect.node.engine.model import Llama
 from intellect.node.engine.outer import STEP_KEY, OuterOptimizer
-from intellect.node.engine.statehash import serialized_size, state_hash
+from intellect.node.engine.statehash import state_hash
 from intellect.node.engine.trainer import InnerTrainer
 from intellect.node.net.allreduce import PayloadCodec, flatten, unflatten
 from intellect.node.net.averaging import contribution_error
-from intellect.node.run.events import CheckpointFailed, DiskChecked, EventSink, StateChanged, Synced
+from intellect.node.run.checkpointing import Checkpointer, Snapshot
+from intellect.node.run.events import EventSink, StateChanged, Synced
 
 logger = logging.getLogger(__name__)
 
 #: Name of the error-feedback residual in the trainer checkpoint (next to the optimizer state).
 RESIDUAL_TENSOR = "error_feedback.residual"
-#: Room reserved for a checkpoint's two JSON sidecars when the disk cap reckons its size.
-SIDECAR_ALLOWANCE = 64 << 10
 Tensors = Mapping[str, torch.Tensor]
 
 
@@ -64,8 +63,10 @@ class GlobalState:
         self.model = model
         self.outer = outer
         self.trainer = trainer
-        self.global_store = CheckpointStore(root / "global", keep=3)
-        self.trainer_store = CheckpointStore(root / "trainer", keep=3)
+        #: The checkpoint stores, and the write that may run behind the training (`run.checkpointing`).
+        self.checkpoints = Checkpointer(run_id, root, emit, disk)
+        self.global_store = self.checkpoints.global_store
+        self.trainer_store = self.checkpoints.trainer_store
         self._emit = emit
         self._view = StateView(0, "")
         #: Error feedback: what earlier all-reduces lost of our pseudo-gradients to compression (flat fp32,
@@ -79,8 +80,15 @@ class GlobalState:
         self._inflight: asyncio.Task[None] | None = None
         #: The held-out loss a state from peers must pass before `adopt` takes it (None: not checked).
         self.loss_check = loss_check
-        #: The volunteer's disk cap on the data directory (None: no cap).
-        self.disk = disk
+
+    @property
+    def disk(self) -> DiskCap | None:
+        """The volunteer's disk cap on the data directory (None: no cap)."""
+        return self.checkpoints.disk
+
+    @disk.setter
+    def disk(self, cap: DiskCap | None) -> None:
+        self.checkpoints.disk = cap
 
     # ---- reading ---------------------------------------------------------------------------------------
 
@@ -214,7 +222,8 @@ class GlobalState:
         average landing mid-round: the inner steps go on from the new global weights plus that progress).
 
         It runs to completion even if the caller is cancelled meanwhile (a half-applied step must never be
-        announced or checkpointed under the wrong round); `settle` waits for it at shutdown."""
+        announced or checkpointed under the wrong round); `settle` waits for it at shutdown. Its checkpoint
+        is written behind the next round's training (`run.checkpointing`)."""
         apply = functools.partial(self._apply_step, avg, sent, (group, part_sizes), me, codec, keep_local)
         self._inflight = asyncio.ensure_future(self._commit(round_, apply))
         try:
@@ -224,9 +233,10 @@ class GlobalState:
                 self._inflight = None
 
     async def _commit(self, round_: int, apply: Callable[[], str]) -> None:
+        await self.checkpoints.flushed()  # the write behind serialises the live outer tensors we step
         new_hash = await asyncio.to_thread(apply)
         self._set(round_, new_hash)
-        await self.checkpoint()
+        self.checkpoints.write_behind(await asyncio.to_thread(self._snapshot, self._view, True))
 
     def _apply_step(
         self,
@@ -253,11 +263,18 @@ class GlobalState:
         return self._hash_now()
 
     async def settle(self, timeout: float) -> None:
-        """Shutdown: let a commit in flight finish (bounded), so the state we flush and announce is whole."""
+        """Shutdown: let a commit in flight and its checkpoint finish (bounded), so the state we announce
+        is whole and on disk (a write cut short by the bound goes on in its thread, atomic)."""
+        deadline = time.monotonic() + timeout
         pending = self._inflight
         if pending is not None and not pending.done():
             with contextlib.suppress(TimeoutError, asyncio.CancelledError):
                 await asyncio.wait_for(asyncio.shield(pending), timeout)
+        await self.checkpoints.flushed(max(0.0, deadline - time.monotonic()))
+
+    async def flushed(self) -> None:
+        """Wait for the checkpoint being written behind the training, if any."""
+        await self.checkpoints.flushed()
 
     # ---- a state from peers ------------------------------------------------------------------------
 
@@ -273,6 +290,7 @@ class GlobalState:
         """Load a verified state from peers as our global state, then checkpoint it; `OuterError` (and
         nothing changed) when our model cannot use it, `LossCheckError` (an `OuterError`) when its loss
         on the held-out batches is not finite or too far above ours and round 0's (`engine.losscheck`)."""
+        await self.checkpoints.flushed()  # (as in `_commit`: the write behind holds the live tensors)
         await asyncio.to_thread(self._load_synced, tensors)
         self._set(round_, hash_)
         self._emit(Synced(round_, hash_, source, seconds, from_peers=True, bytes_received=bytes_received))
@@ -298,52 +316,20 @@ class GlobalState:
     # ---- checkpoints ---------------------------------------------------------------------------------
 
     async def checkpoint(self) -> bool:
-        """Write the checkpoint of the current view; on a full or failing disk log it, emit it and train on.
+        """Write the checkpoint of the current view now; on a full or failing disk log it, emit it and
+        train on (False). The state is still in memory (and served to peers), the previous checkpoint on
+        disk is intact (writes are atomic), and the next round's checkpoint tries again."""
+        return await self.checkpoints.write(await asyncio.to_thread(self._snapshot, self._view, False))
 
-        The state is still in memory (and served to peers), the previous checkpoint on disk is intact
-        (writes are atomic), and the next round's checkpoint tries again."""
-        view = self._view
-        try:
-            room = await asyncio.to_thread(self._write, view)
-        except (OSError, CheckpointError) as e:
-            self._emit(CheckpointFailed(view.round, str(e)))
-            logger.error(
-                "could not write the checkpoint of round %d (%s); training on with the state in memory, "
-                "the next round retries",
-                view.round,
-                e,
-            )
-            return False
-        if room is None or self.disk is None:
-            return True
-        self._emit(DiskChecked(view.round, room.used, self.disk.cap, room.fits, room.describe(self.disk.cap)))
-        if not room.fits:
-            logger.warning(
-                "max_disk_gb: %s; training on with the state in memory (round %d)",
-                room.describe(self.disk.cap),
-                view.round,
-            )
-        return room.fits
-
-    def _write(self, view: StateView) -> Room | None:
-        """Both checkpoints of `view`, after making room under the disk cap; the cap's verdict (None when
-        there is no cap), whose `fits` is False when nothing was written."""
-        meta = {"round": view.round, "run_id": self.run_id, "state_hash": view.state_hash}
-        global_tensors = self.outer.state_dict()
+    def _snapshot(self, view: StateView, copy: bool) -> Snapshot:
+        """`view`'s checkpoint contents; `copy`: clone the trainer's tensors, which the next inner step
+        changes (the outer's change only where `flushed()` is awaited first, so they are not copied)."""
         tensors, tmeta = self.trainer.export_state()
         if self.residual is not None:
             tensors = {**tensors, RESIDUAL_TENSOR: self.residual}
-        room = None
-        if self.disk is not None:
-            need = serialized_size(global_tensors) + serialized_size(tensors) + SIDECAR_ALLOWANCE
-            room = self.disk.make_room(need, (self.global_store, self.trainer_store))
-            if not room.fits:
-                return room
-        self.global_store.save(global_tensors, meta)
-        self.trainer_store.save(tensors, {"round": view.round, "trainer": tmeta})
-        if self.disk is not None:
-            room = Room(True, self.disk.used(), 0)
-        return room
+        if copy:
+            tensors = {k: v.clone() for k, v in tensors.items()}
+        return Snapshot(view.round, view.state_hash, self.outer.state_dict(), tensors, tmeta)
 
 
 __all__ = ["RESIDUAL_TENSOR", "GlobalState", "StateView"]

@@ -1,0 +1,160 @@
+"""A commit's checkpoint is written behind the next round's training (`run.checkpointing`).
+
+The real engine and global state of the built-in run (no network); a store's `save` is held open by an
+event so that the write is provably still running while the next inner steps change the trainer's
+moments in memory, and while the next commit comes."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+import torch
+from intellect.node.app.config import NodeConfig
+from intellect.node.engine.checkpoint import CheckpointStore
+from intellect.node.net.allreduce import get_payload_codec
+from intellect.node.run.state import RESIDUAL_TENSOR
+from intellect.node.run.training import plan_round
+
+if TYPE_CHECKING:  # the fixture's types; conftest is pytest's to import, not ours
+    from conftest import MakeOfflineRun, OfflineRun
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _config(tmp_path: Path) -> NodeConfig:
+    return NodeConfig(data_dir=tmp_path / "node", listen=("/ip4/127.0.0.1/tcp/0",))
+
+
+def _hold(store: CheckpointStore) -> tuple[threading.Event, threading.Event]:
+    """Make `store.save` wait for `release` (set `writing` when it starts); returns (writing, release)."""
+    writing, release = threading.Event(), threading.Event()
+    real_save = store.save
+
+    def held_save(*args: Any, **kw: Any) -> Any:
+        writing.set()
+        if not release.wait(60):
+            raise AssertionError("the test never released the checkpoint write")
+        return real_save(*args, **kw)
+
+    store.save = held_save  # type: ignore[method-assign]
+    return writing, release
+
+
+async def _train_and_commit(run: OfflineRun, r: int, steps: int) -> None:
+    """Train round `r` alone and commit our own pseudo-gradient (what a one-member group does); the
+    commit's checkpoint is not awaited."""
+    me, engine = run.identity.peer_id, run.engine
+    await engine.trainer.begin_round(plan_round(run.run_id, r, me, [me], engine.shards))
+    await engine.trainer.steps(steps)
+    delta = await run.state.pseudo_gradient()
+    codec = get_payload_codec("none")
+    await run.state.commit(r, {k: v.clone() for k, v in delta.items()}, delta, [me], me, codec)
+
+
+def test_the_checkpoint_is_written_behind_the_next_inner_steps_and_holds_the_commits_state(
+    tmp_path: Path, offline_run: MakeOfflineRun
+) -> None:
+    run = offline_run(_config(tmp_path))
+    state, trainer = run.state, run.engine.trainer.trainer
+    writing, release = _hold(state.trainer_store)
+    at_commit: dict[str, torch.Tensor] = {}
+    held: dict[str, Any] = {}
+
+    async def go() -> None:
+        await _train_and_commit(run, 1, steps=2)
+        # The commit returned with its checkpoint still to be written.
+        assert state.round == 1 and state.checkpoints.pending
+        at_commit.update({k: v.clone() for k, v in trainer.export_state()[0].items() if k != "rng.cpu"})
+        held["hash1"] = state.state_hash
+        assert await asyncio.to_thread(writing.wait, 30)
+        # The next round trains while the write is held open: the moments move on in memory.
+        await run.engine.trainer.begin_round(
+            plan_round(run.run_id, 2, run.identity.peer_id, [run.identity.peer_id], run.engine.shards)
+        )
+        await run.engine.trainer.steps(2)
+        moved = trainer.export_state()[0]
+        assert any(not torch.equal(moved[k], at_commit[k]) for k in at_commit)
+        # The next commit waits for the write behind (its outer step would change what is being written).
+        delta = await state.pseudo_gradient()
+        me = run.identity.peer_id
+        nxt = asyncio.create_task(
+            state.commit(
+                2, {k: v.clone() for k, v in delta.items()}, delta, [me], me, get_payload_codec("none")
+            )
+        )
+        await asyncio.sleep(0.5)
+        assert not nxt.done() and state.round == 1
+        release.set()
+        await nxt
+        assert state.round == 2
+        await state.flushed()
+        assert not state.checkpoints.pending
+
+    asyncio.run(go())
+    # Round 1's checkpoints hold round 1's state: the trainer's moments as they were at its commit (not the
+    # later steps'), the global state under round 1's hash.
+    saved = state.trainer_store.load(1)
+    assert saved.meta["round"] == 1
+    for name, value in at_commit.items():
+        assert torch.equal(saved.tensors[name], value), name
+    assert RESIDUAL_TENSOR not in saved.tensors  # uncompressed: nothing owed
+    assert state.global_store.load(1).state_hash == held["hash1"]
+    latest = state.global_store.load_latest()
+    assert latest is not None and latest.round == 2 and latest.state_hash == state.state_hash
+    assert state.checkpoints.written_behind == 2
+
+
+def test_settle_waits_for_the_write_behind_within_its_bound(
+    tmp_path: Path, offline_run: MakeOfflineRun
+) -> None:
+    run = offline_run(_config(tmp_path))
+    state = run.state
+    writing, release = _hold(state.global_store)
+
+    async def go() -> None:
+        await _train_and_commit(run, 1, steps=1)
+        assert await asyncio.to_thread(writing.wait, 30)
+        # Held longer than the bound: settle returns after it, the write still pending (and atomic).
+        await state.settle(0.3)
+        assert state.checkpoints.pending
+        assert state.global_store.load_latest() is None
+        # Released: settle returns once it is on disk.
+        release.set()
+        await state.settle(30)
+        assert not state.checkpoints.pending
+
+    asyncio.run(go())
+    latest = state.global_store.load_latest()
+    assert latest is not None and latest.round == 1 and latest.state_hash == state.state_hash
+
+
+def test_a_failing_write_behind_is_counted_and_the_node_trains_on(
+    tmp_path: Path, offline_run: MakeOfflineRun
+) -> None:
+    run = offline_run(_config(tmp_path))
+    state, status = run.state, run.status
+    real_save = state.global_store.save
+    calls = {"n": 0}
+
+    def failing_save(*args: Any, **kw: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(5, "Input/output error")
+        return real_save(*args, **kw)
+
+    state.global_store.save = failing_save  # type: ignore[method-assign]
+
+    async def go() -> None:
+        for r in (1, 2, 3):
+            await _train_and_commit(run, r, steps=1)
+        await state.flushed()
+
+    asyncio.run(go())
+    assert status.checkpoint_errors == 1
+    assert state.global_store.rounds() == [1, 3]
+    latest = state.global_store.load_latest()
+    assert latest is not None and latest.round == 3 and latest.state_hash == state.state_hash
