@@ -128,8 +128,9 @@ async def train_round(
     """Run `steps` inner steps in chunks of about `pacer.chunk_s`, reporting throughput after each chunk;
     RoundAbandoned when `paused()` says so between two chunks. `between` runs after each chunk but the
     last, while the model is idle (an overlapped run lands the average in flight there)."""
-    done, tokens, loss_sum, seconds = 0, 0, 0.0, 0.0
+    done, tokens, loss_sum, seconds, between_s = 0, 0, 0.0, 0.0, 0.0
     last: InnerStats | None = None
+    started = time.monotonic()
     while done < steps:
         if paused():
             raise RoundAbandoned(f"paused after {done} of {steps} inner steps")
@@ -144,9 +145,21 @@ async def train_round(
         seconds += dt
         emit(TrainingProgress(tokens / seconds if seconds > 0 else 0.0))
         if between is not None and done < steps:
+            t1 = time.monotonic()
             await between()
+            between_s += time.monotonic() - t1
     if last is None:
         raise ValueError("a round needs at least one inner step")
+    # Where a round's time goes (bench/utilization.py reads it): the inner steps, what ran between them
+    # (an overlapped run's landing), and the rest (scheduling, the progress events).
+    logger.info(
+        "inner steps: %d in %.2f s, %.2f s of them computing, %.2f s between chunks",
+        done,
+        time.monotonic() - started,
+        seconds,
+        between_s,
+        extra={"event": "inner_steps", "wall_s": time.monotonic() - started, "compute_s": seconds},
+    )
     return InnerStats(
         steps=done,
         tokens=tokens,
