@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from intellect.node.engine.checkpoint import CheckpointError, CheckpointStore
-from intellect.node.engine.statehash import state_hash
+from intellect.node.engine.statehash import serialize_and_hash, state_hash
 
 
 def _state(seed: int) -> dict[str, torch.Tensor]:
@@ -49,6 +49,25 @@ def test_save_load_and_keep_last(tmp_path: Path) -> None:
     assert ckpt.state_hash == state_hash(_state(5))
     side = json.loads((tmp_path / "ckpt-00000005.json").read_text())
     assert side["size"] == (tmp_path / "ckpt-00000005.safetensors").stat().st_size
+
+
+def test_a_serialized_state_is_saved_as_the_same_file_as_its_tensors(tmp_path: Path) -> None:
+    """`save_serialized` (a commit's bytes, hashed once) writes what `save` writes for the tensors."""
+    a, b = CheckpointStore(tmp_path / "a"), CheckpointStore(tmp_path / "b")
+    ser = serialize_and_hash(_state(7), chunk_size=1024)  # (several chunks: the root is a real tree)
+    assert ser.root == state_hash(_state(7), chunk_size=1024) and len(ser.hashes) > 1
+    ser = serialize_and_hash(_state(7))
+    a.save(_state(7), _meta(7))
+    b.save_serialized(ser, _meta(7))
+    name = "ckpt-00000007"
+    assert (tmp_path / "a" / f"{name}.safetensors").read_bytes() == (
+        tmp_path / "b" / f"{name}.safetensors"
+    ).read_bytes()
+    assert json.loads((tmp_path / "a" / f"{name}.json").read_text()) == json.loads(
+        (tmp_path / "b" / f"{name}.json").read_text()
+    )
+    ckpt = b.load_latest()
+    assert ckpt is not None and ckpt.state_hash == state_hash(_state(7)) and _equal(ckpt.tensors, _state(7))
 
 
 def test_flipped_byte_is_detected_and_previous_used(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -1,4 +1,5 @@
-"""A commit's checkpoint is written behind the next round's training (`run.checkpointing`).
+"""A commit's checkpoint is written behind the next round's training (`run.checkpointing`), from the state
+the commit serialised and hashed once (which the state server publishes too).
 
 The real engine and global state of the built-in run (no network); a store's `save` is held open by an
 event so that the write is provably still running while the next inner steps change the trainer's
@@ -14,8 +15,10 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch
 from intellect.node.app.config import NodeConfig
-from intellect.node.engine.checkpoint import CheckpointStore
+from intellect.node.engine.checkpoint import CheckpointError, CheckpointStore
+from intellect.node.engine.statehash import serialize_and_hash, state_hash
 from intellect.node.net.allreduce import get_payload_codec
+from intellect.node.net.statesync import StateServer, StateSnapshot
 from intellect.node.run.state import RESIDUAL_TENSOR
 from intellect.node.run.training import plan_round
 
@@ -113,7 +116,7 @@ def test_settle_waits_for_the_write_behind_within_its_bound(
 ) -> None:
     run = offline_run(_config(tmp_path))
     state = run.state
-    writing, release = _hold(state.global_store)
+    writing, release = _hold(state.trainer_store)  # (written after the global checkpoint)
 
     async def go() -> None:
         await _train_and_commit(run, 1, steps=1)
@@ -121,7 +124,7 @@ def test_settle_waits_for_the_write_behind_within_its_bound(
         # Held longer than the bound: settle returns after it, the write still pending (and atomic).
         await state.settle(0.3)
         assert state.checkpoints.pending
-        assert state.global_store.load_latest() is None
+        assert state.trainer_store.load_latest() is None
         # Released: settle returns once it is on disk.
         release.set()
         await state.settle(30)
@@ -130,6 +133,8 @@ def test_settle_waits_for_the_write_behind_within_its_bound(
     asyncio.run(go())
     latest = state.global_store.load_latest()
     assert latest is not None and latest.round == 1 and latest.state_hash == state.state_hash
+    trainer = state.trainer_store.load_latest()
+    assert trainer is not None and trainer.meta["round"] == 1
 
 
 def test_a_failing_write_behind_is_counted_and_the_node_trains_on(
@@ -137,16 +142,16 @@ def test_a_failing_write_behind_is_counted_and_the_node_trains_on(
 ) -> None:
     run = offline_run(_config(tmp_path))
     state, status = run.state, run.status
-    real_save = state.global_store.save
+    real_save = state.global_store.save_serialized
     calls = {"n": 0}
 
     def failing_save(*args: Any, **kw: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 2:
-            raise OSError(5, "Input/output error")
+            raise CheckpointError("cannot write checkpoint: Input/output error")
         return real_save(*args, **kw)
 
-    state.global_store.save = failing_save  # type: ignore[method-assign]
+    state.global_store.save_serialized = failing_save  # type: ignore[method-assign]
 
     async def go() -> None:
         for r in (1, 2, 3):
@@ -154,7 +159,35 @@ def test_a_failing_write_behind_is_counted_and_the_node_trains_on(
         await state.flushed()
 
     asyncio.run(go())
+    assert calls["n"] == 3  # every commit's global checkpoint went as its serialization
     assert status.checkpoint_errors == 1
     assert state.global_store.rounds() == [1, 3]
     latest = state.global_store.load_latest()
     assert latest is not None and latest.round == 3 and latest.state_hash == state.state_hash
+
+
+def test_the_commit_serialises_once_for_the_hash_the_server_and_the_checkpoint(
+    tmp_path: Path, offline_run: MakeOfflineRun
+) -> None:
+    run = offline_run(_config(tmp_path))
+    state = run.state
+    assert state.serialized() is None  # round 0: nothing serialised yet (the server does it when asked)
+    server = StateServer(None, run.identity, run.run_id)  # type: ignore[arg-type]
+
+    async def go() -> None:
+        await _train_and_commit(run, 1, steps=1)
+        ser = state.serialized()
+        assert ser is not None and ser.root == state.state_hash == state_hash(state.outer_state())
+        await server.publish(StateSnapshot(1, state.state_hash, state.outer_state(), ser))
+        prepared = server._states[state.state_hash]
+        assert prepared.blob is ser.blob and prepared.hashes == ser.hashes  # the same bytes, not a copy
+        # A serialization that is not the announced state's is refused, not served.
+        other = serialize_and_hash({"x": torch.zeros(3)})
+        with pytest.raises(ValueError, match="claims hash"):
+            await server.publish(StateSnapshot(2, "ab" * 32, state.outer_state(), other))
+        await state.flushed()
+
+    asyncio.run(go())
+    ser = state.serialized()
+    assert ser is not None
+    assert (state.global_store.directory / "ckpt-00000001.safetensors").read_bytes() == ser.blob

@@ -82,7 +82,13 @@ class Announcer:
     def __init__(self) -> None:
         self.states: list[StateView] = []
 
-    async def state(self, view: StateView, tensors: Mapping[str, torch.Tensor], throughput: float) -> None:
+    async def state(
+        self,
+        view: StateView,
+        tensors: Mapping[str, torch.Tensor],
+        throughput: float,
+        serialized: object = None,
+    ) -> None:
         self.states.append(view)
 
     async def progress(
@@ -230,14 +236,14 @@ def test_round_and_hash_change_together_while_a_commit_runs(run: OfflineRun) -> 
     old = state.view()
     release = threading.Event()
     writing = threading.Event()
-    real_save = state.global_store.save
+    real_save = state.trainer_store.save
 
     def slow_save(*args: Any, **kw: Any) -> Any:
         writing.set()
         release.wait(10)
         return real_save(*args, **kw)
 
-    state.global_store.save = slow_save  # type: ignore[method-assign]
+    state.trainer_store.save = slow_save  # type: ignore[method-assign]
     seen: set[StateView] = set()
 
     async def go() -> None:
@@ -252,6 +258,7 @@ def test_round_and_hash_change_together_while_a_commit_runs(run: OfflineRun) -> 
             await asyncio.sleep(0.001)
         release.set()
         await commit
+        await state.flushed()
 
     asyncio.run(go())
     new = state.view()

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from intellect.node.engine.statehash import ChunkHasher, iter_serialized
+from intellect.node.engine.statehash import ChunkHasher, SerializedState, iter_serialized
 from intellect.protocol.merkle import merkle_root
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,14 @@ class CheckpointStore:
         ``meta`` must be JSON-serialisable and hold an int ``round``. Raises `CheckpointError` when the disk
         is full or the write fails otherwise; the previous checkpoints are left intact.
         """
+        return self._save(iter_serialized(tensors), None, meta)
+
+    def save_serialized(self, state: SerializedState, meta: Mapping[str, Any]) -> Path:
+        """`save` for a state already serialised and hashed (`statehash.serialize_and_hash`): its bytes are
+        written as they are, and its Merkle root, computed when it was made, is the sidecar's state hash."""
+        return self._save([state.blob], state, meta)
+
+    def _save(self, pieces: Iterable[bytes], known: SerializedState | None, meta: Mapping[str, Any]) -> Path:
         round_ = meta.get("round")
         if not isinstance(round_, int) or isinstance(round_, bool) or round_ < 0:
             raise CheckpointError(f"checkpoint meta needs a non-negative int 'round', got {round_!r}")
@@ -153,14 +161,19 @@ class CheckpointStore:
             # Re-saving a round: drop its sidecar first, so a failure below leaves that round incomplete
             # (ignored) rather than a new tensors file described by the old sidecar.
             side_path.unlink(missing_ok=True)
-            hasher = ChunkHasher()
-            file_sha = self._write_atomic(data_path, iter_serialized(tensors), hasher)
+            hasher = ChunkHasher() if known is None else None
+            file_sha = self._write_atomic(data_path, pieces, hasher)
+            if hasher is not None:
+                size, root = hasher.total, merkle_root(hasher.finish()).hex()
+            else:
+                assert known is not None
+                size, root = len(known.blob), known.root
             sidecar = {
                 "format": _FORMAT,
                 "file": data_path.name,
-                "size": hasher.total,
+                "size": size,
                 "sha256": file_sha,
-                "state_hash": merkle_root(hasher.finish()).hex(),
+                "state_hash": root,
                 "meta": meta_json,
             }
             sidecar["check"] = _sidecar_check(sidecar)
@@ -172,7 +185,7 @@ class CheckpointStore:
             if e.errno == errno.ENOSPC:
                 raise CheckpointError(f"no space left on device writing checkpoint {data_path}") from e
             raise CheckpointError(f"cannot write checkpoint {data_path}: {e}") from e
-        log.info("checkpoint round %d saved to %s (%d bytes)", round_, data_path, sidecar["size"])
+        log.info("checkpoint round %d saved to %s (%d bytes)", round_, data_path, size)
         self._prune(self.keep)
         return data_path
 

@@ -22,6 +22,7 @@ import hashlib
 import json
 import struct
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 from intellect.protocol.merkle import merkle_root
@@ -146,6 +147,26 @@ def state_hash(tensors: Mapping[str, torch.Tensor], chunk_size: int = CHUNK_SIZE
     for piece in iter_serialized(tensors):
         hasher.update(piece)
     return merkle_root(hasher.finish()).hex()
+
+
+@dataclass(frozen=True, eq=False)
+class SerializedState:
+    """A state serialised and hashed once (`serialize_and_hash`): the bytes a peer serves and a checkpoint
+    file holds, their chunk digests and the state hash, shared by the commit, the state server and the
+    checkpoint writer instead of each serialising and hashing the tensors again (immutable: safe to hand
+    to another thread while the tensors change)."""
+
+    blob: bytes
+    hashes: tuple[bytes, ...]
+    chunk_size: int
+    root: str
+
+
+def serialize_and_hash(tensors: Mapping[str, torch.Tensor], chunk_size: int = CHUNK_SIZE) -> SerializedState:
+    """`serialize_state(tensors)` with its chunk digests and Merkle root (`root` == `state_hash(tensors)`)."""
+    blob = serialize_state(tensors)
+    hashes = tuple(chunk_hashes(blob, chunk_size))
+    return SerializedState(blob, hashes, chunk_size, merkle_root(hashes).hex())
 
 
 def blob_state_hash(blob: bytes | memoryview, chunk_size: int = CHUNK_SIZE) -> str:

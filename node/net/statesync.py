@@ -90,6 +90,8 @@ class StateSnapshot:
     round: int
     state_hash: str
     tensors: Mapping[str, torch.Tensor]
+    #: The same state already serialised and hashed (a commit's), used instead of serialising it again.
+    serialized: statehash.SerializedState | None = None
 
 
 @dataclass
@@ -145,8 +147,12 @@ class _Prepared:
 
 
 def _prepare(snapshot: StateSnapshot, chunk_size: int) -> _Prepared:
-    blob = statehash.serialize_state(snapshot.tensors)
-    hashes = tuple(statehash.chunk_hashes(blob, chunk_size))
+    done = snapshot.serialized
+    if done is not None and done.chunk_size == chunk_size:
+        blob, hashes = done.blob, done.hashes
+    else:
+        blob = done.blob if done is not None else statehash.serialize_state(snapshot.tensors)
+        hashes = tuple(statehash.chunk_hashes(blob, chunk_size))
     root = merkle_root(hashes).hex()
     if root != snapshot.state_hash:
         raise ValueError(f"snapshot of round {snapshot.round} claims hash {snapshot.state_hash}, is {root}")

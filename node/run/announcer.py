@@ -14,6 +14,7 @@ import logging
 from collections.abc import Mapping, Sequence
 
 import torch
+from intellect.node.engine.statehash import SerializedState
 from intellect.node.net.gossip import GossipError, GossipService
 from intellect.node.net.membership import MembershipService
 from intellect.node.net.statesync import StateServer, StateSnapshot
@@ -35,9 +36,16 @@ class Announcer:
         self.membership = membership
         self.server = server
 
-    async def state(self, view: StateView, tensors: Mapping[str, torch.Tensor], throughput: float) -> None:
-        """Make the state servable and tell others: gossip CHECKPOINT, then the DHT membership record."""
-        ann = await self.server.publish(StateSnapshot(view.round, view.state_hash, tensors))
+    async def state(
+        self,
+        view: StateView,
+        tensors: Mapping[str, torch.Tensor],
+        throughput: float,
+        serialized: SerializedState | None = None,
+    ) -> None:
+        """Make the state servable and tell others: gossip CHECKPOINT, then the DHT membership record.
+        `serialized`: the same state as its commit serialised it (not serialised again)."""
+        ann = await self.server.publish(StateSnapshot(view.round, view.state_hash, tensors, serialized))
         msg = CheckpointAnnounce(view.round, view.state_hash, ann.total_bytes, ann.chunk_size)
         await self._gossip(TopicKind.CHECKPOINT, msg)
         await self.membership_record(view, throughput)

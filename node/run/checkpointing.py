@@ -9,8 +9,9 @@ the next round trains; nothing waits for it except whatever must not overtake it
 * the next write (at most one checkpoint is behind, so a slow disk slows the commits rather than piling
   up snapshots in memory);
 * anything that changes the global state in place (`GlobalState` awaits `flushed()` before an outer step
-  or adopting a state from peers): the snapshot holds the outer optimizer's live tensors, not copies,
-  because they change only there;
+  or adopting a state from peers), for a snapshot that holds the outer optimizer's live tensors; a
+  commit's snapshot holds its immutable serialization instead (`statehash.SerializedState`, made once
+  for the state hash and shared with the state server), written as it is;
 * shutdown (`GlobalState.settle`) and the end of a round machine's run.
 
 The trainer's tensors (AdamW moments, the error-feedback residual) change at the next inner step, so the
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 from intellect.node.engine.checkpoint import CheckpointError, CheckpointStore
 from intellect.node.engine.diskcap import DiskCap, Room
-from intellect.node.engine.statehash import serialized_size
+from intellect.node.engine.statehash import SerializedState, serialized_size
 from intellect.node.run.events import CheckpointFailed, DiskChecked, EventSink
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class Snapshot:
     global_tensors: dict[str, torch.Tensor]
     trainer_tensors: dict[str, torch.Tensor]
     trainer_meta: dict[str, Any]
+    #: The global state as its commit serialised it (then `global_tensors` is empty): written as is.
+    global_serialized: SerializedState | None = None
 
 
 class Checkpointer:
@@ -130,12 +133,17 @@ class Checkpointer:
         there is no cap), whose `fits` is False when nothing was written."""
         meta = {"round": snap.round, "run_id": self.run_id, "state_hash": snap.state_hash}
         disk, room = self.disk, None
+        ser = snap.global_serialized
         if disk is not None:
-            need = serialized_size(snap.global_tensors) + serialized_size(snap.trainer_tensors)
-            room = disk.make_room(need + SIDECAR_ALLOWANCE, (self.global_store, self.trainer_store))
+            need = len(ser.blob) if ser is not None else serialized_size(snap.global_tensors)
+            need += serialized_size(snap.trainer_tensors) + SIDECAR_ALLOWANCE
+            room = disk.make_room(need, (self.global_store, self.trainer_store))
             if not room.fits:
                 return room
-        self.global_store.save(snap.global_tensors, meta)
+        if ser is not None:
+            self.global_store.save_serialized(ser, meta)
+        else:
+            self.global_store.save(snap.global_tensors, meta)
         self.trainer_store.save(snap.trainer_tensors, {"round": snap.round, "trainer": snap.trainer_meta})
         if disk is not None:
             room = Room(True, disk.used(), 0)

@@ -25,6 +25,7 @@ from typing import Protocol
 import torch
 from intellect.node.engine.losscheck import LossCheckError
 from intellect.node.engine.outer import OuterError
+from intellect.node.engine.statehash import SerializedState
 from intellect.node.engine.trainer import InnerStats
 from intellect.node.net.allreduce import PayloadCodec
 from intellect.node.net.averaging import AverageResult
@@ -99,7 +100,11 @@ class Publishing(Protocol):
     """What the machine announces (`run.announcer.Announcer`)."""
 
     async def state(
-        self, view: StateView, tensors: Mapping[str, torch.Tensor], throughput: float
+        self,
+        view: StateView,
+        tensors: Mapping[str, torch.Tensor],
+        throughput: float,
+        serialized: SerializedState | None = None,
     ) -> None: ...
 
     async def progress(
@@ -445,7 +450,7 @@ class RoundMachine:
         )
         n, secs = len(res.group), averaged.seconds
         self._emit(Committed(t.round, view.state_hash, stats.mean_loss, stats.tokens, n, secs, mid_round))
-        await self.announcer.state(view, self.state.outer_state(), self.tokens_per_s)
+        await self.announcer.state(view, self.state.outer_state(), self.tokens_per_s, self.state.serialized())
         await self.announcer.progress(
             view, self.trainer.trainer.step, self.tokens, stats.mean_loss, stats.tokens_per_s
         )

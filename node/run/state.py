@@ -23,7 +23,7 @@ from intellect.node.engine.initstate import InitStateError, init_state_path, loa
 from intellect.node.engine.losscheck import LossCheck
 from intellect.node.engine.model import Llama
 from intellect.node.engine.outer import STEP_KEY, OuterOptimizer
-from intellect.node.engine.statehash import state_hash
+from intellect.node.engine.statehash import SerializedState, serialize_and_hash, state_hash
 from intellect.node.engine.trainer import InnerTrainer
 from intellect.node.net.allreduce import PayloadCodec, flatten, unflatten
 from intellect.node.net.averaging import contribution_error
@@ -78,6 +78,8 @@ class GlobalState:
         #: Why we lack the run's pinned initial state; fatal only if we must train round 0.
         self.init_error: InitStateError | None = None
         self._inflight: asyncio.Task[None] | None = None
+        #: The committed state serialised and hashed (`_apply_step`), for the server and the checkpoint.
+        self._serialized: SerializedState | None = None
         #: The held-out loss a state from peers must pass before `adopt` takes it (None: not checked).
         self.loss_check = loss_check
 
@@ -106,10 +108,17 @@ class GlobalState:
     def outer_state(self) -> dict[str, torch.Tensor]:
         return self.outer.state_dict()
 
-    def _set(self, round_: int, hash_: str) -> None:
+    def _set(self, round_: int, hash_: str, serialized: SerializedState | None = None) -> None:
         """The only place round and hash change: together, on the event loop."""
         self._view = StateView(round_, hash_)
+        self._serialized = serialized
         self._emit(StateChanged(round_, hash_))
+
+    def serialized(self) -> SerializedState | None:
+        """The state we hold, serialised and hashed by its commit (None after a sync, a resume or round 0:
+        whoever needs the bytes serialises the tensors then)."""
+        ser = self._serialized
+        return ser if ser is not None and ser.root == self._view.state_hash else None
 
     # ---- start -----------------------------------------------------------------------------------------
 
@@ -232,10 +241,10 @@ class GlobalState:
             if self._inflight.done():
                 self._inflight = None
 
-    async def _commit(self, round_: int, apply: Callable[[], str]) -> None:
-        await self.checkpoints.flushed()  # the write behind serialises the live outer tensors we step
-        new_hash = await asyncio.to_thread(apply)
-        self._set(round_, new_hash)
+    async def _commit(self, round_: int, apply: Callable[[], SerializedState]) -> None:
+        await self.checkpoints.flushed()  # one write behind at most (a slow disk slows the commits)
+        ser = await asyncio.to_thread(apply)
+        self._set(round_, ser.root, ser)
         self.checkpoints.write_behind(await asyncio.to_thread(self._snapshot, self._view, True))
 
     def _apply_step(
@@ -246,7 +255,7 @@ class GlobalState:
         me: str,
         codec: PayloadCodec,
         keep_local: bool,
-    ) -> str:
+    ) -> SerializedState:
         progress = self.outer.pseudo_gradient(self.model, base=self.round_start) if keep_local else None
         # What the all-reduce lost of our contribution becomes the next round's residual.
         group, sizes = layout
@@ -260,7 +269,7 @@ class GlobalState:
         if progress is not None:
             _carry(self.model, progress)
         self.round_start = None  # an overlapped round rebases after this (`rebase`)
-        return self._hash_now()
+        return serialize_and_hash(self.outer.state_dict())
 
     async def settle(self, timeout: float) -> None:
         """Shutdown: let a commit in flight and its checkpoint finish (bounded), so the state we announce
@@ -290,7 +299,7 @@ class GlobalState:
         """Load a verified state from peers as our global state, then checkpoint it; `OuterError` (and
         nothing changed) when our model cannot use it, `LossCheckError` (an `OuterError`) when its loss
         on the held-out batches is not finite or too far above ours and round 0's (`engine.losscheck`)."""
-        await self.checkpoints.flushed()  # (as in `_commit`: the write behind holds the live tensors)
+        await self.checkpoints.flushed()  # (a snapshot without serialization holds the live tensors)
         await asyncio.to_thread(self._load_synced, tensors)
         self._set(round_, hash_)
         self._emit(Synced(round_, hash_, source, seconds, from_peers=True, bytes_received=bytes_received))
@@ -323,13 +332,16 @@ class GlobalState:
 
     def _snapshot(self, view: StateView, copy: bool) -> Snapshot:
         """`view`'s checkpoint contents; `copy`: clone the trainer's tensors, which the next inner step
-        changes (the outer's change only where `flushed()` is awaited first, so they are not copied)."""
+        changes (the global state goes as the commit's immutable serialization when there is one; the
+        outer's live tensors otherwise, which change only where `flushed()` is awaited first)."""
         tensors, tmeta = self.trainer.export_state()
         if self.residual is not None:
             tensors = {**tensors, RESIDUAL_TENSOR: self.residual}
         if copy:
             tensors = {k: v.clone() for k, v in tensors.items()}
-        return Snapshot(view.round, view.state_hash, self.outer.state_dict(), tensors, tmeta)
+        ser = self.serialized()
+        global_tensors = {} if ser is not None else self.outer.state_dict()
+        return Snapshot(view.round, view.state_hash, global_tensors, tensors, tmeta, ser)
 
 
 __all__ = ["RESIDUAL_TENSOR", "GlobalState", "StateView"]
