@@ -365,6 +365,9 @@ class LogFigures:
     dataplane_s: dict[int, float] = field(default_factory=dict)
     averaged_ts: dict[int, float] = field(default_factory=dict)
     done_ts: dict[int, float] = field(default_factory=dict)
+    #: The "inner steps: …" lines (run/training.py), in order: (ts at the end of the round's inner steps,
+    #: seconds computing). The k-th is round k's when the peer trained every round from 1 (checked).
+    trained: list[tuple[float, float]] = field(default_factory=list)
 
 
 def read_log(log_path: Path) -> LogFigures:
@@ -372,14 +375,18 @@ def read_log(log_path: Path) -> LogFigures:
     (run/machine.py) lines of a peer's JSON log; inner-step seconds = T / R."""
     out = LogFigures()
     for line in log_path.read_text(errors="replace").splitlines():
-        if not line.startswith("{") or ("averaged with" not in line and '"event":"round"' not in line):
+        if not line.startswith("{") or (
+            "averaged with" not in line and '"event":"round"' not in line and "inner_steps" not in line
+        ):
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
         msg, ts = rec.get("msg", ""), float(rec.get("ts", 0.0))
-        if (m := ROUND_DONE.search(msg)) and rec.get("event") == "round":
+        if rec.get("event") == "inner_steps" and "compute_s" in rec:
+            out.trained.append((ts, float(rec["compute_s"])))
+        elif (m := ROUND_DONE.search(msg)) and rec.get("event") == "round":
             r = int(m.group(1))
             out.done_ts[r] = ts
             out.tokens[r] = int(m.group(2))
@@ -436,6 +443,7 @@ def peer_figures(w: Watch, overlapped: bool = False) -> dict[str, Any]:
         ),
         "synced": synced,
     }
+    out.update(aligned(logged, trained, tokens))
     if not overlapped:
         # From the end of the average to the end of the commit; overlapped, the next round's inner steps
         # run in between, and the commit cannot be told apart in the log.
@@ -449,6 +457,28 @@ def peer_figures(w: Watch, overlapped: bool = False) -> dict[str, Any]:
         out["wire_tx"] = (w.seen[last][0] - w.seen[first][0]) / n
         out["wire_rx"] = (w.seen[last][1] - w.seen[first][1]) / n
     return out
+
+
+def aligned(logged: LogFigures, trained: list[int], tokens: int) -> dict[str, Any]:
+    """Utilization over the window from the end of round `trained[0] - 1`'s inner steps to the end of round
+    `trained[-1]`'s, which holds exactly the inner steps it counts, in both modes (the commit window of
+    `peer_figures` does too in steady state, but an overlapped commit lands anywhere in the next round, so
+    there its ends cut rounds at different points); {} when the log's lines cannot be matched to rounds."""
+    ends = logged.trained
+    if not trained or trained[0] < 2 or len(ends) < trained[-1]:
+        return {}
+    # Line k is round k's only if the peer logged one per round from round 1: its compute then matches the
+    # "round N done" line's (tokens / tok/s, the latter rounded to an integer).
+    for r in trained:
+        if r not in logged.train_s or abs(ends[r - 1][1] - logged.train_s[r]) > 0.02 * logged.train_s[r] + 0.05:
+            return {}
+    wall = ends[trained[-1] - 1][0] - ends[trained[0] - 2][0]
+    compute = sum(ends[r - 1][1] for r in trained)
+    return {
+        "aligned_wall_s": round(wall, 3),
+        "utilization_aligned": compute / wall,
+        "tokens_per_wall_s_aligned": tokens / wall,
+    }
 
 
 async def run_row(
@@ -505,6 +535,11 @@ def row_summary(link: str, mode: str, compression: str, peers: list[dict[str, An
         return round(statistics.fmean(p[key] / (p["last"] - p["first"]) for p in good), 3)
 
     util, share = mean("utilization"), mean("allreduce_share")
+    if all("utilization_aligned" in p for p in good):
+        row.update(
+            utilization_aligned=round(mean("utilization_aligned"), 4),
+            tokens_per_wall_s_aligned=round(mean("tokens_per_wall_s_aligned"), 2),
+        )
     complete = len(good) == PEERS and all(
         not p["missing"] and not p["synced"] and p["group_sizes"] == [PEERS] for p in good
     )
@@ -556,6 +591,12 @@ def _print_row(row: dict[str, Any]) -> None:
     commit_s = "-" if row["commit_s_per_round"] is None else f"{row['commit_s_per_round']:.2f} s"
     print(
         f"{row['link']:>8} {row['mode']:>10} {row['compression']:>5}  utilization {row['utilization']:.3f}  "
+        + (
+            f"(aligned {row['utilization_aligned']:.3f}, {row['tokens_per_wall_s_aligned']:.1f} tok/s)  "
+            if "utilization_aligned" in row
+            else ""
+        )
+        + f"tokens/s {row['tokens_per_wall_s']:.1f}  "
         f"all-reduce {row['allreduce_share']:.3f}  commit {share('commit_share')}  "
         f"other {share('other_share')}  round {row['round_s']:.2f} s "
         f"(compute {row['compute_s_per_round']:.2f} s, all-reduce {row['allreduce_s_per_round']:.2f} s "

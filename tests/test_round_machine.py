@@ -36,7 +36,7 @@ from intellect.node.run.events import (
 )
 from intellect.node.run.machine import Limits, RoundMachine
 from intellect.node.run.phase import Phase, PhaseTracker
-from intellect.node.run.state import StateView
+from intellect.node.run.state import Lost, StateView, lost_to_compression
 from intellect.node.run.training import Pacer
 from intellect.protocol.gossip_messages import CheckpointAnnounce
 from intellect.protocol.sync_messages import BadChunkEvidence
@@ -475,3 +475,33 @@ def test_an_average_landing_mid_round_keeps_the_local_progress(run: OfflineRun) 
             expected = state.outer.global_params[n] - progress[n]
             assert torch.allclose(p.detach(), expected.to(p.dtype), atol=1e-6), n
     assert state.round_start is None  # the round's Δ is now taken against the new global weights
+
+
+def test_the_residual_worked_out_ahead_is_the_one_the_commit_would_work_out(run: OfflineRun) -> None:
+    """`overlap.average_ahead` works out what compression lost of our Δ while the next round trains, and
+    hands it to the commit (`Lost`): the residual and the committed state are the commit's own, to the bit."""
+    state = run.state
+    me, other = run.identity.peer_id, "12D3KooWother"
+    initial = {k: v.clone() for k, v in state.outer_state().items()}
+    names = list(state.outer.global_params)
+    sent = {n: 0.01 * torch.randn_like(state.outer.global_params[n]) for n in names}
+    avg = {n: 0.5 * sent[n] for n in names}
+    int2 = get_payload_codec("int2")
+    group = [me, other]
+
+    async def commit(lost: Lost | None) -> None:
+        await state.commit(1, avg, sent, group, me, int2, lost=lost)
+        await state.flushed()
+
+    asyncio.run(commit(None))
+    by_commit, hash_by_commit = state.residual, state.state_hash
+    assert by_commit is not None and bool(by_commit.any())  # int2 loses something of every partition
+
+    state.outer.load_state_dict(initial)  # the same commit again, with the residual worked out ahead
+    state.residual = None
+    lost = lost_to_compression(sent, group, me, int2)
+    asyncio.run(commit(lost))
+    assert state.residual is not None and torch.equal(state.residual, by_commit)
+    assert state.state_hash == hash_by_commit
+    assert lost_to_compression(sent, ["a", "b"], me, int2).residual is None  # not a member: nothing owed
+    assert lost_to_compression(sent, group, me, get_payload_codec("none")).residual is None

@@ -91,6 +91,9 @@ class Checkpointer:
         task = self._behind
         if task is None:
             return
+        if task.get_loop() is not asyncio.get_running_loop():  # (its loop ended; the thread finished it)
+            self._behind = None
+            return
         if not task.done():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(task), timeout)

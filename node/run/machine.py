@@ -37,7 +37,7 @@ from intellect.node.run.overlap import abandon, announcement_wait_s, heal_fork, 
 from intellect.node.run.pause import PauseGate, hold
 from intellect.node.run.peerbook import PeerBook
 from intellect.node.run.phase import Phase, PhaseTracker
-from intellect.node.run.state import GlobalState, StateView
+from intellect.node.run.state import GlobalState, Lost, StateView
 from intellect.node.run.training import Pacer, RoundAbandoned, RoundTrainer, plan_round, train_round
 from intellect.protocol.averaging_messages import Equivocation
 from intellect.protocol.manifest import Manifest, ShardSpec
@@ -72,6 +72,9 @@ class AveragedRound:
     trained: TrainedRound
     result: AverageResult
     seconds: float
+    #: What compression lost of our Δ, worked out in the background (`overlap.average_ahead`); None: by
+    #: the commit.
+    lost: Lost | None = None
 
 
 class Averaging(Protocol):
@@ -427,8 +430,8 @@ class RoundMachine:
             self.phases.enter(Phase.CHECKPOINTING)
         t, res = averaged.trained, averaged.result
         assert res.tensors is not None
-        group, codec, sizes = list(res.group), self.averager.codec, res.part_sizes
-        await self.state.commit(t.round, res.tensors, t.delta, group, self.me, codec, sizes, mid_round)
+        group, codec, sizes, lost = list(res.group), self.averager.codec, res.part_sizes, averaged.lost
+        await self.state.commit(t.round, res.tensors, t.delta, group, self.me, codec, sizes, mid_round, lost)
         self.completed += 1
         view = self.state.view()
         stats = t.stats

@@ -36,16 +36,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from typing import TYPE_CHECKING
 
 from intellect.node.run import decide as rules
 from intellect.node.run.phase import Phase
+from intellect.node.run.state import lost_to_compression
 from intellect.node.run.training import RoundAbandoned
 
 if TYPE_CHECKING:  # the machine imports this module; only its type is needed here
-    from intellect.node.run.machine import RoundMachine
+    from intellect.node.run.machine import AveragedRound, RoundMachine, TrainedRound
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +78,7 @@ async def overlapped_round(m: RoundMachine) -> None:
         return await m.state.discard_local(f"round {r}: holding round {m.state.round}, not averaged")
     # Our Δ goes to round r's lobby now, in time with the others, even when the state it applies to must
     # still come from peers: fetched after the average has started, the sync delays nobody.
-    m.inflight = (r, asyncio.create_task(m.average(trained, background=True), name=f"average-{r}"))
+    m.inflight = (r, asyncio.create_task(average_ahead(m, trained), name=f"average-{r}"))
     if m.state.round < r - 1:
         await fetch_round(m, r - 1)
         if m.state.round != r - 1:
@@ -86,6 +88,19 @@ async def overlapped_round(m: RoundMachine) -> None:
             return await m.state.discard_local(f"round {r}: round {r - 1}'s state not found, not averaged")
     m.lost_phase = False
     await m.state.rebase(trained.delta)
+
+
+async def average_ahead(m: RoundMachine, trained: TrainedRound) -> AveragedRound | None:
+    """Round r's average in the background, and what compression lost of our Δ (the next residual) worked
+    out as soon as it completes, while round r + 1 trains, rather than in the commit, which idles the model
+    (`state.lost_to_compression`: 0.46 s at 26M parameters with int2, about twice that under load)."""
+    averaged = await m.average(trained, background=True)
+    if averaged is None:
+        return None
+    res = averaged.result
+    group, codec = list(res.group), m.averager.codec
+    lost = await asyncio.to_thread(lost_to_compression, trained.delta, group, m.me, codec, res.part_sizes)
+    return dataclasses.replace(averaged, lost=lost)
 
 
 #: How often the intent of a node that finished its inner steps, and is settling, is renewed (with an ETA of

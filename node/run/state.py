@@ -225,15 +225,18 @@ class GlobalState:
         codec: PayloadCodec,
         part_sizes: tuple[int, ...] = (),
         keep_local: bool = False,
+        lost: Lost | None = None,
     ) -> None:
-        """Apply a completed average as round `round_`: residual, outer step, hash, checkpoint.
+        """Apply a completed average as round `round_`: residual, outer step, hash, checkpoint. `lost`:
+        the residual if already worked out (`lost_to_compression`), else the commit works it out.
         `keep_local`: the local copy keeps the progress made since its round started (an overlapped
         average landing mid-round: the inner steps go on from the new global weights plus that progress).
 
         It runs to completion even if the caller is cancelled meanwhile (a half-applied step must never be
         announced or checkpointed under the wrong round); `settle` waits for it at shutdown. Its checkpoint
         is written behind the next round's training (`run.checkpointing`)."""
-        apply = functools.partial(self._apply_step, avg, sent, (group, part_sizes), me, codec, keep_local)
+        how = lost or functools.partial(lost_to_compression, sent, group, me, codec, part_sizes)
+        apply = functools.partial(self._apply_step, avg, how, keep_local)
         self._inflight = asyncio.ensure_future(self._commit(round_, apply))
         try:
             await asyncio.shield(self._inflight)
@@ -247,23 +250,10 @@ class GlobalState:
         self._set(round_, ser.root, ser)
         self.checkpoints.write_behind(await asyncio.to_thread(self._snapshot, self._view, True))
 
-    def _apply_step(
-        self,
-        avg: Tensors,
-        sent: Tensors,
-        layout: tuple[list[str], tuple[int, ...]],
-        me: str,
-        codec: PayloadCodec,
-        keep_local: bool,
-    ) -> SerializedState:
+    def _apply_step(self, avg: Tensors, lost: Lost | Callable[[], Lost], keep_local: bool) -> SerializedState:
         progress = self.outer.pseudo_gradient(self.model, base=self.round_start) if keep_local else None
         # What the all-reduce lost of our contribution becomes the next round's residual.
-        group, sizes = layout
-        if codec.name == "none" or me not in group:
-            self.residual = None
-        else:
-            err = contribution_error(flatten(sent), len(group), sorted(group).index(me), codec, sizes)
-            self.residual = err if bool(err.any()) else None
+        self.residual = (lost if isinstance(lost, Lost) else lost()).residual
         self.outer.step(avg)
         self.outer.copy_to(self.model)
         if progress is not None:
@@ -344,7 +334,26 @@ class GlobalState:
         return Snapshot(view.round, view.state_hash, global_tensors, tensors, tmeta, ser)
 
 
-__all__ = ["RESIDUAL_TENSOR", "GlobalState", "StateView"]
+__all__ = ["RESIDUAL_TENSOR", "GlobalState", "Lost", "StateView", "lost_to_compression"]
+
+
+@dataclass(frozen=True)
+class Lost:
+    """What a completed all-reduce lost of our contribution to compression: the next round's error-feedback
+    residual (None: nothing, uncompressed or not a member)."""
+
+    residual: torch.Tensor | None
+
+
+def lost_to_compression(
+    sent: Tensors, group: list[str], me: str, codec: PayloadCodec, part_sizes: tuple[int, ...] = ()
+) -> Lost:
+    """`averaging.contribution_error` of what we `sent` to `group`, as a `Lost` (pure, so an overlapped run
+    works it out while the next round trains instead of in the commit: 0.46 s at 26M parameters, int2)."""
+    if codec.name == "none" or me not in group:
+        return Lost(None)
+    err = contribution_error(flatten(sent), len(group), sorted(group).index(me), codec, part_sizes)
+    return Lost(err if bool(err.any()) else None)
 
 
 def _carry(model: torch.nn.Module, progress: Tensors) -> None:
