@@ -24,6 +24,13 @@ What is measured, per peer, all from the daemon's own records (nothing is estima
   line to the "round N done" line (the outer step, the state hash and the two checkpoint files, about
   20 bytes a parameter here); what is left (`other_share`) is the pseudo-gradient, the round's set-up
   and the scheduling between them;
+- `utilization_aligned` (and `tokens_per_wall_s_aligned`): the same compute over a window from the end of
+  the inner steps of the round before the first counted one to the end of those of the last counted one
+  (the daemon's "inner steps: N in W s, C s of them computing" lines, whose C is the compute summed), so
+  that the window holds exactly the inner steps counted. In sequential rows it equals `utilization` within
+  noise; in overlapped rows the commit window's ends fall wherever the average landed in the next round,
+  which moves from round to round (from 47% to 80% of it in the run of docs/decisions.md), so each end
+  adds or drops part of a round that the compute does not count;
 - `tokens_per_wall_s`: the tokens of those inner steps / wall, per peer. Where the all-reduce and the
   inner steps compete for the CPUs (overlapped, on a small machine) the inner steps take longer, and
   utilization rises with no more work done: this is the figure that says how much faster a run goes;
@@ -59,6 +66,7 @@ and `other_share` are null).
         --links 100mbit,1gbit --json [--rounds 5] [--quick]
 
 The last line printed is one JSON object: {"rows": [{"link", "mode", "compression", "utilization",
+"utilization_aligned", "tokens_per_wall_s", "tokens_per_wall_s_aligned",
 "bytes_per_peer_per_round", "allreduce_share", "commit_share", "other_share", "round_s", "rounds",
 "complete", "seconds", "load_avg", "peers", ...}], "settings": {...}}. Needs root, iproute2 (ip, tc).
 Every process is killed by process group and every namespace deleted at the end, also on an error, Ctrl-C
