@@ -478,7 +478,8 @@ def aligned(logged: LogFigures, trained: list[int], tokens: int) -> dict[str, An
     # Line k is round k's only if the peer logged one per round from round 1: its compute then matches the
     # "round N done" line's (tokens / tok/s, the latter rounded to an integer).
     for r in trained:
-        if r not in logged.train_s or abs(ends[r - 1][1] - logged.train_s[r]) > 0.02 * logged.train_s[r] + 0.05:
+        expected = logged.train_s.get(r)
+        if expected is None or abs(ends[r - 1][1] - expected) > 0.02 * expected + 0.05:
             return {}
     wall = ends[trained[-1] - 1][0] - ends[trained[0] - 2][0]
     compute = sum(ends[r - 1][1] for r in trained)
