@@ -235,7 +235,11 @@ class GlobalState:
         It runs to completion even if the caller is cancelled meanwhile (a half-applied step must never be
         announced or checkpointed under the wrong round); `settle` waits for it at shutdown. Its checkpoint
         is written behind the next round's training (`run.checkpointing`)."""
-        how = lost or functools.partial(lost_to_compression, sent, group, me, codec, part_sizes)
+        how = (
+            lost
+            if lost is not None
+            else functools.partial(lost_to_compression, sent, group, me, codec, part_sizes)
+        )
         apply = functools.partial(self._apply_step, avg, how, keep_local)
         self._inflight = asyncio.ensure_future(self._commit(round_, apply))
         try:
