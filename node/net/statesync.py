@@ -148,15 +148,12 @@ class _Prepared:
 
 def _prepare(snapshot: StateSnapshot, chunk_size: int) -> _Prepared:
     done = snapshot.serialized
-    if done is not None and done.chunk_size == chunk_size:
-        blob, hashes = done.blob, done.hashes
-    else:
-        blob = done.blob if done is not None else statehash.serialize_state(snapshot.tensors)
-        hashes = tuple(statehash.chunk_hashes(blob, chunk_size))
-    root = merkle_root(hashes).hex()
-    if root != snapshot.state_hash:
-        raise ValueError(f"snapshot of round {snapshot.round} claims hash {snapshot.state_hash}, is {root}")
-    return _Prepared(snapshot.round, root, blob, chunk_size, hashes)
+    if done is None or done.chunk_size != chunk_size:
+        done = statehash.serialize_and_hash(snapshot.tensors, chunk_size)
+    if done.root != snapshot.state_hash:
+        claimed = snapshot.state_hash
+        raise ValueError(f"snapshot of round {snapshot.round} claims hash {claimed}, is {done.root}")
+    return _Prepared(snapshot.round, done.root, done.blob, chunk_size, done.hashes)
 
 
 @dataclass
