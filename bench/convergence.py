@@ -138,7 +138,7 @@ class Settings:
     #: that the rest of the round trains from the true global weights; H or more: at the round's end (the
     #: one-round-late update). The all-reduce lands after K steps: a deterministic stand-in for "as soon
     #: as it arrives", which on a real link is a time, not a step count. -1: as soon as it has completed,
-    #: checked after every inner step, as the daemon does (`overlap.land_early`; not deterministic; at
+    #: checked after every inner step, as the daemon does (`overlap.start_landing`; not deterministic; at
     #: the latest before the round's last step).
     land_after: int = 1_000_000
     eval_batch: int = 16

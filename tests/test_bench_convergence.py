@@ -45,7 +45,7 @@ def test_convergence_bench_smallest_setting_prints_the_schema() -> None:
 
 def test_convergence_bench_lands_the_overlapped_average_as_it_arrives() -> None:
     """`--land-after -1`: each overlapped average lands after the first inner step at which it has
-    completed (the daemon's `overlap.land_early`), never later than the round's last step; the tokens and
+    completed (the daemon's `overlap.start_landing`), never later than the round's last step; the tokens and
     the replicas' agreement are those of any other method."""
     args = ["--json", "--peers", "2", "--steps", "8", "--h", "4", "--batch", "2", "--seq-len", "16"]
     args += ["--eval-batch", "4", "--curve-every", "4", "--warm-start-steps", "0", "--timeout", "240"]

@@ -82,7 +82,8 @@ def test_a_capped_node_keeps_checkpointing_within_the_cap_and_skips_what_cannot_
     config = NodeConfig(data_dir=tmp_path / "node", listen=("/ip4/127.0.0.1/tcp/0",), max_disk_gb=1.0)
     run = offline_run(config)
     state, status = run.state, run.status
-    assert state.disk is not None and state.disk.cap == 10**9  # the config's cap reaches the state
+    cap_seen = state.checkpoints.disk
+    assert cap_seen is not None and cap_seen.cap == 10**9  # the config's cap reaches the state
 
     def commit(r: int) -> None:
         run.commit(r, steps=1)
@@ -97,7 +98,7 @@ def test_a_capped_node_keeps_checkpointing_within_the_cap_and_skips_what_cannot_
     # Room for what is there plus one more set (two at most while one is written): rounds 2..4 each
     # make room by dropping the older set, and the directory never passes the cap.
     cap = tree_bytes(config.data_dir) + one_set + one_set // 10
-    state.disk = DiskCap(config.data_dir, cap)
+    state.checkpoints.disk = DiskCap(config.data_dir, cap)
     for r in (2, 3, 4):
         commit(r)
         assert tree_bytes(config.data_dir) <= cap
@@ -110,7 +111,8 @@ def test_a_capped_node_keeps_checkpointing_within_the_cap_and_skips_what_cannot_
     # A cap that leaves no room for a second set: the checkpoint is skipped, said so, and the last one
     # that fit stays whole; the state in memory moves on.
     older = len(state.global_store.rounds()) - 1  # sets that thinning may still drop
-    state.disk = DiskCap(config.data_dir, tree_bytes(config.data_dir) - older * one_set + one_set // 2)
+    left = tree_bytes(config.data_dir) - older * one_set + one_set // 2
+    state.checkpoints.disk = DiskCap(config.data_dir, left)
     commit(5)
     assert status.checkpoints_skipped == 1 and status.checkpoint_errors == 0
     assert "skipped" in status.limits["max_disk_gb"]

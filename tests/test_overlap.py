@@ -5,8 +5,8 @@ round's average is in flight while the next round trains. After round 2 one is S
 round 3 is in flight then: it committed round 2 at the end of training round 3 and started that average
 at once); a newcomer started then syncs the state and, in phase with the others, trains, averages and
 commits. Every round's state hash agrees across every peer that reports it: the survivors never applied
-a partial step, and the newcomer's commits are the others'. (Whether an average lands between two chunks
-of the next round's inner steps, `overlap.land_early`, or at its end depends on timing here: the hashes
+a partial step, and the newcomer's commits are the others'. (Whether an average lands while the next round's
+inner steps go on, `overlap.start_landing`, or at its end depends on timing here: the hashes
 must agree either way. The landing itself is tested in test_round_machine.py.)
 """
 

@@ -436,7 +436,7 @@ def test_an_overlapped_failed_average_keeps_the_global_weights(run: OfflineRun) 
 
 def test_overlapped_averages_land_between_chunks_of_the_next_round(run: OfflineRun) -> None:
     """With one inner step per chunk, an average that completes while the next round trains is committed
-    there (`overlap.land_early`, `Committed.mid_round`), not at that round's end; the committed hashes are
+    there (`overlap.start_landing`, `Committed.mid_round`), not at that round's end; the committed hashes are
     still the sequential replay of the same averages, and the last one (no round after it) at the end."""
     overlapped(run)
     events = Recorder()
@@ -452,7 +452,7 @@ def test_overlapped_averages_land_between_chunks_of_the_next_round(run: OfflineR
 
 
 def test_an_average_landing_mid_round_keeps_the_local_progress(run: OfflineRun) -> None:
-    """`overlap.land_early`: an average committed between two chunks of the next round's inner steps sets
+    """`overlap.start_landing`: an average committed while the next round's inner steps go on sets
     the global state exactly as a commit at the round's end would (same hash as the sequential replay), and
     the local copy goes on from the new global weights plus the progress made since the round started."""
     state = run.state
@@ -505,3 +505,82 @@ def test_the_residual_worked_out_ahead_is_the_one_the_commit_would_work_out(run:
     assert state.state_hash == hash_by_commit
     assert lost_to_compression(sent, ["a", "b"], me, int2).residual is None  # not a member: nothing owed
     assert lost_to_compression(sent, group, me, get_payload_codec("none")).residual is None
+
+
+def test_a_landing_steps_the_global_state_while_the_inner_steps_hold_the_model(run: OfflineRun) -> None:
+    """A commit that lands mid-round (`keep_local`) while a chunk of inner steps holds `model_idle`: the
+    outer step and the hash are done meanwhile, but the local copy, the round and the hash we announce
+    change only when the chunk is over, and then as a commit between two chunks would change them."""
+    state = run.state
+    me = run.identity.peer_id
+    initial = {k: v.clone() for k, v in state.outer_state().items()}
+    names = list(state.outer.global_params)
+    own = {n: 0.01 * torch.randn_like(state.outer.global_params[n]) for n in names}
+    avg = {n: 0.5 * own[n] for n in names}
+    expected = replay(run, initial, [avg])
+    none = get_payload_codec("none")
+
+    async def go() -> None:
+        await state.rebase(own)
+        local = {n: p.detach().clone() for n, p in state.model.named_parameters() if n in own}
+        start = {n: t.clone() for n, t in (state.round_start or {}).items()}
+        async with state.model_idle:  # a chunk of inner steps is computing
+            commit = asyncio.create_task(state.commit(1, avg, own, [me], me, none, (), keep_local=True))
+            for _ in range(1000):  # the outer step goes ahead without the model
+                if state_hash(state.outer.state_dict()) == expected:
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the outer step waited for the inner steps")
+            await asyncio.sleep(0.1)
+            assert not commit.done()
+            assert state.round == 0 and state.round_start is not None
+            for n, p in state.model.named_parameters():
+                if n in local:
+                    assert torch.equal(p.detach(), local[n]), n
+        await asyncio.wait_for(commit, 30)
+        assert state.round == 1 and state.state_hash == expected and state.round_start is None
+        for n, p in state.model.named_parameters():
+            if n in local:
+                want = state.outer.global_params[n] - (start[n] - local[n])
+                assert torch.allclose(p.detach(), want.to(p.dtype), atol=1e-6), n
+        await state.flushed()
+
+    asyncio.run(go())
+
+
+def test_a_residual_still_owed_is_added_to_not_replaced(run: OfflineRun) -> None:
+    """Error feedback across commits. Sequential: the residual went into the Δ being averaged, so its
+    commit replaces it with what that average lost. Overlapped: the Δ consumed it, so a commit that lands
+    after its round's end owes its loss to the next Δ, and if the next average lands before that Δ is taken,
+    both losses are owed: nothing of either is dropped."""
+    state = run.state
+    me, other = run.identity.peer_id, "12D3KooWother"
+    names = list(state.outer.global_params)
+    int2, group = get_payload_codec("int2"), [me, other]
+
+    def sent() -> dict[str, torch.Tensor]:
+        return {n: 0.01 * torch.randn_like(state.outer.global_params[n]) for n in names}
+
+    def lost(d: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        got = lost_to_compression(d, group, me, int2).residual
+        assert got is not None
+        return got
+
+    async def go() -> None:
+        a, b, c = sent(), sent(), sent()
+        await state.pseudo_gradient(consume=False)  # sequential: the residual (none yet) goes in the Δ
+        await state.commit(1, a, a, group, me, int2)
+        assert state.residual is not None and torch.equal(state.residual, lost(a))
+        await state.pseudo_gradient(consume=False)  # it went into this Δ: the commit replaces it
+        await state.commit(2, b, b, group, me, int2)
+        assert state.residual is not None and torch.equal(state.residual, lost(b))
+
+        await state.pseudo_gradient(consume=True)  # overlapped: the Δ takes it with it
+        assert state.residual is None
+        await state.commit(3, a, a, group, me, int2)  # landed after the round's end
+        await state.commit(4, c, c, group, me, int2)  # the next one, before the next Δ is taken
+        assert state.residual is not None and torch.equal(state.residual, lost(a) + lost(c))
+        await state.flushed()
+
+    asyncio.run(go())

@@ -94,7 +94,7 @@ class Committed:
     tokens: int
     group_size: int
     allreduce_s: float
-    #: An overlapped average landed between two chunks of the next round's inner steps (`land_early`).
+    #: An overlapped average landed while the next round's inner steps went on (`overlap.start_landing`).
     mid_round: bool = False
 
 

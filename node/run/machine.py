@@ -33,7 +33,14 @@ from intellect.node.net.statesync import StateSnapshot, StateSyncError, SyncRepo
 from intellect.node.run import decide as rules
 from intellect.node.run.events import Averaged, Committed, EventSink, RunReject, SyncFailed, Trained
 from intellect.node.run.lifecycle import RunLifecycle, finish
-from intellect.node.run.overlap import abandon, announcement_wait_s, heal_fork, land_early, overlapped_round
+from intellect.node.run.overlap import (
+    abandon,
+    announcement_wait_s,
+    heal_fork,
+    overlapped_round,
+    start_landing,
+    stop_landing,
+)
 from intellect.node.run.pause import PauseGate, hold
 from intellect.node.run.peerbook import PeerBook
 from intellect.node.run.phase import Phase, PhaseTracker
@@ -339,12 +346,12 @@ class RoundMachine:
         # apart from a slow one: the intent stops being renewed).
         t0 = time.monotonic()
         intent = asyncio.create_task(self._intend(r, t0), name="intent")
+        landing = start_landing(self)  # (overlapped: the average in flight commits as soon as it completes)
         try:
-            steps = self._steps_for(r)
-            land = (lambda: land_early(self)) if self.overlapped else None  # (overlap.land_early)
-            paused = self.limits.pause.closed
-            stats = await train_round(self.trainer, steps, self._emit, self._pacer, paused, land)
+            steps, paused, idle = self._steps_for(r), self.limits.pause.closed, self.state.model_idle
+            stats = await train_round(self.trainer, steps, self._emit, self._pacer, paused, idle)
         finally:
+            await stop_landing(self, landing)
             intent.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await intent
@@ -425,7 +432,7 @@ class RoundMachine:
         return AveragedRound(trained, result, seconds)
 
     async def commit(self, averaged: AveragedRound, mid_round: bool = False) -> None:
-        """Apply a completed average (`mid_round`: between chunks of the next round, `overlap.land_early`)."""
+        """Apply a completed average (`mid_round`: while the next round trains, `overlap.start_landing`)."""
         if not mid_round:
             self.phases.enter(Phase.CHECKPOINTING)
         t, res = averaged.trained, averaged.result

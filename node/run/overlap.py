@@ -14,10 +14,11 @@ idle, the average of round r − 1 in flight since round r began):
    after an outer step with our own Δ_r (`OuterOptimizer.preview`): our own pseudo-gradient stands in for
    the average still in flight (the "eager" update of Kale et al. 2025, one round of delay as in Streaming
    DiLoCo). Δ_{r+1} is then what round r + 1's inner steps did, whatever the average of Δ_r turns out to be.
-5. if that average completes while round r + 1 trains, it lands between two chunks of inner steps
-   (`land_early`): committed as in step 2, the local copy keeping its progress since θ_start, so the
-   rest of the round trains from the true global weights (at H=50, 2-bit: 1.004× the sequential int8
-   loss when it lands after one step, 1.124× at the round's end; docs/decisions.md).
+5. if that average completes while round r + 1 trains, it is committed at once (`start_landing`) as in
+   step 2, the local copy keeping its progress since θ_start, so the rest of the round trains from the
+   true global weights (at H=50, 2-bit: 1.004× the sequential int8 loss when it lands after one step,
+   1.124× at the round's end; docs/decisions.md). Its outer step and hash run beside the inner steps;
+   the local copy moves between two chunks of them.
 
 The rules of the sequential path hold: only a completed average is ever applied (step 2 applies it to the
 state of round r − 1 and to nothing else), a failed one leaves the global weights as they were, and every
@@ -151,20 +152,37 @@ async def settle(m: RoundMachine, mid_round: bool = False) -> None:
     await m.commit(averaged, mid_round)
 
 
-async def land_early(m: RoundMachine) -> None:
-    """Between two chunks of a round's inner steps: if the average in flight has completed, `settle` it now,
-    the local copy keeping its progress, instead of at the round's end, so that the rest of the round trains
-    from the true global weights rather than from the eager guess. Measured in `bench/convergence.py
-    --land-after` (docs/decisions.md): landing after 1 of 50 inner steps took the overlapped loss from
-    1.106× to 1.007× the sequential one. A failed or unfinished average is left to the round's end, where a
-    failure is handled, as before."""
+def start_landing(m: RoundMachine) -> asyncio.Task[None] | None:
+    """As a round's inner steps start: a task that commits the average in flight (`settle`) as soon as it
+    completes, while the inner steps go on, instead of at the round's end, so that the rest of the round
+    trains from the true global weights rather than from the eager guess (landing after 1 of 50 inner
+    steps took the overlapped loss from 1.106× to 1.007× the sequential one, `bench/convergence.py
+    --land-after`, docs/decisions.md). The commit's outer step and hash run beside the inner steps; only
+    moving the local copy waits for a pause between two chunks (`GlobalState.model_idle`). A failed
+    average is left to the round's end, where a failure is handled. None: nothing in flight."""
     flight = m.inflight
-    if flight is None or not flight[1].done():
-        return
-    task = flight[1]
+    if flight is None:
+        return None
+    return asyncio.create_task(_land(m, flight[1]), name=f"landing-{flight[0]}")
+
+
+async def _land(m: RoundMachine, task: asyncio.Task[AveragedRound | None]) -> None:
+    await asyncio.wait({task})  # (without consuming its result or exception: `settle` does)
     if task.cancelled() or task.exception() is not None or task.result() is None:
         return
     await settle(m, mid_round=True)
+
+
+async def stop_landing(m: RoundMachine, landing: asyncio.Task[None] | None) -> None:
+    """The round's inner steps are over (or given up): a landing still waiting for its average is called
+    off (the round's end settles it), one that has begun its commit is waited for, and its error raised."""
+    if landing is None:
+        return
+    flight = m.inflight
+    if flight is not None and not flight[1].done():
+        landing.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await landing
 
 
 async def heal_fork(m: RoundMachine) -> None:

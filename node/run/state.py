@@ -72,25 +72,23 @@ class GlobalState:
         #: Error feedback: what earlier all-reduces lost of our pseudo-gradients to compression (flat fp32,
         #: in `allreduce.flatten` order), added to the next one. Kept in the trainer checkpoint.
         self.residual: torch.Tensor | None = None
+        #: Whether `residual` went into the Δ being averaged (a sequential run: its commit replaces it);
+        #: else it is still owed (an overlapped run consumes it into a Δ, and a commit landing before the
+        #: next Δ is taken adds to it rather than drop it).
+        self._residual_sent = False
         #: Overlapped runs: where this round's inner steps started (`rebase`), what Δ is taken against; None:
         #: from the global weights (sequential runs, and after a reset or a sync).
         self.round_start: dict[str, torch.Tensor] | None = None
         #: Why we lack the run's pinned initial state; fatal only if we must train round 0.
         self.init_error: InitStateError | None = None
         self._inflight: asyncio.Task[None] | None = None
+        #: Held while the local copy trains (`training.train_round`): a commit changes the copy and takes
+        #: the trainer's snapshot only between two chunks of inner steps, and does the rest meanwhile.
+        self.model_idle = asyncio.Lock()
         #: The committed state serialised and hashed (`_apply_step`), for the server and the checkpoint.
         self._serialized: SerializedState | None = None
         #: The held-out loss a state from peers must pass before `adopt` takes it (None: not checked).
         self.loss_check = loss_check
-
-    @property
-    def disk(self) -> DiskCap | None:
-        """The volunteer's disk cap on the data directory (None: no cap)."""
-        return self.checkpoints.disk
-
-    @disk.setter
-    def disk(self, cap: DiskCap | None) -> None:
-        self.checkpoints.disk = cap
 
     # ---- reading ---------------------------------------------------------------------------------------
 
@@ -187,6 +185,7 @@ class GlobalState:
     def _pseudo_gradient(self, consume: bool) -> dict[str, torch.Tensor]:
         delta = self.outer.pseudo_gradient(self.model, base=self.round_start)
         residual = self.residual
+        self._residual_sent = not consume
         if consume:
             self.residual = None
         if residual is None:
@@ -231,6 +230,8 @@ class GlobalState:
         the residual if already worked out (`lost_to_compression`), else the commit works it out.
         `keep_local`: the local copy keeps the progress made since its round started (an overlapped
         average landing mid-round: the inner steps go on from the new global weights plus that progress).
+        The outer step and the hash run while inner steps may be computing; moving the local copy, the new
+        view and the trainer's snapshot wait for `model_idle` (between two chunks of inner steps).
 
         It runs to completion even if the caller is cancelled meanwhile (a half-applied step must never be
         announced or checkpointed under the wrong round); `settle` waits for it at shutdown. Its checkpoint
@@ -240,30 +241,36 @@ class GlobalState:
             if lost is not None
             else functools.partial(lost_to_compression, sent, group, me, codec, part_sizes)
         )
-        apply = functools.partial(self._apply_step, avg, how, keep_local)
-        self._inflight = asyncio.ensure_future(self._commit(round_, apply))
+        step = functools.partial(self._outer_step, avg, how, keep_local)
+        self._inflight = asyncio.ensure_future(self._commit(round_, step))
         try:
             await asyncio.shield(self._inflight)
         finally:
             if self._inflight.done():
                 self._inflight = None
 
-    async def _commit(self, round_: int, apply: Callable[[], SerializedState]) -> None:
+    async def _commit(self, round_: int, step: Callable[[], tuple[SerializedState, Tensors | None]]) -> None:
         await self.checkpoints.flushed()  # one write behind at most (a slow disk slows the commits)
-        ser = await asyncio.to_thread(apply)
-        self._set(round_, ser.root, ser)
-        self.checkpoints.write_behind(await asyncio.to_thread(self._snapshot, self._view, True))
+        # The outer step and the hash touch the global state only, never the local copy: an overlapped
+        # round's inner steps go on meanwhile (measured: the landing's 1.6 s idled the model, #17).
+        ser, moved = await asyncio.to_thread(step)
+        async with self.model_idle:  # the local copy and the trainer change between two chunks only
+            await asyncio.to_thread(move_local, self.outer, self.model, moved)
+            self.round_start = None  # an overlapped round rebases after this (`rebase`)
+            self._set(round_, ser.root, ser)
+            snap = await asyncio.to_thread(self._snapshot, self._view, True)
+        self.checkpoints.write_behind(snap)
 
-    def _apply_step(self, avg: Tensors, lost: Lost | Callable[[], Lost], keep_local: bool) -> SerializedState:
-        progress = self.outer.pseudo_gradient(self.model, base=self.round_start) if keep_local else None
+    def _outer_step(
+        self, avg: Tensors, lost: Lost | Callable[[], Lost], keep_local: bool
+    ) -> tuple[SerializedState, Tensors | None]:
+        start = self.round_start if keep_local else None
+        if keep_local and start is None:  # (the round started from the global weights: a sync, a reset)
+            start = {n: p.clone() for n, p in self.outer.global_params.items()}
         # What the all-reduce lost of our contribution becomes the next round's residual.
-        self.residual = (lost if isinstance(lost, Lost) else lost()).residual
-        self.outer.step(avg)
-        self.outer.copy_to(self.model)
-        if progress is not None:
-            _carry(self.model, progress)
-        self.round_start = None  # an overlapped round rebases after this (`rebase`)
-        return serialize_and_hash(self.outer.state_dict())
+        self.residual = _owed(None if self._residual_sent else self.residual, lost)
+        self._residual_sent = False
+        return step_and_hash(self.outer, avg, start)
 
     async def settle(self, timeout: float) -> None:
         """Shutdown: let a commit in flight and its checkpoint finish (bounded), so the state we announce
@@ -349,6 +356,40 @@ class Lost:
     residual: torch.Tensor | None
 
 
+def step_and_hash(
+    outer: OuterOptimizer, avg: Tensors, start: Tensors | None
+) -> tuple[SerializedState, Tensors | None]:
+    """The outer step with `avg`, and the new state serialised and hashed; with `start` (the weights a local
+    copy started its round from), also how far the step moved them (θ_new − start), for `move_local`."""
+    outer.step(avg)
+    moved = None
+    if start is not None:
+        with torch.no_grad():
+            moved = {n: p - start[n] for n, p in outer.global_params.items()}
+    return serialize_and_hash(outer.state_dict()), moved
+
+
+def move_local(outer: OuterOptimizer, model: torch.nn.Module, moved: Tensors | None) -> None:
+    """The local copy onto the committed weights (`moved` None), or by `moved`, keeping the progress its
+    inner steps made since the round started (θ_local = θ_new − (θ_start − θ_local))."""
+    if moved is None:
+        outer.copy_to(model)
+        return
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in moved:
+                p.add_(moved[name].to(device=p.device, dtype=p.dtype))
+
+
+def _owed(held: torch.Tensor | None, lost: Lost | Callable[[], Lost]) -> torch.Tensor | None:
+    """The residual after a commit: what it lost (`lost`, worked out now if it is a callable) plus what is
+    `held` and still owed (an overlapped commit landing after its round's end, before the next Δ)."""
+    new = (lost if isinstance(lost, Lost) else lost()).residual
+    if held is None or (new is not None and new.numel() != held.numel()):
+        return new
+    return held if new is None else held + new
+
+
 def lost_to_compression(
     sent: Tensors, group: list[str], me: str, codec: PayloadCodec, part_sizes: tuple[int, ...] = ()
 ) -> Lost:
@@ -358,12 +399,3 @@ def lost_to_compression(
         return Lost(None)
     err = contribution_error(flatten(sent), len(group), sorted(group).index(me), codec, part_sizes)
     return Lost(err if bool(err.any()) else None)
-
-
-def _carry(model: torch.nn.Module, progress: Tensors) -> None:
-    """θ_local = θ_global − progress: the local copy keeps the inner steps it made since its round started
-    (`progress` is their pseudo-gradient, start − local) on top of the global weights just committed."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in progress:
-                p.sub_(progress[name].to(p.dtype))

@@ -9,10 +9,11 @@ never waits for a whole round (torch cannot be interrupted inside a step).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -123,11 +124,12 @@ async def train_round(
     emit: EventSink,
     pacer: Pacer,
     paused: Callable[[], bool] = lambda: False,
-    between: Callable[[], Awaitable[None]] | None = None,
+    hold: asyncio.Lock | None = None,
 ) -> InnerStats:
     """Run `steps` inner steps in chunks of about `pacer.chunk_s`, reporting throughput after each chunk;
-    RoundAbandoned when `paused()` says so between two chunks. `between` runs after each chunk but the
-    last, while the model is idle (an overlapped run lands the average in flight there)."""
+    RoundAbandoned when `paused()` says so between two chunks. `hold` is held while each chunk computes:
+    whoever takes it between two chunks has the model to itself (an overlapped average landing moves the
+    local copy there, `GlobalState.model_idle`), and the time waited for it is logged as between chunks."""
     done, tokens, loss_sum, seconds, between_s = 0, 0, 0.0, 0.0, 0.0
     last: InnerStats | None = None
     started = time.monotonic()
@@ -135,19 +137,18 @@ async def train_round(
         if paused():
             raise RoundAbandoned(f"paused after {done} of {steps} inner steps")
         n = min(pacer.steps, steps - done)
-        t0 = time.monotonic()
-        last = await trainer.steps(n)
-        dt = time.monotonic() - t0
+        t1 = time.monotonic()
+        async with hold if hold is not None else contextlib.nullcontext():
+            t0 = time.monotonic()
+            between_s += t0 - t1
+            last = await trainer.steps(n)
+            dt = time.monotonic() - t0
         pacer.steps = max(1, int(pacer.chunk_s * n / max(dt, 1e-6)))
         done += n
         tokens += last.tokens
         loss_sum += last.mean_loss * n
         seconds += dt
         emit(TrainingProgress(tokens / seconds if seconds > 0 else 0.0))
-        if between is not None and done < steps:
-            t1 = time.monotonic()
-            await between()
-            between_s += time.monotonic() - t1
     if last is None:
         raise ValueError("a round needs at least one inner step")
     # Where a round's time goes (bench/utilization.py reads it): the inner steps, what ran between them
