@@ -16,8 +16,8 @@ start) backs large tensors with transparent huge pages where the kernel allows i
 removes most of that cost for every method alike. The header line says whether it is set.
 
 The last line printed is one JSON object ``{NAME: {"gbps": float, "rel_l2": float, "ratio": float}}``;
-ours are "ours_int8", "ours_int4", "ours_int2" (eager, error feedback on as the node runs it), and
-"ours_int8_compiled" when torch.compile works here. hivemind is imported only inside this script (the
+ours are "ours_int8", "ours_int4", "ours_int2", "ours_int1" (eager, error feedback on as the node runs
+it), and "ours_int8_compiled" when torch.compile works here. hivemind is imported only inside this script (the
 node's core never imports it for this).
 """
 
@@ -36,6 +36,7 @@ from intellect.node.engine.compression import (
     CompressedTensor,
     Compressor,
     Fp16,
+    Int1Blockwise,
     Int2Blockwise,
     Int4Blockwise,
     Int8Blockwise,
@@ -105,7 +106,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per method (best is reported)")
     parser.add_argument("--part", type=int, default=128 * 1024, help="hivemind part size in values")
-    parser.add_argument("--block", type=int, default=256, help="our int8/int4/int2 block size")
+    parser.add_argument("--block", type=int, default=256, help="our int8/int4/int2/int1 block size")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--no-quantile", action="store_true", help="skip hivemind Quantile8Bit (slow)")
     parser.add_argument(
@@ -128,6 +129,7 @@ def main() -> None:
         "ours_int8_no_ef": (_ours(Int8Blockwise(block=args.block, error_feedback=False), x), args.repeat),
         "ours_int4": (_ours(Int4Blockwise(block=args.block, error_feedback=True), x), args.repeat),
         "ours_int2": (_ours(Int2Blockwise(block=args.block, error_feedback=True), x), args.repeat),
+        "ours_int1": (_ours(Int1Blockwise(block=args.block, error_feedback=True), x), args.repeat),
     }
     if not args.no_compile:
         start = time.perf_counter()

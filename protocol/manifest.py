@@ -54,7 +54,7 @@ MAX_LOGITS_BYTES = 32 << 30
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
-COMPRESSIONS = ("int8", "int4", "int2", "fp16", "none")
+COMPRESSIONS = ("int8", "int4", "int2", "int1", "fp16", "none")
 #: How a partition's contributions are combined (see node/engine/robust.py; protocol/ stays torch-free).
 REDUCERS = ("mean", "centered_clip")
 SCHEDULES = ("cosine", "linear", "constant")

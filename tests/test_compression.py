@@ -1,5 +1,5 @@
-"""Compression of pseudo-gradients: int8/int4/int2 blockwise accuracy and error feedback, fp16, wire format,
-NaN, and the receivers' error bound of the 4- and 2-bit codecs."""
+"""Compression of pseudo-gradients: int8/int4/int2/int1 blockwise accuracy and error feedback, fp16, wire
+format, NaN, and the receivers' error bound of the 4-, 2- and 1-bit codecs."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from intellect.node.engine.compression import (
     CompressedTensor,
     CompressionError,
     Fp16,
+    Int1Blockwise,
     Int2Blockwise,
     Int4Blockwise,
     Int8Blockwise,
@@ -177,7 +178,9 @@ def test_non_finite_input_drops_that_residual_and_later_rounds_work() -> None:
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-@pytest.mark.parametrize("make", [Int8Blockwise, Int4Blockwise, Int2Blockwise, Fp16, NoCompression])
+@pytest.mark.parametrize(
+    "make", [Int8Blockwise, Int4Blockwise, Int2Blockwise, Int1Blockwise, Fp16, NoCompression]
+)
 def test_non_finite_input_raises(bad: float, make: type) -> None:
     x = torch.randn(1000)
     x[517] = bad
@@ -205,7 +208,7 @@ def test_none_is_exact() -> None:
     assert torch.equal(decompress(ct), x.float())
 
 
-@pytest.mark.parametrize("name", ["int8", "int8_blockwise", "int4", "int2", "fp16", "none"])
+@pytest.mark.parametrize("name", ["int8", "int8_blockwise", "int4", "int2", "int1", "fp16", "none"])
 def test_wire_round_trip(name: str) -> None:
     torch.manual_seed(2)
     x = torch.randn(33, 31)
@@ -269,22 +272,25 @@ def test_bench_json_schema() -> None:
         check=True,
     )
     results = json.loads(out.stdout.strip().splitlines()[-1])
-    assert {"ours_int8", "ours_int4", "ours_int2", "hivemind_uniform8bit", "hivemind_quantile8bit"} <= set(
-        results
-    )
+    assert {"ours_int8", "ours_int4", "ours_int2", "ours_int1", "hivemind_uniform8bit"} <= set(results)
+    assert "hivemind_quantile8bit" in results
     for name, entry in results.items():
         assert set(entry) == {"gbps", "rel_l2", "ratio"}, name
         assert isinstance(entry["gbps"], float) and entry["gbps"] > 0, name
-        limit = {"ours_int4": 0.15, "ours_int2": 0.4}.get(name, 0.05)
+        limit = {"ours_int4": 0.15, "ours_int2": 0.4, "ours_int1": 0.7}.get(name, 0.05)
         assert isinstance(entry["rel_l2"], float) and 0 <= entry["rel_l2"] < limit, name
-        assert isinstance(entry["ratio"], float) and 1 <= entry["ratio"] < 16.5, name
+        assert isinstance(entry["ratio"], float) and 1 <= entry["ratio"] < 32.5, name
     assert results["ours_int8"]["rel_l2"] < 0.01
     assert results["ours_int4"]["ratio"] > 7.5 and results["ours_int2"]["ratio"] > 14.5
+    assert results["ours_int1"]["ratio"] > 27
 
 
-# --- int4 and int2 ------------------------------------------------------------------------------------
+# --- int4, int2 and int1 ------------------------------------------------------------------------------
 
-LOWBIT = [Int4Blockwise, Int2Blockwise]
+LOWBIT = [Int4Blockwise, Int2Blockwise, Int1Blockwise]
+#: Bits a value, and the relative L2 error each may make on Gaussian data (near the optimum of each).
+BITS = {"int4": 4, "int2": 2, "int1": 1}
+GAUSS_ERR = {"int4": 0.13, "int2": 0.36, "int1": 0.65}
 
 
 def _blocks(x: torch.Tensor, block: int) -> list[torch.Tensor]:
@@ -295,13 +301,13 @@ def _blocks(x: torch.Tensor, block: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize("make", LOWBIT)
 def test_lowbit_round_trip_within_the_theoretical_bound(shape: tuple[int, ...], make: type) -> None:
     """int4: every value within half a step (absmax / 14) of its block; int2: the levels are ±s, ±3s with
-    s = max(RMS / 2, absmax / 6) of the block, every value at the nearest one; Gaussian error near the
-    optimum of each."""
+    s = max(RMS / 2, absmax / 6) of the block, every value at the nearest one; int1: ±s with s = the
+    block's RMS, the sign of each value (+ for 0); Gaussian error near the optimum of each."""
     torch.manual_seed(6)
     comp = make(error_feedback=False)
     x = torch.randn(shape) * 0.01
     ct = comp.compress("x", x)
-    per = 2 if comp.kind == "int4" else 4
+    per = 8 // BITS[comp.kind]
     assert ct.kind == comp.kind and ct.shape == shape and ct.data.dtype == torch.uint8
     assert ct.data.numel() == -(-x.numel() // per) and ct.scales.numel() == -(-x.numel() // comp.block)
     y = decompress(ct)
@@ -310,6 +316,9 @@ def test_lowbit_round_trip_within_the_theoretical_bound(shape: tuple[int, ...], 
         if comp.kind == "int4":
             assert scale == pytest.approx(float(xb.abs().max()) / 7, rel=1e-6)
             assert float((xb - yb).abs().max()) <= scale / 2 * (1 + 1e-5)
+        elif comp.kind == "int1":
+            assert scale == pytest.approx(float(xb.pow(2).mean().sqrt()), rel=1e-5)
+            assert torch.equal(yb, torch.where(xb >= 0, 1.0, -1.0).double() * scale)
         else:
             expected = max(float(xb.pow(2).mean().sqrt()) / 2, float(xb.abs().max()) / 6)
             assert scale == pytest.approx(expected, rel=1e-5)
@@ -320,7 +329,7 @@ def test_lowbit_round_trip_within_the_theoretical_bound(shape: tuple[int, ...], 
             assert torch.equal(q.abs().round() == 3, xb.abs() >= 2 * scale * (1 - 1e-6))
             assert bool((torch.sign(q) == torch.where(xb >= 0, 1.0, -1.0)).all())
     if x.numel() > 1000:
-        assert _rel(y, x) < (0.13 if comp.kind == "int4" else 0.36)
+        assert _rel(y, x) < GAUSS_ERR[comp.kind]
 
 
 @pytest.mark.parametrize("numel", [1, 2, 3, 5, 7, 255, 256, 257, 513, 1001])
@@ -338,12 +347,12 @@ def test_lowbit_odd_lengths_and_the_last_partial_block(numel: int, block: int, m
     # The residual is exactly what was lost, also in the partial last block and the padded last byte.
     assert torch.equal(comp.residuals["x"], x - y)
     # Unused bits of the last byte are zero, and the partial block's scale is over its own values only.
-    bits = 4 if comp.kind == "int4" else 2
+    bits = BITS[comp.kind]
     used = numel % (8 // bits)
     assert not used or int(ct.data[-1]) >> (bits * used) == 0
     tail = x[numel // block * block :] if numel % block else x[-block:]
     absmax, rms = float(tail.abs().max()), float(tail.double().pow(2).mean().sqrt())
-    expected = absmax / 7 if bits == 4 else max(rms / 2, absmax / 6)
+    expected = {4: absmax / 7, 2: max(rms / 2, absmax / 6), 1: rms}[bits]
     assert float(ct.scales[-1]) == pytest.approx(expected, rel=1e-5)
 
 
@@ -425,7 +434,7 @@ def test_lowbit_refuses_values_beyond_its_scale_range_and_keeps_working(make: ty
         comp.compress("a", big)
     assert comp.state_dict() == {}
     x = torch.randn(1000)
-    assert _rel(decompress(comp.compress("a", x)), x) < 0.4
+    assert _rel(decompress(comp.compress("a", x)), x) < GAUSS_ERR[comp.kind] * 1.1
     # Small and subnormal values are fine (and an all-zero block has scale 0).
     tiny = torch.tensor([1e-38, -5e-39, 0.0, 2e-45] * 100)
     assert torch.isfinite(decompress(make().compress("t", tiny))).all()
@@ -451,7 +460,8 @@ def test_lowbit_error_feedback_makes_the_sums_track_over_50_rounds(make: type) -
     # size of one round's error, so the relative error of the sums falls like 1 / rounds.
     torch.testing.assert_close(sent_sum + comp.residuals["delta"], input_sum, rtol=0, atol=1e-4)
     ef_err = _rel(sent_sum, input_sum)
-    assert ef_err < (0.005 if make is Int4Blockwise else 0.02)
+    # (int1 makes 0.050 here: its residual settles at 2.7× the input's norm, against 0.61× for int2.)
+    assert ef_err < {"int4": 0.005, "int2": 0.02, "int1": 0.06}[make.kind]
     assert ef_err < _rel(plain_sum, input_sum) / 10
 
 
@@ -481,7 +491,7 @@ def _bound_cases() -> list[torch.Tensor]:
     return cases
 
 
-@pytest.mark.parametrize("name", ["int4", "int2"])
+@pytest.mark.parametrize("name", ["int4", "int2", "int1"])
 def test_error_bound_holds_for_every_input(name: str) -> None:
     """The receivers' bound (computed from decoded values alone) is never below the true error, and
     `max_bytes` is never below the payload: else honest owners would be convicted."""
@@ -509,7 +519,7 @@ def test_error_bound_holds_for_every_input(name: str) -> None:
         st.floats(width=32, allow_nan=False, allow_infinity=False, min_value=-(2.0**96), max_value=2.0**96),
         max_size=700,
     ),
-    st.sampled_from(["int4", "int2"]),
+    st.sampled_from(["int4", "int2", "int1"]),
 )
 def test_error_bound_property(values: list[float], name: str) -> None:
     codec = get_payload_codec(name)
@@ -520,7 +530,8 @@ def test_error_bound_property(values: list[float], name: str) -> None:
 
 
 def test_lowbit_protocol_doc_examples() -> None:
-    """docs/protocol.md 10.4 shows int4 and int2 of [1, -0.5, 0.25, 0, 3] with block 4, as we encode them."""
+    """docs/protocol.md 10.4 shows int4, int2 and int1 of [1, -0.5, 0.25, 0, 3] with block 4, as we encode
+    them."""
     doc = "".join(PROTOCOL_DOC.read_text().split())
     x = torch.tensor([1, -0.5, 0.25, 0, 3])
     for make in (Int8Blockwise, *LOWBIT):
@@ -529,7 +540,7 @@ def test_lowbit_protocol_doc_examples() -> None:
 
 
 @pytest.mark.parametrize("reducer", ["mean", "centered_clip"])
-@pytest.mark.parametrize("name", ["int4", "int2"])
+@pytest.mark.parametrize("name", ["int4", "int2", "int1"])
 async def test_butterfly_with_lowbit_codecs_passes_the_owner_checks(name: str, reducer: str) -> None:
     """Three members over loopback: the all-reduce completes with its agreement phase (every owner's result
     checked against its error bound by every member), bit-identical everywhere, near the exact mean."""
@@ -553,14 +564,14 @@ async def test_butterfly_with_lowbit_codecs_passes_the_owner_checks(name: str, r
     assert all(o.timings["agree"] > 0 and o.total_weight == sum(ws) for o in outs)
     # Two quantisations (each contribution, then the reduced part): about √2 × one codec's error.
     exact = weighted_mean(xs, ws)
-    one = 0.13 if name == "int4" else 0.36
+    one = GAUSS_ERR[name]
     assert _rel(outs[0].flat, exact) < math.sqrt(2) * one * 1.2
 
 
 def test_every_manifest_compression_has_a_payload_codec() -> None:
     from intellect.protocol.manifest import COMPRESSIONS
 
-    assert {"int4", "int2"} <= set(COMPRESSIONS)
+    assert {"int4", "int2", "int1"} <= set(COMPRESSIONS)
     x = torch.randn(1000)
     for name in COMPRESSIONS:
         codec = get_payload_codec(name)

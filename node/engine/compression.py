@@ -1,5 +1,5 @@
-"""Compression of pseudo-gradients Δ for averaging: blockwise int8, int4 and int2 with error feedback, fp16,
-none.
+"""Compression of pseudo-gradients Δ for averaging: blockwise int8, int4, int2 and int1 with error feedback,
+fp16, none.
 
 Pure tensor code, no I/O. A compressor turns one named fp32 tensor into a self-describing
 `CompressedTensor` (flat payload tensor + per-block scales + shape + kind), which
@@ -17,12 +17,13 @@ error does not accumulate over rounds (the sum of what was sent tracks the sum o
 quantiser works in cache-sized chunks and updates the kept residual in place, so a round allocates no
 full-size fp32 temporary (see docs/decisions.md for the measurements against hivemind's quantizers).
 
-Int4 and int2 blockwise (`Int4Blockwise`, `Int2Blockwise`) pack two or four codes per byte (kinds "int4",
-"int2", payload uint8, first value in the lowest bits, unused bits of the last byte zero). Int4 scales each
-block by its absmax to the levels -7..7 (code q + 8, code 0 is invalid); int2 uses the levels
-{-3, -1, 1, 3} × s with s = max(RMS / 2, absmax / 6) of the block (code (q + 3) / 2): see those classes
-for why. Both keep error feedback exactly like int8, and refuse a block whose scale would exceed 2^100 as
-they refuse NaN/Inf.
+Int4, int2 and int1 blockwise (`Int4Blockwise`, `Int2Blockwise`, `Int1Blockwise`) pack two, four or
+eight codes per byte (kinds "int4", "int2", "int1", payload uint8, first value in the lowest bits, unused
+bits of the last byte zero). Int4 scales each block by its absmax to the levels -7..7 (code q + 8, code 0
+is invalid); int2 uses the levels {-3, -1, 1, 3} × s with s = max(RMS / 2, absmax / 6) of the block (code
+(q + 3) / 2); int1 sends the sign, ±s with s = the block's RMS (code 1 for x >= 0): see those classes for
+why. All keep error feedback exactly like int8, and refuse a block whose scale would exceed 2^100 as they
+refuse NaN/Inf.
 
 Non-finite input (NaN/Inf) raises `NonFiniteError`: a NaN pseudo-gradient must never be sent. Fp16 values
 beyond the fp16 range (|x| > 65504) are not clamped: that tensor *falls back to an uncompressed fp32
@@ -51,14 +52,15 @@ _KINDS: dict[str, tuple[int, torch.dtype]] = {
     "int8": (2, torch.int8),
     "int4": (3, torch.uint8),
     "int2": (4, torch.uint8),
+    "int1": (5, torch.uint8),
 }
 _KIND_BY_CODE = {code: kind for kind, (code, _) in _KINDS.items()}
 #: Packed kinds -> bits per value (values per byte = 8 // bits).
-_BITS = {"int4": 4, "int2": 2}
+_BITS = {"int4": 4, "int2": 2, "int1": 1}
 #: Kinds with one fp32 scale per block of `block` values.
-_BLOCKWISE = ("int8", "int4", "int2")
-#: Largest scale an int4/int2 block may have (encoder and decoder): larger values are refused like NaN, so
-#: a decoded value (at most 7 or 3 times the scale) is always finite.
+_BLOCKWISE = ("int8", "int4", "int2", "int1")
+#: Largest scale an int4/int2/int1 block may have (encoder and decoder): larger values are refused like NaN,
+#: so a decoded value (at most 7 times the scale) is always finite.
 MAX_LOWBIT_SCALE = 2.0**100
 
 _WIRE_MAGIC = b"ICT1"
@@ -80,18 +82,18 @@ class NonFiniteError(CompressionError):
 @dataclass(frozen=True, eq=False)
 class CompressedTensor:
     """One compressed tensor: flat `data` (int8 / packed uint8 / fp16 / fp32), fp32 per-block `scales`
-    (int8, int4, int2 only)."""
+    (int8, int4, int2, int1 only)."""
 
-    #: "int8", "int4", "int2", "fp16" or "none" (fp32).
+    #: "int8", "int4", "int2", "int1", "fp16" or "none" (fp32).
     kind: str
     #: Shape of the original tensor.
     shape: tuple[int, ...]
-    #: Flat payload on CPU: int8 (numel values), uint8 (int4: ⌈numel / 2⌉ bytes, int2: ⌈numel / 4⌉),
-    #: fp16 or fp32.
+    #: Flat payload on CPU: int8 (numel values), uint8 (int4: ⌈numel / 2⌉ bytes, int2: ⌈numel / 4⌉, int1:
+    #: ⌈numel / 8⌉), fp16 or fp32.
     data: torch.Tensor
-    #: fp32 scale per block (int8, int4, int2), else an empty fp32 tensor.
+    #: fp32 scale per block (int8, int4, int2, int1), else an empty fp32 tensor.
     scales: torch.Tensor
-    #: Block size (int8, int4, int2), else 0.
+    #: Block size (int8, int4, int2, int1), else 0.
     block: int = 0
 
     @property
@@ -167,7 +169,7 @@ def _data_len(kind: str, numel: int) -> int:
 
 
 def _check_lowbit(kind: str, data: torch.Tensor, scales: torch.Tensor, numel: int) -> None:
-    """Received int4/int2: scales in [0, MAX_LOWBIT_SCALE], unused bits of the last byte zero, and (int4)
+    """Received int4/int2/int1: scales in [0, MAX_LOWBIT_SCALE], unused bits of the last byte zero, and (int4)
     no code 0, which no encoder emits (it would stand for -8, outside the symmetric levels)."""
     if not bool(((scales >= 0) & (scales <= MAX_LOWBIT_SCALE)).all()):
         raise CompressionError(f"{kind} payload with a scale outside [0, 2^100]")
@@ -293,7 +295,7 @@ def _dequantize_ct(ct: CompressedTensor) -> torch.Tensor:
     return out.view(ct.shape)
 
 
-# --- int4 / int2 blockwise kernels ---------------------------------------------------------------------
+# --- int4 / int2 / int1 blockwise kernels ----------------------------------------------------------------
 
 #: (x rows [m, w], codes out [m, w] uint8, scales out [m, 1], two fp32 scratches [m, w], residual out or None)
 BlockKernel = Callable[
@@ -358,17 +360,41 @@ def _int2_blocks(
         torch.sub(xb, tb2, out=rb)
 
 
-_BLOCK_KERNELS: dict[str, BlockKernel] = {"int4": _int4_blocks, "int2": _int2_blocks}
+def _int1_blocks(
+    xb: torch.Tensor,
+    cb: torch.Tensor,
+    sb: torch.Tensor,
+    tb: torch.Tensor,
+    tb2: torch.Tensor,
+    rb: torch.Tensor | None,
+) -> None:
+    """Rows of `xb` to int1: s = RMS(row) in `sb`, q = +1 for x >= 0 else -1, code (q + 1) / 2 in `cb`,
+    ``xb - q * s`` in `rb`. The RMS is taken as in `_int2_blocks` (of x / absmax, multiplied back)."""
+    torch.abs(xb, out=tb)
+    absmax = torch.amax(tb, dim=1, keepdim=True)  # NaN and Inf make the scale NaN
+    torch.div(tb, torch.where(absmax > 0, absmax, 1.0), out=tb2)
+    norm = torch.linalg.vector_norm(tb2, dim=1, keepdim=True)
+    torch.mul(absmax, norm, out=sb)
+    sb.mul_(1.0 / math.sqrt(xb.shape[1]))
+    torch.ge(xb, 0.0, out=tb)  # the code: 1.0 for x >= 0
+    cb.copy_(tb)
+    if rb is not None:
+        tb.mul_(2.0).sub_(1.0).mul_(sb)
+        torch.sub(xb, tb, out=rb)
+
+
+_BLOCK_KERNELS: dict[str, BlockKernel] = {"int4": _int4_blocks, "int2": _int2_blocks, "int1": _int1_blocks}
 
 
 def _quantize_lowbit(
     kind: str, x: torch.Tensor, block: int, residual_out: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Blockwise int4/int2 codes of flat fp32 `x`: (uint8 codes, one per value, zero-padded to whole bytes;
-    fp32 scales [blocks]); with `residual_out` (may be `x` itself) also ``x - dequantised(x)``.
+    """Blockwise int4/int2/int1 codes of flat fp32 `x`: (uint8 codes, one per value, zero-padded to whole
+    bytes; fp32 scales [blocks]); with `residual_out` (may be `x` itself) also ``x - dequantised(x)``.
 
     Chunked like `_quantize_int8`. The last, partial block is quantised over its own values only (its
-    scale is not diluted by padding zeros; `CompressorCodec.error_bound` relies on that for int2)."""
+    scale is not diluted by padding zeros; `CompressorCodec.error_bound` relies on that for int2 and
+    int1)."""
     kernel = _BLOCK_KERNELS[kind]
     numel = x.numel()
     padded = _data_len(kind, numel) * (8 // _BITS[kind])
@@ -426,9 +452,9 @@ def _unpack_into(data: torch.Tensor, bits: int, lanes: torch.Tensor) -> torch.Te
 
 
 def _dequantize_lowbit(ct: CompressedTensor) -> torch.Tensor:
-    """q × scale per value, q = code - 8 (int4) or 2 code - 3 (int2): the product `_int4_blocks` and
-    `_int2_blocks` subtract for the residual, so both sides compute the same fp32 values. Works in
-    cache-sized chunks of whole blocks (a multiple of 4 values, so each chunk starts on a byte)."""
+    """q × scale per value, q = code - 8 (int4), 2 code - 3 (int2) or 2 code - 1 (int1): the product the
+    kernels subtract for the residual, so both sides compute the same fp32 values. Works in cache-sized
+    chunks of whole blocks (a multiple of the values a byte holds, so each chunk starts on a byte)."""
     numel, block, bits = ct.numel, ct.block, _BITS[ct.kind]
     per = 8 // bits
     data = ct.data.view(-1)
@@ -440,7 +466,7 @@ def _dequantize_lowbit(ct: CompressedTensor) -> torch.Tensor:
     ):
         raise CompressionError(f"inconsistent {ct.kind} tensor (data, scales and shape do not match)")
     out = torch.empty(numel, dtype=torch.float32)
-    rows = 4 * max(1, _CHUNK_VALUES // (4 * block))
+    rows = per * max(1, _CHUNK_VALUES // (per * block))
     step = rows * block
     lanes = torch.empty(-(-min(step, numel) // per), per, dtype=torch.uint8)
     for lo in range(0, numel, step):
@@ -452,7 +478,7 @@ def _dequantize_lowbit(ct: CompressedTensor) -> torch.Tensor:
         if bits == 4:
             chunk.sub_(8.0)
         else:
-            chunk.mul_(2.0).sub_(3.0)
+            chunk.mul_(2.0).sub_(3.0 if bits == 2 else 1.0)
         b0, full = lo // block, (hi - lo) // block * block
         if full:
             chunk[:full].view(-1, block).mul_(ct.scales[b0 : b0 + full // block].view(-1, 1))
@@ -660,7 +686,8 @@ class NoCompression(_ErrorFeedback):
 
 
 class _LowBitBlockwise(_ErrorFeedback):
-    """Shared body of `Int4Blockwise` and `Int2Blockwise`: chunked kernel, error feedback, packing."""
+    """Shared body of `Int4Blockwise`, `Int2Blockwise` and `Int1Blockwise`: chunked kernel, error feedback,
+    packing."""
 
     kind = ""
 
@@ -728,6 +755,20 @@ class Int2Blockwise(_LowBitBlockwise):
     kind = "int2"
 
 
+class Int1Blockwise(_LowBitBlockwise):
+    """Blockwise int1: the sign, ±s per value with s = the block's RMS, eight values a byte (1.125 bits a
+    value with the scale of a block of 256: half of int2's bytes).
+
+    Why the RMS and not mean |x|, which minimises the error (1 − 2/π = 0.36σ² for a Gaussian, against
+    0.40σ² with the RMS): the receivers must bound the error from the decoded values alone
+    (`CompressorCodec.error_bound`, what an owner's reduced partition is checked against). With s = RMS,
+    Σx² = ns² and Σ|x| >= √(Σx²), so ‖x − x̂‖² = Σ(|x| − s)² = 2ns² − 2sΣ|x| <= 2s²(n − √n); with mean |x|
+    one large value in a block of small ones can be arbitrarily far from its ±s, and no bound holds.
+    Error feedback carries what the sign loses to the next round, as for the other codecs."""
+
+    kind = "int1"
+
+
 _NO_SCALES = torch.empty(0, dtype=torch.float32)
 
 _COMPILED: dict[str, Kernel | None] = {}
@@ -749,12 +790,14 @@ def _compiled_kernel() -> Kernel | None:
 
 
 def get_compressor(name: str, **kwargs: object) -> Compressor:
-    """Compressor by manifest name: "int8" (alias "int8_blockwise"), "int4", "int2", "fp16", "none"."""
+    """Compressor by manifest name: "int8" (alias "int8_blockwise"), "int4", "int2", "int1", "fp16" or
+    "none"."""
     factories: dict[str, Callable[..., Compressor]] = {
         "int8": Int8Blockwise,
         "int8_blockwise": Int8Blockwise,
         "int4": Int4Blockwise,
         "int2": Int2Blockwise,
+        "int1": Int1Blockwise,
         "fp16": Fp16,
         "none": NoCompression,
     }

@@ -268,7 +268,7 @@ class CompressorCodec:
             return (2.0**-11 * float(torch.linalg.vector_norm(flat)) + 2.0**-25 * flat.numel() ** 0.5) * (
                 1 + 1e-3
             )
-        if self.name in ("int4", "int2"):
+        if self.name in ("int4", "int2", "int1"):
             block = int(self._impl.block)
             pad = (-flat.numel()) % block
             counts = torch.full(((flat.numel() + pad) // block,), float(block), dtype=torch.float64)
@@ -282,6 +282,15 @@ class CompressorCodec:
                 blocks = torch.nn.functional.pad(flat, (0, pad)).view(-1, block)
                 scale = blocks.abs().amax(dim=1) / 7.0
                 return float(torch.sqrt((counts * (scale / 2) ** 2).sum())) * (1 + 1e-3) + tiny
+            if self.name == "int1":
+                # ±s with s = the RMS of the block's n values: Σx² = ns², and Σ|x| >= √(Σx²), so
+                # ‖x - x̂‖² = Σ(|x| - s)² = 2ns² - 2sΣ|x| <= 2s²(n - √n). s is rounded (a relative error
+                # far below 1e-4), which moves the error by at most 4e-4 ns² (the term that matters when
+                # n - √n is 0, a block of one value).
+                s2 = flat.abs().pow(2)
+                s2 = torch.nn.functional.pad(s2, (0, pad)).view(-1, block)[:, 0]
+                sq = (s2 * (2 * (counts - counts.sqrt()) + 4e-4 * counts)).sum()
+                return float(torch.sqrt(sq)) * (1 + 1e-3) + tiny
             # int2: levels ±s, ±3s with s = max(RMS / 2, absmax / 6) over the block's n values, so
             # Σx² <= 4ns² and every |x| <= 6s. A value sent as ±s had |x| < 2s: it moved by at most s. One
             # sent as ±3s had u = x² in [4s², 36s²], and its squared move (√u - 3s)², convex in u, lies
