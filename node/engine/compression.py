@@ -328,6 +328,19 @@ def _int4_blocks(
         torch.sub(xb, tb, out=rb)
 
 
+def _rms_into(xb: torch.Tensor, sb: torch.Tensor, tb: torch.Tensor, tb2: torch.Tensor) -> torch.Tensor:
+    """The RMS of each row of `xb` into `sb`; |xb| left in `tb`; the rows' absmax returned (NaN and Inf make
+    the scale NaN). The RMS is taken of x / absmax (in [-1, 1]: no overflow or underflow of the squares) and
+    multiplied back, so every finite block whose scale stays under `MAX_LOWBIT_SCALE` gets an accurate one."""
+    torch.abs(xb, out=tb)
+    absmax = torch.amax(tb, dim=1, keepdim=True)
+    torch.div(tb, torch.where(absmax > 0, absmax, 1.0), out=tb2)
+    norm = torch.linalg.vector_norm(tb2, dim=1, keepdim=True)
+    torch.mul(absmax, norm, out=sb)
+    sb.mul_(1.0 / math.sqrt(xb.shape[1]))
+    return absmax
+
+
 def _int2_blocks(
     xb: torch.Tensor,
     cb: torch.Tensor,
@@ -340,14 +353,9 @@ def _int2_blocks(
     {-3, -1, 1, 3} to x / s (|x| >= 2s goes out, a tie to the outer level; x = ±0 to ±1), code (q + 3) / 2
     in `cb`, ``xb - q * s`` in `rb`.
 
-    The RMS is taken of x / absmax (in [-1, 1]: no overflow or underflow of the squares) and multiplied back,
-    so every finite block whose scale stays under `MAX_LOWBIT_SCALE` gets an accurate one."""
-    torch.abs(xb, out=tb)
-    absmax = torch.amax(tb, dim=1, keepdim=True)  # NaN and Inf make the scale NaN
-    torch.div(tb, torch.where(absmax > 0, absmax, 1.0), out=tb2)
-    norm = torch.linalg.vector_norm(tb2, dim=1, keepdim=True)
-    torch.mul(absmax, norm, out=sb)
-    sb.mul_(0.5 / math.sqrt(xb.shape[1]))
+    The RMS is taken as `_rms_into` takes it."""
+    absmax = _rms_into(xb, sb, tb, tb2)
+    sb.mul_(0.5)
     torch.maximum(sb, absmax / 6.0, out=sb)
     torch.ge(tb, sb * 2.0, out=tb2)  # 1.0 for the outer level |q| = 3
     tb2.mul_(2.0).add_(1.0)
@@ -369,13 +377,8 @@ def _int1_blocks(
     rb: torch.Tensor | None,
 ) -> None:
     """Rows of `xb` to int1: s = RMS(row) in `sb`, q = +1 for x >= 0 else -1, code (q + 1) / 2 in `cb`,
-    ``xb - q * s`` in `rb`. The RMS is taken as in `_int2_blocks` (of x / absmax, multiplied back)."""
-    torch.abs(xb, out=tb)
-    absmax = torch.amax(tb, dim=1, keepdim=True)  # NaN and Inf make the scale NaN
-    torch.div(tb, torch.where(absmax > 0, absmax, 1.0), out=tb2)
-    norm = torch.linalg.vector_norm(tb2, dim=1, keepdim=True)
-    torch.mul(absmax, norm, out=sb)
-    sb.mul_(1.0 / math.sqrt(xb.shape[1]))
+    ``xb - q * s`` in `rb`."""
+    _rms_into(xb, sb, tb, tb2)
     torch.ge(xb, 0.0, out=tb)  # the code: 1.0 for x >= 0
     cb.copy_(tb)
     if rb is not None:
