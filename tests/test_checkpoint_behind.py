@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +20,8 @@ from intellect.node.engine.checkpoint import CheckpointError, CheckpointStore
 from intellect.node.engine.statehash import serialize_and_hash, state_hash
 from intellect.node.net.allreduce import get_payload_codec
 from intellect.node.net.statesync import StateServer, StateSnapshot
+from intellect.node.run.checkpointing import Checkpointer, Snapshot
+from intellect.node.run.events import discard
 from intellect.node.run.state import RESIDUAL_TENSOR
 from intellect.node.run.training import plan_round
 
@@ -191,3 +194,28 @@ def test_the_commit_serialises_once_for_the_hash_the_server_and_the_checkpoint(
     ser = state.serialized()
     assert ser is not None
     assert (state.global_store.directory / "ckpt-00000001.safetensors").read_bytes() == ser.blob
+
+
+def test_a_write_behind_is_not_lost_when_its_event_loop_ends(tmp_path: Path) -> None:
+    """A node (or a test) whose loop ends right after a commit still gets that commit's checkpoint: the
+    write is in the executor's queue from `write_behind` on, and asyncio.run waits for those jobs after it
+    has cancelled the loop's tasks. Before, the job was submitted by the task, which the end of the loop
+    cancelled before it ran (or cancelled the job while it was still queued): the checkpoint was lost."""
+    cp = Checkpointer("run", tmp_path, discard)
+    weights = {"w": torch.arange(6, dtype=torch.float32)}
+    snap = Snapshot(1, state_hash(weights), weights, {"m": torch.zeros(2)}, {}, None)
+    gate = threading.Event()
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(1))
+        blocker = loop.run_in_executor(None, gate.wait, 30)  # the only worker is busy: the write queues
+        cp.write_behind(snap)
+        threading.Timer(0.5, gate.set).start()
+        assert not blocker.done() and cp.pending
+
+    asyncio.run(go())  # returns at once: its tasks are cancelled, then the executor's jobs run out
+    got = cp.global_store.load_latest()
+    assert got is not None and got.meta["round"] == 1 and got.state_hash == snap.state_hash
+    tr = cp.trainer_store.load_latest()
+    assert tr is not None and tr.meta["round"] == 1

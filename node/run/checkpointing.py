@@ -72,14 +72,19 @@ class Checkpointer:
     async def write(self, snap: Snapshot) -> bool:
         """Write `snap` now (after any write behind); False when it failed or did not fit (said so)."""
         await self.flushed()
-        return await self._write(snap)
+        return await self._written(snap, asyncio.get_running_loop().run_in_executor(None, self._save, snap))
 
     def write_behind(self, snap: Snapshot) -> None:
         """Write `snap` in the background. The caller has awaited `flushed()` (one write behind at most),
         and leaves `snap`'s global tensors unchanged until `flushed()` returns again."""
         if self._behind is not None and not self._behind.done():
             raise RuntimeError("a checkpoint is still being written behind; await flushed() first")
-        self._behind = asyncio.ensure_future(self._write(snap, behind=True))
+        # The write goes to the executor now, not when a task first runs: a loop that ends right after a
+        # commit (asyncio.run cancels its tasks, then waits for the executor's jobs) or a cancelled task
+        # still gets the checkpoint written. Submitted from the task, a job still queued when the task was
+        # cancelled was cancelled with it, and the commit's checkpoint was lost (seen in test_export.py).
+        job = asyncio.get_running_loop().run_in_executor(None, self._save, snap)
+        self._behind = asyncio.ensure_future(self._written(snap, job, behind=True))
 
     @property
     def pending(self) -> bool:
@@ -100,9 +105,9 @@ class Checkpointer:
         if task.done():
             self._behind = None
 
-    async def _write(self, snap: Snapshot, behind: bool = False) -> bool:
+    async def _written(self, snap: Snapshot, job: asyncio.Future[Room | None], behind: bool = False) -> bool:
         try:
-            room = await asyncio.to_thread(self._save, snap)
+            room = await asyncio.shield(job)  # (cancelling the wait leaves the write running)
         except (OSError, CheckpointError) as e:
             self._emit(CheckpointFailed(snap.round, str(e)))
             logger.error(
