@@ -78,7 +78,6 @@ import json
 import multiprocessing as mp
 import multiprocessing.connection
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -262,12 +261,16 @@ def _single_worker(s: Settings, out: Path, warm: Path | None) -> None:
 # --- data-parallel ------------------------------------------------------------------------------------
 
 
-def _ddp_worker(rank: int, s: Settings, port: int, out_dir: Path, warm: Path | None) -> None:
+def _ddp_worker(rank: int, s: Settings, out_dir: Path, warm: Path | None) -> None:
     _init_process()
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's own connections on loopback too, not the host's address
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=s.peers)
+    # A file rendezvous in the method's own directory, not a TCP port picked when the methods were built:
+    # minutes later another process (a data plane, a second invocation's DDP) could hold that port, and
+    # gloo then aborted the whole method (seen with two invocations at once).
+    store = f"file://{out_dir / 'rendezvous'}"
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=s.peers)
     try:
         infos, held, resolver = _data(s)
         model = _initial_model(s, warm)
@@ -560,12 +563,6 @@ def _diloco_result(s: Settings, h: int, name: str, out_dir: Path) -> dict[str, A
 # --- orchestration ------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclasses.dataclass
 class _Method:
     name: str
@@ -614,8 +611,7 @@ def _methods(
                     methods.append(_Method(name, procs, collect, barrier))
     d = tmp / "ddp"
     d.mkdir()
-    port = _free_port()
-    procs = [ctx.Process(target=_ddp_worker, args=(k, s, port, d, warm)) for k in range(s.peers)]
+    procs = [ctx.Process(target=_ddp_worker, args=(k, s, d, warm)) for k in range(s.peers)]
     methods.append(_Method("ddp", procs, lambda d=d: json.loads((d / "ddp.json").read_text())))
     d = tmp / "single"
     d.mkdir()
