@@ -138,8 +138,9 @@ class Settings:
     #: one-round-late update). The all-reduce lands after K steps: a deterministic stand-in for "as soon
     #: as it arrives", which on a real link is a time, not a step count. -1: as soon as it has completed,
     #: checked after every inner step, as the daemon does (`overlap.start_landing`; not deterministic; at
-    #: the latest before the round's last step).
-    land_after: int = 1_000_000
+    #: the latest before the round's last step). The default is -1, the daemon's rule, so that the JSON's
+    #: `overlap_*` keys measure what a run with `outer_update = "overlapped"` does on this loopback.
+    land_after: int = -1
     eval_batch: int = 16
     #: Record a held-out point every this many steps per peer (0: no curve).
     curve_every: int = 50
