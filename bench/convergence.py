@@ -33,6 +33,10 @@ The `tiny` model on the built-in corpus, the same total number of training token
     round its average is awaited and applied; the global weights are what is evaluated. The global weights
     only ever take real averages, so every replica's global digest is checked identical, as in the sequential
     mode.
+    By default (``--land-after -1``, as the daemon does) a previous round's average that completes while
+    this round trains lands after the first inner step at which it has completed, and the local model is
+    moved by what the eager start missed; ``--land-after K`` lands it after K steps (deterministic), and
+    K >= H at the round's end, as described above.
 
   **Error feedback** (``--no-error-feedback`` turns it off), for every codec but ``none``, as the daemon
   keeps it (`intellect.node.run.state.GlobalState`): after a completed all-reduce each peer keeps the
