@@ -8,6 +8,7 @@ moments in memory, and while the next commit comes."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -219,3 +220,31 @@ def test_a_write_behind_is_not_lost_when_its_event_loop_ends(tmp_path: Path) -> 
     assert got is not None and got.meta["round"] == 1 and got.state_hash == snap.state_hash
     tr = cp.trainer_store.load_latest()
     assert tr is not None and tr.meta["round"] == 1
+
+
+def test_a_write_behind_that_fails_after_its_loop_ends_is_still_logged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same end of the loop, with a full disk: the waiter is gone, so the write's own failure is logged
+    when the job ends rather than lost (or left to asyncio's 'exception never retrieved')."""
+    cp = Checkpointer("run", tmp_path, discard)
+    weights = {"w": torch.arange(6, dtype=torch.float32)}
+    snap = Snapshot(3, state_hash(weights), weights, {"m": torch.zeros(2)}, {}, None)
+
+    def full(_: Snapshot) -> None:
+        raise OSError(28, "No space left on device")
+
+    cp._save = full  # type: ignore[method-assign]
+    gate = threading.Event()
+
+    async def go() -> None:
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(1))
+        loop.run_in_executor(None, gate.wait, 30)
+        cp.write_behind(snap)
+        threading.Timer(0.5, gate.set).start()
+
+    with caplog.at_level(logging.ERROR, logger="intellect.node.run.checkpointing"):
+        asyncio.run(go())
+    assert any("round 3" in r.getMessage() and "No space left" in r.getMessage() for r in caplog.records)
+    assert cp.global_store.load_latest() is None

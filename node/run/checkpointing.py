@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +109,9 @@ class Checkpointer:
     async def _written(self, snap: Snapshot, job: asyncio.Future[Room | None], behind: bool = False) -> bool:
         try:
             room = await asyncio.shield(job)  # (cancelling the wait leaves the write running)
+        except asyncio.CancelledError:
+            job.add_done_callback(functools.partial(_orphan_done, snap.round))  # nobody else will say
+            raise
         except (OSError, CheckpointError) as e:
             self._emit(CheckpointFailed(snap.round, str(e)))
             logger.error(
@@ -159,3 +163,11 @@ class Checkpointer:
 
 
 __all__ = ["SIDECAR_ALLOWANCE", "Checkpointer", "Snapshot"]
+
+
+def _orphan_done(round_: int, job: asyncio.Future[Room | None]) -> None:
+    """A write whose waiter was cancelled (shutdown, the end of the loop) still ran: log how it ended."""
+    if job.cancelled():
+        logger.error("the checkpoint of round %d was not written: its job was cancelled", round_)
+    elif job.exception() is not None:
+        logger.error("could not write the checkpoint of round %d: %s", round_, job.exception())
